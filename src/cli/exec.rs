@@ -1,0 +1,316 @@
+//! Running statements from files, `-c` and the REPL, and reporting errors at `file:line:col`.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+
+use rustyline::error::ReadlineError;
+use rustyline::history::FileHistory;
+use rustyline::{Config, Editor};
+
+use super::Status;
+use super::command::{Command, Flow};
+use super::helper::SluiceHelper;
+use super::print_format::PrintOptions;
+use crate::engine::{Engine, Mode, Outcome};
+use crate::error::{Error, Result};
+use crate::parser::{ParsedStatement, locate_token, parse_sql_recovering};
+
+/// Runs one statement, cancelled by Ctrl-C.
+async fn execute_cancellable(
+    engine: &Engine,
+    statement: &ParsedStatement,
+    mode: Mode,
+) -> Result<Outcome> {
+    tokio::select! {
+        result = engine.execute(statement, mode) => result,
+        _ = tokio::signal::ctrl_c() => Err(Error::Cancelled),
+    }
+}
+
+/// Where an error points: the location the error carries, else its token inside the statement,
+/// else the statement's start.
+pub fn error_position(statement: Option<&ParsedStatement>, error: &Error) -> (u64, u64) {
+    if let Some(at) = error.location() {
+        return at;
+    }
+    let Some(statement) = statement else {
+        return (1, 1);
+    };
+    if let Some(token) = error.token()
+        && let Some((line, column)) = locate_token(&statement.text, &token)
+    {
+        return if line == 1 {
+            (statement.line, statement.column + column - 1)
+        } else {
+            (statement.line + line - 1, column)
+        };
+    }
+    (statement.line, statement.column)
+}
+
+fn report(source: &str, statement: Option<&ParsedStatement>, error: &Error) {
+    let (line, column) = error_position(statement, error);
+    eprintln!("{source}:{line}:{column}: {error}");
+}
+
+/// Runs every statement of one SQL text; stops at the first error.
+pub async fn run_source(engine: &Engine, source: &str, sql: &str, print: &PrintOptions) -> Status {
+    let (statements, errors) = parse_sql_recovering(sql);
+    if !errors.is_empty() {
+        for e in &errors {
+            report(source, None, e);
+        }
+        return Status::Error;
+    }
+    run_statements(engine, source, &statements, print).await
+}
+
+async fn run_statements(
+    engine: &Engine,
+    source: &str,
+    statements: &[ParsedStatement],
+    print: &PrintOptions,
+) -> Status {
+    let mut status = Status::Ok;
+    let mut stdout = std::io::stdout();
+    for statement in statements {
+        match execute_cancellable(engine, statement, Mode::Run).await {
+            Ok(outcome) => {
+                if outcome.rejected() > 0 {
+                    status = Status::Rejected;
+                }
+                if let Err(e) = print.print(&outcome, &mut stdout) {
+                    report(source, Some(statement), &e);
+                    return Status::Error;
+                }
+                let _ = stdout.flush();
+            }
+            Err(e) => {
+                report(source, Some(statement), &e);
+                return Status::Error;
+            }
+        }
+    }
+    status
+}
+
+/// Expands directories into their `*.sql` files in name order.
+fn expand(paths: &[PathBuf]) -> std::result::Result<Vec<PathBuf>, String> {
+    let mut files = vec![];
+    for path in paths {
+        if path.is_dir() {
+            let mut in_dir: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| format!("{}: cannot read directory: {e}", path.display()))?
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "sql"))
+                .collect();
+            in_dir.sort();
+            if in_dir.is_empty() {
+                return Err(format!(
+                    "{}: no .sql files in this directory",
+                    path.display()
+                ));
+            }
+            files.extend(in_dir);
+        } else if path.is_file() {
+            files.push(path.clone());
+        } else {
+            return Err(format!(
+                "{}: no such file or directory; pass a .sql file or a directory of them",
+                path.display()
+            ));
+        }
+    }
+    Ok(files)
+}
+
+fn read(path: &Path) -> std::result::Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))
+}
+
+/// `sluice run`: parses every file first (a syntax error anywhere runs nothing), then runs them
+/// in order and stops at the first error.
+pub async fn run_paths(engine: &Engine, paths: &[PathBuf], print: &PrintOptions) -> Status {
+    let files = match expand(paths) {
+        Ok(files) => files,
+        Err(e) => {
+            eprintln!("{e}");
+            return Status::Error;
+        }
+    };
+    let mut parsed = vec![];
+    let mut failed = false;
+    for file in &files {
+        let sql = match read(file) {
+            Ok(sql) => sql,
+            Err(e) => {
+                eprintln!("{e}");
+                return Status::Error;
+            }
+        };
+        let (statements, errors) = parse_sql_recovering(&sql);
+        for e in &errors {
+            report(&file.display().to_string(), None, e);
+        }
+        failed |= !errors.is_empty();
+        parsed.push((file.display().to_string(), statements));
+    }
+    if failed {
+        return Status::Error;
+    }
+    let mut status = Status::Ok;
+    for (source, statements) in &parsed {
+        status = super::worst(
+            status,
+            run_statements(engine, source, statements, print).await,
+        );
+        if status == Status::Error {
+            break;
+        }
+    }
+    status
+}
+
+/// `sluice check`: parses and plans every statement, reporting every problem.
+pub async fn check_paths(engine: &Engine, paths: &[PathBuf]) -> Status {
+    let files = match expand(paths) {
+        Ok(files) => files,
+        Err(e) => {
+            eprintln!("{e}");
+            return Status::Error;
+        }
+    };
+    let mut problems = 0;
+    let mut checked = 0;
+    for file in &files {
+        let source = file.display().to_string();
+        let sql = match read(file) {
+            Ok(sql) => sql,
+            Err(e) => {
+                eprintln!("{e}");
+                problems += 1;
+                continue;
+            }
+        };
+        let (statements, errors) = parse_sql_recovering(&sql);
+        for e in &errors {
+            report(&source, None, e);
+        }
+        problems += errors.len();
+        for statement in &statements {
+            checked += 1;
+            if let Err(e) = execute_cancellable(engine, statement, Mode::Check).await {
+                report(&source, Some(statement), &e);
+                problems += 1;
+            }
+        }
+    }
+    let files_word = if files.len() == 1 { "file" } else { "files" };
+    if problems == 0 {
+        println!(
+            "checked {checked} statements in {} {files_word}: ok",
+            files.len()
+        );
+        Status::Ok
+    } else {
+        eprintln!(
+            "checked {checked} statements in {} {files_word}: {problems} problem{}",
+            files.len(),
+            if problems == 1 { "" } else { "s" }
+        );
+        Status::Error
+    }
+}
+
+/// The history file: `$SLUICE_HISTORY`, else `~/.sluice_history`.
+fn history_path() -> PathBuf {
+    std::env::var_os("SLUICE_HISTORY")
+        .map(PathBuf::from)
+        .or_else(|| dirs::home_dir().map(|h| h.join(".sluice_history")))
+        .unwrap_or_else(|| PathBuf::from(".sluice_history"))
+}
+
+/// The interactive shell.
+pub async fn repl(engine: &Engine, print: &mut PrintOptions) -> rustyline::Result<()> {
+    let words = Arc::new(RwLock::new(engine.completion_words().await));
+    let config = Config::builder().auto_add_history(false).build();
+    let mut editor: Editor<SluiceHelper, FileHistory> = Editor::with_config(config)?;
+    editor.set_helper(Some(SluiceHelper::new(Arc::clone(&words))));
+    let history = history_path();
+    let _ = editor.load_history(&history);
+    println!(
+        "sluice {} — \\? for help, \\q to quit",
+        env!("CARGO_PKG_VERSION")
+    );
+    loop {
+        match editor.readline("sluice> ") {
+            Ok(input) => {
+                let input = input.trim();
+                if input.is_empty() {
+                    continue;
+                }
+                editor.add_history_entry(input)?;
+                let _ = editor.save_history(&history);
+                if input.starts_with('\\') {
+                    match input.parse::<Command>() {
+                        Ok(command) => {
+                            if command.execute(engine, print).await == Flow::Quit {
+                                break;
+                            }
+                        }
+                        Err(e) => eprintln!("{e}"),
+                    }
+                } else {
+                    run_interactive(engine, input, print).await;
+                }
+                *words.write().expect("completion lock") = engine.completion_words().await;
+            }
+            Err(ReadlineError::Interrupted) => {
+                println!("^C (\\q to quit)");
+            }
+            Err(ReadlineError::Eof) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    let _ = editor.save_history(&history);
+    Ok(())
+}
+
+/// Runs what was typed at the prompt; an error is printed and the shell carries on.
+async fn run_interactive(engine: &Engine, input: &str, print: &PrintOptions) {
+    let (statements, errors) = parse_sql_recovering(input);
+    if let Some(e) = errors.first() {
+        let (line, column) = error_position(None, e);
+        eprintln!("error at line {line}, column {column}: {e}");
+        return;
+    }
+    let mut stdout = std::io::stdout();
+    for statement in &statements {
+        let started = std::time::Instant::now();
+        match execute_cancellable(engine, statement, Mode::Run).await {
+            Ok(outcome) => {
+                if let Err(e) = print.print(&outcome, &mut stdout) {
+                    eprintln!("error: {e}");
+                }
+                if print.timing {
+                    println!(
+                        "Time: {}",
+                        crate::engine::format_duration(started.elapsed())
+                    );
+                }
+            }
+            Err(Error::Cancelled) => {
+                eprintln!("Cancelled.");
+                return;
+            }
+            Err(e) => {
+                let (line, column) = error_position(Some(statement), &e);
+                eprintln!("error at line {line}, column {column}: {e}");
+                return;
+            }
+        }
+        let _ = stdout.flush();
+    }
+}

@@ -1,0 +1,146 @@
+//! The `sluice` command line: arguments, exit codes, and dispatch to the REPL, `run` and `check`.
+//!
+//! Exit codes are a contract: 0 ok, 1 finished but some records were rejected, 2 error.
+
+mod command;
+mod exec;
+mod helper;
+mod print_format;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+pub use print_format::{PrintFormat, PrintOptions};
+
+/// sluice: reverse ETL as SQL. Run with no arguments for the interactive shell.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about, long_about = None)]
+pub struct Args {
+    /// Run this SQL and exit (may be given several times; runs before any PATH of `run`).
+    #[arg(short = 'c', long = "command", value_name = "SQL")]
+    pub commands: Vec<String>,
+
+    /// How query results are printed.
+    #[arg(long, value_enum, default_value_t = PrintFormat::Table, global = true)]
+    pub format: PrintFormat,
+
+    /// Print only query results and errors (no statement summaries).
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run .sql files statement by statement (a directory: its *.sql files in name order).
+    Run {
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
+    /// Parse and plan every statement without executing any query or write; report every
+    /// problem as file:line:col: message.
+    Check {
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+    },
+}
+
+/// Exit status of a finished invocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Ok,
+    /// Finished, but a destination rejected some records.
+    Rejected,
+    Error,
+}
+
+impl From<Status> for ExitCode {
+    fn from(s: Status) -> Self {
+        ExitCode::from(match s {
+            Status::Ok => 0,
+            Status::Rejected => 1,
+            Status::Error => 2,
+        })
+    }
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return Status::Error.into();
+        }
+    };
+    runtime.block_on(run(args)).into()
+}
+
+async fn run(args: Args) -> Status {
+    let engine = match crate::Engine::new() {
+        Ok(engine) => engine,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Status::Error;
+        }
+    };
+    let mut print = PrintOptions {
+        format: args.format,
+        quiet: args.quiet,
+        timing: false,
+    };
+    let mut status = Status::Ok;
+    for (i, sql) in args.commands.iter().enumerate() {
+        let name = if args.commands.len() == 1 {
+            "<command>".to_string()
+        } else {
+            format!("<command {}>", i + 1)
+        };
+        status = worst(status, exec::run_source(&engine, &name, sql, &print).await);
+        if status == Status::Error {
+            return status;
+        }
+    }
+    match args.command {
+        Some(Command::Run { paths }) => {
+            worst(status, exec::run_paths(&engine, &paths, &print).await)
+        }
+        Some(Command::Check { paths }) => worst(status, exec::check_paths(&engine, &paths).await),
+        None if args.commands.is_empty() => match exec::repl(&engine, &mut print).await {
+            Ok(()) => Status::Ok,
+            Err(e) => {
+                eprintln!("error: {e}");
+                Status::Error
+            }
+        },
+        None => status,
+    }
+}
+
+fn worst(a: Status, b: Status) -> Status {
+    match (a, b) {
+        (Status::Error, _) | (_, Status::Error) => Status::Error,
+        (Status::Rejected, _) | (_, Status::Rejected) => Status::Rejected,
+        _ => Status::Ok,
+    }
+}
+
+/// Logs go to stderr; `SLUICE_LOG` sets the filter (e.g. `SLUICE_LOG=debug`).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

@@ -1,0 +1,86 @@
+//! Destinations: the seam between a planned sync and the system it writes to.
+//!
+//! A destination connection is a schema (`conn.object`); each object is a [`DestinationTable`], a
+//! DataFusion `TableProvider` whose `insert_into` builds a `DataSinkExec` over the destination's
+//! sink. The engine plans the mapping from the query to the object's fields **by name** (see
+//! `engine::insert`) and hands the table a narrowed schema holding only the mapped fields, so an
+//! unmapped field never reaches the sink and is never blanked. Sinks do all I/O in `write_all`,
+//! never while planning (DataFusion plans DML under `EXPLAIN` too).
+//!
+//! Each destination is one folder with the same file roles: `config.rs` (typed options),
+//! `sink.rs` (the `DataSink`), `encoder.rs` (records to bytes), `mod.rs` (docs and wiring).
+
+pub mod file;
+mod schema;
+mod table;
+
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::TableProvider;
+use datafusion::datasource::sink::DataSink;
+
+use crate::error::Result;
+
+pub use schema::DestinationSchema;
+pub use table::DestinationTable;
+
+/// What a destination says about one of its objects.
+#[derive(Debug, Clone)]
+pub struct ObjectSpec {
+    /// The object's name as the destination spells it.
+    pub name: String,
+    /// The object's declared fields, or `None` for free-form objects (files, webhooks) that accept
+    /// whatever fields the query maps.
+    pub fields: Option<SchemaRef>,
+}
+
+/// One destination connection.
+#[async_trait]
+pub trait Destination: Debug + Send + Sync + 'static {
+    /// The connection's name (its schema name in SQL).
+    fn connection(&self) -> &str;
+
+    /// Object names known without I/O, for completion and `\d`.
+    fn object_names(&self) -> Vec<String>;
+
+    /// Looks up an object; may call the destination's schema API. `None`: no such object.
+    async fn object(&self, name: &str) -> Result<Option<ObjectSpec>>;
+
+    /// A provider that reads what the object currently holds, if this destination can be read.
+    async fn reader(&self, _object: &ObjectSpec) -> Result<Option<Arc<dyn TableProvider>>> {
+        Ok(None)
+    }
+
+    /// Builds the sink that writes rows shaped like `schema` (the mapped fields only) into
+    /// `object`. Called while planning: it must not do I/O.
+    fn sink(
+        &self,
+        object: &ObjectSpec,
+        schema: SchemaRef,
+        report: Arc<WriteReport>,
+    ) -> Result<Arc<dyn DataSink>>;
+}
+
+/// What a write did, filled in by the sink as it runs and read by the engine for the statement's
+/// summary.
+#[derive(Debug, Default)]
+pub struct WriteReport {
+    locations: Mutex<Vec<String>>,
+}
+
+impl WriteReport {
+    /// Records a place the write made visible (a file URL, an endpoint).
+    pub fn add_location(&self, location: impl Into<String>) {
+        self.locations
+            .lock()
+            .expect("report lock")
+            .push(location.into());
+    }
+
+    pub fn locations(&self) -> Vec<String> {
+        self.locations.lock().expect("report lock").clone()
+    }
+}

@@ -1,0 +1,140 @@
+//! `DestinationTable`: a destination object as a DataFusion table (reads where the destination can
+//! be read; writes through the destination's sink).
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::{Schema, SchemaRef};
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::datasource::TableType;
+use datafusion::datasource::sink::DataSinkExec;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::logical_expr::dml::InsertOp;
+use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
+use datafusion::physical_plan::ExecutionPlan;
+
+use super::{Destination, ObjectSpec, WriteReport};
+
+/// A destination object. As looked up by name it describes the object (and reads it, where the
+/// destination can be read); [`DestinationTable::mapped`] gives the write-side table the engine
+/// plans an insert against, whose schema is exactly the mapped fields.
+#[derive(Debug, Clone)]
+pub struct DestinationTable {
+    destination: Arc<dyn Destination>,
+    object: ObjectSpec,
+    schema: SchemaRef,
+    reader: Option<Arc<dyn TableProvider>>,
+    /// Set on the write-side table only: where the sink reports what it did.
+    write: Option<Arc<WriteReport>>,
+}
+
+impl DestinationTable {
+    pub fn new(
+        destination: Arc<dyn Destination>,
+        object: ObjectSpec,
+        reader: Option<Arc<dyn TableProvider>>,
+    ) -> Self {
+        let schema = object
+            .fields
+            .clone()
+            .or_else(|| reader.as_ref().map(|r| r.schema()))
+            .unwrap_or_else(|| Arc::new(Schema::empty()));
+        Self {
+            destination,
+            object,
+            schema,
+            reader,
+            write: None,
+        }
+    }
+
+    /// The object as the destination describes it.
+    pub fn object(&self) -> &ObjectSpec {
+        &self.object
+    }
+
+    /// The connection this object belongs to.
+    pub fn connection(&self) -> &str {
+        self.destination.connection()
+    }
+
+    /// The write-side table for an insert whose mapped fields are `schema`.
+    pub fn mapped(&self, schema: SchemaRef, report: Arc<WriteReport>) -> Self {
+        Self {
+            destination: Arc::clone(&self.destination),
+            object: self.object.clone(),
+            schema,
+            reader: None,
+            write: Some(report),
+        }
+    }
+}
+
+#[async_trait]
+impl TableProvider for DestinationTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::Base
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        match &self.reader {
+            Some(r) => r.supports_filters_pushdown(filters),
+            None => Ok(vec![
+                TableProviderFilterPushDown::Unsupported;
+                filters.len()
+            ]),
+        }
+    }
+
+    async fn scan(
+        &self,
+        state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        match &self.reader {
+            Some(reader) => reader.scan(state, projection, filters, limit).await,
+            None => Err(DataFusionError::Plan(format!(
+                "{}.{} holds nothing to read yet, or its destination cannot be read",
+                self.destination.connection(),
+                self.object.name
+            ))),
+        }
+    }
+
+    async fn insert_into(
+        &self,
+        _state: &dyn Session,
+        input: Arc<dyn ExecutionPlan>,
+        insert_op: InsertOp,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let Some(report) = &self.write else {
+            // The engine always plans destination inserts by name; a positional plan that reached
+            // here would blank unmapped fields, so refuse it.
+            return Err(DataFusionError::Plan(format!(
+                "inserts into {}.{} must be planned by sluice (by column name)",
+                self.destination.connection(),
+                self.object.name
+            )));
+        };
+        if insert_op != InsertOp::Append {
+            return Err(DataFusionError::Plan(format!(
+                "{insert_op} is not supported for {}.{}; use INSERT INTO",
+                self.destination.connection(),
+                self.object.name
+            )));
+        }
+        let sink = self
+            .destination
+            .sink(&self.object, input.schema(), Arc::clone(report))?;
+        Ok(Arc::new(DataSinkExec::new(input, sink, None)))
+    }
+}

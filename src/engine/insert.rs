@@ -1,0 +1,184 @@
+//! Plans `INSERT INTO <destination object> ...` by column **name**.
+//!
+//! DataFusion's own INSERT maps the query's columns to the table's by position and fills every
+//! unlisted column with NULL. For a destination that would blank fields the user never mapped, so
+//! we plan it ourselves: the query's output names (or the explicit column list) are the
+//! destination fields, checked against the object's declared fields and cast to their types, and
+//! the sink is handed a table whose schema is exactly those fields.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use datafusion::arrow::compute::can_cast_types;
+use datafusion::common::Column;
+use datafusion::datasource::provider_as_source;
+use datafusion::logical_expr::dml::InsertOp;
+use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, cast};
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::planner::object_name_to_table_reference;
+use datafusion::sql::sqlparser::ast::{Insert, Statement as SqlStatement, TableObject};
+
+use super::{Engine, Planned};
+use crate::destinations::{DestinationTable, WriteReport};
+use crate::error::{Error, Result, did_you_mean};
+
+impl Engine {
+    /// Plans `insert` if its target is a destination object; `None` if it is an ordinary table.
+    pub(super) async fn plan_destination_insert(&self, insert: &Insert) -> Result<Option<Planned>> {
+        let TableObject::TableName(name) = &insert.table else {
+            return Ok(None);
+        };
+        let table_ref = object_name_to_table_reference(name.clone(), true)?;
+        let Some(schema_name) = table_ref.schema() else {
+            return Ok(None);
+        };
+        if self.connections.get(schema_name).is_none() {
+            return Ok(None);
+        }
+        let provider = self.ctx.table_provider(table_ref.clone()).await?;
+        let Some(table) = provider.downcast_ref::<DestinationTable>() else {
+            return Ok(None);
+        };
+        let target = table_ref.to_string();
+
+        if insert.overwrite || insert.or.is_some() || insert.replace_into {
+            return Err(Error::plan(
+                format!(
+                    "{target} accepts INSERT INTO only; OVERWRITE and REPLACE are not supported"
+                ),
+                table.object().name.clone(),
+            ));
+        }
+        if insert.on.is_some() || insert.returning.is_some() {
+            return Err(Error::plan(
+                format!(
+                    "{target}: ON CONFLICT and RETURNING are not supported on destinations; sluice decides how records are matched"
+                ),
+                table.object().name.clone(),
+            ));
+        }
+        let Some(source) = &insert.source else {
+            return Err(Error::plan(
+                format!("INSERT INTO {target} needs a query: INSERT INTO {target} SELECT ..."),
+                table.object().name.clone(),
+            ));
+        };
+
+        let query = self
+            .ctx
+            .state()
+            .statement_to_plan(DFStatement::Statement(Box::new(SqlStatement::Query(
+                source.clone(),
+            ))))
+            .await?;
+        let query_schema = Arc::clone(query.schema());
+
+        // The destination field each query column goes to.
+        let names: Vec<String> = if insert.columns.is_empty() {
+            let mut names = vec![];
+            for (i, field) in query_schema.fields().iter().enumerate() {
+                let name = field.name();
+                if name.contains('(') {
+                    return Err(Error::plan(
+                        format!(
+                            "INSERT INTO {target}: query column {} is the expression `{name}` and has no field name; name it with AS, e.g. `{name} AS my_field`",
+                            i + 1
+                        ),
+                        table.object().name.clone(),
+                    ));
+                }
+                names.push(name.clone());
+            }
+            names
+        } else {
+            let listed: Vec<String> = insert
+                .columns
+                .iter()
+                .map(|c| {
+                    c.0.last()
+                        .and_then(|p| p.as_ident().cloned())
+                        .map(crate::parser::normalize)
+                        .unwrap_or_else(|| c.to_string())
+                })
+                .collect();
+            if listed.len() != query_schema.fields().len() {
+                return Err(Error::plan(
+                    format!(
+                        "INSERT INTO {target} lists {} field(s) but the query returns {} column(s); list one field per query column, or drop the list and name the query's columns with AS",
+                        listed.len(),
+                        query_schema.fields().len()
+                    ),
+                    table.object().name.clone(),
+                ));
+            }
+            listed
+        };
+
+        let mut seen = HashSet::new();
+        for name in &names {
+            if !seen.insert(name.as_str()) {
+                return Err(Error::plan(
+                    format!(
+                        "INSERT INTO {target} maps field '{name}' more than once; map each field once"
+                    ),
+                    name.clone(),
+                ));
+            }
+        }
+
+        // Check against the object's declared fields and cast to their types.
+        let declared = table.object().fields.clone();
+        let mut exprs: Vec<Expr> = Vec::with_capacity(names.len());
+        for ((qualifier, field), name) in query_schema.iter().zip(&names) {
+            let mut expr = Expr::Column(Column::new(qualifier.cloned(), field.name()));
+            if let Some(declared) = &declared {
+                let Ok(target_field) = declared.field_with_name(name) else {
+                    let candidates: Vec<&str> = declared
+                        .fields()
+                        .iter()
+                        .map(|f| f.name().as_str())
+                        .collect();
+                    return Err(Error::plan(
+                        format!(
+                            "{target} has no field '{name}'{}; DESCRIBE {target} lists its fields",
+                            did_you_mean(name, candidates.iter().copied())
+                        ),
+                        name.clone(),
+                    ));
+                };
+                if target_field.data_type() != field.data_type() {
+                    if !can_cast_types(field.data_type(), target_field.data_type()) {
+                        return Err(Error::plan(
+                            format!(
+                                "{target}.{name} is {} but the query gives {}, which cannot be converted; CAST it in the query",
+                                target_field.data_type(),
+                                field.data_type()
+                            ),
+                            name.clone(),
+                        ));
+                    }
+                    expr = cast(expr, target_field.data_type().clone());
+                }
+            }
+            exprs.push(expr.alias(name));
+        }
+        let mapped = LogicalPlanBuilder::from(query).project(exprs)?.build()?;
+
+        let report = Arc::new(WriteReport::default());
+        let write_table = table.mapped(
+            Arc::new(mapped.schema().as_arrow().clone()),
+            Arc::clone(&report),
+        );
+        let plan: LogicalPlan = LogicalPlanBuilder::insert_into(
+            mapped,
+            table_ref,
+            provider_as_source(Arc::new(write_table)),
+            InsertOp::Append,
+        )?
+        .build()?;
+        Ok(Some(Planned {
+            plan,
+            report: Some(report),
+        }))
+    }
+}

@@ -1,0 +1,388 @@
+//! The engine: a DataFusion session plus sluice's connections, executing one statement at a time.
+//!
+//! The same engine serves the REPL, `sluice run`, `sluice check` and the library API.
+
+mod insert;
+mod outcome;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use datafusion::arrow::array::{ArrayRef, StringArray, UInt64Array};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::catalog::CatalogProvider;
+use datafusion::datasource::source_as_provider;
+use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::runtime_env::RuntimeEnvBuilder;
+use datafusion::logical_expr::{DdlStatement, LogicalPlan, LogicalPlanBuilder, WriteOp};
+use datafusion::physical_plan::{ExecutionPlan, collect};
+use datafusion::prelude::{SessionConfig, SessionContext};
+use datafusion::sql::parser::Statement as DFStatement;
+use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
+
+pub use outcome::{Outcome, WriteSummary, format_duration};
+
+use crate::connections::{ConnectContext, ConnectionInfo, Connections, kinds};
+use crate::destinations::{DestinationTable, WriteReport};
+use crate::error::{Error, Result, did_you_mean};
+use crate::object_stores::EnvObjectStoreRegistry;
+use crate::parser::{CreateConnection, ParsedStatement, Statement, parse_sql};
+
+/// Whether statements run, or are only planned (`sluice check`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Execute everything.
+    Run,
+    /// Parse and plan everything; execute session DDL (connections, external tables, views) so
+    /// later statements can be planned, and execute no query and no write.
+    Check,
+}
+
+/// A DataFusion session with sluice's statements, connections and destinations.
+pub struct Engine {
+    ctx: SessionContext,
+    connections: Connections,
+}
+
+/// A statement planned and ready to execute.
+pub(crate) struct Planned {
+    plan: LogicalPlan,
+    /// For writes into a destination: where the sink reports what it did.
+    report: Option<Arc<WriteReport>>,
+}
+
+impl Engine {
+    /// A new session with every connection kind sluice has and object stores configured from
+    /// the environment.
+    pub fn new() -> Result<Self> {
+        let runtime = RuntimeEnvBuilder::new()
+            .with_object_store_registry(Arc::new(EnvObjectStoreRegistry::new()))
+            .build_arc()?;
+        let config = SessionConfig::new()
+            .with_information_schema(true)
+            .with_create_default_catalog_and_schema(true);
+        let state = SessionStateBuilder::new()
+            .with_config(config)
+            .with_runtime_env(runtime)
+            .with_default_features()
+            .build();
+        let ctx = SessionContext::new_with_state(state).enable_url_table();
+        Ok(Self {
+            ctx,
+            connections: Connections::new(kinds()),
+        })
+    }
+
+    /// The underlying DataFusion context (to register tables or functions from Rust).
+    pub fn context(&self) -> &SessionContext {
+        &self.ctx
+    }
+
+    /// The live connections.
+    pub fn connections(&self) -> Vec<ConnectionInfo> {
+        self.connections.list()
+    }
+
+    /// Parses and runs every statement in `sql`, returning each statement's outcome.
+    pub async fn run_sql(&self, sql: &str) -> Result<Vec<Outcome>> {
+        let mut outcomes = vec![];
+        for statement in parse_sql(sql)? {
+            outcomes.push(self.execute(&statement, Mode::Run).await?);
+        }
+        Ok(outcomes)
+    }
+
+    /// Executes (or, in [`Mode::Check`], plans) one parsed statement. Dropping the returned
+    /// future cancels the statement; a write that has not completed leaves nothing visible.
+    pub async fn execute(&self, statement: &ParsedStatement, mode: Mode) -> Result<Outcome> {
+        match &statement.statement {
+            Statement::CreateConnection(create) => self.create_connection(create),
+            Statement::DropConnection { name, if_exists } => self.drop_connection(name, *if_exists),
+            Statement::ShowConnections => self.show_connections(),
+            Statement::Sql(sql) => self.execute_sql(sql, mode).await,
+        }
+    }
+
+    fn catalog(&self) -> Result<Arc<dyn CatalogProvider>> {
+        let name = self
+            .ctx
+            .state()
+            .config()
+            .options()
+            .catalog
+            .default_catalog
+            .clone();
+        self.ctx
+            .catalog(&name)
+            .ok_or_else(|| Error::plan(format!("default catalog '{name}' is missing"), name))
+    }
+
+    fn create_connection(&self, create: &CreateConnection) -> Result<Outcome> {
+        let name = &create.name;
+        let kind = self.connections.kind(&create.kind)?;
+        let options =
+            crate::options::Options::new(kind.kind(), kind.options(), create.options.clone())?;
+        let catalog = self.catalog()?;
+        if self.connections.get(name).is_some() {
+            if create.if_not_exists {
+                return Ok(Outcome::Done(format!(
+                    "connection {name} already exists; left unchanged"
+                )));
+            }
+            if !create.or_replace {
+                return Err(Error::ConnectionExists { name: name.clone() });
+            }
+        } else if catalog.schema(name).is_some() {
+            return Err(Error::plan(
+                format!(
+                    "'{name}' is already a schema of this session; choose another connection name"
+                ),
+                name.clone(),
+            ));
+        }
+        let schema = kind.connect(
+            name,
+            &options,
+            &ConnectContext {
+                runtime: self.ctx.runtime_env(),
+            },
+        )?;
+        catalog.register_schema(name, schema)?;
+        self.connections.insert(ConnectionInfo {
+            name: name.clone(),
+            kind: kind.kind().to_string(),
+            options: options.redacted(),
+        });
+        Ok(Outcome::Done(format!(
+            "CREATE CONNECTION {name} (type {})",
+            kind.kind()
+        )))
+    }
+
+    fn drop_connection(&self, name: &str, if_exists: bool) -> Result<Outcome> {
+        if self.connections.get(name).is_none() {
+            if if_exists {
+                return Ok(Outcome::Done(format!(
+                    "connection {name} does not exist; nothing dropped"
+                )));
+            }
+            return Err(self.unknown_connection(name));
+        }
+        self.catalog()?.deregister_schema(name, true)?;
+        self.connections.remove(name);
+        Ok(Outcome::Done(format!("DROP CONNECTION {name}")))
+    }
+
+    fn unknown_connection(&self, name: &str) -> Error {
+        let names: Vec<String> = self
+            .connections
+            .list()
+            .into_iter()
+            .map(|c| c.name)
+            .collect();
+        let hint = match did_you_mean(name, names.iter().map(String::as_str)) {
+            h if !h.is_empty() => h,
+            _ if names.is_empty() => "; no connections exist yet: CREATE CONNECTION first".into(),
+            _ => format!("; connections: {}", names.join(", ")),
+        };
+        Error::UnknownConnection {
+            name: name.to_string(),
+            hint,
+        }
+    }
+
+    fn show_connections(&self) -> Result<Outcome> {
+        let list = self.connections.list();
+        let column = |f: fn(&ConnectionInfo) -> &str| -> ArrayRef {
+            Arc::new(StringArray::from_iter_values(list.iter().map(f)))
+        };
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("name", DataType::Utf8, false),
+            Field::new("type", DataType::Utf8, false),
+            Field::new("options", DataType::Utf8, false),
+        ]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                column(|c| &c.name),
+                column(|c| &c.kind),
+                column(|c| &c.options),
+            ],
+        )?;
+        Ok(Outcome::Rows {
+            schema,
+            batches: vec![batch],
+        })
+    }
+
+    async fn plan(&self, statement: &DFStatement) -> Result<Planned> {
+        match statement {
+            DFStatement::Statement(s) => {
+                if let SqlStatement::Insert(insert) = s.as_ref()
+                    && let Some(planned) = self.plan_destination_insert(insert).await?
+                {
+                    return Ok(planned);
+                }
+            }
+            DFStatement::Explain(explain) => {
+                if let DFStatement::Statement(s) = explain.statement.as_ref()
+                    && let SqlStatement::Insert(insert) = s.as_ref()
+                    && let Some(planned) = self.plan_destination_insert(insert).await?
+                {
+                    let plan = LogicalPlanBuilder::from(planned.plan)
+                        .explain(explain.options.verbose, explain.options.analyze)?
+                        .build()?;
+                    return Ok(Planned {
+                        plan,
+                        report: planned.report,
+                    });
+                }
+            }
+            _ => {}
+        }
+        let plan = self
+            .ctx
+            .state()
+            .statement_to_plan(statement.clone())
+            .await?;
+        self.refuse_unsupported_destination_dml(&plan)?;
+        Ok(Planned { plan, report: None })
+    }
+
+    /// DELETE / UPDATE / MERGE / TRUNCATE on a destination object are not planned here (yet):
+    /// refuse them before DataFusion calls a hook that could widen them.
+    fn refuse_unsupported_destination_dml(&self, plan: &LogicalPlan) -> Result<()> {
+        let LogicalPlan::Dml(dml) = plan else {
+            return Ok(());
+        };
+        let provider = source_as_provider(&dml.target)?;
+        if let Some(table) = provider.downcast_ref::<DestinationTable>() {
+            if !matches!(dml.op, WriteOp::Insert(_)) {
+                return Err(Error::plan(
+                    format!(
+                        "{} on {} is not supported by this destination; it accepts INSERT INTO",
+                        dml.op.name(),
+                        dml.table_name
+                    ),
+                    table.object().name.clone(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    async fn execute_sql(&self, statement: &DFStatement, mode: Mode) -> Result<Outcome> {
+        let started = Instant::now();
+        let Planned { plan, report } = self.plan(statement).await?;
+        let session_change = matches!(plan, LogicalPlan::Ddl(_) | LogicalPlan::Statement(_));
+        if mode == Mode::Check && !session_change {
+            // Physical planning validates the whole statement; DML hooks only build plans.
+            self.ctx.state().create_physical_plan(&plan).await?;
+            return Ok(Outcome::Checked);
+        }
+        if session_change {
+            let message = describe_session_change(&plan);
+            self.ctx.execute_logical_plan(plan).await?.collect().await?;
+            return Ok(Outcome::Done(message));
+        }
+        let write_target = match &plan {
+            LogicalPlan::Dml(dml) => Some((dml_verb(&dml.op), dml.table_name.to_string())),
+            LogicalPlan::Copy(copy) => Some(("COPY".to_string(), copy.output_url.clone())),
+            _ => None,
+        };
+        let dataframe = self.ctx.execute_logical_plan(plan).await?;
+        let schema = Arc::new(dataframe.schema().as_arrow().clone());
+        let physical = dataframe.create_physical_plan().await?;
+        let batches = collect(Arc::clone(&physical), self.ctx.task_ctx()).await?;
+        let Some((verb, target)) = write_target else {
+            return Ok(Outcome::Rows { schema, batches });
+        };
+        let rows_written = batches
+            .iter()
+            .filter_map(|b| b.column(0).as_any().downcast_ref::<UInt64Array>())
+            .map(|a| a.iter().flatten().sum::<u64>())
+            .sum();
+        let mut locations = report.map(|r| r.locations()).unwrap_or_default();
+        if verb == "COPY" {
+            locations.push(target.clone());
+        }
+        Ok(Outcome::Write(WriteSummary {
+            verb,
+            target,
+            rows_read: rows_read(&physical),
+            rows_written,
+            rows_rejected: 0,
+            locations,
+            elapsed: started.elapsed(),
+        }))
+    }
+
+    /// Words for tab completion: connections, tables and objects (`schema.table`) and their
+    /// columns.
+    pub async fn completion_words(&self) -> Vec<String> {
+        let mut words = vec![];
+        let Ok(catalog) = self.catalog() else {
+            return words;
+        };
+        for schema_name in catalog.schema_names() {
+            if schema_name == "information_schema" {
+                continue;
+            }
+            let Some(schema) = catalog.schema(&schema_name) else {
+                continue;
+            };
+            let is_default = schema_name == "public";
+            if !is_default {
+                words.push(schema_name.clone());
+            }
+            for table in schema.table_names() {
+                words.push(if is_default {
+                    table.clone()
+                } else {
+                    format!("{schema_name}.{table}")
+                });
+                if let Ok(Some(provider)) = schema.table(&table).await {
+                    words.extend(provider.schema().fields().iter().map(|f| f.name().clone()));
+                }
+            }
+        }
+        words.sort();
+        words.dedup();
+        words
+    }
+}
+
+/// Rows the statement's sources produced: the output of the plan's leaves.
+fn rows_read(plan: &Arc<dyn ExecutionPlan>) -> u64 {
+    let children = plan.children();
+    if children.is_empty() {
+        return plan.metrics().and_then(|m| m.output_rows()).unwrap_or(0) as u64;
+    }
+    children.into_iter().map(rows_read).sum()
+}
+
+fn dml_verb(op: &WriteOp) -> String {
+    match op {
+        WriteOp::Insert(_) => "INSERT INTO".into(),
+        other => other.name().to_uppercase(),
+    }
+}
+
+/// A psql-style tag for statements that change the session.
+fn describe_session_change(plan: &LogicalPlan) -> String {
+    match plan {
+        LogicalPlan::Ddl(ddl) => match ddl {
+            DdlStatement::CreateExternalTable(t) => format!("CREATE EXTERNAL TABLE {}", t.name),
+            DdlStatement::CreateMemoryTable(t) => format!("CREATE TABLE {}", t.name),
+            DdlStatement::CreateView(v) => format!("CREATE VIEW {}", v.name),
+            DdlStatement::CreateCatalogSchema(s) => format!("CREATE SCHEMA {}", s.schema_name),
+            DdlStatement::CreateCatalog(c) => format!("CREATE DATABASE {}", c.catalog_name),
+            DdlStatement::DropTable(t) => format!("DROP TABLE {}", t.name),
+            DdlStatement::DropView(v) => format!("DROP VIEW {}", v.name),
+            other => other.name().to_uppercase(),
+        },
+        LogicalPlan::Statement(s) => s.name().to_uppercase(),
+        other => other.display().to_string(),
+    }
+}

@@ -1,0 +1,252 @@
+//! The error type of the engine: what went wrong, the identifier it concerns, and what to do next.
+
+use datafusion::error::DataFusionError;
+
+/// Result alias used across sluice.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can stop a statement.
+///
+/// Each variant carries the identifier it is about (a connection, an option, a column) so that the
+/// front ends can point at the token in the statement, and its message says what to do next.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The SQL text does not parse.
+    #[error("{message}")]
+    Parse {
+        message: String,
+        /// 1-based line of the offending token, when the parser knows it.
+        line: u64,
+        /// 1-based column of the offending token, when the parser knows it.
+        column: u64,
+    },
+
+    /// A `CREATE CONNECTION ... TYPE x` names a kind sluice does not have.
+    #[error("unknown connection type '{kind}'; valid types: {valid}")]
+    UnknownKind { kind: String, valid: String },
+
+    /// A connection with this name already exists.
+    #[error(
+        "connection '{name}' already exists; use CREATE OR REPLACE CONNECTION to redefine it, or DROP CONNECTION {name} first"
+    )]
+    ConnectionExists { name: String },
+
+    /// A statement names a connection that was never created.
+    #[error("unknown connection '{name}'{hint}")]
+    UnknownConnection { name: String, hint: String },
+
+    /// A problem with a connection option (unknown key, missing value, bad value, unset variable).
+    #[error("{message}")]
+    Option {
+        /// The option key the problem is about.
+        key: String,
+        message: String,
+    },
+
+    /// A statement is well-formed SQL but cannot be planned as written.
+    #[error("{message}")]
+    Plan {
+        message: String,
+        /// The identifier in the statement the problem is about, if any.
+        token: Option<String>,
+    },
+
+    /// Writing to a destination failed.
+    #[error("{message}")]
+    Write { message: String },
+
+    /// The statement was cancelled (Ctrl-C).
+    #[error("statement cancelled")]
+    Cancelled,
+
+    /// An error raised inside DataFusion (planning or execution).
+    #[error("{}", describe_datafusion(.0))]
+    DataFusion(#[from] DataFusionError),
+
+    /// A local file could not be read.
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// A planning error about `token` (an identifier the user wrote).
+    pub fn plan(message: impl Into<String>, token: impl Into<String>) -> Self {
+        Error::Plan {
+            message: message.into(),
+            token: Some(token.into()),
+        }
+    }
+
+    /// The identifier this error is about, used to point at it in the statement text.
+    pub fn token(&self) -> Option<String> {
+        match self {
+            Error::UnknownConnection { name, .. } | Error::ConnectionExists { name } => {
+                Some(name.clone())
+            }
+            Error::UnknownKind { kind, .. } => Some(kind.clone()),
+            Error::Option { key, .. } => Some(key.clone()),
+            Error::Plan { token, .. } => token.clone(),
+            Error::DataFusion(e) => datafusion_token(e),
+            _ => None,
+        }
+    }
+
+    /// The 1-based (line, column) the error itself carries (parse errors), if any.
+    pub fn location(&self) -> Option<(u64, u64)> {
+        match self {
+            Error::Parse { line, column, .. } if *line > 0 => Some((*line, *column)),
+            Error::DataFusion(DataFusionError::SQL(e, _)) => split_location(&e.to_string()).1,
+            _ => None,
+        }
+    }
+}
+
+/// Strips sqlparser's " at Line: L, Column: C" suffix from a message and returns it separately.
+pub(crate) fn split_location(message: &str) -> (String, Option<(u64, u64)>) {
+    if let Some(at) = message.rfind(" at Line: ") {
+        let rest = &message[at + " at Line: ".len()..];
+        let mut parts = rest.splitn(2, ", Column: ");
+        let line = parts.next().and_then(|l| l.trim().parse::<u64>().ok());
+        let column = parts.next().and_then(|c| {
+            c.chars()
+                .take_while(|ch| ch.is_ascii_digit())
+                .collect::<String>()
+                .parse::<u64>()
+                .ok()
+        });
+        if let (Some(line), Some(column)) = (line, column) {
+            return (message[..at].to_string(), Some((line, column)));
+        }
+    }
+    (message.to_string(), None)
+}
+
+/// DataFusion's message with its location suffix removed and advice appended where we have some.
+fn describe_datafusion(e: &DataFusionError) -> String {
+    let root = e.find_root();
+    let (message, _) = split_location(&root.to_string());
+    let message = message
+        .trim_start_matches("Error during planning: ")
+        .trim_start_matches("SQL error: ")
+        .trim_start_matches("Execution error: ")
+        .to_string();
+    if message.contains("not found") && message.starts_with("table '") {
+        format!(
+            "{message}; check the name, or list what exists with SHOW TABLES (REPL: \\d) and SHOW CONNECTIONS"
+        )
+    } else if message.starts_with("Schema error: No field named") {
+        format!("{message}; DESCRIBE the table to see its columns")
+    } else {
+        message
+    }
+}
+
+/// Picks the identifier out of DataFusion's common messages ("table 'a.b.c' not found",
+/// "No field named x").
+fn datafusion_token(e: &DataFusionError) -> Option<String> {
+    let message = e.find_root().to_string();
+    if let Some(start) = message.find("table '") {
+        let rest = &message[start + 7..];
+        let name = rest.split('\'').next()?;
+        return name.rsplit('.').next().map(str::to_string);
+    }
+    if let Some(start) = message.find("No field named ") {
+        let rest = &message[start + 15..];
+        let name: String = rest
+            .trim_start_matches('"')
+            .chars()
+            .take_while(|c| !matches!(c, '"' | '.' | ' ' | ','))
+            .collect();
+        let name = match rest.trim_start_matches('"').split_once('.') {
+            // qualified: t.col -> col
+            Some((_, col)) if !name.is_empty() && rest.starts_with(&name) => col
+                .trim_start_matches('"')
+                .chars()
+                .take_while(|c| !matches!(c, '"' | '.' | ' ' | ','))
+                .collect(),
+            _ => name,
+        };
+        return (!name.is_empty()).then_some(name);
+    }
+    None
+}
+
+impl From<Error> for DataFusionError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::DataFusion(e) => e,
+            other => DataFusionError::External(Box::new(other)),
+        }
+    }
+}
+
+impl From<datafusion::arrow::error::ArrowError> for Error {
+    fn from(e: datafusion::arrow::error::ArrowError) -> Self {
+        Error::DataFusion(e.into())
+    }
+}
+
+impl From<datafusion::sql::sqlparser::parser::ParserError> for Error {
+    fn from(e: datafusion::sql::sqlparser::parser::ParserError) -> Self {
+        let text = e.to_string();
+        let text = text.trim_start_matches("sql parser error: ").to_string();
+        let (message, location) = split_location(&text);
+        let (line, column) = location.unwrap_or((0, 0));
+        Error::Parse {
+            message,
+            line,
+            column,
+        }
+    }
+}
+
+/// Closest candidate to `name` (by Jaro-Winkler similarity), for "did you mean" hints.
+pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let lower = name.to_lowercase();
+    candidates
+        .into_iter()
+        .map(|c| (strsim::jaro_winkler(&lower, &c.to_lowercase()), c))
+        .filter(|(score, _)| *score >= 0.75)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}
+
+/// " (did you mean 'x'?)" or "".
+pub fn did_you_mean<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
+    closest(name, candidates)
+        .map(|c| format!(" (did you mean '{c}'?)"))
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_sqlparser_location() {
+        let (m, loc) = split_location("Expected: end of statement, found: x at Line: 3, Column: 7");
+        assert_eq!(m, "Expected: end of statement, found: x");
+        assert_eq!(loc, Some((3, 7)));
+        assert_eq!(split_location("no location").1, None);
+    }
+
+    #[test]
+    fn finds_tokens_in_datafusion_messages() {
+        let e = DataFusionError::Plan("table 'datafusion.out.contactz' not found".into());
+        assert_eq!(datafusion_token(&e).as_deref(), Some("contactz"));
+        let e = DataFusionError::Plan("No field named emial. Valid fields are a, b.".into());
+        assert_eq!(datafusion_token(&e).as_deref(), Some("emial"));
+        let e = DataFusionError::Plan("No field named c.emial. Valid fields are a.".into());
+        assert_eq!(datafusion_token(&e).as_deref(), Some("emial"));
+    }
+
+    #[test]
+    fn suggests_closest_name() {
+        assert_eq!(closest("fromat", ["url", "format"]), Some("format"));
+        assert_eq!(closest("zzz", ["url", "format"]), None);
+    }
+}

@@ -1,0 +1,293 @@
+//! Connection options: literal values, `env('VAR')` and `file('path')` references, secrets that
+//! cannot be printed, and typed consumption that rejects unknown keys.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::error::{Error, Result, did_you_mean};
+
+/// One option value as written in `OPTIONS (...)`.
+#[derive(Clone, PartialEq, Eq)]
+pub enum OptionValue {
+    /// `'text'`, a number or a bare word.
+    Literal(String),
+    /// `env('VAR')`: read from the environment when the connection is created.
+    Env(String),
+    /// `file('path')`: read from a file (trailing newline removed) when the connection is created.
+    File(String),
+}
+
+impl fmt::Display for OptionValue {
+    /// Shows the value as written. Literals are quoted; use [`Options::redacted`] to print options,
+    /// which hides secret literals.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OptionValue::Literal(v) => write!(f, "'{}'", v.replace('\'', "''")),
+            OptionValue::Env(v) => write!(f, "env('{v}')"),
+            OptionValue::File(v) => write!(f, "file('{v}')"),
+        }
+    }
+}
+
+impl fmt::Debug for OptionValue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            OptionValue::Literal(_) => f.write_str("Literal(..)"),
+            OptionValue::Env(v) => write!(f, "Env({v})"),
+            OptionValue::File(v) => write!(f, "File({v})"),
+        }
+    }
+}
+
+/// A credential. It has no `Display`, its `Debug` prints `Secret(***)`, and the only way to read it
+/// is [`Secret::expose`], which makes every use greppable.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The secret value, for building a request. Never log or format it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// The documentation of one option a connection kind accepts.
+#[derive(Debug, Clone, Copy)]
+pub struct OptionSpec {
+    pub key: &'static str,
+    /// One line for users: what it does, its values and default.
+    pub doc: &'static str,
+    /// A secret option's literal value is never shown.
+    pub secret: bool,
+}
+
+/// The options of one `CREATE CONNECTION`, consumed key by key by the connection kind.
+///
+/// Unknown and duplicate keys are rejected up front, listing the valid keys.
+#[derive(Debug, Clone)]
+pub struct Options {
+    kind: String,
+    specs: &'static [OptionSpec],
+    given: Vec<(String, OptionValue)>,
+}
+
+impl Options {
+    pub fn new(
+        kind: &str,
+        specs: &'static [OptionSpec],
+        given: Vec<(String, OptionValue)>,
+    ) -> Result<Self> {
+        let mut seen = std::collections::HashSet::new();
+        for (key, _) in &given {
+            if !specs.iter().any(|s| s.key == key) {
+                let valid: Vec<&str> = specs.iter().map(|s| s.key).collect();
+                return Err(Error::Option {
+                    key: key.clone(),
+                    message: format!(
+                        "unknown option '{key}' for connection type '{kind}'{}; valid options: {}",
+                        did_you_mean(key, valid.iter().copied()),
+                        valid.join(", ")
+                    ),
+                });
+            }
+            if !seen.insert(key.clone()) {
+                return Err(Error::Option {
+                    key: key.clone(),
+                    message: format!("option '{key}' is given more than once; keep one"),
+                });
+            }
+        }
+        Ok(Self {
+            kind: kind.to_string(),
+            specs,
+            given,
+        })
+    }
+
+    fn raw(&self, key: &str) -> Option<&OptionValue> {
+        debug_assert!(
+            self.specs.iter().any(|s| s.key == key),
+            "option {key} is read but not declared"
+        );
+        self.given.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    }
+
+    /// Resolves a value, reading `env()` and `file()` references.
+    fn resolve(&self, key: &str, value: &OptionValue) -> Result<String> {
+        match value {
+            OptionValue::Literal(v) => Ok(v.clone()),
+            OptionValue::Env(var) => std::env::var(var).map_err(|_| Error::Option {
+                key: key.to_string(),
+                message: format!(
+                    "option '{key}' reads env('{var}'), but the environment variable {var} is not set; export it before running"
+                ),
+            }),
+            OptionValue::File(path) => std::fs::read_to_string(path)
+                .map(|s| s.trim_end_matches(['\n', '\r']).to_string())
+                .map_err(|e| Error::Option {
+                    key: key.to_string(),
+                    message: format!("option '{key}' reads file('{path}'), which cannot be read: {e}"),
+                }),
+        }
+    }
+
+    /// A plain (non-secret) option, if given.
+    pub fn string(&self, key: &str) -> Result<Option<String>> {
+        self.raw(key).map(|v| self.resolve(key, v)).transpose()
+    }
+
+    /// A plain option that must be given.
+    pub fn required_string(&self, key: &str) -> Result<String> {
+        self.string(key)?.ok_or_else(|| Error::Option {
+            key: key.to_string(),
+            message: format!(
+                "connection type '{}' needs option '{key}' ({})",
+                self.kind,
+                self.spec(key).map(|s| s.doc).unwrap_or("")
+            ),
+        })
+    }
+
+    /// A secret option, if given.
+    pub fn secret(&self, key: &str) -> Result<Option<Secret>> {
+        Ok(self.string(key)?.map(Secret))
+    }
+
+    /// An option parsed into a typed value; a value that does not parse names the key and the
+    /// valid values.
+    pub fn parse<T>(&self, key: &str) -> Result<Option<T>>
+    where
+        T: FromStr,
+        T::Err: fmt::Display,
+    {
+        let Some(raw) = self.string(key)? else {
+            return Ok(None);
+        };
+        raw.parse::<T>().map(Some).map_err(|e| Error::Option {
+            key: key.to_string(),
+            message: format!("option '{key}' = '{raw}' is not valid: {e}"),
+        })
+    }
+
+    fn spec(&self, key: &str) -> Option<&OptionSpec> {
+        self.specs.iter().find(|s| s.key == key)
+    }
+
+    /// The options as they can be shown to anyone: `env()`/`file()` references as written, secret
+    /// literals as `'***'`, and passwords inside URLs masked.
+    pub fn redacted(&self) -> String {
+        self.given
+            .iter()
+            .map(|(k, v)| {
+                let secret = self.spec(k).is_some_and(|s| s.secret);
+                let shown = match v {
+                    OptionValue::Literal(_) if secret => "'***'".to_string(),
+                    OptionValue::Literal(lit) => {
+                        OptionValue::Literal(redact_url_password(lit)).to_string()
+                    }
+                    other => other.to_string(),
+                };
+                format!("{k} {shown}")
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// `scheme://user:password@host/...` → `scheme://user:***@host/...`; anything else unchanged.
+pub fn redact_url_password(value: &str) -> String {
+    match url::Url::parse(value) {
+        Ok(mut u) if u.password().is_some() => {
+            let _ = u.set_password(Some("***"));
+            u.to_string()
+        }
+        _ => value.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SPECS: &[OptionSpec] = &[
+        OptionSpec {
+            key: "url",
+            doc: "where",
+            secret: false,
+        },
+        OptionSpec {
+            key: "token",
+            doc: "api token",
+            secret: true,
+        },
+    ];
+
+    fn lit(s: &str) -> OptionValue {
+        OptionValue::Literal(s.into())
+    }
+
+    #[test]
+    fn unknown_key_lists_valid_keys_and_suggests() {
+        let err = Options::new("x", SPECS, vec![("tokn".into(), lit("a"))]).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("unknown option 'tokn'"), "{msg}");
+        assert!(msg.contains("did you mean 'token'"), "{msg}");
+        assert!(msg.contains("valid options: url, token"), "{msg}");
+    }
+
+    #[test]
+    fn duplicate_key_is_an_error() {
+        let err = Options::new(
+            "x",
+            SPECS,
+            vec![("url".into(), lit("a")), ("url".into(), lit("b"))],
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("more than once"));
+    }
+
+    #[test]
+    fn missing_env_names_the_variable() {
+        let opts = Options::new(
+            "x",
+            SPECS,
+            vec![(
+                "token".into(),
+                OptionValue::Env("SLUICE_TEST_SURELY_UNSET".into()),
+            )],
+        )
+        .unwrap();
+        let msg = opts.secret("token").unwrap_err().to_string();
+        assert!(msg.contains("SLUICE_TEST_SURELY_UNSET is not set"), "{msg}");
+    }
+
+    #[test]
+    fn redaction_hides_secret_literals_and_url_passwords() {
+        let opts = Options::new(
+            "x",
+            SPECS,
+            vec![
+                ("url".into(), lit("postgres://bob:hunter2@db/x")),
+                ("token".into(), lit("sk-live-123")),
+            ],
+        )
+        .unwrap();
+        let shown = opts.redacted();
+        assert!(
+            !shown.contains("hunter2") && !shown.contains("sk-live-123"),
+            "{shown}"
+        );
+        assert!(shown.contains("token '***'"), "{shown}");
+        assert_eq!(format!("{:?}", Secret::new("sk")), "Secret(***)");
+    }
+}

@@ -1,0 +1,390 @@
+//! The sluice statement parser: DataFusion's `DFParser` with sluice's statements on top.
+//!
+//! We peek at the first words for our own statements (`CREATE CONNECTION`, `DROP CONNECTION`,
+//! `SHOW CONNECTIONS`) and hand everything else to DataFusion, so all of its SQL keeps working.
+
+use datafusion::error::DataFusionError;
+use datafusion::sql::parser::{DFParser, DFParserBuilder, Statement as DFStatement};
+use datafusion::sql::sqlparser::ast::Ident;
+use datafusion::sql::sqlparser::dialect::GenericDialect;
+use datafusion::sql::sqlparser::keywords::Keyword;
+use datafusion::sql::sqlparser::tokenizer::{Location, Token, Tokenizer};
+
+use crate::error::{Error, Result};
+use crate::options::OptionValue;
+
+/// A statement sluice understands.
+#[derive(Debug, Clone)]
+pub enum Statement {
+    /// `CREATE [OR REPLACE] CONNECTION [IF NOT EXISTS] name TYPE kind [OPTIONS (key value, ...)]`
+    CreateConnection(CreateConnection),
+    /// `DROP CONNECTION [IF EXISTS] name`
+    DropConnection { name: String, if_exists: bool },
+    /// `SHOW CONNECTIONS`
+    ShowConnections,
+    /// Anything DataFusion parses.
+    Sql(Box<DFStatement>),
+}
+
+/// `CREATE CONNECTION`.
+#[derive(Debug, Clone)]
+pub struct CreateConnection {
+    pub name: String,
+    pub kind: String,
+    pub or_replace: bool,
+    pub if_not_exists: bool,
+    pub options: Vec<(String, OptionValue)>,
+}
+
+/// A parsed statement with where it sits in the source text.
+#[derive(Debug, Clone)]
+pub struct ParsedStatement {
+    pub statement: Statement,
+    /// 1-based line of the statement's first token.
+    pub line: u64,
+    /// 1-based column of the statement's first token.
+    pub column: u64,
+    /// The statement's own text, without the trailing `;`.
+    pub text: String,
+}
+
+/// Parses every statement; the first syntax error stops parsing.
+pub fn parse_sql(sql: &str) -> Result<Vec<ParsedStatement>> {
+    let (statements, mut errors) = parse_sql_recovering(sql);
+    if errors.is_empty() {
+        Ok(statements)
+    } else {
+        Err(errors.remove(0))
+    }
+}
+
+/// Parses every statement; after a syntax error skips to the next `;` and carries on, so that
+/// `sluice check` reports every problem in a file.
+pub fn parse_sql_recovering(sql: &str) -> (Vec<ParsedStatement>, Vec<Error>) {
+    let dialect = GenericDialect {};
+    let mut parser = match DFParserBuilder::new(sql).with_dialect(&dialect).build() {
+        Ok(p) => SluiceParser { df: p },
+        Err(e) => return (vec![], vec![parse_error(e)]),
+    };
+    let mut statements = vec![];
+    let mut errors = vec![];
+    loop {
+        while parser.df.parser.consume_token(&Token::SemiColon) {}
+        let start = parser.df.parser.peek_token();
+        if start.token == Token::EOF {
+            break;
+        }
+        match parser.parse_statement() {
+            Ok(statement) => {
+                let next = parser.df.parser.peek_token();
+                if !matches!(next.token, Token::SemiColon | Token::EOF) {
+                    errors.push(located(
+                        format!("expected ';' after the statement, found {}", next.token),
+                        next.span.start,
+                    ));
+                    parser.skip_statement();
+                    continue;
+                }
+                statements.push(ParsedStatement {
+                    statement,
+                    line: start.span.start.line,
+                    column: start.span.start.column,
+                    text: slice(sql, start.span.start, next.span.start)
+                        .trim()
+                        .to_string(),
+                });
+            }
+            Err(mut e) => {
+                if let Error::Parse { line, column, .. } = &mut e
+                    && *line == 0
+                {
+                    (*line, *column) = (start.span.start.line, start.span.start.column);
+                }
+                errors.push(e);
+                parser.skip_statement();
+            }
+        }
+    }
+    (statements, errors)
+}
+
+fn located(message: String, at: Location) -> Error {
+    Error::Parse {
+        message,
+        line: at.line,
+        column: at.column,
+    }
+}
+
+fn parse_error(e: DataFusionError) -> Error {
+    match e {
+        DataFusionError::SQL(p, _) => Error::from(*p),
+        other => {
+            let (message, location) = crate::error::split_location(&other.to_string());
+            let (line, column) = location.unwrap_or((0, 0));
+            Error::Parse {
+                message: message.trim_start_matches("SQL error: ").to_string(),
+                line,
+                column,
+            }
+        }
+    }
+}
+
+struct SluiceParser<'a> {
+    df: DFParser<'a>,
+}
+
+impl SluiceParser<'_> {
+    fn word(&self, n: usize, w: &str) -> bool {
+        matches!(&self.df.parser.peek_nth_token(n).token, Token::Word(word) if word.quote_style.is_none() && word.value.eq_ignore_ascii_case(w))
+    }
+
+    fn skip_statement(&mut self) {
+        loop {
+            let t = self.df.parser.next_token();
+            if matches!(t.token, Token::SemiColon | Token::EOF) {
+                break;
+            }
+        }
+    }
+
+    fn parse_statement(&mut self) -> Result<Statement> {
+        if self.word(0, "CREATE") {
+            let mut n = 1;
+            let or_replace = self.word(1, "OR") && self.word(2, "REPLACE");
+            if or_replace {
+                n = 3;
+            }
+            if self.word(n, "CONNECTION") {
+                for _ in 0..=n {
+                    self.df.parser.next_token();
+                }
+                return self.parse_create_connection(or_replace);
+            }
+        }
+        if self.word(0, "DROP") && self.word(1, "CONNECTION") {
+            self.df.parser.next_token();
+            self.df.parser.next_token();
+            let if_exists = self
+                .df
+                .parser
+                .parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
+            let name = normalize(self.df.parser.parse_identifier()?);
+            return Ok(Statement::DropConnection { name, if_exists });
+        }
+        if self.word(0, "SHOW") && self.word(1, "CONNECTIONS") {
+            self.df.parser.next_token();
+            self.df.parser.next_token();
+            return Ok(Statement::ShowConnections);
+        }
+        let statement = self.df.parse_statement().map_err(parse_error)?;
+        Ok(Statement::Sql(Box::new(statement)))
+    }
+
+    fn parse_create_connection(&mut self, or_replace: bool) -> Result<Statement> {
+        let if_not_exists =
+            self.df
+                .parser
+                .parse_keywords(&[Keyword::IF, Keyword::NOT, Keyword::EXISTS]);
+        let name = normalize(self.df.parser.parse_identifier()?);
+        if !self.df.parser.parse_keyword(Keyword::TYPE) {
+            let found = self.df.parser.peek_token();
+            return Err(located(
+                format!(
+                    "expected TYPE after CREATE CONNECTION {name}, found {}; write CREATE CONNECTION {name} TYPE <kind> OPTIONS (...)",
+                    found.token
+                ),
+                found.span.start,
+            ));
+        }
+        let kind = self.df.parser.parse_identifier()?.value.to_lowercase();
+        let options = if self.df.parser.parse_keyword(Keyword::OPTIONS) {
+            self.parse_options()?
+        } else {
+            vec![]
+        };
+        Ok(Statement::CreateConnection(CreateConnection {
+            name,
+            kind,
+            or_replace,
+            if_not_exists,
+            options,
+        }))
+    }
+
+    /// `( key value [, key value ...] )` where a value is a literal, `env('VAR')` or `file('path')`,
+    /// and `key = value` is accepted too.
+    fn parse_options(&mut self) -> Result<Vec<(String, OptionValue)>> {
+        self.df.parser.expect_token(&Token::LParen)?;
+        let mut options = vec![];
+        if self.df.parser.consume_token(&Token::RParen) {
+            return Ok(options);
+        }
+        loop {
+            let key = self
+                .df
+                .parse_option_key()
+                .map_err(parse_error)?
+                .to_lowercase();
+            let _ = self.df.parser.consume_token(&Token::Eq);
+            let value = self.parse_option_value()?;
+            options.push((key, value));
+            if self.df.parser.consume_token(&Token::RParen) {
+                break;
+            }
+            if !self.df.parser.consume_token(&Token::Comma) {
+                let found = self.df.parser.peek_token();
+                return Err(located(
+                    format!(
+                        "expected ',' or ')' in OPTIONS, found {}; options are written as (key 'value', key env('VAR'))",
+                        found.token
+                    ),
+                    found.span.start,
+                ));
+            }
+        }
+        Ok(options)
+    }
+
+    fn parse_option_value(&mut self) -> Result<OptionValue> {
+        for (function, make) in [
+            ("env", OptionValue::Env as fn(String) -> OptionValue),
+            ("file", OptionValue::File),
+        ] {
+            if self.word(0, function) && self.df.parser.peek_nth_token(1).token == Token::LParen {
+                self.df.parser.next_token();
+                self.df.parser.next_token();
+                let arg = self.df.parser.parse_literal_string()?;
+                self.df.parser.expect_token(&Token::RParen)?;
+                return Ok(make(arg));
+            }
+        }
+        let value = self.df.parse_option_value().map_err(parse_error)?;
+        use datafusion::sql::sqlparser::ast::Value;
+        Ok(OptionValue::Literal(match value {
+            Value::SingleQuotedString(s)
+            | Value::DoubleQuotedString(s)
+            | Value::EscapedStringLiteral(s) => s,
+            Value::Number(n, _) => n,
+            other => other.to_string(),
+        }))
+    }
+}
+
+/// Unquoted identifiers are lowercased, as DataFusion does; quoted ones keep their case.
+pub fn normalize(ident: Ident) -> String {
+    if ident.quote_style.is_some() {
+        ident.value
+    } else {
+        ident.value.to_lowercase()
+    }
+}
+
+/// The text between two token locations.
+fn slice(sql: &str, from: Location, to: Location) -> &str {
+    let start = offset(sql, from).unwrap_or(0);
+    let end = if to.line == 0 {
+        sql.len()
+    } else {
+        offset(sql, to).unwrap_or(sql.len())
+    };
+    &sql[start..end.max(start)]
+}
+
+/// Byte offset of a 1-based (line, column-in-chars) location.
+fn offset(sql: &str, at: Location) -> Option<usize> {
+    let mut line = 1;
+    let mut column = 1;
+    for (i, ch) in sql.char_indices() {
+        if line == at.line && column == at.column {
+            return Some(i);
+        }
+        if ch == '\n' {
+            line += 1;
+            column = 1;
+        } else {
+            column += 1;
+        }
+    }
+    (line == at.line && column == at.column).then_some(sql.len())
+}
+
+/// Where `token` (an identifier or string the user wrote) first appears in `text`, as a 1-based
+/// (line, column) relative to the text. Used to point errors at the token they are about.
+pub fn locate_token(text: &str, token: &str) -> Option<(u64, u64)> {
+    let dialect = GenericDialect {};
+    let tokens = Tokenizer::new(&dialect, text)
+        .tokenize_with_location()
+        .ok()?;
+    let wanted = token.trim_matches('"');
+    tokens.iter().find_map(|t| {
+        let matches = match &t.token {
+            Token::Word(w) => {
+                if w.quote_style.is_some() {
+                    w.value == wanted
+                } else {
+                    w.value.eq_ignore_ascii_case(wanted)
+                }
+            }
+            Token::SingleQuotedString(s) => s == wanted,
+            _ => false,
+        };
+        matches.then_some((t.span.start.line, t.span.start.column))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_connections_and_passes_the_rest_to_datafusion() {
+        let sql = "CREATE CONNECTION Out TYPE file OPTIONS (url 'out/', format = jsonl, token env('T'), key file('k.txt'));\n\
+                   SELECT 1;\nSHOW CONNECTIONS; DROP CONNECTION IF EXISTS out";
+        let parsed = parse_sql(sql).unwrap();
+        assert_eq!(parsed.len(), 4);
+        let Statement::CreateConnection(c) = &parsed[0].statement else {
+            panic!("{:?}", parsed[0])
+        };
+        assert_eq!(c.name, "out");
+        assert_eq!(c.kind, "file");
+        assert_eq!(
+            c.options,
+            vec![
+                ("url".into(), OptionValue::Literal("out/".into())),
+                ("format".into(), OptionValue::Literal("jsonl".into())),
+                ("token".into(), OptionValue::Env("T".into())),
+                ("key".into(), OptionValue::File("k.txt".into())),
+            ]
+        );
+        assert!(matches!(parsed[1].statement, Statement::Sql(_)));
+        assert_eq!((parsed[1].line, parsed[1].column), (2, 1));
+        assert_eq!(parsed[1].text, "SELECT 1");
+        assert!(matches!(parsed[2].statement, Statement::ShowConnections));
+        assert!(matches!(
+            &parsed[3].statement,
+            Statement::DropConnection { name, if_exists: true } if name == "out"
+        ));
+    }
+
+    #[test]
+    fn recovers_after_errors_and_reports_locations() {
+        let sql = "SELECT 1;\nSELEC 2;\nCREATE CONNECTION x file;\nSELECT 3";
+        let (ok, errors) = parse_sql_recovering(sql);
+        assert_eq!(ok.len(), 2);
+        assert_eq!(errors.len(), 2);
+        assert_eq!(errors[0].location(), Some((2, 1)), "{:?}", errors[0]);
+        assert_eq!(errors[1].location(), Some((3, 21)), "{:?}", errors[1]);
+        assert!(errors[1].to_string().contains("expected TYPE"));
+    }
+
+    #[test]
+    fn locates_tokens() {
+        assert_eq!(
+            locate_token("INSERT INTO out.contacts\nSELECT emial FROM t", "emial"),
+            Some((2, 8))
+        );
+        assert_eq!(locate_token("SELECT 1", "nope"), None);
+    }
+}
