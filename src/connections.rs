@@ -76,6 +76,12 @@ impl Connections {
         }
     }
 
+    /// Adds (or replaces) a kind.
+    pub fn add_kind(&mut self, kind: Arc<dyn ConnectorKind>) {
+        self.kinds.retain(|k| k.kind() != kind.kind());
+        self.kinds.push(kind);
+    }
+
     /// Finds a kind by name, or says which kinds exist.
     pub fn kind(&self, kind: &str) -> Result<&Arc<dyn ConnectorKind>> {
         self.kinds

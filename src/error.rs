@@ -129,17 +129,24 @@ pub(crate) fn split_location(message: &str) -> (String, Option<(u64, u64)>) {
 fn describe_datafusion(e: &DataFusionError) -> String {
     let root = e.find_root();
     let (message, _) = split_location(&root.to_string());
+    // One line per problem: `file:line:col: message` is read by people and editors alike.
     let message = message
         .trim_start_matches("Error during planning: ")
         .trim_start_matches("SQL error: ")
         .trim_start_matches("Execution error: ")
-        .to_string();
+        .trim_start_matches("Schema error: ")
+        .trim_start_matches("Arrow error: ")
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ");
     if message.contains("not found") && message.starts_with("table '") {
         format!(
             "{message}; check the name, or list what exists with SHOW TABLES (REPL: \\d) and SHOW CONNECTIONS"
         )
-    } else if message.starts_with("Schema error: No field named") {
-        format!("{message}; DESCRIBE the table to see its columns")
+    } else if message.starts_with("No field named") && !message.contains("Valid fields") {
+        format!("{message} DESCRIBE the table to see its columns")
+    } else if message.starts_with("Cast error") {
+        format!("{message}; fix the value in the source, or use TRY_CAST to turn it into NULL")
     } else {
         message
     }
@@ -155,22 +162,11 @@ fn datafusion_token(e: &DataFusionError) -> Option<String> {
         return name.rsplit('.').next().map(str::to_string);
     }
     if let Some(start) = message.find("No field named ") {
-        let rest = &message[start + 15..];
-        let name: String = rest
-            .trim_start_matches('"')
-            .chars()
-            .take_while(|c| !matches!(c, '"' | '.' | ' ' | ','))
-            .collect();
-        let name = match rest.trim_start_matches('"').split_once('.') {
-            // qualified: t.col -> col
-            Some((_, col)) if !name.is_empty() && rest.starts_with(&name) => col
-                .trim_start_matches('"')
-                .chars()
-                .take_while(|c| !matches!(c, '"' | '.' | ' ' | ','))
-                .collect(),
-            _ => name,
-        };
-        return (!name.is_empty()).then_some(name);
+        // "No field named x." / "No field named t.x." / "No field named \"X\"."
+        let word = message[start + 15..].split_whitespace().next()?;
+        let word = word.trim_end_matches(['.', ',']);
+        let name = word.rsplit('.').next()?.trim_matches('"');
+        return (!name.is_empty()).then(|| name.to_string());
     }
     None
 }

@@ -54,6 +54,25 @@ fn report(source: &str, statement: Option<&ParsedStatement>, error: &Error) {
     eprintln!("{source}:{line}:{column}: {error}");
 }
 
+/// Problems of one file, printed in line order.
+#[derive(Default)]
+struct Problems(Vec<(u64, u64, String)>);
+
+impl Problems {
+    fn add(&mut self, statement: Option<&ParsedStatement>, error: &Error) {
+        let (line, column) = error_position(statement, error);
+        self.0.push((line, column, error.to_string()));
+    }
+
+    fn print(mut self, source: &str) -> usize {
+        self.0.sort_by_key(|(line, column, _)| (*line, *column));
+        for (line, column, message) in &self.0 {
+            eprintln!("{source}:{line}:{column}: {message}");
+        }
+        self.0.len()
+    }
+}
+
 /// Runs every statement of one SQL text; stops at the first error.
 pub async fn run_source(engine: &Engine, source: &str, sql: &str, print: &PrintOptions) -> Status {
     let (statements, errors) = parse_sql_recovering(sql);
@@ -195,17 +214,17 @@ pub async fn check_paths(engine: &Engine, paths: &[PathBuf]) -> Status {
             }
         };
         let (statements, errors) = parse_sql_recovering(&sql);
+        let mut found = Problems::default();
         for e in &errors {
-            report(&source, None, e);
+            found.add(None, e);
         }
-        problems += errors.len();
         for statement in &statements {
             checked += 1;
             if let Err(e) = execute_cancellable(engine, statement, Mode::Check).await {
-                report(&source, Some(statement), &e);
-                problems += 1;
+                found.add(Some(statement), &e);
             }
         }
+        problems += found.print(&source);
     }
     let files_word = if files.len() == 1 { "file" } else { "files" };
     if problems == 0 {

@@ -1,10 +1,12 @@
 //! `DestinationSchema`: a destination connection as a DataFusion schema, resolving `conn.object`
 //! lazily through the destination.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
-use datafusion::catalog::{SchemaProvider, TableProvider};
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::{MemTable, SchemaProvider, TableProvider};
 use datafusion::error::Result;
 
 use super::{Destination, DestinationTable};
@@ -13,11 +15,26 @@ use super::{Destination, DestinationTable};
 #[derive(Debug)]
 pub struct DestinationSchema {
     destination: Arc<dyn Destination>,
+    /// Under `sluice check`: the fields an insert planned earlier in the file would give an
+    /// object that does not hold data yet, so later statements reading it can be planned.
+    planned: Mutex<HashMap<String, SchemaRef>>,
 }
 
 impl DestinationSchema {
     pub fn new(destination: Arc<dyn Destination>) -> Self {
-        Self { destination }
+        Self {
+            destination,
+            planned: Mutex::default(),
+        }
+    }
+
+    /// Records (for `sluice check`) that a planned, unexecuted insert would write `fields` to
+    /// `object`.
+    pub fn plan_object(&self, object: &str, fields: SchemaRef) {
+        self.planned
+            .lock()
+            .expect("planned lock")
+            .insert(object.to_string(), fields);
     }
 }
 
@@ -31,7 +48,14 @@ impl SchemaProvider for DestinationSchema {
         let Some(object) = self.destination.object(name).await? else {
             return Ok(None);
         };
-        let reader = self.destination.reader(&object).await?;
+        let mut reader = self.destination.reader(&object).await?;
+        if reader.is_none()
+            && let Some(fields) = self.planned.lock().expect("planned lock").get(name)
+        {
+            let empty: Arc<dyn TableProvider> =
+                Arc::new(MemTable::try_new(Arc::clone(fields), vec![vec![]])?);
+            reader = Some(empty);
+        }
         Ok(Some(Arc::new(DestinationTable::new(
             Arc::clone(&self.destination),
             object,

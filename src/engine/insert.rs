@@ -16,7 +16,9 @@ use datafusion::logical_expr::dml::InsertOp;
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, cast};
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::planner::object_name_to_table_reference;
-use datafusion::sql::sqlparser::ast::{Insert, Statement as SqlStatement, TableObject};
+use datafusion::sql::sqlparser::ast::{
+    Expr as SqlExpr, Insert, Query, SelectItem, SetExpr, Statement as SqlStatement, TableObject,
+};
 
 use super::{Engine, Planned};
 use crate::destinations::{DestinationTable, WriteReport};
@@ -33,6 +35,9 @@ impl Engine {
             return Ok(None);
         };
         if self.connections.get(schema_name).is_none() {
+            if table_ref.catalog().is_none() && self.catalog.schema(schema_name).is_none() {
+                return Err(self.unknown_connection(schema_name));
+            }
             return Ok(None);
         }
         let provider = self.ctx.table_provider(table_ref.clone()).await?;
@@ -64,6 +69,9 @@ impl Engine {
             ));
         };
 
+        if insert.columns.is_empty() {
+            check_unique_output_names(source, &target)?;
+        }
         let query = self
             .ctx
             .state()
@@ -165,9 +173,12 @@ impl Engine {
         let mapped = LogicalPlanBuilder::from(query).project(exprs)?.build()?;
 
         let report = Arc::new(WriteReport::default());
-        let write_table = table.mapped(
-            Arc::new(mapped.schema().as_arrow().clone()),
-            Arc::clone(&report),
+        let fields = Arc::new(mapped.schema().as_arrow().clone());
+        let write_table = table.mapped(Arc::clone(&fields), Arc::clone(&report));
+        let writes = (
+            table.connection().to_string(),
+            table.object().name.clone(),
+            fields,
         );
         let plan: LogicalPlan = LogicalPlanBuilder::insert_into(
             mapped,
@@ -179,6 +190,38 @@ impl Engine {
         Ok(Some(Planned {
             plan,
             report: Some(report),
+            writes: Some(writes),
         }))
     }
+}
+
+/// `SELECT email, name AS email` maps one field twice. DataFusion rejects such a query with a
+/// message about ambiguous names; say what it means for a sync instead.
+fn check_unique_output_names(query: &Query, target: &str) -> Result<()> {
+    let SetExpr::Select(select) = query.body.as_ref() else {
+        return Ok(());
+    };
+    let mut seen = HashSet::new();
+    for item in &select.projection {
+        let name = match item {
+            SelectItem::ExprWithAlias { alias, .. } => crate::parser::normalize(alias.clone()),
+            SelectItem::UnnamedExpr(SqlExpr::Identifier(ident)) => {
+                crate::parser::normalize(ident.clone())
+            }
+            SelectItem::UnnamedExpr(SqlExpr::CompoundIdentifier(parts)) => match parts.last() {
+                Some(ident) => crate::parser::normalize(ident.clone()),
+                None => continue,
+            },
+            _ => continue,
+        };
+        if !seen.insert(name.clone()) {
+            return Err(Error::plan(
+                format!(
+                    "INSERT INTO {target} maps field '{name}' more than once; map each field once"
+                ),
+                name,
+            ));
+        }
+    }
+    Ok(())
 }

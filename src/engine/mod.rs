@@ -9,11 +9,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use datafusion::arrow::array::{ArrayRef, StringArray, UInt64Array};
-use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::catalog::CatalogProvider;
 use datafusion::datasource::source_as_provider;
 use datafusion::execution::SessionStateBuilder;
+use datafusion::execution::cache::cache_manager::CacheManagerConfig;
 use datafusion::execution::runtime_env::RuntimeEnvBuilder;
 use datafusion::logical_expr::{DdlStatement, LogicalPlan, LogicalPlanBuilder, WriteOp};
 use datafusion::physical_plan::{ExecutionPlan, collect};
@@ -24,7 +25,7 @@ use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 pub use outcome::{Outcome, WriteSummary, format_duration};
 
 use crate::connections::{ConnectContext, ConnectionInfo, Connections, kinds};
-use crate::destinations::{DestinationTable, WriteReport};
+use crate::destinations::{DestinationSchema, DestinationTable, WriteReport};
 use crate::error::{Error, Result, did_you_mean};
 use crate::object_stores::EnvObjectStoreRegistry;
 use crate::parser::{CreateConnection, ParsedStatement, Statement, parse_sql};
@@ -42,6 +43,9 @@ pub enum Mode {
 /// A DataFusion session with sluice's statements, connections and destinations.
 pub struct Engine {
     ctx: SessionContext,
+    /// The default catalog itself (the context's view of it is wrapped by `enable_url_table`,
+    /// which cannot deregister schemas).
+    catalog: Arc<dyn CatalogProvider>,
     connections: Connections,
 }
 
@@ -50,14 +54,19 @@ pub(crate) struct Planned {
     plan: LogicalPlan,
     /// For writes into a destination: where the sink reports what it did.
     report: Option<Arc<WriteReport>>,
+    /// For writes into a destination: (connection, object, mapped fields).
+    writes: Option<(String, String, SchemaRef)>,
 }
 
 impl Engine {
     /// A new session with every connection kind sluice has and object stores configured from
     /// the environment.
     pub fn new() -> Result<Self> {
+        // No list-files cache: its default TTL is infinite, so a file destination read after a
+        // write (or a source folder that gained files) would silently miss the new files.
         let runtime = RuntimeEnvBuilder::new()
             .with_object_store_registry(Arc::new(EnvObjectStoreRegistry::new()))
+            .with_cache_manager(CacheManagerConfig::default().with_list_files_cache_limit(0))
             .build_arc()?;
         let config = SessionConfig::new()
             .with_information_schema(true)
@@ -67,11 +76,30 @@ impl Engine {
             .with_runtime_env(runtime)
             .with_default_features()
             .build();
-        let ctx = SessionContext::new_with_state(state).enable_url_table();
+        let ctx = SessionContext::new_with_state(state);
+        let catalog_name = ctx
+            .state()
+            .config()
+            .options()
+            .catalog
+            .default_catalog
+            .clone();
+        let catalog = ctx.catalog(&catalog_name).ok_or_else(|| {
+            Error::plan(
+                format!("default catalog '{catalog_name}' is missing"),
+                catalog_name,
+            )
+        })?;
         Ok(Self {
-            ctx,
+            ctx: ctx.enable_url_table(),
+            catalog,
             connections: Connections::new(kinds()),
         })
+    }
+
+    /// Adds a connection kind (a destination or source type) to this session.
+    pub fn register_kind(&mut self, kind: Arc<dyn crate::connections::ConnectorKind>) {
+        self.connections.add_kind(kind);
     }
 
     /// The underlying DataFusion context (to register tables or functions from Rust).
@@ -105,17 +133,7 @@ impl Engine {
     }
 
     fn catalog(&self) -> Result<Arc<dyn CatalogProvider>> {
-        let name = self
-            .ctx
-            .state()
-            .config()
-            .options()
-            .catalog
-            .default_catalog
-            .clone();
-        self.ctx
-            .catalog(&name)
-            .ok_or_else(|| Error::plan(format!("default catalog '{name}' is missing"), name))
+        Ok(Arc::clone(&self.catalog))
     }
 
     fn create_connection(&self, create: &CreateConnection) -> Result<Outcome> {
@@ -236,6 +254,7 @@ impl Engine {
                     return Ok(Planned {
                         plan,
                         report: planned.report,
+                        writes: None,
                     });
                 }
             }
@@ -247,7 +266,11 @@ impl Engine {
             .statement_to_plan(statement.clone())
             .await?;
         self.refuse_unsupported_destination_dml(&plan)?;
-        Ok(Planned { plan, report: None })
+        Ok(Planned {
+            plan,
+            report: None,
+            writes: None,
+        })
     }
 
     /// DELETE / UPDATE / MERGE / TRUNCATE on a destination object are not planned here (yet):
@@ -262,7 +285,7 @@ impl Engine {
                 return Err(Error::plan(
                     format!(
                         "{} on {} is not supported by this destination; it accepts INSERT INTO",
-                        dml.op.name(),
+                        dml.op.name().to_uppercase(),
                         dml.table_name
                     ),
                     table.object().name.clone(),
@@ -274,11 +297,21 @@ impl Engine {
 
     async fn execute_sql(&self, statement: &DFStatement, mode: Mode) -> Result<Outcome> {
         let started = Instant::now();
-        let Planned { plan, report } = self.plan(statement).await?;
+        let Planned {
+            plan,
+            report,
+            writes,
+        } = self.plan(statement).await?;
         let session_change = matches!(plan, LogicalPlan::Ddl(_) | LogicalPlan::Statement(_));
         if mode == Mode::Check && !session_change {
             // Physical planning validates the whole statement; DML hooks only build plans.
             self.ctx.state().create_physical_plan(&plan).await?;
+            if let Some((connection, object, fields)) = writes
+                && let Some(schema) = self.catalog.schema(&connection)
+                && let Some(destination) = schema.downcast_ref::<DestinationSchema>()
+            {
+                destination.plan_object(&object, fields);
+            }
             return Ok(Outcome::Checked);
         }
         if session_change {

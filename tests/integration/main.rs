@@ -1,1 +1,8 @@
+//! The one integration test binary: every integration test module compiles into it.
 
+mod cli;
+mod file_destination;
+mod repl;
+mod slt;
+mod sql_examples;
+mod support;

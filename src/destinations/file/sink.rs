@@ -74,7 +74,7 @@ impl DisplayAs for FileSink {
             "FileSink: connection={} object={} folder={} format={} fields=[{}]",
             self.connection,
             self.object,
-            self.folder,
+            display_folder(&self.folder),
             self.format,
             fields.join(", ")
         )
@@ -144,15 +144,14 @@ impl DataSink for FileSink {
     }
 }
 
-/// A local folder as a path, anything else as its URL.
+/// A local folder as a path, anything else as its URL with any password masked.
 pub(crate) fn display_folder(url: &ListingTableUrl) -> String {
-    if url.scheme() == "file" {
-        url::Url::parse(url.as_str())
+    if url.scheme() == "file"
+        && let Some(path) = url::Url::parse(url.as_str())
             .ok()
             .and_then(|u| u.to_file_path().ok())
-            .map(|p| format!("{}/", p.display().to_string().trim_end_matches('/')))
-            .unwrap_or_else(|| url.to_string())
-    } else {
-        url.to_string()
+    {
+        return format!("{}/", path.display().to_string().trim_end_matches('/'));
     }
+    crate::options::redact_url_password(url.as_str())
 }

@@ -1,0 +1,115 @@
+//! The sqllogictest harness: runs every `tests/slt/*.slt` file against a fresh engine.
+//!
+//! `__TMP__` in a statement is replaced by a scratch directory of the file's own, and statements
+//! run with the repository root as the working directory (so `sql_examples/data/...` resolves).
+
+use std::path::PathBuf;
+
+use datafusion::arrow::datatypes::DataType;
+use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
+use sluice::{Engine, Outcome};
+use sqllogictest::{DBOutput, DefaultColumnType};
+
+struct SluiceDb {
+    engine: Engine,
+    tmp: tempfile::TempDir,
+}
+
+#[async_trait::async_trait]
+impl sqllogictest::AsyncDB for SluiceDb {
+    type Error = sluice::Error;
+    type ColumnType = DefaultColumnType;
+
+    async fn run(&mut self, sql: &str) -> Result<DBOutput<DefaultColumnType>, sluice::Error> {
+        let sql = sql.replace("__TMP__", &self.tmp.path().display().to_string());
+        let mut outcomes = self.engine.run_sql(&sql).await?;
+        let Some(last) = outcomes.pop() else {
+            return Ok(DBOutput::StatementComplete(0));
+        };
+        Ok(match last {
+            Outcome::Rows { schema, batches } => {
+                let types = schema
+                    .fields()
+                    .iter()
+                    .map(|f| column_type(f.data_type()))
+                    .collect();
+                let options = FormatOptions::default().with_null("NULL");
+                let mut rows = vec![];
+                for batch in &batches {
+                    let formatters: Vec<_> = batch
+                        .columns()
+                        .iter()
+                        .map(|c| ArrayFormatter::try_new(c.as_ref(), &options))
+                        .collect::<Result<_, _>>()?;
+                    for row in 0..batch.num_rows() {
+                        rows.push(
+                            formatters
+                                .iter()
+                                .map(|f| {
+                                    let v = f.value(row).to_string();
+                                    if v.is_empty() {
+                                        "(empty)".to_string()
+                                    } else {
+                                        v
+                                    }
+                                })
+                                .collect(),
+                        );
+                    }
+                }
+                DBOutput::Rows { types, rows }
+            }
+            Outcome::Write(summary) => DBOutput::StatementComplete(summary.rows_written),
+            Outcome::Done(_) | Outcome::Checked => DBOutput::StatementComplete(0),
+        })
+    }
+
+    async fn shutdown(&mut self) {}
+
+    fn engine_name(&self) -> &str {
+        "sluice"
+    }
+
+    async fn sleep(dur: std::time::Duration) {
+        tokio::time::sleep(dur).await;
+    }
+}
+
+fn column_type(t: &DataType) -> DefaultColumnType {
+    match t {
+        t if t.is_integer() => DefaultColumnType::Integer,
+        t if t.is_floating()
+            || matches!(t, DataType::Decimal128(..) | DataType::Decimal256(..)) =>
+        {
+            DefaultColumnType::FloatingPoint
+        }
+        DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => DefaultColumnType::Text,
+        _ => DefaultColumnType::Any,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqllogictest_files() {
+    let dir = super::support::repo_root().join("tests/slt");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .expect("tests/slt")
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "slt"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no .slt files in {}", dir.display());
+    let mut failures = vec![];
+    for file in &files {
+        let mut runner = sqllogictest::Runner::new(|| async {
+            Ok(SluiceDb {
+                engine: Engine::new()?,
+                tmp: tempfile::tempdir().expect("tempdir"),
+            })
+        });
+        if let Err(e) = runner.run_file_async(file).await {
+            failures.push(format!("{}:\n{e}", file.display()));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
