@@ -1,0 +1,71 @@
+//! Shared bench helpers: run the real `sluice` binary and measure it from outside (wall time,
+//! CPU seconds and peak RSS of that process alone, via `wait4`).
+
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// What one measured process used.
+#[derive(Debug, Clone, Copy)]
+pub struct Usage {
+    pub wall: Duration,
+    /// user + system CPU time.
+    pub cpu: Duration,
+    pub peak_rss_bytes: u64,
+}
+
+/// `--quick` (or `SLUICE_BENCH_QUICK=1`): a small run that proves the bench works (CI).
+pub fn quick() -> bool {
+    std::env::args().any(|a| a == "--quick") || std::env::var_os("SLUICE_BENCH_QUICK").is_some()
+}
+
+/// The sluice binary built for this bench.
+pub fn sluice_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_sluice")
+}
+
+/// Runs `sluice args...` in `dir`, panicking on failure, and measures it.
+pub fn run_sluice(dir: &Path, args: &[&str]) -> (Usage, String) {
+    let mut cmd = Command::new(sluice_bin());
+    cmd.current_dir(dir).args(args);
+    measure(cmd)
+}
+
+/// Runs a command to completion and measures it with `wait4`.
+pub fn measure(mut cmd: Command) -> (Usage, String) {
+    let started = Instant::now();
+    let child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn");
+    let pid = child.id() as libc::pid_t;
+    let mut stdout = child.stdout.expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        std::io::Read::read_to_string(&mut stdout, &mut s).ok();
+        s
+    });
+    let mut status = 0;
+    // SAFETY: `rusage` is plain data that wait4 fills in; `pid` is our own child.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    let wall = started.elapsed();
+    assert_eq!(waited, pid, "wait4 failed");
+    let output = reader.join().unwrap_or_default();
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "command failed with status {status}: {cmd:?}\n{output}"
+    );
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    (
+        Usage {
+            wall,
+            cpu: tv(usage.ru_utime) + tv(usage.ru_stime),
+            peak_rss_bytes: usage.ru_maxrss as u64 * 1024,
+        },
+        output,
+    )
+}
