@@ -40,13 +40,29 @@ FROM model;
     // Prove the real path ran: the destination holds every row.
     let (_, count) = common::run_sluice(
         dir,
-        &["-q", "--format", "csv", "-c", "SELECT count(*) AS n FROM 'out/contacts/'"],
+        &[
+            "-q",
+            "--format",
+            "csv",
+            "-c",
+            "SELECT count(*) AS n FROM 'out/contacts/'",
+        ],
     );
-    let written: u64 = count.lines().nth(1).and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+    let written: u64 = count
+        .lines()
+        .nth(1)
+        .and_then(|l| l.trim().parse().ok())
+        .unwrap_or(0);
     assert_eq!(written, rows, "destination row count\n{summary}");
 
     let secs = usage.wall.as_secs_f64();
-    println!("file_sync: {}", summary.lines().find(|l| l.starts_with("INSERT")).unwrap_or(""));
+    println!(
+        "file_sync: {}",
+        summary
+            .lines()
+            .find(|l| l.starts_with("INSERT"))
+            .unwrap_or("")
+    );
     println!(
         "file_sync: {rows} rows Parquet -> file(parquet) in {secs:.3} s = {:.0} rows/s (target >= 2,000,000); \
          peak RSS {:.1} MB (target <= 300); CPU {:.2} s user+sys",

@@ -41,7 +41,10 @@ pub trait ConnectorKind: Send + Sync + 'static {
 
 /// Every connection kind sluice has.
 pub fn kinds() -> Vec<Arc<dyn ConnectorKind>> {
-    vec![Arc::new(destinations::file::FileConnector)]
+    vec![
+        Arc::new(destinations::file::FileConnector),
+        Arc::new(destinations::webhook::WebhookConnector),
+    ]
 }
 
 /// A live connection, as `SHOW CONNECTIONS` lists it.

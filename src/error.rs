@@ -136,6 +136,7 @@ fn describe_datafusion(e: &DataFusionError) -> String {
         .trim_start_matches("Execution error: ")
         .trim_start_matches("Schema error: ")
         .trim_start_matches("Arrow error: ")
+        .trim_start_matches("External error: ")
         .split_whitespace()
         .collect::<Vec<_>>()
         .join(" ");

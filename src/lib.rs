@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod connections;
+pub mod delivery;
 pub mod destinations;
 pub mod engine;
 pub mod error;

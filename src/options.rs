@@ -61,7 +61,8 @@ impl fmt::Debug for Secret {
     }
 }
 
-/// The documentation of one option a connection kind accepts.
+/// The documentation of one option a connection kind accepts. A key ending in `.*` (such as
+/// `header.*`) accepts any key with that prefix.
 #[derive(Debug, Clone, Copy)]
 pub struct OptionSpec {
     pub key: &'static str,
@@ -69,6 +70,15 @@ pub struct OptionSpec {
     pub doc: &'static str,
     /// A secret option's literal value is never shown.
     pub secret: bool,
+}
+
+impl OptionSpec {
+    fn matches(&self, key: &str) -> bool {
+        match self.key.strip_suffix('*') {
+            Some(prefix) => key.starts_with(prefix) && key.len() > prefix.len(),
+            None => self.key == key,
+        }
+    }
 }
 
 /// The options of one `CREATE CONNECTION`, consumed key by key by the connection kind.
@@ -89,7 +99,7 @@ impl Options {
     ) -> Result<Self> {
         let mut seen = std::collections::HashSet::new();
         for (key, _) in &given {
-            if !specs.iter().any(|s| s.key == key) {
+            if !specs.iter().any(|s| s.matches(key)) {
                 let valid: Vec<&str> = specs.iter().map(|s| s.key).collect();
                 return Err(Error::Option {
                     key: key.clone(),
@@ -180,7 +190,17 @@ impl Options {
     }
 
     fn spec(&self, key: &str) -> Option<&OptionSpec> {
-        self.specs.iter().find(|s| s.key == key)
+        self.specs.iter().find(|s| s.matches(key))
+    }
+
+    /// Every option whose key starts with `prefix` (a `prefix*` spec), as (rest of key, value).
+    /// Values are treated as secrets.
+    pub fn prefixed(&self, prefix: &str) -> Result<Vec<(String, Secret)>> {
+        self.given
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(prefix).map(|rest| (k, rest, v)))
+            .map(|(k, rest, v)| Ok((rest.to_string(), Secret(self.resolve(k, v)?))))
+            .collect()
     }
 
     /// The options as they can be shown to anyone: `env()`/`file()` references as written, secret
@@ -202,6 +222,29 @@ impl Options {
             .collect::<Vec<_>>()
             .join(", ")
     }
+}
+
+/// `'30s'`, `'500ms'`, `'5m'`, `'1h'`, or a plain number of seconds (`'2.5'`).
+pub fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, String> {
+    let s = s.trim();
+    let (number, unit) = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .map(|i| (&s[..i], s[i..].trim()))
+        .unwrap_or((s, ""));
+    let value: f64 = number
+        .parse()
+        .map_err(|_| "write a duration such as '30s', '500ms' or '5m'".to_string())?;
+    let seconds = match unit {
+        "" | "s" | "sec" | "secs" | "second" | "seconds" => value,
+        "ms" => value / 1000.0,
+        "m" | "min" | "mins" | "minute" | "minutes" => value * 60.0,
+        "h" | "hour" | "hours" => value * 3600.0,
+        other => return Err(format!("unknown unit '{other}'; use ms, s, m or h")),
+    };
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err("a duration must be positive".into());
+    }
+    Ok(std::time::Duration::from_secs_f64(seconds))
 }
 
 /// `scheme://user:password@host/...` → `scheme://user:***@host/...`; anything else unchanged.
@@ -269,6 +312,31 @@ mod tests {
         .unwrap();
         let msg = opts.secret("token").unwrap_err().to_string();
         assert!(msg.contains("SLUICE_TEST_SURELY_UNSET is not set"), "{msg}");
+    }
+
+    #[test]
+    fn durations() {
+        use std::time::Duration;
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
+        assert!(parse_duration("5 parsecs").is_err());
+    }
+
+    #[test]
+    fn prefixed_options() {
+        const P: &[OptionSpec] = &[OptionSpec {
+            key: "header.*",
+            doc: "",
+            secret: true,
+        }];
+        let opts = Options::new("x", P, vec![("header.x-team".into(), lit("growth"))]).unwrap();
+        let headers = opts.prefixed("header.").unwrap();
+        assert_eq!(headers[0].0, "x-team");
+        assert_eq!(headers[0].1.expose(), "growth");
+        assert_eq!(opts.redacted(), "header.x-team '***'");
+        assert!(Options::new("x", P, vec![("header.".into(), lit("a"))]).is_err());
     }
 
     #[test]

@@ -13,6 +13,7 @@
 pub mod file;
 mod schema;
 mod table;
+pub mod webhook;
 
 use std::fmt::Debug;
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,8 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::TableProvider;
 use datafusion::datasource::sink::DataSink;
 
+use crate::delivery::Rejected;
+use crate::delivery::metrics::DeliveryStats;
 use crate::error::Result;
 
 pub use schema::DestinationSchema;
@@ -69,6 +72,8 @@ pub trait Destination: Debug + Send + Sync + 'static {
 #[derive(Debug, Default)]
 pub struct WriteReport {
     locations: Mutex<Vec<String>>,
+    delivery: Mutex<Option<DeliveryStats>>,
+    rejects: Mutex<Vec<Rejected>>,
 }
 
 impl WriteReport {
@@ -82,5 +87,24 @@ impl WriteReport {
 
     pub fn locations(&self) -> Vec<String> {
         self.locations.lock().expect("report lock").clone()
+    }
+
+    /// Records what an HTTP delivery did (requests, retries, 429s, bytes, latency).
+    pub fn set_delivery(&self, stats: DeliveryStats) {
+        *self.delivery.lock().expect("report lock") = Some(stats);
+    }
+
+    pub fn delivery(&self) -> Option<DeliveryStats> {
+        *self.delivery.lock().expect("report lock")
+    }
+
+    /// Keeps records the destination refused.
+    pub fn add_rejects(&self, rejects: Vec<Rejected>) {
+        self.rejects.lock().expect("report lock").extend(rejects);
+    }
+
+    /// The rejected records, leaving the report's list empty.
+    pub fn take_rejects(&self) -> Vec<Rejected> {
+        std::mem::take(&mut *self.rejects.lock().expect("report lock"))
     }
 }

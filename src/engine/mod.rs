@@ -4,6 +4,7 @@
 
 mod insert;
 mod outcome;
+mod rejects;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -11,7 +12,7 @@ use std::time::Instant;
 use datafusion::arrow::array::{ArrayRef, StringArray, UInt64Array};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::catalog::CatalogProvider;
+use datafusion::catalog::{CatalogProvider, MemorySchemaProvider};
 use datafusion::datasource::source_as_provider;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::cache::cache_manager::CacheManagerConfig;
@@ -47,6 +48,7 @@ pub struct Engine {
     /// which cannot deregister schemas).
     catalog: Arc<dyn CatalogProvider>,
     connections: Connections,
+    rejects: rejects::RejectLog,
 }
 
 /// A statement planned and ready to execute.
@@ -90,10 +92,13 @@ impl Engine {
                 catalog_name,
             )
         })?;
+        let sluice_schema = Arc::new(MemorySchemaProvider::new());
+        catalog.register_schema(rejects::SCHEMA, Arc::clone(&sluice_schema) as _)?;
         Ok(Self {
             ctx: ctx.enable_url_table(),
             catalog,
             connections: Connections::new(kinds()),
+            rejects: rejects::RejectLog::new(sluice_schema)?,
         })
     }
 
@@ -336,18 +341,25 @@ impl Engine {
             .filter_map(|b| b.column(0).as_any().downcast_ref::<UInt64Array>())
             .map(|a| a.iter().flatten().sum::<u64>())
             .sum();
-        let mut locations = report.map(|r| r.locations()).unwrap_or_default();
+        let mut locations = report.as_ref().map(|r| r.locations()).unwrap_or_default();
         if verb == "COPY" {
             locations.push(target.clone());
         }
+        let rejects = report
+            .as_ref()
+            .map(|r| r.take_rejects())
+            .unwrap_or_default();
+        self.rejects.record(&target, &rejects)?;
         Ok(Outcome::Write(WriteSummary {
             verb,
             target,
             rows_read: rows_read(&physical),
             rows_written,
-            rows_rejected: 0,
+            rows_rejected: rejects.len() as u64,
             locations,
             elapsed: started.elapsed(),
+            delivery: report.as_ref().and_then(|r| r.delivery()),
+            rejects,
         }))
     }
 

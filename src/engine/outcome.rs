@@ -6,6 +6,9 @@ use std::time::Duration;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 
+use crate::delivery::Rejected;
+use crate::delivery::metrics::DeliveryStats;
+
 /// The result of one statement.
 #[derive(Debug)]
 pub enum Outcome {
@@ -48,6 +51,10 @@ pub struct WriteSummary {
     /// Where the rows went (files, endpoints).
     pub locations: Vec<String>,
     pub elapsed: Duration,
+    /// For HTTP destinations: requests, retries, 429s, bytes and latency.
+    pub delivery: Option<DeliveryStats>,
+    /// The records the destination refused (also in `sluice.rejects`).
+    pub rejects: Vec<Rejected>,
 }
 
 impl fmt::Display for WriteSummary {
@@ -70,9 +77,42 @@ impl fmt::Display for WriteSummary {
             [one] => write!(f, " to {one}")?,
             many => write!(f, " to {} locations", many.len())?,
         }
-        write!(f, " in {}", format_duration(self.elapsed))
+        write!(f, " in {}", format_duration(self.elapsed))?;
+        if let Some(delivery) = &self.delivery {
+            write!(f, "; {delivery}")?;
+        }
+        // A few rejects inline; all of them are in sluice.rejects.
+        for r in self.rejects.iter().take(MAX_REJECTS_SHOWN) {
+            write!(
+                f,
+                "\n  rejected {}: {}: {}",
+                r.key
+                    .as_deref()
+                    .map(|k| format!("key {k}"))
+                    .unwrap_or_else(|| "a record".into()),
+                r.code,
+                r.message
+            )?;
+        }
+        if self.rejects.len() > MAX_REJECTS_SHOWN {
+            write!(
+                f,
+                "\n  … and {} more",
+                self.rejects.len() - MAX_REJECTS_SHOWN
+            )?;
+        }
+        if !self.rejects.is_empty() {
+            write!(
+                f,
+                "\n  (SELECT * FROM sluice.rejects lists every rejected record with its payload)"
+            )?;
+        }
+        Ok(())
     }
 }
+
+/// Rejected records printed under a summary.
+const MAX_REJECTS_SHOWN: usize = 5;
 
 fn plural(n: u64) -> &'static str {
     if n == 1 { "" } else { "s" }

@@ -1,0 +1,160 @@
+//! Records and batches: records are pre-encoded JSON objects; batches close on a record count
+//! or a byte budget, whichever comes first.
+
+use bytes::Bytes;
+
+/// One record to deliver.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// The value of the record's key field, if the object has one (for rejects and deletes).
+    pub key: Option<String>,
+    /// The record as a JSON object.
+    pub json: Bytes,
+}
+
+/// A request's worth of records.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Sequence number of the batch within the statement (1-based).
+    pub seq: u64,
+    /// 0 for the batch as first sent; n for the n-th subset re-sent after a partial failure.
+    pub part: u32,
+    /// Stable across retries of the same request: the basis of the idempotency key.
+    pub id: String,
+    pub records: Vec<Record>,
+    /// Sum of the records' JSON sizes.
+    pub bytes: usize,
+}
+
+impl Batch {
+    /// The idempotency key of this request: the same for every retry of it, different for a
+    /// subset re-sent after a partial failure (whose content differs).
+    pub fn idempotency_key(&self) -> String {
+        if self.part == 0 {
+            self.id.clone()
+        } else {
+            format!("{}.{}", self.id, self.part)
+        }
+    }
+
+    /// The records at `indexes`, as the next part of this batch.
+    pub fn subset(&self, indexes: &[usize], part: u32) -> Batch {
+        let records: Vec<Record> = indexes
+            .iter()
+            .filter_map(|&i| self.records.get(i).cloned())
+            .collect();
+        Batch {
+            seq: self.seq,
+            part,
+            id: self.id.clone(),
+            bytes: records.iter().map(|r| r.json.len()).sum(),
+            records,
+        }
+    }
+}
+
+/// Groups records into batches of at most `max_records` records and `max_bytes` bytes.
+#[derive(Debug)]
+pub struct Batcher {
+    run_id: String,
+    max_records: usize,
+    max_bytes: usize,
+    seq: u64,
+    records: Vec<Record>,
+    bytes: usize,
+}
+
+impl Batcher {
+    pub fn new(run_id: &str, max_records: usize, max_bytes: usize) -> Self {
+        Self {
+            run_id: run_id.to_string(),
+            max_records: max_records.max(1),
+            max_bytes: max_bytes.max(1),
+            seq: 0,
+            records: Vec::with_capacity(max_records.max(1)),
+            bytes: 0,
+        }
+    }
+
+    /// Adds a record; returns a full batch when this record closes one. A record larger than
+    /// the byte budget travels alone.
+    pub fn push(&mut self, record: Record) -> Option<Batch> {
+        let size = record.json.len();
+        let mut full = None;
+        if !self.records.is_empty() && self.bytes + size > self.max_bytes {
+            full = self.take();
+        }
+        self.bytes += size;
+        self.records.push(record);
+        if self.records.len() >= self.max_records {
+            debug_assert!(full.is_none());
+            return self.take();
+        }
+        full
+    }
+
+    /// The last, partial batch.
+    pub fn finish(&mut self) -> Option<Batch> {
+        self.take()
+    }
+
+    fn take(&mut self) -> Option<Batch> {
+        if self.records.is_empty() {
+            return None;
+        }
+        self.seq += 1;
+        let records = std::mem::replace(&mut self.records, Vec::with_capacity(self.max_records));
+        let bytes = std::mem::take(&mut self.bytes);
+        Some(Batch {
+            seq: self.seq,
+            part: 0,
+            id: format!("{}-{:06}", self.run_id, self.seq),
+            records,
+            bytes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(n: usize) -> Record {
+        Record {
+            key: None,
+            json: Bytes::from(vec![b'x'; n]),
+        }
+    }
+
+    #[test]
+    fn closes_on_count_and_on_bytes() {
+        let mut b = Batcher::new("run", 3, 100);
+        assert!(b.push(record(10)).is_none());
+        assert!(b.push(record(10)).is_none());
+        let full = b.push(record(10)).unwrap();
+        assert_eq!((full.seq, full.records.len(), full.bytes), (1, 3, 30));
+        assert!(b.push(record(60)).is_none());
+        let by_bytes = b.push(record(60)).unwrap();
+        assert_eq!(
+            by_bytes.records.len(),
+            1,
+            "the 60+60 would exceed 100 bytes"
+        );
+        let last = b.finish().unwrap();
+        assert_eq!((last.seq, last.records.len()), (3, 1));
+        assert!(b.finish().is_none());
+    }
+
+    #[test]
+    fn idempotency_keys_are_stable_per_request() {
+        let mut b = Batcher::new("run-1", 2, 1000);
+        b.push(record(1));
+        let batch = b.push(record(1)).unwrap();
+        assert_eq!(batch.idempotency_key(), "run-1-000001");
+        let again = batch.clone();
+        assert_eq!(again.idempotency_key(), batch.idempotency_key());
+        let part = batch.subset(&[1], 1);
+        assert_eq!(part.idempotency_key(), "run-1-000001.1");
+        assert_eq!(part.records.len(), 1);
+    }
+}

@@ -1,0 +1,228 @@
+//! The adaptive rate limiter one connection shares across every statement that uses it.
+//!
+//! Three signals pace requests:
+//! - a token-bucket pace (GCRA) at the current rate: the configured `rate_limit`, or unpaced;
+//! - the destination's window headers (`X-RateLimit-Remaining` / `-Reset`): when the window is
+//!   spent, wait for it to reset, then probe one request at a time until a response reports again;
+//! - 429 / `Retry-After`: pause everyone for as long as told and, without window headers to go by,
+//!   halve the rate (multiplicative decrease); every success adds back a step (additive increase)
+//!   up to the configured rate.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::retry::RateWindow;
+
+/// The slowest the limiter backs off to.
+const MIN_RATE: f64 = 0.1;
+/// An unconfigured limiter that climbs back past this rate stops pacing.
+const UNPACED_ABOVE: f64 = 10_000.0;
+/// How long a probe may go unanswered before another probe goes.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A per-connection, adaptive limiter. See the module docs.
+#[derive(Debug)]
+pub struct AdaptiveLimiter {
+    configured: Option<f64>,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    rate: Option<f64>,
+    next_slot: Instant,
+    paused_until: Option<Instant>,
+    window: Option<Window>,
+    in_flight: u64,
+    recent: VecDeque<Instant>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Window {
+    remaining: u64,
+    granted: u64,
+    reset_at: Instant,
+}
+
+impl AdaptiveLimiter {
+    /// `rate`: requests per second at most, or `None` for no configured limit.
+    pub fn new(rate: Option<f64>) -> Self {
+        Self {
+            configured: rate,
+            state: Mutex::new(State {
+                rate,
+                next_slot: Instant::now(),
+                paused_until: None,
+                window: None,
+                in_flight: 0,
+                recent: VecDeque::with_capacity(32),
+            }),
+        }
+    }
+
+    /// The rate currently paced at (requests/s), `None` when unpaced.
+    pub fn current_rate(&self) -> Option<f64> {
+        self.lock().rate
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().expect("limiter lock")
+    }
+
+    /// Waits until a request may go. Pair every call with [`AdaptiveLimiter::finish`].
+    pub async fn acquire(&self) {
+        loop {
+            let wait = {
+                let mut s = self.lock();
+                let now = Instant::now();
+                let mut until = now;
+                match s.paused_until {
+                    Some(p) if p > now => until = until.max(p),
+                    Some(_) => s.paused_until = None,
+                    None => {}
+                }
+                if let Some(w) = &mut s.window
+                    && w.granted >= w.remaining
+                {
+                    if w.reset_at > now {
+                        until = until.max(w.reset_at);
+                    } else {
+                        // The window has reset: probe with one request until a response reports.
+                        *w = Window {
+                            remaining: 1,
+                            granted: 0,
+                            reset_at: now + PROBE_TIMEOUT,
+                        };
+                    }
+                }
+                if s.rate.is_some() {
+                    until = until.max(s.next_slot);
+                }
+                if until <= now {
+                    if let Some(rate) = s.rate {
+                        s.next_slot = s.next_slot.max(now) + Duration::from_secs_f64(1.0 / rate);
+                    }
+                    if let Some(w) = &mut s.window {
+                        w.granted += 1;
+                    }
+                    s.in_flight += 1;
+                    if s.recent.len() == 32 {
+                        s.recent.pop_front();
+                    }
+                    s.recent.push_back(now);
+                    return;
+                }
+                until - now
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// A request granted by [`AdaptiveLimiter::acquire`] has completed.
+    pub fn finish(&self) {
+        let mut s = self.lock();
+        s.in_flight = s.in_flight.saturating_sub(1);
+    }
+
+    /// The destination reported its window. Requests still in flight count against it.
+    pub fn observe_window(&self, window: RateWindow) {
+        let mut s = self.lock();
+        let granted = s.in_flight.saturating_sub(1);
+        s.window = Some(Window {
+            remaining: window.remaining,
+            granted,
+            reset_at: Instant::now() + window.reset_in,
+        });
+    }
+
+    /// A request was rate limited.
+    pub fn on_throttle(&self, retry_after: Option<Duration>, had_window: bool) {
+        let mut s = self.lock();
+        let now = Instant::now();
+        let pause_until = now + retry_after.unwrap_or(Duration::from_secs(1));
+        s.paused_until = Some(s.paused_until.map_or(pause_until, |p| p.max(pause_until)));
+        if !had_window {
+            let current = s.rate.or_else(|| observed_rate(&s.recent)).unwrap_or(10.0);
+            s.rate = Some((current / 2.0).max(MIN_RATE));
+            s.next_slot = pause_until;
+        }
+    }
+
+    /// A request succeeded: climb back towards the configured rate.
+    pub fn on_success(&self) {
+        let mut s = self.lock();
+        let Some(rate) = s.rate else {
+            return;
+        };
+        let step = (rate * 0.05).max(0.2);
+        let raised = rate + step;
+        s.rate = match self.configured {
+            Some(max) => Some(raised.min(max)),
+            None if raised > UNPACED_ABOVE => None,
+            None => Some(raised),
+        };
+    }
+}
+
+/// Requests per second over the last grants.
+fn observed_rate(recent: &VecDeque<Instant>) -> Option<f64> {
+    let (first, last) = (recent.front()?, recent.back()?);
+    let span = last.duration_since(*first).as_secs_f64();
+    (recent.len() > 1 && span > 0.0).then(|| (recent.len() - 1) as f64 / span)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn paces_at_the_configured_rate() {
+        let limiter = AdaptiveLimiter::new(Some(10.0));
+        let start = Instant::now();
+        for _ in 0..11 {
+            limiter.acquire().await;
+            limiter.finish();
+        }
+        let elapsed = start.elapsed();
+        assert!(elapsed >= Duration::from_millis(999), "{elapsed:?}");
+        assert!(elapsed < Duration::from_millis(1100), "{elapsed:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waits_for_a_spent_window_then_probes() {
+        let limiter = AdaptiveLimiter::new(None);
+        limiter.acquire().await;
+        limiter.observe_window(RateWindow {
+            remaining: 0,
+            reset_in: Duration::from_millis(500),
+        });
+        limiter.finish();
+        let start = Instant::now();
+        limiter.acquire().await;
+        assert!(start.elapsed() >= Duration::from_millis(500));
+        // One probe is out; the next waits for its answer (or the probe timeout).
+        let second = tokio::time::timeout(Duration::from_millis(100), limiter.acquire()).await;
+        assert!(second.is_err(), "a second request must wait for the probe");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn throttling_pauses_halves_and_success_recovers() {
+        let limiter = AdaptiveLimiter::new(Some(8.0));
+        limiter.on_throttle(Some(Duration::from_secs(2)), false);
+        assert_eq!(limiter.current_rate(), Some(4.0));
+        let start = Instant::now();
+        limiter.acquire().await;
+        assert!(start.elapsed() >= Duration::from_secs(2));
+        for _ in 0..100 {
+            limiter.on_success();
+        }
+        assert_eq!(
+            limiter.current_rate(),
+            Some(8.0),
+            "capped at the configured rate"
+        );
+    }
+}

@@ -1,0 +1,142 @@
+//! Retry policy: capped exponential backoff with full jitter, bounded in attempts and in time,
+//! and the `Retry-After` / rate-limit header parsing every destination shares.
+
+use std::time::{Duration, SystemTime};
+
+use http::HeaderMap;
+use rand::Rng;
+
+/// How often and for how long a request is retried.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Attempts per request, the first included. Rate-limited answers do not count.
+    pub max_attempts: u32,
+    /// Total time a request may spend being retried (rate-limit waits included).
+    pub max_elapsed: Duration,
+    /// The first backoff's upper bound.
+    pub base: Duration,
+    /// No backoff is longer than this.
+    pub cap: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            max_attempts: 7,
+            max_elapsed: Duration::from_secs(300),
+            base: Duration::from_millis(200),
+            cap: Duration::from_secs(30),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// "Full jitter" backoff before attempt `failed + 1`: uniform in `[0, min(cap, base·2^(failed-1))]`.
+    /// (AWS architecture blog, "Exponential Backoff And Jitter": it spreads retries of many
+    /// clients best.) Written out here because it is three lines; the popular backoff crates
+    /// add jitter on top of the delay instead.
+    pub fn backoff(&self, failed: u32) -> Duration {
+        let exp = self
+            .base
+            .saturating_mul(1u32 << failed.saturating_sub(1).min(20));
+        let ceiling = exp.min(self.cap);
+        let nanos = ceiling.as_nanos().min(u64::MAX as u128) as u64;
+        if nanos == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_nanos(rand::rng().random_range(0..=nanos))
+    }
+}
+
+/// `Retry-After`: delay-seconds (fractions accepted) or an HTTP date.
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let value = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim();
+    if let Ok(secs) = value.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let when = chrono::DateTime::parse_from_rfc2822(value).ok()?;
+    let when: SystemTime = when.into();
+    Some(
+        when.duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO),
+    )
+}
+
+/// What rate-limit headers say about the current window.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateWindow {
+    /// Requests left in the window.
+    pub remaining: u64,
+    /// Until the window frees a slot (or resets).
+    pub reset_in: Duration,
+}
+
+/// Reads `X-RateLimit-Remaining` with `X-RateLimit-Reset` (seconds from now, fractions
+/// accepted, or a Unix timestamp) — and the `RateLimit-*` draft spelling.
+pub fn rate_window(headers: &HeaderMap) -> Option<RateWindow> {
+    let get = |names: &[&str]| {
+        names.iter().find_map(|n| {
+            headers
+                .get(*n)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<f64>().ok())
+        })
+    };
+    let remaining = get(&["x-ratelimit-remaining", "ratelimit-remaining"])?;
+    let reset = get(&["x-ratelimit-reset", "ratelimit-reset"]).unwrap_or(1.0);
+    let reset_in = if reset > 1_000_000_000.0 {
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
+        (reset - now).max(0.0)
+    } else {
+        reset.max(0.0)
+    };
+    Some(RateWindow {
+        remaining: remaining.max(0.0) as u64,
+        reset_in: Duration::from_secs_f64(reset_in.min(3600.0)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn full_jitter_stays_under_the_capped_exponential() {
+        let p = RetryPolicy {
+            base: Duration::from_millis(100),
+            cap: Duration::from_millis(1000),
+            ..RetryPolicy::default()
+        };
+        for failed in 1..12 {
+            let ceiling = (100u64 << (failed - 1)).min(1000);
+            for _ in 0..50 {
+                assert!(p.backoff(failed) <= Duration::from_millis(ceiling));
+            }
+        }
+    }
+
+    #[test]
+    fn parses_retry_after_and_rate_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", "2".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(2)));
+        h.insert("retry-after", "0.25".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(250)));
+        h.insert("x-ratelimit-remaining", "3".parse().unwrap());
+        h.insert("x-ratelimit-reset", "0.5".parse().unwrap());
+        assert_eq!(
+            rate_window(&h),
+            Some(RateWindow {
+                remaining: 3,
+                reset_in: Duration::from_millis(500)
+            })
+        );
+    }
+}

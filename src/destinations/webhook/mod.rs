@@ -1,0 +1,133 @@
+//! The `webhook` destination: POSTs JSON batches of records to a URL.
+//!
+//! ```sql
+//! CREATE CONNECTION hooks TYPE webhook OPTIONS (url 'https://example.com/hook', key 'id',
+//!                                                signing_secret env('HOOK_KEY'));
+//! INSERT INTO hooks.users SELECT id, email, plan FROM users;
+//! ```
+//!
+//! Any object name is valid and is sent in each body:
+//! `{"object":"users","sync":null,"run_id":"…","operation":"upsert","batch":1,"records":[…]}`.
+//! Each request carries an `Idempotency-Key` that stays the same across retries of that request,
+//! and, with `signing_secret`, `X-Sluice-Signature: t=<unix secs>,v1=<hex HMAC-SHA256 of "t.body">`.
+//! How responses are read: see [`retry`].
+
+mod config;
+mod request_builder;
+pub mod retry;
+mod sink;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::SchemaProvider;
+use datafusion::datasource::sink::DataSink;
+
+pub use config::{OPTIONS, WebhookConfig};
+pub use request_builder::{IDEMPOTENCY_HEADER, SIGNATURE_HEADER, signature};
+pub use sink::WebhookSink;
+
+use crate::connections::{ConnectContext, ConnectorKind};
+use crate::delivery::AdaptiveLimiter;
+use crate::destinations::{Destination, DestinationSchema, ObjectSpec, WriteReport};
+use crate::error::{Error, Result};
+use crate::options::{OptionSpec, Options};
+
+/// `TYPE webhook`.
+pub struct WebhookConnector;
+
+impl ConnectorKind for WebhookConnector {
+    fn kind(&self) -> &'static str {
+        "webhook"
+    }
+
+    fn options(&self) -> &'static [OptionSpec] {
+        OPTIONS
+    }
+
+    fn connect(
+        &self,
+        name: &str,
+        options: &Options,
+        _context: &ConnectContext,
+    ) -> Result<Arc<dyn SchemaProvider>> {
+        let config = WebhookConfig::from_options(options)?;
+        let client = reqwest::Client::builder()
+            .timeout(config.timeout)
+            .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")))
+            .pool_max_idle_per_host(config.concurrency.max(1) * 2)
+            .build()
+            .map_err(|e| Error::Option {
+                key: "url".into(),
+                message: format!("cannot build an HTTP client: {e}"),
+            })?;
+        let destination = WebhookDestination {
+            connection: name.to_string(),
+            limiter: Arc::new(AdaptiveLimiter::new(config.rate_limit)),
+            config: Arc::new(config),
+            client,
+        };
+        Ok(Arc::new(DestinationSchema::new(Arc::new(destination))))
+    }
+}
+
+/// One webhook connection. Its client and rate limiter are shared by every statement using it.
+#[derive(Debug)]
+pub struct WebhookDestination {
+    connection: String,
+    config: Arc<WebhookConfig>,
+    client: reqwest::Client,
+    limiter: Arc<AdaptiveLimiter>,
+}
+
+#[async_trait]
+impl Destination for WebhookDestination {
+    fn connection(&self) -> &str {
+        &self.connection
+    }
+
+    fn object_names(&self) -> Vec<String> {
+        vec![]
+    }
+
+    async fn object(&self, name: &str) -> Result<Option<ObjectSpec>> {
+        // Any object name is valid: it travels in the body.
+        Ok(Some(ObjectSpec {
+            name: name.to_string(),
+            fields: None,
+        }))
+    }
+
+    fn sink(
+        &self,
+        object: &ObjectSpec,
+        schema: SchemaRef,
+        report: Arc<WriteReport>,
+    ) -> Result<Arc<dyn DataSink>> {
+        let key = match &self.config.key {
+            None => None,
+            Some(key) => Some(schema.index_of(key).map_err(|_| {
+                let mapped: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+                Error::plan(
+                    format!(
+                        "connection {} identifies records by '{key}', but the statement does not map a field '{key}' (it maps {}); add it to the SELECT",
+                        self.connection,
+                        mapped.join(", ")
+                    ),
+                    object.name.clone(),
+                )
+            })?),
+        };
+        Ok(Arc::new(WebhookSink::new(
+            &self.connection,
+            &object.name,
+            Arc::clone(&self.config),
+            self.client.clone(),
+            Arc::clone(&self.limiter),
+            schema,
+            key,
+            report,
+        )))
+    }
+}

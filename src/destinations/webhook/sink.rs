@@ -1,0 +1,188 @@
+//! `WebhookSink`: delivers one statement's rows through the shared delivery engine.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::datasource::sink::DataSink;
+use datafusion::error::Result;
+use datafusion::execution::TaskContext;
+use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricsSet};
+use datafusion::physical_plan::{DisplayAs, DisplayFormatType, SendableRecordBatchStream};
+
+use super::config::WebhookConfig;
+use super::request_builder::{self, Envelope};
+use super::retry::WebhookRetryLogic;
+use crate::delivery::progress::Progress;
+use crate::delivery::{
+    AdaptiveLimiter, Batch, Batcher, DeliveryMetrics, Driver, HttpResponse, HttpService,
+    ResponseClass,
+};
+use crate::destinations::WriteReport;
+use crate::options::redact_url_password;
+
+/// What the driver calls for a webhook: request building and response reading.
+struct WebhookService {
+    config: Arc<WebhookConfig>,
+    envelope: Envelope,
+    describe: String,
+}
+
+#[async_trait]
+impl HttpService for WebhookService {
+    fn build_request(
+        &self,
+        client: &reqwest::Client,
+        batch: &Batch,
+    ) -> crate::Result<reqwest::RequestBuilder> {
+        Ok(request_builder::build(
+            client,
+            &self.config,
+            &self.envelope,
+            batch,
+        ))
+    }
+
+    fn classify(&self, batch: &Batch, response: &HttpResponse) -> ResponseClass {
+        WebhookRetryLogic::classify(batch, response)
+    }
+
+    fn describe(&self) -> String {
+        self.describe.clone()
+    }
+}
+
+/// Sends the rows of one `INSERT INTO hooks.object` as JSON batches.
+#[derive(Debug)]
+pub struct WebhookSink {
+    connection: String,
+    object: String,
+    config: Arc<WebhookConfig>,
+    client: reqwest::Client,
+    limiter: Arc<AdaptiveLimiter>,
+    schema: SchemaRef,
+    key: Option<usize>,
+    report: Arc<WriteReport>,
+    metrics: ExecutionPlanMetricsSet,
+}
+
+impl WebhookSink {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        connection: &str,
+        object: &str,
+        config: Arc<WebhookConfig>,
+        client: reqwest::Client,
+        limiter: Arc<AdaptiveLimiter>,
+        schema: SchemaRef,
+        key: Option<usize>,
+        report: Arc<WriteReport>,
+    ) -> Self {
+        Self {
+            connection: connection.to_string(),
+            object: object.to_string(),
+            config,
+            client,
+            limiter,
+            schema,
+            key,
+            report,
+            metrics: ExecutionPlanMetricsSet::new(),
+        }
+    }
+}
+
+impl DisplayAs for WebhookSink {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.config;
+        write!(
+            f,
+            "WebhookSink: connection={} object={} {} {} key={} batch_size={} max_bytes={} concurrency={} rate_limit={} timeout={:?} signed={} headers=[{}] fields=[{}]",
+            self.connection,
+            self.object,
+            c.method,
+            redact_url_password(c.url.as_str()),
+            c.key.as_deref().unwrap_or("none"),
+            c.batch_size,
+            c.max_bytes,
+            c.concurrency,
+            c.rate_limit
+                .map(|r| format!("{r}/s"))
+                .unwrap_or_else(|| "adaptive".into()),
+            c.timeout,
+            c.signing_secret.is_some(),
+            c.headers
+                .iter()
+                .map(|(n, _)| format!("{n}: ***"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.schema
+                .fields()
+                .iter()
+                .map(|f| f.name().as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        )
+    }
+}
+
+#[async_trait]
+impl DataSink for WebhookSink {
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    async fn write_all(
+        &self,
+        data: SendableRecordBatchStream,
+        _context: &Arc<TaskContext>,
+    ) -> Result<u64> {
+        let run_id = uuid::Uuid::new_v4().simple().to_string()[..16].to_string();
+        let describe = format!(
+            "webhook {} ({} {})",
+            self.connection,
+            self.config.method,
+            redact_url_password(self.config.url.as_str())
+        );
+        let service = Arc::new(WebhookService {
+            config: Arc::clone(&self.config),
+            envelope: Envelope {
+                object: self.object.clone(),
+                sync: None,
+                run_id: run_id.clone(),
+                operation: "upsert",
+            },
+            describe,
+        });
+        let delivery_metrics = Arc::new(DeliveryMetrics::default());
+        let progress = Progress::start(
+            &format!("{}.{}", self.connection, self.object),
+            Arc::clone(&delivery_metrics),
+        );
+        let driver = Driver::new(
+            service,
+            self.client.clone(),
+            Arc::clone(&self.limiter),
+            self.config.retry,
+            Arc::clone(&delivery_metrics),
+        );
+        let batcher = Batcher::new(&run_id, self.config.batch_size, self.config.max_bytes);
+        let result = driver
+            .deliver_stream(data, self.key, batcher, self.config.concurrency)
+            .await;
+        drop(progress);
+        let stats = delivery_metrics.snapshot();
+        stats.publish(&self.metrics);
+        self.report.set_delivery(stats);
+        self.report
+            .add_location(redact_url_password(self.config.url.as_str()));
+        let outcome = result?;
+        self.report.add_rejects(outcome.rejected);
+        Ok(outcome.accepted)
+    }
+}
