@@ -98,6 +98,7 @@ impl RejectLog {
             ],
         )?;
         let table = MemTable::try_new(schema, vec![vec![batch]])?;
+        self.schema.deregister_table("rejects")?;
         self.schema
             .register_table("rejects".into(), Arc::new(table))?;
         Ok(())

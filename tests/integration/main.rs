@@ -1,8 +1,10 @@
 //! The one integration test binary: every integration test module compiles into it.
 
 mod cli;
+mod fakes;
 mod file_destination;
 mod repl;
 mod slt;
 mod sql_examples;
 mod support;
+mod webhook;

@@ -1,0 +1,3 @@
+//! Fake destination servers that speak the real wire formats (see ../shared/api/).
+
+pub mod webhook;
