@@ -15,17 +15,7 @@ fn main() {
     let dir = dir.path();
 
     // The input: realistic contact rows (ids, strings, a score, a timestamp), written by sluice.
-    let generate = format!(
-        "COPY (SELECT value AS customer_id,
-                      'customer' || value || '@example.com' AS email,
-                      'Name ' || (value % 9973) AS full_name,
-                      ['free', 'starter', 'pro', 'enterprise'][value % 4 + 1] AS plan,
-                      (value * 7919 % 1000) / 1000.0 AS churn_risk,
-                      to_timestamp_seconds(1793491200 + value % 86400) AS scored_at
-               FROM range({rows}))
-         TO 'model.parquet' STORED AS PARQUET"
-    );
-    common::run_sluice(dir, &["-q", "-c", &generate]);
+    common::generate_model(dir, rows);
 
     let sync = "\
 CREATE EXTERNAL TABLE model STORED AS PARQUET LOCATION 'model.parquet';

@@ -69,3 +69,23 @@ pub fn measure(mut cmd: Command) -> (Usage, String) {
         output,
     )
 }
+
+/// Writes `rows` synthetic contact rows to `dir/model.parquet` with sluice itself.
+pub fn generate_model(dir: &Path, rows: u64) {
+    let generate = format!(
+        "COPY (SELECT value AS customer_id,
+                      'customer' || value || '@example.com' AS email,
+                      'Name ' || (value % 9973) AS full_name,
+                      ['free', 'starter', 'pro', 'enterprise'][value % 4 + 1] AS plan,
+                      (value * 7919 % 1000) / 1000.0 AS churn_risk,
+                      to_timestamp_seconds(1793491200 + value % 86400) AS scored_at
+               FROM range({rows}))
+         TO 'model.parquet' STORED AS PARQUET"
+    );
+    run_sluice(dir, &["-q", "-c", &generate]);
+}
+
+/// Seconds per million records.
+pub fn per_million(d: Duration, records: u64) -> f64 {
+    d.as_secs_f64() * 1_000_000.0 / records.max(1) as f64
+}

@@ -28,6 +28,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct AdaptiveLimiter {
     configured: Option<f64>,
     state: Mutex<State>,
+    /// Wakes waiters when a response changes what they wait for (a window report, a finished
+    /// probe), so nobody sleeps out a wait that no longer applies.
+    changed: tokio::sync::Notify,
 }
 
 #[derive(Debug)]
@@ -60,6 +63,7 @@ impl AdaptiveLimiter {
                 in_flight: 0,
                 recent: VecDeque::with_capacity(32),
             }),
+            changed: tokio::sync::Notify::new(),
         }
     }
 
@@ -117,7 +121,10 @@ impl AdaptiveLimiter {
                 }
                 until - now
             };
-            tokio::time::sleep(wait).await;
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.changed.notified() => {}
+            }
         }
     }
 
@@ -125,6 +132,8 @@ impl AdaptiveLimiter {
     pub fn finish(&self) {
         let mut s = self.lock();
         s.in_flight = s.in_flight.saturating_sub(1);
+        drop(s);
+        self.changed.notify_waiters();
     }
 
     /// The destination reported its window. Requests still in flight count against it.
@@ -136,6 +145,8 @@ impl AdaptiveLimiter {
             granted,
             reset_at: Instant::now() + window.reset_in,
         });
+        drop(s);
+        self.changed.notify_waiters();
     }
 
     /// A request was rate limited.
