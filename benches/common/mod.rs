@@ -34,6 +34,7 @@ pub fn run_sluice(dir: &Path, args: &[&str]) -> (Usage, String) {
 }
 
 /// Runs a command to completion and measures it with `wait4`.
+#[allow(clippy::zombie_processes)] // reaped by wait4 below, which also reports its usage
 pub fn measure(mut cmd: Command) -> (Usage, String) {
     let started = Instant::now();
     let child = cmd

@@ -134,13 +134,16 @@ fn worst(a: Status, b: Status) -> Status {
     }
 }
 
-/// Logs go to stderr; `SLUICE_LOG` sets the filter (e.g. `SLUICE_LOG=debug`).
+/// Logs go to stderr; `SLUICE_LOG` sets the filter (e.g. `SLUICE_LOG=debug`). By default:
+/// warnings, and sluice's own progress lines (long deliveries when stderr is not a terminal).
 fn init_logging() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sluice=info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }

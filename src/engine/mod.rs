@@ -285,8 +285,10 @@ impl Engine {
             return Ok(());
         };
         let provider = source_as_provider(&dml.target)?;
-        if let Some(table) = provider.downcast_ref::<DestinationTable>() {
-            if !matches!(dml.op, WriteOp::Insert(_)) {
+        if let Some(table) = provider.downcast_ref::<DestinationTable>()
+            && !matches!(dml.op, WriteOp::Insert(_))
+        {
+            {
                 return Err(Error::plan(
                     format!(
                         "{} on {} is not supported by this destination; it accepts INSERT INTO",

@@ -409,3 +409,105 @@ SELECT key, error_code, error_message FROM sluice.rejects;
     insta::assert_snapshot!("webhook_rejects_exit_1", text);
     assert_eq!(output.status.code(), Some(1));
 }
+
+/// The driver's 401 path, through a destination that can refresh its credentials: one refresh,
+/// then the request goes through; a second 401 after a refresh stops the statement.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_refreshes_credentials_once() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use sluice::delivery::{
+        AdaptiveLimiter, Batch, Batcher, DeliveryMetrics, Driver, HttpResponse, HttpService,
+        Record, ResponseClass, RetryPolicy,
+    };
+
+    struct Refreshing {
+        url: String,
+        fake: Arc<FakeWebhook>,
+        refreshes: AtomicU32,
+        fixes: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl HttpService for Refreshing {
+        fn build_request(
+            &self,
+            client: &reqwest::Client,
+            batch: &Batch,
+        ) -> sluice::Result<reqwest::RequestBuilder> {
+            let records: Vec<&[u8]> = batch.records.iter().map(|r| &r.json[..]).collect();
+            let body = format!(
+                r#"{{"records":[{}]}}"#,
+                records
+                    .iter()
+                    .map(|r| String::from_utf8_lossy(r))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            Ok(client
+                .post(&self.url)
+                .header("Idempotency-Key", batch.idempotency_key())
+                .body(body))
+        }
+        fn classify(&self, batch: &Batch, response: &HttpResponse) -> ResponseClass {
+            sluice::destinations::webhook::retry::WebhookRetryLogic::classify(batch, response)
+        }
+        async fn refresh_credentials(&self) -> sluice::Result<bool> {
+            self.refreshes.fetch_add(1, Ordering::SeqCst);
+            if self.fixes {
+                self.fake.script(|s| s.unauthorized = false);
+            }
+            Ok(true)
+        }
+        fn describe(&self) -> String {
+            "test destination".into()
+        }
+    }
+
+    for fixes in [true, false] {
+        let fake = Arc::new(
+            FakeWebhook::start(Script {
+                unauthorized: true,
+                ..Script::default()
+            })
+            .await,
+        );
+        let service = Arc::new(Refreshing {
+            url: fake.url.clone(),
+            fake: Arc::clone(&fake),
+            refreshes: AtomicU32::new(0),
+            fixes,
+        });
+        let driver = Driver::new(
+            Arc::clone(&service),
+            reqwest::Client::new(),
+            Arc::new(AdaptiveLimiter::new(None)),
+            RetryPolicy::default(),
+            Arc::new(DeliveryMetrics::default()),
+        );
+        let mut batcher = Batcher::new("run", 10, 1 << 20);
+        batcher.push(Record {
+            key: Some("1".into()),
+            json: bytes::Bytes::from_static(br#"{"id":1}"#),
+        });
+        let result = driver.deliver(batcher.finish().unwrap()).await;
+        assert_eq!(
+            service.refreshes.load(Ordering::SeqCst),
+            1,
+            "exactly one refresh"
+        );
+        if fixes {
+            assert_eq!(result.unwrap().accepted, 1);
+            assert_eq!(fake.observed(|o| o.requests.len()), 2);
+        } else {
+            let err = result.unwrap_err().to_string();
+            assert!(err.contains("rejected the credentials (401"), "{err}");
+            assert_eq!(
+                fake.observed(|o| o.requests.len()),
+                2,
+                "no retry storm after a refresh"
+            );
+        }
+    }
+}

@@ -37,7 +37,7 @@ enum Encoder {
         header_written: bool,
     },
     Parquet {
-        writer: ArrowWriter<SharedBuffer>,
+        writer: Box<ArrowWriter<SharedBuffer>>,
         buffer: SharedBuffer,
     },
 }
@@ -61,7 +61,10 @@ impl FileWriter {
                     .set_max_row_group_row_count(Some(PARQUET_ROW_GROUP_ROWS))
                     .build();
                 let writer = ArrowWriter::try_new(buffer.clone(), schema, Some(props))?;
-                Encoder::Parquet { writer, buffer }
+                Encoder::Parquet {
+                    writer: Box::new(writer),
+                    buffer,
+                }
             }
         };
         Ok(Self {
