@@ -229,7 +229,7 @@ impl<S: HttpService> Driver<S> {
 
     /// One request. Transport errors become retriable classes.
     async fn send(&self, batch: &Batch) -> Result<(ResponseClass, bool)> {
-        self.limiter.acquire().await;
+        let ticket = self.limiter.acquire().await;
         let request = self.service.build_request(&self.client, batch);
         let request = match request {
             Ok(r) => r,
@@ -257,7 +257,7 @@ impl<S: HttpService> Driver<S> {
             Ok(response) => {
                 let window = rate_window(&response.headers);
                 if let Some(w) = window {
-                    self.limiter.observe_window(w);
+                    self.limiter.observe_window(ticket, w);
                 }
                 let mut class = self.service.classify(batch, &response);
                 if let ResponseClass::Retry {

@@ -22,6 +22,9 @@ const MIN_RATE: f64 = 0.1;
 const UNPACED_ABOVE: f64 = 10_000.0;
 /// How long a probe may go unanswered before another probe goes.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Added to a reported reset: the destination's clock and rounding are not ours, and arriving a
+/// hair early costs a 429.
+const RESET_MARGIN: Duration = Duration::from_millis(10);
 
 /// A per-connection, adaptive limiter. See the module docs.
 #[derive(Debug)]
@@ -40,14 +43,25 @@ struct State {
     paused_until: Option<Instant>,
     window: Option<Window>,
     in_flight: u64,
+    /// Grants so far; each grant's number is its ticket.
+    issued: u64,
+    /// The ticket of the newest request whose window report was applied.
+    last_report: Option<u64>,
     recent: VecDeque<Instant>,
 }
+
+/// Identifies a granted request, to order the window reports of responses that arrive out of
+/// order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Ticket(u64);
 
 #[derive(Debug, Clone, Copy)]
 struct Window {
     remaining: u64,
     granted: u64,
     reset_at: Instant,
+    /// Our own guess after a reset (one request at a time), not a report: any report replaces it.
+    probe: bool,
 }
 
 impl AdaptiveLimiter {
@@ -61,6 +75,8 @@ impl AdaptiveLimiter {
                 paused_until: None,
                 window: None,
                 in_flight: 0,
+                issued: 0,
+                last_report: None,
                 recent: VecDeque::with_capacity(32),
             }),
             changed: tokio::sync::Notify::new(),
@@ -77,7 +93,7 @@ impl AdaptiveLimiter {
     }
 
     /// Waits until a request may go. Pair every call with [`AdaptiveLimiter::finish`].
-    pub async fn acquire(&self) {
+    pub async fn acquire(&self) -> Ticket {
         loop {
             let wait = {
                 let mut s = self.lock();
@@ -99,6 +115,7 @@ impl AdaptiveLimiter {
                             remaining: 1,
                             granted: 0,
                             reset_at: now + PROBE_TIMEOUT,
+                            probe: true,
                         };
                     }
                 }
@@ -117,7 +134,9 @@ impl AdaptiveLimiter {
                         s.recent.pop_front();
                     }
                     s.recent.push_back(now);
-                    return;
+                    let ticket = Ticket(s.issued);
+                    s.issued += 1;
+                    return ticket;
                 }
                 until - now
             };
@@ -136,15 +155,33 @@ impl AdaptiveLimiter {
         self.changed.notify_waiters();
     }
 
-    /// The destination reported its window. Requests still in flight count against it.
-    pub fn observe_window(&self, window: RateWindow) {
+    /// The destination reported its window in the response to request `ticket`.
+    ///
+    /// Connections reorder requests, so a report may miss requests the destination counts a
+    /// moment later: every other request still in flight counts against it, a report older than
+    /// one already applied is ignored, and until the current window's reset time a report may
+    /// only lower what is available, never raise it.
+    pub fn observe_window(&self, ticket: Ticket, window: RateWindow) {
         let mut s = self.lock();
-        let granted = s.in_flight.saturating_sub(1);
-        s.window = Some(Window {
+        if s.last_report.is_some_and(|last| ticket.0 < last) {
+            return;
+        }
+        s.last_report = Some(ticket.0);
+        let now = Instant::now();
+        let reported = Window {
             remaining: window.remaining,
-            granted,
-            reset_at: Instant::now() + window.reset_in,
-        });
+            granted: s.in_flight.saturating_sub(1),
+            reset_at: now + window.reset_in + RESET_MARGIN,
+            probe: false,
+        };
+        let available = |w: &Window| w.remaining.saturating_sub(w.granted);
+        let keep = s
+            .window
+            .as_ref()
+            .is_some_and(|w| !w.probe && now < w.reset_at && available(w) < available(&reported));
+        if !keep {
+            s.window = Some(reported);
+        }
         drop(s);
         self.changed.notify_waiters();
     }
@@ -205,11 +242,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn waits_for_a_spent_window_then_probes() {
         let limiter = AdaptiveLimiter::new(None);
-        limiter.acquire().await;
-        limiter.observe_window(RateWindow {
-            remaining: 0,
-            reset_in: Duration::from_millis(500),
-        });
+        let ticket = limiter.acquire().await;
+        limiter.observe_window(
+            ticket,
+            RateWindow {
+                remaining: 0,
+                reset_in: Duration::from_millis(500),
+            },
+        );
         limiter.finish();
         let start = Instant::now();
         limiter.acquire().await;
@@ -217,6 +257,28 @@ mod tests {
         // One probe is out; the next waits for its answer (or the probe timeout).
         let second = tokio::time::timeout(Duration::from_millis(100), limiter.acquire()).await;
         assert!(second.is_err(), "a second request must wait for the probe");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_reports_are_ignored_and_later_grants_count() {
+        let limiter = AdaptiveLimiter::new(None);
+        let first = limiter.acquire().await;
+        let second = limiter.acquire().await;
+        let _third = limiter.acquire().await;
+        let report = |remaining| RateWindow {
+            remaining,
+            reset_in: Duration::from_secs(1),
+        };
+        // The second request's answer: 2 left, but two other requests are still in flight.
+        limiter.observe_window(second, report(2));
+        limiter.finish();
+        // The first request's answer arrives late and would claim 5 left: ignored.
+        limiter.observe_window(first, report(5));
+        let next = tokio::time::timeout(Duration::from_millis(500), limiter.acquire()).await;
+        assert!(
+            next.is_err(),
+            "the window is spent: 2 left, 2 others in flight"
+        );
     }
 
     #[tokio::test(start_paused = true)]

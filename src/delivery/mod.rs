@@ -23,7 +23,7 @@ use http::{HeaderMap, StatusCode};
 
 pub use batch::{Batch, Batcher, Record};
 pub use driver::{DeliveryOutcome, Driver, Rejected};
-pub use limiter::AdaptiveLimiter;
+pub use limiter::{AdaptiveLimiter, Ticket};
 pub use metrics::DeliveryMetrics;
 pub use retry::RetryPolicy;
 

@@ -166,7 +166,24 @@ async fn adapts_to_the_receivers_rate_window() {
     assert_eq!(summary.rows_written, 50);
     let throttled = fake.observed(|o| o.throttled);
     assert_eq!(summary.delivery.unwrap().throttled, throttled);
-    assert!(throttled <= 3, "{throttled} of ~50 requests answered 429");
+    let log = fake.observed(|o| {
+        let t0 = o.requests.first().map(|r| r.at);
+        o.requests
+            .iter()
+            .map(|r| {
+                format!(
+                    "{:>5}ms {}",
+                    r.at.duration_since(t0.unwrap()).as_millis(),
+                    r.status
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    assert!(
+        throttled <= 3,
+        "{throttled} of ~50 requests answered 429:\n{log}"
+    );
     assert_eq!(
         fake.observed(|o| ids(&o.records)),
         (0..50).collect::<Vec<_>>()
