@@ -25,6 +25,20 @@ fn sql_path(dir: &std::path::Path) -> String {
     dir.display().to_string()
 }
 
+/// An engine with a `file` connection `out` (JSON lines) writing into a fresh temporary folder.
+async fn file_engine() -> (tempfile::TempDir, Engine) {
+    let dir = tempfile::tempdir().unwrap();
+    let engine = Engine::new().unwrap();
+    let out = sql_path(dir.path());
+    engine
+        .run_sql(&format!(
+            "CREATE CONNECTION out TYPE file OPTIONS (url '{out}/')"
+        ))
+        .await
+        .unwrap();
+    (dir, engine)
+}
+
 #[tokio::test]
 async fn explain_insert_shows_the_sink_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
@@ -62,15 +76,7 @@ async fn explain_insert_shows_the_sink_and_writes_nothing() {
 /// fails on its last row: the failed statement must leave no file at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_that_fails_midway_leaves_no_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::new().unwrap();
-    let out = sql_path(dir.path());
-    engine
-        .run_sql(&format!(
-            "CREATE CONNECTION out TYPE file OPTIONS (url '{out}/')"
-        ))
-        .await
-        .unwrap();
+    let (dir, engine) = file_engine().await;
     let err = engine
         .run_sql(
             "INSERT INTO out.big
@@ -91,15 +97,7 @@ async fn a_statement_that_fails_midway_leaves_no_file() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_statement_leaves_no_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::new().unwrap();
-    let out = sql_path(dir.path());
-    engine
-        .run_sql(&format!(
-            "CREATE CONNECTION out TYPE file OPTIONS (url '{out}/')"
-        ))
-        .await
-        .unwrap();
+    let (dir, engine) = file_engine().await;
     let insert = engine.run_sql(
         "INSERT INTO out.endless SELECT value AS id, repeat('y', 200) AS padding FROM range(1000000000)",
     );
