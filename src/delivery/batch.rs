@@ -22,7 +22,7 @@ pub struct Batch {
     /// Stable across retries of the same request: the basis of the idempotency key.
     pub id: String,
     pub records: Vec<Record>,
-    /// Sum of the records' JSON sizes.
+    /// The records' JSON sizes, each with its separator.
     pub bytes: usize,
 }
 
@@ -47,7 +47,7 @@ impl Batch {
             seq: self.seq,
             part,
             id: self.id.clone(),
-            bytes: records.iter().map(|r| r.json.len()).sum(),
+            bytes: records.iter().map(|r| r.json.len() + 1).sum(),
             records,
         }
     }
@@ -77,9 +77,9 @@ impl Batcher {
     }
 
     /// Adds a record; returns a full batch when this record closes one. A record larger than
-    /// the byte budget travels alone.
+    /// the byte budget travels alone. Each record counts its separator too.
     pub fn push(&mut self, record: Record) -> Option<Batch> {
-        let size = record.json.len();
+        let size = record.json.len() + 1;
         let mut full = None;
         if !self.records.is_empty() && self.bytes + size > self.max_bytes {
             full = self.take();
@@ -132,14 +132,16 @@ mod tests {
         assert!(b.push(record(10)).is_none());
         assert!(b.push(record(10)).is_none());
         let full = b.push(record(10)).unwrap();
-        assert_eq!((full.seq, full.records.len(), full.bytes), (1, 3, 30));
-        assert!(b.push(record(60)).is_none());
-        let by_bytes = b.push(record(60)).unwrap();
+        assert_eq!((full.seq, full.records.len(), full.bytes), (1, 3, 33));
+        assert!(b.push(record(59)).is_none());
+        assert!(b.push(record(39)).is_none(), "60 + 40 bytes fit in 100");
+        let by_bytes = b.push(record(10)).unwrap();
         assert_eq!(
             by_bytes.records.len(),
-            1,
-            "the 60+60 would exceed 100 bytes"
+            2,
+            "a third record would exceed 100 bytes"
         );
+        assert_eq!(by_bytes.bytes, 100);
         let last = b.finish().unwrap();
         assert_eq!((last.seq, last.records.len()), (3, 1));
         assert!(b.finish().is_none());

@@ -22,6 +22,9 @@ use crate::delivery::{
 use crate::destinations::WriteReport;
 use crate::options::redact_url_password;
 
+/// Room kept in `max_bytes` for the envelope around the records (object name, run id, …).
+const ENVELOPE_BYTES: usize = 512;
+
 /// What the driver calls for a webhook: request building and response reading.
 struct WebhookService {
     config: Arc<WebhookConfig>,
@@ -171,7 +174,9 @@ impl DataSink for WebhookSink {
             self.config.retry,
             Arc::clone(&delivery_metrics),
         );
-        let batcher = Batcher::new(&run_id, self.config.batch_size, self.config.max_bytes);
+        // The envelope around the records is small and bounded; keep the whole body in max_bytes.
+        let budget = self.config.max_bytes.saturating_sub(ENVELOPE_BYTES).max(1);
+        let batcher = Batcher::new(&run_id, self.config.batch_size, budget);
         let result = driver
             .deliver_stream(data, self.key, batcher, self.config.concurrency)
             .await;
