@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::object_store::{DefaultObjectStoreRegistry, ObjectStoreRegistry};
-use object_store::ObjectStore;
 use object_store::aws::AmazonS3Builder;
 use object_store::azure::MicrosoftAzureBuilder;
 use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::http::HttpBuilder;
+use object_store::{ClientOptions, ObjectStore};
 use url::Url;
 
 /// An [`ObjectStoreRegistry`] that builds a store for a bucket or host the first time a statement
@@ -78,6 +78,8 @@ pub fn store_from_env(url: &Url) -> Result<Arc<dyn ObjectStore>> {
         "http" | "https" => Arc::new(
             HttpBuilder::new()
                 .with_url(url.origin().ascii_serialization())
+                // object_store refuses plain http unless told; the user wrote http:// on purpose.
+                .with_client_options(ClientOptions::new().with_allow_http(url.scheme() == "http"))
                 .build()
                 .map_err(external)?,
         ),

@@ -5,6 +5,7 @@ mod fakes;
 mod file_destination;
 mod repl;
 mod slt;
+mod sources;
 mod sql_examples;
 mod support;
 mod webhook;
