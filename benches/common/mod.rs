@@ -16,9 +16,22 @@ pub struct Usage {
     pub peak_rss_bytes: u64,
 }
 
-/// `--quick` (or `SLUICE_BENCH_QUICK=1`): a small run that proves the bench works (CI).
+/// `--quick` (or `SLUICE_BENCH_QUICK=1`): a small run that proves the bench works (CI). Says so,
+/// because its figures (small inputs, usually a debug build) are not the measurements.
 pub fn quick() -> bool {
-    std::env::args().any(|a| a == "--quick") || std::env::var_os("SLUICE_BENCH_QUICK").is_some()
+    let quick = std::env::args().any(|a| a == "--quick")
+        || std::env::var_os("SLUICE_BENCH_QUICK").is_some();
+    if quick {
+        println!(
+            "quick mode: small inputs{}; these figures only prove the bench runs, `cargo bench` measures",
+            if cfg!(debug_assertions) {
+                ", debug build"
+            } else {
+                ""
+            }
+        );
+    }
+    quick
 }
 
 /// The sluice binary built for this bench.
