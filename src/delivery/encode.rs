@@ -9,19 +9,24 @@ use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use super::batch::Record;
 use crate::error::Result;
 
+/// Every row of `batch` as one JSON object per line. Nulls are written as `null` (a mapped field
+/// that is null is sent as null, not left out). Shared by every destination that writes JSON.
+pub fn json_lines(batch: &RecordBatch) -> Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(batch.num_rows() * 96);
+    let mut writer = WriterBuilder::new()
+        .with_explicit_nulls(true)
+        .build::<_, datafusion::arrow::json::writer::LineDelimited>(&mut buf);
+    writer.write(batch)?;
+    writer.finish()?;
+    drop(writer);
+    Ok(buf)
+}
+
 /// Encodes every row of `batch` as a JSON object; `key` is the index of the column whose value
 /// identifies a record.
 pub fn encode_records(batch: &RecordBatch, key: Option<usize>) -> Result<Vec<Record>> {
     let rows = batch.num_rows();
-    let mut buf = Vec::with_capacity(rows * 96);
-    {
-        let mut writer = WriterBuilder::new()
-            .with_explicit_nulls(true)
-            .build::<_, datafusion::arrow::json::writer::LineDelimited>(&mut buf);
-        writer.write(batch)?;
-        writer.finish()?;
-    }
-    let buf = Bytes::from(buf);
+    let buf = Bytes::from(json_lines(batch)?);
     let options = FormatOptions::default();
     let keys = key
         .map(|i| ArrayFormatter::try_new(batch.column(i).as_ref(), &options))

@@ -137,16 +137,12 @@ impl Engine {
         }
     }
 
-    fn catalog(&self) -> Result<Arc<dyn CatalogProvider>> {
-        Ok(Arc::clone(&self.catalog))
-    }
-
     fn create_connection(&self, create: &CreateConnection) -> Result<Outcome> {
         let name = &create.name;
         let kind = self.connections.kind(&create.kind)?;
         let options =
             crate::options::Options::new(kind.kind(), kind.options(), create.options.clone())?;
-        let catalog = self.catalog()?;
+        let catalog = &self.catalog;
         if self.connections.get(name).is_some() {
             if create.if_not_exists {
                 return Ok(Outcome::Done(format!(
@@ -192,7 +188,7 @@ impl Engine {
             }
             return Err(self.unknown_connection(name));
         }
-        self.catalog()?.deregister_schema(name, true)?;
+        self.catalog.deregister_schema(name, true)?;
         self.connections.remove(name);
         Ok(Outcome::Done(format!("DROP CONNECTION {name}")))
     }
@@ -369,9 +365,7 @@ impl Engine {
     /// columns.
     pub async fn completion_words(&self) -> Vec<String> {
         let mut words = vec![];
-        let Ok(catalog) = self.catalog() else {
-            return words;
-        };
+        let catalog = &self.catalog;
         for schema_name in catalog.schema_names() {
             if schema_name == "information_schema" {
                 continue;

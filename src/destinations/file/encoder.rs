@@ -8,7 +8,6 @@ use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::csv::WriterBuilder as CsvWriterBuilder;
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::arrow::json::{LineDelimitedWriter, WriterBuilder as JsonWriterBuilder};
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::parquet::arrow::ArrowWriter;
@@ -77,16 +76,7 @@ impl FileWriter {
     /// Encodes one batch and hands its bytes to the upload.
     pub async fn write(&mut self, batch: &RecordBatch) -> Result<()> {
         let bytes = match &mut self.encoder {
-            Encoder::Jsonl => {
-                let mut buf = Vec::with_capacity(batch.num_rows() * 64);
-                let mut writer: LineDelimitedWriter<_> = JsonWriterBuilder::new()
-                    .with_explicit_nulls(true)
-                    .build(&mut buf);
-                writer.write(batch)?;
-                writer.finish()?;
-                drop(writer);
-                buf
-            }
+            Encoder::Jsonl => crate::delivery::encode::json_lines(batch)?,
             Encoder::Csv { header_written } => {
                 let mut buf = Vec::with_capacity(batch.num_rows() * 48);
                 let mut writer = CsvWriterBuilder::new()

@@ -26,7 +26,7 @@ use datafusion::datasource::sink::DataSink;
 
 pub use config::{OPTIONS, WebhookConfig};
 pub use request_builder::{IDEMPOTENCY_HEADER, SIGNATURE_HEADER, signature};
-pub use sink::WebhookSink;
+pub use sink::{WebhookConnection, WebhookSink};
 
 use crate::connections::{ConnectContext, ConnectorKind};
 use crate::delivery::AdaptiveLimiter;
@@ -62,29 +62,24 @@ impl ConnectorKind for WebhookConnector {
                 key: "url".into(),
                 message: format!("cannot build an HTTP client: {e}"),
             })?;
-        let destination = WebhookDestination {
-            connection: name.to_string(),
+        let destination = WebhookDestination(Arc::new(WebhookConnection {
+            name: name.to_string(),
             limiter: Arc::new(AdaptiveLimiter::new(config.rate_limit)),
             config: Arc::new(config),
             client,
-        };
+        }));
         Ok(Arc::new(DestinationSchema::new(Arc::new(destination))))
     }
 }
 
 /// One webhook connection. Its client and rate limiter are shared by every statement using it.
 #[derive(Debug)]
-pub struct WebhookDestination {
-    connection: String,
-    config: Arc<WebhookConfig>,
-    client: reqwest::Client,
-    limiter: Arc<AdaptiveLimiter>,
-}
+pub struct WebhookDestination(Arc<WebhookConnection>);
 
 #[async_trait]
 impl Destination for WebhookDestination {
     fn connection(&self) -> &str {
-        &self.connection
+        &self.0.name
     }
 
     fn object_names(&self) -> Vec<String> {
@@ -105,14 +100,14 @@ impl Destination for WebhookDestination {
         schema: SchemaRef,
         report: Arc<WriteReport>,
     ) -> Result<Arc<dyn DataSink>> {
-        let key = match &self.config.key {
+        let key = match &self.0.config.key {
             None => None,
             Some(key) => Some(schema.index_of(key).map_err(|_| {
                 let mapped: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
                 Error::plan(
                     format!(
                         "connection {} identifies records by '{key}', but the statement does not map a field '{key}' (it maps {}); add it to the SELECT",
-                        self.connection,
+                        self.0.name,
                         mapped.join(", ")
                     ),
                     object.name.clone(),
@@ -120,11 +115,8 @@ impl Destination for WebhookDestination {
             })?),
         };
         Ok(Arc::new(WebhookSink::new(
-            &self.connection,
+            Arc::clone(&self.0),
             &object.name,
-            Arc::clone(&self.config),
-            self.client.clone(),
-            Arc::clone(&self.limiter),
             schema,
             key,
             report,

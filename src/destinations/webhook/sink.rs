@@ -56,14 +56,21 @@ impl HttpService for WebhookService {
     }
 }
 
+/// What every statement on one webhook connection shares: its options, HTTP client (connection
+/// pool) and rate limiter.
+#[derive(Debug)]
+pub struct WebhookConnection {
+    pub name: String,
+    pub config: Arc<WebhookConfig>,
+    pub client: reqwest::Client,
+    pub limiter: Arc<AdaptiveLimiter>,
+}
+
 /// Sends the rows of one `INSERT INTO hooks.object` as JSON batches.
 #[derive(Debug)]
 pub struct WebhookSink {
-    connection: String,
+    connection: Arc<WebhookConnection>,
     object: String,
-    config: Arc<WebhookConfig>,
-    client: reqwest::Client,
-    limiter: Arc<AdaptiveLimiter>,
     schema: SchemaRef,
     key: Option<usize>,
     report: Arc<WriteReport>,
@@ -71,38 +78,35 @@ pub struct WebhookSink {
 }
 
 impl WebhookSink {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
-        connection: &str,
+        connection: Arc<WebhookConnection>,
         object: &str,
-        config: Arc<WebhookConfig>,
-        client: reqwest::Client,
-        limiter: Arc<AdaptiveLimiter>,
         schema: SchemaRef,
         key: Option<usize>,
         report: Arc<WriteReport>,
     ) -> Self {
         Self {
-            connection: connection.to_string(),
+            connection,
             object: object.to_string(),
-            config,
-            client,
-            limiter,
             schema,
             key,
             report,
             metrics: ExecutionPlanMetricsSet::new(),
         }
     }
+
+    fn config(&self) -> &WebhookConfig {
+        &self.connection.config
+    }
 }
 
 impl DisplayAs for WebhookSink {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let c = &self.config;
+        let c = self.config();
         write!(
             f,
             "WebhookSink: connection={} object={} {} {} key={} batch_size={} max_bytes={} concurrency={} rate_limit={} timeout={:?} signed={} headers=[{}] fields=[{}]",
-            self.connection,
+            self.connection.name,
             self.object,
             c.method,
             redact_url_password(c.url.as_str()),
@@ -146,14 +150,16 @@ impl DataSink for WebhookSink {
         _context: &Arc<TaskContext>,
     ) -> Result<u64> {
         let run_id = uuid::Uuid::new_v4().simple().to_string()[..16].to_string();
+        let connection = &self.connection;
+        let config = self.config();
         let describe = format!(
             "webhook {} ({} {})",
-            self.connection,
-            self.config.method,
-            redact_url_password(self.config.url.as_str())
+            connection.name,
+            config.method,
+            redact_url_password(config.url.as_str())
         );
         let service = Arc::new(WebhookService {
-            config: Arc::clone(&self.config),
+            config: Arc::clone(&connection.config),
             envelope: Envelope {
                 object: self.object.clone(),
                 sync: None,
@@ -164,28 +170,28 @@ impl DataSink for WebhookSink {
         });
         let delivery_metrics = Arc::new(DeliveryMetrics::default());
         let progress = Progress::start(
-            &format!("{}.{}", self.connection, self.object),
+            &format!("{}.{}", connection.name, self.object),
             Arc::clone(&delivery_metrics),
         );
         let driver = Driver::new(
             service,
-            self.client.clone(),
-            Arc::clone(&self.limiter),
-            self.config.retry,
+            connection.client.clone(),
+            Arc::clone(&connection.limiter),
+            config.retry,
             Arc::clone(&delivery_metrics),
         );
         // The envelope around the records is small and bounded; keep the whole body in max_bytes.
-        let budget = self.config.max_bytes.saturating_sub(ENVELOPE_BYTES).max(1);
-        let batcher = Batcher::new(&run_id, self.config.batch_size, budget);
+        let budget = config.max_bytes.saturating_sub(ENVELOPE_BYTES).max(1);
+        let batcher = Batcher::new(&run_id, config.batch_size, budget);
         let result = driver
-            .deliver_stream(data, self.key, batcher, self.config.concurrency)
+            .deliver_stream(data, self.key, batcher, config.concurrency)
             .await;
         drop(progress);
         let stats = delivery_metrics.snapshot();
         stats.publish(&self.metrics);
         self.report.set_delivery(stats);
         self.report
-            .add_location(redact_url_password(self.config.url.as_str()));
+            .add_location(redact_url_password(config.url.as_str()));
         let outcome = result?;
         self.report.add_rejects(outcome.rejected);
         Ok(outcome.accepted)
