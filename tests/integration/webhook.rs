@@ -71,6 +71,37 @@ async fn delivers_signed_batches_with_stable_envelopes() {
     });
 }
 
+/// `method`, `max_bytes` and `'header.<Name>'` reach the receiver as configured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn method_headers_and_max_bytes_reach_the_receiver() {
+    let fake = FakeWebhook::start(Script::default()).await;
+    // SAFETY: test-local variable name, read by this test only.
+    unsafe { std::env::set_var("SLUICE_TEST_AUTH_HEADER", "Bearer abc") };
+    let engine = connect(
+        &fake.url,
+        ", method 'put', max_bytes '2048', 'header.Authorization' env('SLUICE_TEST_AUTH_HEADER')",
+    )
+    .await;
+    let summary = write(&engine, &users(200)).await;
+    assert_eq!(summary.rows_written, 200);
+    fake.observed(|o| {
+        assert!(
+            o.requests.len() > 5,
+            "200 records of ~45 bytes need several 2 KiB bodies"
+        );
+        for r in &o.requests {
+            assert_eq!(r.method, "PUT");
+            assert!(
+                r.body_bytes <= 2048,
+                "a {} byte body exceeds max_bytes",
+                r.body_bytes
+            );
+            assert_eq!(r.authorization.as_deref(), Some("Bearer abc"));
+        }
+        assert_eq!(ids(&o.records), (0..200).collect::<Vec<_>>());
+    });
+}
+
 /// Every fault at once; the receiver, deduping by idempotency key, must end with every record
 /// exactly once, and a request processed but unanswered must have been retried with its key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

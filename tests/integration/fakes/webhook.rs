@@ -73,6 +73,9 @@ pub struct Seen {
     pub records: usize,
     pub object: Option<String>,
     pub signature_ok: Option<bool>,
+    pub method: String,
+    pub body_bytes: usize,
+    pub authorization: Option<String>,
     /// The `id` field of each record (for "which records were resent").
     pub record_ids: Vec<String>,
 }
@@ -174,7 +177,12 @@ struct CountOnly {
     records: Vec<IgnoredAny>,
 }
 
-async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn handle(
+    State(shared): State<Arc<Shared>>,
+    method: axum::http::Method,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let arrived = Instant::now();
     let key = headers
         .get("idempotency-key")
@@ -209,6 +217,12 @@ async fn handle(State(shared): State<Arc<Shared>>, headers: HeaderMap, body: Byt
             object,
             signature_ok: sig,
             record_ids: first,
+            method: method.to_string(),
+            body_bytes: body.len(),
+            authorization: headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string),
         });
     };
 
