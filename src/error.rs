@@ -55,6 +55,10 @@ pub enum Error {
     #[error("{message}")]
     Write { message: String },
 
+    /// Sync state cannot be read, written or locked.
+    #[error("{message}")]
+    State { message: String },
+
     /// The statement was cancelled (Ctrl-C).
     #[error("statement cancelled")]
     Cancelled,

@@ -104,7 +104,12 @@ impl Options {
                 return Err(Error::Option {
                     key: key.clone(),
                     message: format!(
-                        "unknown option '{key}' for connection type '{kind}'{}; valid options: {}",
+                        "unknown option '{key}' for {}{}; valid options: {}",
+                        if kind == "sync" {
+                            "CREATE SYNC".to_string()
+                        } else {
+                            format!("connection type '{kind}'")
+                        },
                         did_you_mean(key, valid.iter().copied()),
                         valid.join(", ")
                     ),

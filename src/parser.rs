@@ -22,6 +22,19 @@ pub enum Statement {
     DropConnection { name: String, if_exists: bool },
     /// `SHOW CONNECTIONS`
     ShowConnections,
+    /// `CREATE [OR REPLACE] SYNC [IF NOT EXISTS] name [SCHEDULE EVERY '…' | CRON '…']
+    /// [OPTIONS (…)] AS <INSERT | MERGE | DELETE>`
+    CreateSync(CreateSync),
+    /// `RUN SYNC name`
+    RunSync { name: String },
+    /// `EXPLAIN SYNC name`: a dry run.
+    ExplainSync { name: String },
+    /// `RESET SYNC name`
+    ResetSync { name: String },
+    /// `DROP SYNC [IF EXISTS] name`
+    DropSync { name: String, if_exists: bool },
+    /// `SHOW SYNCS`
+    ShowSyncs,
     /// Anything DataFusion parses.
     Sql(Box<DFStatement>),
 }
@@ -34,6 +47,38 @@ pub struct CreateConnection {
     pub or_replace: bool,
     pub if_not_exists: bool,
     pub options: Vec<(String, OptionValue)>,
+}
+
+/// When a named sync should run (stored and shown; a scheduler fires it later).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Schedule {
+    /// `SCHEDULE EVERY '15 minutes'`
+    Every(String),
+    /// `SCHEDULE CRON '0 * * * *'` (UTC)
+    Cron(String),
+}
+
+impl std::fmt::Display for Schedule {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Schedule::Every(e) => write!(f, "EVERY '{e}'"),
+            Schedule::Cron(c) => write!(f, "CRON '{c}'"),
+        }
+    }
+}
+
+/// `CREATE SYNC`.
+#[derive(Debug, Clone)]
+pub struct CreateSync {
+    pub name: String,
+    pub or_replace: bool,
+    pub if_not_exists: bool,
+    pub schedule: Option<Schedule>,
+    pub options: Vec<(String, OptionValue)>,
+    /// The INSERT, MERGE or DELETE the sync runs.
+    pub body: Box<DFStatement>,
+    /// The body's text, as written.
+    pub body_text: String,
 }
 
 /// A parsed statement with where it sits in the source text.
@@ -162,6 +207,42 @@ impl SluiceParser<'_> {
                 }
                 return self.parse_create_connection(or_replace);
             }
+            if self.word(n, "SYNC") {
+                for _ in 0..=n {
+                    self.df.parser.next_token();
+                }
+                return self.parse_create_sync(or_replace);
+            }
+        }
+        for (first, make) in [
+            (
+                "RUN",
+                (|name| Statement::RunSync { name }) as fn(String) -> Statement,
+            ),
+            ("EXPLAIN", |name| Statement::ExplainSync { name }),
+            ("RESET", |name| Statement::ResetSync { name }),
+        ] {
+            if self.word(0, first) && self.word(1, "SYNC") {
+                self.df.parser.next_token();
+                self.df.parser.next_token();
+                let name = normalize(self.df.parser.parse_identifier()?);
+                return Ok(make(name));
+            }
+        }
+        if self.word(0, "DROP") && self.word(1, "SYNC") {
+            self.df.parser.next_token();
+            self.df.parser.next_token();
+            let if_exists = self
+                .df
+                .parser
+                .parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
+            let name = normalize(self.df.parser.parse_identifier()?);
+            return Ok(Statement::DropSync { name, if_exists });
+        }
+        if self.word(0, "SHOW") && self.word(1, "SYNCS") {
+            self.df.parser.next_token();
+            self.df.parser.next_token();
+            return Ok(Statement::ShowSyncs);
         }
         if self.word(0, "DROP") && self.word(1, "CONNECTION") {
             self.df.parser.next_token();
@@ -210,6 +291,84 @@ impl SluiceParser<'_> {
             or_replace,
             if_not_exists,
             options,
+        }))
+    }
+
+    fn parse_create_sync(&mut self, or_replace: bool) -> Result<Statement> {
+        let if_not_exists =
+            self.df
+                .parser
+                .parse_keywords(&[Keyword::IF, Keyword::NOT, Keyword::EXISTS]);
+        let name = normalize(self.df.parser.parse_identifier()?);
+        let mut schedule = None;
+        if self.word(0, "SCHEDULE") {
+            self.df.parser.next_token();
+            let kind = self.df.parser.next_token();
+            let value = self.df.parser.parse_literal_string()?;
+            schedule = Some(match &kind.token {
+                Token::Word(w) if w.value.eq_ignore_ascii_case("EVERY") => {
+                    crate::options::parse_duration(&value).map_err(|e| {
+                        located(
+                            format!("SCHEDULE EVERY '{value}' is not a duration ({e}); e.g. EVERY '15 minutes'"),
+                            kind.span.start,
+                        )
+                    })?;
+                    Schedule::Every(value)
+                }
+                Token::Word(w) if w.value.eq_ignore_ascii_case("CRON") => {
+                    if value.split_whitespace().count() != 5 {
+                        return Err(located(
+                            format!(
+                                "SCHEDULE CRON '{value}' needs 5 fields (minute hour day month weekday), e.g. CRON '0 * * * *'"
+                            ),
+                            kind.span.start,
+                        ));
+                    }
+                    Schedule::Cron(value)
+                }
+                other => {
+                    return Err(located(
+                        format!("expected EVERY or CRON after SCHEDULE, found {other}"),
+                        kind.span.start,
+                    ));
+                }
+            });
+        }
+        let options = if self.df.parser.parse_keyword(Keyword::OPTIONS) {
+            self.parse_options()?
+        } else {
+            vec![]
+        };
+        if !self.df.parser.parse_keyword(Keyword::AS) {
+            let found = self.df.parser.peek_token();
+            return Err(located(
+                format!(
+                    "expected AS <INSERT | MERGE | DELETE> after CREATE SYNC {name}, found {}",
+                    found.token
+                ),
+                found.span.start,
+            ));
+        }
+        let start = self.df.parser.peek_token();
+        if !(self.word(0, "INSERT") || self.word(0, "MERGE") || self.word(0, "DELETE")) {
+            return Err(located(
+                format!(
+                    "a sync runs an INSERT, MERGE or DELETE into a destination; found {}",
+                    start.token
+                ),
+                start.span.start,
+            ));
+        }
+        let body = self.df.parse_statement().map_err(parse_error)?;
+        let body_text = body.to_string();
+        Ok(Statement::CreateSync(CreateSync {
+            name,
+            or_replace,
+            if_not_exists,
+            schedule,
+            options,
+            body: Box::new(body),
+            body_text,
         }))
     }
 

@@ -61,6 +61,7 @@ impl PrintOptions {
             }
             Outcome::Done(message) if !self.quiet => writeln!(out, "{message}").map_err(io)?,
             Outcome::Write(summary) if !self.quiet => writeln!(out, "{summary}").map_err(io)?,
+            Outcome::DryRun(report) => writeln!(out, "{report}").map_err(io)?,
             Outcome::Done(_) | Outcome::Write(_) | Outcome::Checked => {}
         }
         Ok(())

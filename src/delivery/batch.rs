@@ -3,6 +3,8 @@
 
 use bytes::Bytes;
 
+pub use crate::sync::Op;
+
 /// One record to deliver.
 #[derive(Debug, Clone)]
 pub struct Record {
@@ -10,11 +12,29 @@ pub struct Record {
     pub key: Option<String>,
     /// The record as a JSON object.
     pub json: Bytes,
+    /// What the record asks of the destination.
+    pub op: Op,
+    /// In a sync, the diff's change this record carries (reported back when acknowledged).
+    pub change: Option<u32>,
+}
+
+impl Record {
+    /// A record to upsert outside a sync.
+    pub fn new(key: Option<String>, json: Bytes) -> Self {
+        Self {
+            key,
+            json,
+            op: Op::Upsert,
+            change: None,
+        }
+    }
 }
 
 /// A request's worth of records.
 #[derive(Debug, Clone)]
 pub struct Batch {
+    /// The operation of every record in it (a batch never mixes operations).
+    pub op: Op,
     /// Sequence number of the batch within the statement (1-based).
     pub seq: u64,
     /// 0 for the batch as first sent; n for the n-th subset re-sent after a partial failure.
@@ -44,6 +64,7 @@ impl Batch {
             .filter_map(|&i| self.records.get(i).cloned())
             .collect();
         Batch {
+            op: self.op,
             seq: self.seq,
             part,
             id: self.id.clone(),
@@ -53,15 +74,15 @@ impl Batch {
     }
 }
 
-/// Groups records into batches of at most `max_records` records and `max_bytes` bytes.
+/// Groups records into batches of at most `max_records` records and `max_bytes` bytes, one
+/// operation per batch.
 #[derive(Debug)]
 pub struct Batcher {
     run_id: String,
     max_records: usize,
     max_bytes: usize,
     seq: u64,
-    records: Vec<Record>,
-    bytes: usize,
+    pending: [(Vec<Record>, usize); 4],
 }
 
 impl Batcher {
@@ -71,44 +92,52 @@ impl Batcher {
             max_records: max_records.max(1),
             max_bytes: max_bytes.max(1),
             seq: 0,
-            records: Vec::with_capacity(max_records.max(1)),
-            bytes: 0,
+            pending: Default::default(),
         }
     }
 
     /// Adds a record; returns a full batch when this record closes one. A record larger than
     /// the byte budget travels alone. Each record counts its separator too.
     pub fn push(&mut self, record: Record) -> Option<Batch> {
+        let op = record.op;
         let size = record.json.len() + 1;
         let mut full = None;
-        if !self.records.is_empty() && self.bytes + size > self.max_bytes {
-            full = self.take();
+        let (records, bytes) = &self.pending[op.code() as usize];
+        if !records.is_empty() && bytes + size > self.max_bytes {
+            full = self.take(op);
         }
-        self.bytes += size;
-        self.records.push(record);
-        if self.records.len() >= self.max_records {
+        let (records, bytes) = &mut self.pending[op.code() as usize];
+        *bytes += size;
+        records.push(record);
+        if records.len() >= self.max_records {
             debug_assert!(full.is_none());
-            return self.take();
+            return self.take(op);
         }
         full
     }
 
-    /// The last, partial batch.
-    pub fn finish(&mut self) -> Option<Batch> {
-        self.take()
+    /// The last, partial batches (one per operation that has records left).
+    pub fn finish(&mut self) -> Vec<Batch> {
+        Op::ALL.iter().filter_map(|op| self.take(*op)).collect()
     }
 
-    fn take(&mut self) -> Option<Batch> {
-        if self.records.is_empty() {
+    fn take(&mut self, op: Op) -> Option<Batch> {
+        let (records, bytes) = &mut self.pending[op.code() as usize];
+        if records.is_empty() {
             return None;
         }
         self.seq += 1;
-        let records = std::mem::replace(&mut self.records, Vec::with_capacity(self.max_records));
-        let bytes = std::mem::take(&mut self.bytes);
+        let records = std::mem::take(records);
+        let bytes = std::mem::take(bytes);
+        let id = match op {
+            Op::Upsert => format!("{}-{:06}", self.run_id, self.seq),
+            op => format!("{}-{op}-{:06}", self.run_id, self.seq),
+        };
         Some(Batch {
+            op,
             seq: self.seq,
             part: 0,
-            id: format!("{}-{:06}", self.run_id, self.seq),
+            id,
             records,
             bytes,
         })
@@ -120,10 +149,7 @@ mod tests {
     use super::*;
 
     fn record(n: usize) -> Record {
-        Record {
-            key: None,
-            json: Bytes::from(vec![b'x'; n]),
-        }
+        Record::new(None, Bytes::from(vec![b'x'; n]))
     }
 
     #[test]
@@ -142,9 +168,26 @@ mod tests {
             "a third record would exceed 100 bytes"
         );
         assert_eq!(by_bytes.bytes, 100);
-        let last = b.finish().unwrap();
-        assert_eq!((last.seq, last.records.len()), (3, 1));
-        assert!(b.finish().is_none());
+        let last = b.finish();
+        assert_eq!((last[0].seq, last[0].records.len()), (3, 1));
+        assert!(b.finish().is_empty());
+    }
+
+    #[test]
+    fn batches_never_mix_operations() {
+        let mut b = Batcher::new("run", 2, 1000);
+        let mut del = record(1);
+        del.op = Op::Delete;
+        assert!(b.push(record(1)).is_none());
+        assert!(b.push(del.clone()).is_none());
+        let deletes = b.push(del).unwrap();
+        assert_eq!(deletes.op, Op::Delete);
+        assert_eq!(deletes.idempotency_key(), "run-delete-000001");
+        let rest = b.finish();
+        assert_eq!(
+            (rest.len(), rest[0].op, rest[0].records.len()),
+            (1, Op::Upsert, 1)
+        );
     }
 
     #[test]

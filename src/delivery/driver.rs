@@ -5,13 +5,14 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
+use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::physical_plan::SendableRecordBatchStream;
 use futures::StreamExt;
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
+use super::batch::Record;
 use super::batch::{Batch, Batcher};
-use super::encode::encode_records;
 use super::limiter::AdaptiveLimiter;
 use super::metrics::DeliveryMetrics;
 use super::retry::{RetryPolicy, rate_window, retry_after};
@@ -28,6 +29,8 @@ pub struct Rejected {
     pub payload: Bytes,
     /// How many requests carried it.
     pub attempts: u32,
+    /// In a sync, the diff's change the record carried.
+    pub change: Option<u32>,
 }
 
 /// What happened to the records of a delivery.
@@ -35,12 +38,72 @@ pub struct Rejected {
 pub struct DeliveryOutcome {
     pub accepted: u64,
     pub rejected: Vec<Rejected>,
+    /// In a sync: the changes the destination acknowledged, with the record id it gave.
+    pub acked: Vec<(u32, Option<String>)>,
 }
 
 impl DeliveryOutcome {
     fn merge(&mut self, other: DeliveryOutcome) {
         self.accepted += other.accepted;
         self.rejected.extend(other.rejected);
+        self.acked.extend(other.acked);
+    }
+}
+
+/// The outcome of a whole stream: what was settled, and the error that stopped it, if any
+/// (records that never got an answer are in neither list; a sync sends them again next run).
+#[derive(Debug, Default)]
+pub struct Delivered {
+    pub outcome: DeliveryOutcome,
+    pub error: Option<Error>,
+}
+
+/// What a dry run would send, per operation.
+#[derive(Debug, Default, Clone)]
+pub struct DryRun {
+    pub ops: Vec<DryRunOp>,
+}
+
+/// One operation's share of a dry run.
+#[derive(Debug, Default, Clone)]
+pub struct DryRunOp {
+    pub op: &'static str,
+    pub records: u64,
+    pub requests: u64,
+    pub bytes: u64,
+    /// The first few records, as they would be sent.
+    pub samples: Vec<String>,
+}
+
+impl DryRun {
+    fn add(&mut self, batch: &Batch) {
+        let op = batch.op.as_str();
+        let entry = match self.ops.iter().position(|o| o.op == op) {
+            Some(i) => &mut self.ops[i],
+            None => {
+                self.ops.push(DryRunOp {
+                    op,
+                    ..Default::default()
+                });
+                self.ops.last_mut().expect("just pushed")
+            }
+        };
+        entry.records += batch.records.len() as u64;
+        entry.requests += 1;
+        entry.bytes += batch.bytes as u64;
+        for r in batch
+            .records
+            .iter()
+            .take(3usize.saturating_sub(entry.samples.len()))
+        {
+            entry
+                .samples
+                .push(String::from_utf8_lossy(&r.json).into_owned());
+        }
+    }
+
+    pub fn requests(&self) -> u64 {
+        self.ops.iter().map(|o| o.requests).sum()
     }
 }
 
@@ -82,37 +145,67 @@ impl<S: HttpService> Driver<S> {
         }
     }
 
-    /// Encodes `input` into records (`key`: the column identifying a record), batches them and
-    /// delivers with at most `concurrency` requests in flight. Stops at the first fatal error.
+    /// Encodes `input` into records with `encode`, batches them and delivers with at most
+    /// `concurrency` requests in flight. Stops at the first fatal error, returning what was
+    /// settled before it. With `dry_run`, batches are counted and sampled but nothing is sent.
     pub async fn deliver_stream(
         &self,
         mut input: SendableRecordBatchStream,
-        key: Option<usize>,
+        mut encode: impl FnMut(&RecordBatch) -> Result<Vec<Record>>,
         mut batcher: Batcher,
         concurrency: usize,
-    ) -> Result<DeliveryOutcome> {
+        mut dry_run: Option<&mut DryRun>,
+    ) -> Delivered {
         let concurrency = concurrency.max(1);
-        let mut total = DeliveryOutcome::default();
+        let mut done = Delivered::default();
         let mut tasks: JoinSet<Result<DeliveryOutcome>> = JoinSet::new();
-        while let Some(rows) = input.next().await {
-            for record in encode_records(&rows?, key)? {
+        let settle = |done: &mut Delivered, r: Result<DeliveryOutcome>| match r {
+            Ok(o) => done.outcome.merge(o),
+            Err(e) => {
+                done.error.get_or_insert(e);
+            }
+        };
+        let send = |tasks: &mut JoinSet<_>, batch: Batch, dry: &mut Option<&mut DryRun>| match dry {
+            Some(d) => d.add(&batch),
+            None => {
+                let driver = self.clone();
+                tasks.spawn(async move { driver.deliver(batch).await });
+            }
+        };
+        'input: while let Some(rows) = input.next().await {
+            let records = match rows.map_err(Error::from).and_then(|b| encode(&b)) {
+                Ok(r) => r,
+                Err(e) => {
+                    done.error = Some(e);
+                    break;
+                }
+            };
+            for record in records {
                 if let Some(batch) = batcher.push(record) {
                     while tasks.len() >= concurrency {
-                        total.merge(join(tasks.join_next().await)?);
+                        settle(&mut done, join(tasks.join_next().await));
+                        if done.error.is_some() {
+                            break 'input;
+                        }
                     }
-                    let driver = self.clone();
-                    tasks.spawn(async move { driver.deliver(batch).await });
+                    send(&mut tasks, batch, &mut dry_run);
                 }
             }
         }
-        if let Some(batch) = batcher.finish() {
-            let driver = self.clone();
-            tasks.spawn(async move { driver.deliver(batch).await });
+        if done.error.is_none() {
+            for batch in batcher.finish() {
+                send(&mut tasks, batch, &mut dry_run);
+            }
         }
-        while let Some(done) = tasks.join_next().await {
-            total.merge(join(Some(done))?);
+        while let Some(result) = tasks.join_next().await {
+            settle(&mut done, join(Some(result)));
+            if done.error.is_some() {
+                // Requests still in flight are abandoned: their records got no answer and are
+                // sent again by the next run.
+                tasks.abort_all();
+            }
         }
-        Ok(total)
+        done
     }
 
     /// Delivers one batch: retries the whole request or only its failed records as the
@@ -129,15 +222,19 @@ impl<S: HttpService> Driver<S> {
             attempts += 1;
             let (class, had_window) = self.send(&pending).await?;
             let wait = match class {
-                ResponseClass::Accepted { .. } => {
+                ResponseClass::Accepted { ids } => {
                     self.limiter.on_success();
-                    self.accept(&mut outcome, pending.records.len());
+                    self.accept(&mut outcome, &pending, &[], &ids);
                     return Ok(outcome);
                 }
                 ResponseClass::Partial { retry, rejected } => {
                     self.limiter.on_success();
-                    let settled = retry.len() + rejected.len();
-                    self.accept(&mut outcome, pending.records.len().saturating_sub(settled));
+                    let unsettled: Vec<usize> = retry
+                        .iter()
+                        .copied()
+                        .chain(rejected.iter().map(|(i, _)| *i))
+                        .collect();
+                    self.accept(&mut outcome, &pending, &unsettled, &[]);
                     for (i, why) in rejected {
                         self.reject(&mut outcome, &pending, i, why, attempts);
                     }
@@ -292,9 +389,33 @@ impl<S: HttpService> Driver<S> {
         Ok(out)
     }
 
-    fn accept(&self, outcome: &mut DeliveryOutcome, n: usize) {
-        outcome.accepted += n as u64;
-        DeliveryMetrics::add(&self.metrics.accepted, n as u64);
+    /// Accepts every record of `batch` except those at `except`; `ids` are the destination's
+    /// record ids in request order, where it returns them.
+    fn accept(
+        &self,
+        outcome: &mut DeliveryOutcome,
+        batch: &Batch,
+        except: &[usize],
+        ids: &[Option<String>],
+    ) {
+        let mut skip = vec![false; batch.records.len()];
+        for i in except {
+            if let Some(s) = skip.get_mut(*i) {
+                *s = true;
+            }
+        }
+        let mut n = 0;
+        for (i, record) in batch.records.iter().enumerate() {
+            if skip[i] {
+                continue;
+            }
+            n += 1;
+            if let Some(change) = record.change {
+                outcome.acked.push((change, ids.get(i).cloned().flatten()));
+            }
+        }
+        outcome.accepted += n;
+        DeliveryMetrics::add(&self.metrics.accepted, n);
     }
 
     fn reject(
@@ -315,6 +436,7 @@ impl<S: HttpService> Driver<S> {
             message: why.message,
             payload: record.json.clone(),
             attempts,
+            change: record.change,
         });
     }
 

@@ -1,20 +1,31 @@
 //! Arrow rows to JSON records, vectorized: one batch is encoded in one pass by arrow-json and cut
 //! into per-record slices of the same buffer (no per-row allocation).
 
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
 use bytes::Bytes;
+use datafusion::arrow::array::{AsArray, UInt32Array};
+use datafusion::arrow::compute::take_record_batch;
+use datafusion::arrow::datatypes::{Schema, UInt8Type, UInt32Type, UInt64Type};
 use datafusion::arrow::json::WriterBuilder;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 
-use super::batch::Record;
+use super::batch::{Op, Record};
 use crate::error::Result;
 
 /// Every row of `batch` as one JSON object per line. Nulls are written as `null` (a mapped field
 /// that is null is sent as null, not left out). Shared by every destination that writes JSON.
 pub fn json_lines(batch: &RecordBatch) -> Result<Vec<u8>> {
+    json_lines_with(batch, true)
+}
+
+/// As [`json_lines`]; with `explicit_nulls` false, null fields are left out of the object.
+pub fn json_lines_with(batch: &RecordBatch, explicit_nulls: bool) -> Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(batch.num_rows() * 96);
     let mut writer = WriterBuilder::new()
-        .with_explicit_nulls(true)
+        .with_explicit_nulls(explicit_nulls)
         .build::<_, datafusion::arrow::json::writer::LineDelimited>(&mut buf);
     writer.write(batch)?;
     writer.finish()?;
@@ -25,8 +36,74 @@ pub fn json_lines(batch: &RecordBatch) -> Result<Vec<u8>> {
 /// Encodes every row of `batch` as a JSON object; `key` is the index of the column whose value
 /// identifies a record.
 pub fn encode_records(batch: &RecordBatch, key: Option<usize>) -> Result<Vec<Record>> {
+    encode_rows(batch, key, true, |_| (Op::Upsert, None))
+}
+
+/// Encodes the changes a sync's `DiffExec` emits (its fields, then `__op`, `__changed`,
+/// `__change`): each record carries only what it sends: every field of a new record, the key and
+/// the changed fields of an update, the key alone for a delete. With `skip_nulls`, null fields
+/// are left out (the destination keeps its value). Rows are grouped by what they send, so each
+/// group is encoded in one vectorized pass.
+pub fn encode_changes(
+    batch: &RecordBatch,
+    key: Option<usize>,
+    skip_nulls: bool,
+) -> Result<Vec<Record>> {
+    let fields = batch.num_columns() - 3;
+    let ops = batch.column(fields).as_primitive::<UInt8Type>();
+    let masks = batch.column(fields + 1).as_primitive::<UInt64Type>();
+    let ids = batch.column(fields + 2).as_primitive::<UInt32Type>();
+    let key_bit = key.map(|k| 1u64 << k).unwrap_or(0);
+    let mut groups: BTreeMap<(u8, u64), Vec<u32>> = BTreeMap::new();
+    for row in 0..batch.num_rows() {
+        let op = Op::from_code(ops.value(row));
+        let mask = match op {
+            Op::Delete => key_bit,
+            _ => masks.value(row) | key_bit,
+        };
+        groups
+            .entry((op.code(), mask))
+            .or_default()
+            .push(row as u32);
+    }
+    let mut records = Vec::with_capacity(batch.num_rows());
+    for ((op, mask), rows) in groups {
+        let columns: Vec<usize> = (0..fields).filter(|i| mask & (1 << i) != 0).collect();
+        let projected = batch.project(&columns)?;
+        let group = if rows.len() == batch.num_rows() {
+            projected
+        } else {
+            take_record_batch(&projected, &UInt32Array::from(rows.clone()))?
+        };
+        let group_key = key.and_then(|k| columns.iter().position(|c| *c == k));
+        let op = Op::from_code(op);
+        let skip = skip_nulls && op != Op::Delete;
+        records.extend(encode_rows(&group, group_key, !skip, |i| {
+            (op, Some(ids.value(rows[i] as usize)))
+        })?);
+    }
+    Ok(records)
+}
+
+/// One record per row; `tag` gives each row's operation and change.
+fn encode_rows(
+    batch: &RecordBatch,
+    key: Option<usize>,
+    explicit_nulls: bool,
+    tag: impl Fn(usize) -> (Op, Option<u32>),
+) -> Result<Vec<Record>> {
     let rows = batch.num_rows();
-    let buf = Bytes::from(json_lines(batch)?);
+    let batch = if batch.num_columns() == 0 {
+        // arrow-json writes nothing for a batch without columns; an empty object per row.
+        RecordBatch::try_new_with_options(
+            Arc::new(Schema::empty()),
+            vec![],
+            &datafusion::arrow::record_batch::RecordBatchOptions::new().with_row_count(Some(rows)),
+        )?
+    } else {
+        batch.clone()
+    };
+    let buf = Bytes::from(json_lines_with(&batch, explicit_nulls)?);
     let options = FormatOptions::default();
     let keys = key
         .map(|i| ArrayFormatter::try_new(batch.column(i).as_ref(), &options))
@@ -40,9 +117,12 @@ pub fn encode_records(batch: &RecordBatch, key: Option<usize>) -> Result<Vec<Rec
             (Some(f), Some(col)) if col.is_valid(row) => Some(f.value(row).to_string()),
             _ => None,
         };
+        let (op, change) = tag(row);
         records.push(Record {
             key,
             json: buf.slice(start..end),
+            op,
+            change,
         });
         start = end + 1;
     }

@@ -22,7 +22,7 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
 pub use batch::{Batch, Batcher, Record};
-pub use driver::{DeliveryOutcome, Driver, Rejected};
+pub use driver::{Delivered, DeliveryOutcome, Driver, DryRun, DryRunOp, Rejected};
 pub use limiter::{AdaptiveLimiter, Ticket};
 pub use metrics::DeliveryMetrics;
 pub use retry::RetryPolicy;

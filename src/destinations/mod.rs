@@ -23,9 +23,10 @@ use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::TableProvider;
 use datafusion::datasource::sink::DataSink;
 
-use crate::delivery::Rejected;
 use crate::delivery::metrics::DeliveryStats;
-use crate::error::Result;
+use crate::delivery::{Delivered, DryRun, Rejected};
+use crate::error::{Error, Result};
+use crate::sync::SyncRun;
 
 pub use schema::DestinationSchema;
 pub use table::DestinationTable;
@@ -38,6 +39,9 @@ pub struct ObjectSpec {
     /// The object's declared fields, or `None` for free-form objects (files, webhooks) that accept
     /// whatever fields the query maps.
     pub fields: Option<SchemaRef>,
+    /// The field that identifies a record (its id property, external id or primary key), if
+    /// the object has one. Objects without one are append-only.
+    pub key: Option<String>,
 }
 
 /// One destination connection.
@@ -57,13 +61,31 @@ pub trait Destination: Debug + Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Whether writes are incremental syncs with state (only changes are sent), or every write
+    /// sends every row (files: each INSERT writes a complete new file).
+    fn stateful(&self) -> bool {
+        true
+    }
+
+    /// Requests per second the connection is limited to, if set (for dry-run estimates).
+    fn rate_limit(&self) -> Option<f64> {
+        None
+    }
+
+    /// Requests in flight at once (for dry-run estimates).
+    fn concurrency(&self) -> Option<usize> {
+        None
+    }
+
     /// Builds the sink that writes rows shaped like `schema` (the mapped fields only) into
-    /// `object`. Called while planning: it must not do I/O.
+    /// `object`. In a sync (`sync` is set) the rows are a `DiffExec`'s changes. Called while
+    /// planning: it must not do I/O.
     fn sink(
         &self,
         object: &ObjectSpec,
         schema: SchemaRef,
         report: Arc<WriteReport>,
+        sync: Option<Arc<SyncRun>>,
     ) -> Result<Arc<dyn DataSink>>;
 }
 
@@ -74,6 +96,8 @@ pub struct WriteReport {
     locations: Mutex<Vec<String>>,
     delivery: Mutex<Option<DeliveryStats>>,
     rejects: Mutex<Vec<Rejected>>,
+    acked: Mutex<Vec<(u32, Option<String>)>>,
+    dry_run: Mutex<Option<DryRun>>,
 }
 
 impl WriteReport {
@@ -107,4 +131,46 @@ impl WriteReport {
     pub fn take_rejects(&self) -> Vec<Rejected> {
         std::mem::take(&mut *self.rejects.lock().expect("report lock"))
     }
+
+    /// The changes the destination acknowledged, leaving the report's list empty.
+    pub fn take_acked(&self) -> Vec<(u32, Option<String>)> {
+        std::mem::take(&mut *self.acked.lock().expect("report lock"))
+    }
+
+    pub fn set_dry_run(&self, dry_run: DryRun) {
+        *self.dry_run.lock().expect("report lock") = Some(dry_run);
+    }
+
+    pub fn dry_run(&self) -> Option<DryRun> {
+        self.dry_run.lock().expect("report lock").clone()
+    }
+
+    /// Records what a delivery settled (even when it stopped early) and returns the number of
+    /// accepted records, or the error that stopped it.
+    pub fn settle(&self, delivered: Delivered) -> Result<u64> {
+        let Delivered { outcome, error } = delivered;
+        self.acked
+            .lock()
+            .expect("report lock")
+            .extend(outcome.acked);
+        self.add_rejects(outcome.rejected);
+        match error {
+            Some(e) => Err(e),
+            None => Ok(outcome.accepted),
+        }
+    }
+}
+
+/// The index of `key` among the mapped fields, or an error saying to map it.
+pub fn key_index(schema: &SchemaRef, key: &str, connection: &str, object: &str) -> Result<usize> {
+    schema.index_of(key).map_err(|_| {
+        let mapped: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
+        Error::plan(
+            format!(
+                "{connection}.{object} identifies records by '{key}', but the statement does not map a field '{key}' (it maps {}); add it to the SELECT",
+                mapped.join(", ")
+            ),
+            object.to_string(),
+        )
+    })
 }

@@ -14,6 +14,8 @@ use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_plan::ExecutionPlan;
 
 use super::{Destination, ObjectSpec, WriteReport};
+use crate::sync::SyncRun;
+use crate::sync::exec::DiffExec;
 
 /// A destination object. As looked up by name it describes the object (and reads it, where the
 /// destination can be read); [`DestinationTable::mapped`] gives the write-side table the engine
@@ -26,6 +28,8 @@ pub struct DestinationTable {
     reader: Option<Arc<dyn TableProvider>>,
     /// Set on the write-side table only: where the sink reports what it did.
     write: Option<Arc<WriteReport>>,
+    /// Set on the write-side table of a sync: the run its `DiffExec` and sink share.
+    sync: Option<Arc<SyncRun>>,
 }
 
 impl DestinationTable {
@@ -45,7 +49,21 @@ impl DestinationTable {
             schema,
             reader,
             write: None,
+            sync: None,
         }
+    }
+
+    /// Whether writes to this object are incremental syncs (see [`Destination::stateful`]).
+    pub fn stateful(&self) -> bool {
+        self.destination.stateful()
+    }
+
+    /// The destination's (rate limit, concurrency), for dry-run estimates.
+    pub fn pacing(&self) -> (Option<f64>, Option<usize>) {
+        (
+            self.destination.rate_limit(),
+            self.destination.concurrency(),
+        )
     }
 
     /// The object as the destination describes it.
@@ -58,14 +76,21 @@ impl DestinationTable {
         self.destination.connection()
     }
 
-    /// The write-side table for an insert whose mapped fields are `schema`.
-    pub fn mapped(&self, schema: SchemaRef, report: Arc<WriteReport>) -> Self {
+    /// The write-side table for a write whose mapped fields are `schema`; in a sync, rows pass
+    /// through the sync's `DiffExec` before the sink.
+    pub fn mapped(
+        &self,
+        schema: SchemaRef,
+        report: Arc<WriteReport>,
+        sync: Option<Arc<SyncRun>>,
+    ) -> Self {
         Self {
             destination: Arc::clone(&self.destination),
             object: self.object.clone(),
             schema,
             reader: None,
             write: Some(report),
+            sync,
         }
     }
 }
@@ -132,9 +157,16 @@ impl TableProvider for DestinationTable {
                 self.object.name
             )));
         }
-        let sink = self
-            .destination
-            .sink(&self.object, input.schema(), Arc::clone(report))?;
+        let input: Arc<dyn ExecutionPlan> = match &self.sync {
+            Some(run) => Arc::new(DiffExec::new(input, Arc::clone(run))),
+            None => input,
+        };
+        let sink = self.destination.sink(
+            &self.object,
+            input.schema(),
+            Arc::clone(report),
+            self.sync.clone(),
+        )?;
         Ok(Arc::new(DataSinkExec::new(input, sink, None)))
     }
 }

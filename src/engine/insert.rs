@@ -11,25 +11,30 @@ use std::sync::Arc;
 
 use datafusion::arrow::compute::can_cast_types;
 use datafusion::common::Column;
+use datafusion::common::TableReference;
 use datafusion::datasource::provider_as_source;
 use datafusion::logical_expr::dml::InsertOp;
 use datafusion::logical_expr::{Expr, LogicalPlan, LogicalPlanBuilder, cast};
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::planner::object_name_to_table_reference;
 use datafusion::sql::sqlparser::ast::{
-    Expr as SqlExpr, Insert, Query, SelectItem, SetExpr, Statement as SqlStatement, TableObject,
+    Expr as SqlExpr, Insert, ObjectName, Query, SelectItem, SetExpr, Statement as SqlStatement,
+    TableObject,
 };
 
-use super::{Engine, Planned};
-use crate::destinations::{DestinationTable, WriteReport};
+use super::{Engine, Planned, SyncContext};
+use crate::destinations::{DestinationTable, WriteReport, key_index};
 use crate::error::{Error, Result, did_you_mean};
+use crate::sync::SyncRun;
+use crate::sync::diff::DiffSpec;
+use crate::sync::run::SyncSpec;
 
 impl Engine {
-    /// Plans `insert` if its target is a destination object; `None` if it is an ordinary table.
-    pub(super) async fn plan_destination_insert(&self, insert: &Insert) -> Result<Option<Planned>> {
-        let TableObject::TableName(name) = &insert.table else {
-            return Ok(None);
-        };
+    /// The destination object `name` refers to; `None` if it is an ordinary table.
+    pub(super) async fn destination(
+        &self,
+        name: &ObjectName,
+    ) -> Result<Option<(TableReference, DestinationTable)>> {
         let table_ref = object_name_to_table_reference(name.clone(), true)?;
         let Some(schema_name) = table_ref.schema() else {
             return Ok(None);
@@ -41,9 +46,24 @@ impl Engine {
             return Ok(None);
         }
         let provider = self.ctx.table_provider(table_ref.clone()).await?;
-        let Some(table) = provider.downcast_ref::<DestinationTable>() else {
+        Ok(provider
+            .downcast_ref::<DestinationTable>()
+            .map(|t| (table_ref, t.clone())))
+    }
+
+    /// Plans `insert` if its target is a destination object; `None` if it is an ordinary table.
+    pub(super) async fn plan_destination_insert(
+        &self,
+        insert: &Insert,
+        sync: &SyncContext,
+    ) -> Result<Option<Planned>> {
+        let TableObject::TableName(name) = &insert.table else {
             return Ok(None);
         };
+        let Some((table_ref, table)) = self.destination(name).await? else {
+            return Ok(None);
+        };
+        let table = &table;
         let target = table_ref.to_string();
 
         if insert.overwrite || insert.or.is_some() || insert.replace_into {
@@ -72,13 +92,7 @@ impl Engine {
         if insert.columns.is_empty() {
             check_unique_output_names(source, &target)?;
         }
-        let query = self
-            .ctx
-            .state()
-            .statement_to_plan(DFStatement::Statement(Box::new(SqlStatement::Query(
-                source.clone(),
-            ))))
-            .await?;
+        let query = self.plan_query(source).await?;
         let query_schema = Arc::clone(query.schema());
 
         // The destination field each query column goes to.
@@ -122,59 +136,87 @@ impl Engine {
             listed
         };
 
-        let mut seen = HashSet::new();
-        for name in &names {
-            if !seen.insert(name.as_str()) {
+        let mapped = map_fields(table, &target, query, &names)?;
+        self.plan_write(table, table_ref, mapped, Write::insert(), sync)
+            .map(Some)
+    }
+
+    /// Plans a query given as SQL AST.
+    pub(super) async fn plan_query(&self, query: &Query) -> Result<LogicalPlan> {
+        Ok(self
+            .ctx
+            .state()
+            .statement_to_plan(DFStatement::Statement(Box::new(SqlStatement::Query(
+                Box::new(query.clone()),
+            ))))
+            .await?)
+    }
+
+    /// The write of `mapped` (the query projected to destination fields) into `table`: an
+    /// incremental sync through `DiffExec` for stateful destinations, a plain write otherwise.
+    pub(super) fn plan_write(
+        &self,
+        table: &DestinationTable,
+        table_ref: TableReference,
+        mapped: LogicalPlan,
+        write: Write,
+        sync: &SyncContext,
+    ) -> Result<Planned> {
+        let target = table_ref.to_string();
+        let fields = Arc::new(mapped.schema().as_arrow().clone());
+        let names: Vec<String> = fields.fields().iter().map(|f| f.name().clone()).collect();
+        let report = Arc::new(WriteReport::default());
+        let run = if table.stateful() {
+            let key = write.key.clone().or_else(|| table.object().key.clone());
+            let key_index = key
+                .as_deref()
+                .map(|k| key_index(&fields, k, table.connection(), &table.object().name))
+                .transpose()?;
+            if key_index.is_none() && write.kind != "insert" {
                 return Err(Error::plan(
                     format!(
-                        "INSERT INTO {target} maps field '{name}' more than once; map each field once"
+                        "{target} has no key to match records by, so it can only be appended to with INSERT INTO; MERGE and DELETE need one (set the connection's key option)"
                     ),
-                    name.clone(),
+                    table.object().name.clone(),
                 ));
             }
-        }
-
-        // Check against the object's declared fields and cast to their types.
-        let declared = table.object().fields.clone();
-        let mut exprs: Vec<Expr> = Vec::with_capacity(names.len());
-        for ((qualifier, field), name) in query_schema.iter().zip(&names) {
-            let mut expr = Expr::Column(Column::new(qualifier.cloned(), field.name()));
-            if let Some(declared) = &declared {
-                let Ok(target_field) = declared.field_with_name(name) else {
-                    let candidates: Vec<&str> = declared
-                        .fields()
-                        .iter()
-                        .map(|f| f.name().as_str())
-                        .collect();
-                    return Err(Error::plan(
-                        format!(
-                            "{target} has no field '{name}'{}; DESCRIBE {target} lists its fields",
-                            did_you_mean(name, candidates.iter().copied())
-                        ),
-                        name.clone(),
-                    ));
-                };
-                if target_field.data_type() != field.data_type() {
-                    if !can_cast_types(field.data_type(), target_field.data_type()) {
-                        return Err(Error::plan(
-                            format!(
-                                "{target}.{name} is {} but the query gives {}, which cannot be converted; CAST it in the query",
-                                target_field.data_type(),
-                                field.data_type()
-                            ),
-                            name.clone(),
-                        ));
-                    }
-                    expr = cast(expr, target_field.data_type().clone());
-                }
+            let diff = DiffSpec {
+                key: key_index,
+                fields: names.clone(),
+                insert: write.insert,
+                update: write.update,
+                delete: write.delete,
+                listed_deletes: write.listed_deletes,
+                keep_last: sync.options.keep_last,
+            };
+            let id = sync.name.clone().unwrap_or_else(|| {
+                SyncSpec::unnamed_id(&target, key.as_deref(), &names, &write.signature())
+            });
+            Some(Arc::new(SyncRun::new(
+                SyncSpec {
+                    id,
+                    name: sync.name.clone(),
+                    target: target.clone(),
+                    diff,
+                    options: sync.options.clone(),
+                    pacing: table.pacing(),
+                },
+                self.state.clone(),
+                sync.dry_run,
+            )))
+        } else {
+            if write.kind != "insert" {
+                return Err(Error::plan(
+                    format!(
+                        "{target}: {} is not supported here; this destination writes a complete new file per INSERT INTO",
+                        write.kind.to_uppercase()
+                    ),
+                    table.object().name.clone(),
+                ));
             }
-            exprs.push(expr.alias(name));
-        }
-        let mapped = LogicalPlanBuilder::from(query).project(exprs)?.build()?;
-
-        let report = Arc::new(WriteReport::default());
-        let fields = Arc::new(mapped.schema().as_arrow().clone());
-        let write_table = table.mapped(Arc::clone(&fields), Arc::clone(&report));
+            None
+        };
+        let write_table = table.mapped(Arc::clone(&fields), Arc::clone(&report), run.clone());
         let writes = (
             table.connection().to_string(),
             table.object().name.clone(),
@@ -187,12 +229,107 @@ impl Engine {
             InsertOp::Append,
         )?
         .build()?;
-        Ok(Some(Planned {
+        Ok(Planned {
             plan,
             report: Some(report),
             writes: Some(writes),
-        }))
+            sync: run,
+        })
     }
+}
+
+/// What a write statement may do.
+#[derive(Debug, Clone)]
+pub(super) struct Write {
+    /// `insert`, `merge` or `delete`.
+    pub kind: &'static str,
+    /// The match key, when the statement names it (`MERGE … ON`, `DELETE … WHERE key …`).
+    pub key: Option<String>,
+    pub insert: bool,
+    pub update: bool,
+    pub delete: bool,
+    pub listed_deletes: bool,
+}
+
+impl Write {
+    pub fn insert() -> Self {
+        Self {
+            kind: "insert",
+            key: None,
+            insert: true,
+            update: true,
+            delete: false,
+            listed_deletes: false,
+        }
+    }
+
+    /// Distinguishes the state of unnamed statements that differ in what they may do.
+    fn signature(&self) -> String {
+        format!(
+            "{}:{}{}{}",
+            self.kind, self.insert as u8, self.update as u8, self.delete as u8
+        )
+    }
+}
+
+/// The query's columns as the destination fields `names` (checked against the object's declared
+/// fields, cast to their types).
+pub(super) fn map_fields(
+    table: &DestinationTable,
+    target: &str,
+    query: LogicalPlan,
+    names: &[String],
+) -> Result<LogicalPlan> {
+    let query_schema = Arc::clone(query.schema());
+    let mut seen = HashSet::new();
+    for name in names {
+        if !seen.insert(name.as_str()) {
+            return Err(Error::plan(
+                format!(
+                    "INSERT INTO {target} maps field '{name}' more than once; map each field once"
+                ),
+                name.clone(),
+            ));
+        }
+    }
+
+    // Check against the object's declared fields and cast to their types.
+    let declared = table.object().fields.clone();
+    let mut exprs: Vec<Expr> = Vec::with_capacity(names.len());
+    for ((qualifier, field), name) in query_schema.iter().zip(names) {
+        let mut expr = Expr::Column(Column::new(qualifier.cloned(), field.name()));
+        if let Some(declared) = &declared {
+            let Ok(target_field) = declared.field_with_name(name) else {
+                let candidates: Vec<&str> = declared
+                    .fields()
+                    .iter()
+                    .map(|f| f.name().as_str())
+                    .collect();
+                return Err(Error::plan(
+                    format!(
+                        "{target} has no field '{name}'{}; DESCRIBE {target} lists its fields",
+                        did_you_mean(name, candidates.iter().copied())
+                    ),
+                    name.clone(),
+                ));
+            };
+            if target_field.data_type() != field.data_type() {
+                if !can_cast_types(field.data_type(), target_field.data_type()) {
+                    return Err(Error::plan(
+                        format!(
+                            "{target}.{name} is {} but the query gives {}, which cannot be converted; CAST it in the query",
+                            target_field.data_type(),
+                            field.data_type()
+                        ),
+                        name.clone(),
+                    ));
+                }
+                expr = cast(expr, target_field.data_type().clone());
+            }
+        }
+        exprs.push(expr.alias(name));
+    }
+    Ok(LogicalPlanBuilder::from(query).project(exprs)?.build()?)
 }
 
 /// `SELECT email, name AS email` maps one field twice. DataFusion rejects such a query with a

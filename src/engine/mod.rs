@@ -4,7 +4,7 @@
 
 mod insert;
 mod outcome;
-mod rejects;
+mod sync;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,7 +12,7 @@ use std::time::Instant;
 use datafusion::arrow::array::{ArrayRef, StringArray, UInt64Array};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::catalog::{CatalogProvider, MemorySchemaProvider};
+use datafusion::catalog::{CatalogProvider, MemorySchemaProvider, SchemaProvider};
 use datafusion::datasource::source_as_provider;
 use datafusion::execution::SessionStateBuilder;
 use datafusion::execution::cache::cache_manager::CacheManagerConfig;
@@ -23,13 +23,20 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 
-pub use outcome::{Outcome, WriteSummary, format_duration};
+pub use outcome::{DryRunReport, Outcome, WriteSummary, format_duration};
+pub use sync::SyncContext;
 
 use crate::connections::{ConnectContext, ConnectionInfo, Connections, kinds};
 use crate::destinations::{DestinationSchema, DestinationTable, WriteReport};
 use crate::error::{Error, Result, did_you_mean};
 use crate::object_stores::EnvObjectStoreRegistry;
 use crate::parser::{CreateConnection, ParsedStatement, Statement, parse_sql};
+use crate::sync::exec::mode_name;
+use crate::sync::tables::{StateTable, StateTableKind};
+use crate::sync::{StateStore, SyncRun};
+
+/// The schema sluice's own tables live under (`sluice.runs`, `sluice.rejects`).
+pub const SLUICE_SCHEMA: &str = "sluice";
 
 /// Whether statements run, or are only planned (`sluice check`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +46,9 @@ pub enum Mode {
     /// Parse and plan everything; execute session DDL (connections, external tables, views) so
     /// later statements can be planned, and execute no query and no write.
     Check,
+    /// Run everything except writes: syncs report what they would send (reading their state,
+    /// changing nothing); other writes are skipped.
+    DryRun,
 }
 
 /// A DataFusion session with sluice's statements, connections and destinations.
@@ -48,7 +58,11 @@ pub struct Engine {
     /// which cannot deregister schemas).
     catalog: Arc<dyn CatalogProvider>,
     connections: Connections,
-    rejects: rejects::RejectLog,
+    /// Where sync state, run records and rejects live.
+    state: StateStore,
+    /// The schema holding `sluice.runs` and `sluice.rejects`.
+    sluice_schema: Arc<MemorySchemaProvider>,
+    syncs: sync::SyncDefs,
 }
 
 /// A statement planned and ready to execute.
@@ -58,6 +72,8 @@ pub(crate) struct Planned {
     report: Option<Arc<WriteReport>>,
     /// For writes into a destination: (connection, object, mapped fields).
     writes: Option<(String, String, SchemaRef)>,
+    /// For syncs: the run.
+    sync: Option<Arc<SyncRun>>,
 }
 
 impl Engine {
@@ -93,13 +109,47 @@ impl Engine {
             )
         })?;
         let sluice_schema = Arc::new(MemorySchemaProvider::new());
-        catalog.register_schema(rejects::SCHEMA, Arc::clone(&sluice_schema) as _)?;
-        Ok(Self {
+        catalog.register_schema(SLUICE_SCHEMA, Arc::clone(&sluice_schema) as _)?;
+        let mut engine = Self {
             ctx: ctx.enable_url_table(),
             catalog,
             connections: Connections::new(kinds()),
-            rejects: rejects::RejectLog::new(sluice_schema)?,
-        })
+            state: StateStore::local(std::path::Path::new(".sluice"))?,
+            sluice_schema,
+            syncs: Default::default(),
+        };
+        engine.set_state(engine.state.clone())?;
+        Ok(engine)
+    }
+
+    /// Keeps sync state at `state` (default: `.sluice` in the working directory).
+    pub fn set_state(&mut self, state: StateStore) -> Result<()> {
+        for (name, kind) in [
+            ("runs", StateTableKind::Runs),
+            ("rejects", StateTableKind::Rejects),
+        ] {
+            self.sluice_schema.deregister_table(name)?;
+            self.sluice_schema.register_table(
+                name.to_string(),
+                Arc::new(StateTable::new(state.clone(), kind)),
+            )?;
+        }
+        self.state = state;
+        Ok(())
+    }
+
+    /// Keeps sync state at `location`: a directory, or an object store URL (`s3://…`).
+    pub fn set_state_location(&mut self, location: &str) -> Result<()> {
+        let state = StateStore::at(
+            location,
+            self.ctx.runtime_env().object_store_registry.as_ref(),
+        )?;
+        self.set_state(state)
+    }
+
+    /// Where sync state lives.
+    pub fn state_location(&self) -> &str {
+        self.state.display()
     }
 
     /// Adds a connection kind (a destination or source type) to this session.
@@ -133,7 +183,50 @@ impl Engine {
             Statement::CreateConnection(create) => self.create_connection(create),
             Statement::DropConnection { name, if_exists } => self.drop_connection(name, *if_exists),
             Statement::ShowConnections => self.show_connections(),
-            Statement::Sql(sql) => self.execute_sql(sql, mode).await,
+            Statement::CreateSync(create) => self.create_sync(create).await,
+            Statement::RunSync { name } => {
+                let def = self.sync_def(name)?;
+                let context = SyncContext {
+                    name: Some(name.clone()),
+                    options: def.options.clone(),
+                    dry_run: mode == Mode::DryRun,
+                };
+                if mode == Mode::Check {
+                    self.plan_sync_body(name, &def.body, &context).await?;
+                    return Ok(Outcome::Checked);
+                }
+                let planned = self.plan_sync_body(name, &def.body, &context).await?;
+                self.execute_planned(planned, mode).await
+            }
+            Statement::ExplainSync { name } => {
+                let def = self.sync_def(name)?;
+                let context = SyncContext {
+                    name: Some(name.clone()),
+                    options: def.options.clone(),
+                    dry_run: true,
+                };
+                let planned = self.plan_sync_body(name, &def.body, &context).await?;
+                if mode == Mode::Check {
+                    return Ok(Outcome::Checked);
+                }
+                self.execute_planned(planned, Mode::DryRun).await
+            }
+            Statement::ResetSync { name } => {
+                if mode != Mode::Run {
+                    return Ok(Outcome::Checked);
+                }
+                self.reset_sync(name).await
+            }
+            Statement::DropSync { name, if_exists } => self.drop_sync(name, *if_exists),
+            Statement::ShowSyncs => self.show_syncs().await,
+            Statement::Sql(sql) => {
+                let context = SyncContext {
+                    dry_run: mode == Mode::DryRun,
+                    ..Default::default()
+                };
+                let planned = self.plan(sql, &context).await?;
+                self.execute_planned(planned, mode).await
+            }
         }
     }
 
@@ -235,27 +328,41 @@ impl Engine {
         })
     }
 
-    async fn plan(&self, statement: &DFStatement) -> Result<Planned> {
+    /// Plans a destination write (INSERT, MERGE, DELETE) as sluice does; `None` for anything
+    /// else.
+    async fn plan_destination_write(
+        &self,
+        statement: &SqlStatement,
+        sync: &SyncContext,
+    ) -> Result<Option<Planned>> {
+        match statement {
+            SqlStatement::Insert(insert) => self.plan_destination_insert(insert, sync).await,
+            SqlStatement::Merge(merge) => self.plan_destination_merge(merge, sync).await,
+            SqlStatement::Delete(delete) => self.plan_destination_delete(delete, sync).await,
+            _ => Ok(None),
+        }
+    }
+
+    async fn plan(&self, statement: &DFStatement, sync: &SyncContext) -> Result<Planned> {
         match statement {
             DFStatement::Statement(s) => {
-                if let SqlStatement::Insert(insert) = s.as_ref()
-                    && let Some(planned) = self.plan_destination_insert(insert).await?
-                {
+                if let Some(planned) = self.plan_destination_write(s, sync).await? {
                     return Ok(planned);
                 }
             }
             DFStatement::Explain(explain) => {
                 if let DFStatement::Statement(s) = explain.statement.as_ref()
-                    && let SqlStatement::Insert(insert) = s.as_ref()
-                    && let Some(planned) = self.plan_destination_insert(insert).await?
+                    && let Some(planned) = self.plan_destination_write(s, sync).await?
                 {
                     let plan = LogicalPlanBuilder::from(planned.plan)
                         .explain(explain.options.verbose, explain.options.analyze)?
                         .build()?;
+                    // EXPLAIN ANALYZE runs the sync; plain EXPLAIN only plans it.
                     return Ok(Planned {
                         plan,
                         report: planned.report,
                         writes: None,
+                        sync: planned.sync.filter(|_| explain.options.analyze),
                     });
                 }
             }
@@ -271,6 +378,7 @@ impl Engine {
             plan,
             report: None,
             writes: None,
+            sync: None,
         })
     }
 
@@ -287,7 +395,7 @@ impl Engine {
             {
                 return Err(Error::plan(
                     format!(
-                        "{} on {} is not supported by this destination; it accepts INSERT INTO",
+                        "{} on {} is not supported; destinations accept INSERT INTO, MERGE INTO and DELETE FROM … WHERE key IN (…)",
                         dml.op.name().to_uppercase(),
                         dml.table_name
                     ),
@@ -298,13 +406,14 @@ impl Engine {
         Ok(())
     }
 
-    async fn execute_sql(&self, statement: &DFStatement, mode: Mode) -> Result<Outcome> {
+    async fn execute_planned(&self, planned: Planned, mode: Mode) -> Result<Outcome> {
         let started = Instant::now();
         let Planned {
             plan,
             report,
             writes,
-        } = self.plan(statement).await?;
+            sync,
+        } = planned;
         let session_change = matches!(plan, LogicalPlan::Ddl(_) | LogicalPlan::Statement(_));
         if mode == Mode::Check && !session_change {
             // Physical planning validates the whole statement; DML hooks only build plans.
@@ -327,10 +436,65 @@ impl Engine {
             LogicalPlan::Copy(copy) => Some(("COPY".to_string(), copy.output_url.clone())),
             _ => None,
         };
-        let dataframe = self.ctx.execute_logical_plan(plan).await?;
-        let schema = Arc::new(dataframe.schema().as_arrow().clone());
-        let physical = dataframe.create_physical_plan().await?;
-        let batches = collect(Arc::clone(&physical), self.ctx.task_ctx()).await?;
+        if mode == Mode::DryRun
+            && sync.is_none()
+            && let Some((verb, target)) = &write_target
+        {
+            return Ok(Outcome::Done(format!(
+                "DRY RUN: {verb} {target} is not a sync (it writes every row each time); skipped"
+            )));
+        }
+        if let Some(run) = &sync {
+            run.prepare().await?;
+        }
+        let result = async {
+            let dataframe = self.ctx.execute_logical_plan(plan).await?;
+            let schema = Arc::new(dataframe.schema().as_arrow().clone());
+            let physical = dataframe.create_physical_plan().await?;
+            let batches = collect(Arc::clone(&physical), self.ctx.task_ctx()).await?;
+            Ok::<_, Error>((schema, physical, batches))
+        }
+        .await;
+        let (rows_read_n, run_summary, rejects) = match &sync {
+            Some(run) => {
+                let report = report.as_ref().expect("sync writes have a report");
+                let summary = run
+                    .finish(
+                        report.take_acked(),
+                        report.take_rejects(),
+                        report.delivery(),
+                        result.as_ref().err(),
+                    )
+                    .await?;
+                if run.dry_run && result.is_ok() {
+                    return Ok(Outcome::DryRun(DryRunReport {
+                        sync: run.spec.label().to_string(),
+                        target: run.spec.target.clone(),
+                        mode: mode_name(run),
+                        key: run.spec.key_name().map(str::to_string),
+                        counts: summary.counts,
+                        plan: report.dry_run().unwrap_or_default(),
+                        rejected: summary.rejects.len() as u64,
+                        rate_limit: run.spec.pacing.0,
+                        concurrency: run.spec.pacing.1,
+                    }));
+                }
+                (
+                    Some(summary.counts.rows),
+                    Some(summary.clone()),
+                    summary.rejects,
+                )
+            }
+            None => (
+                None,
+                None,
+                report
+                    .as_ref()
+                    .map(|r| r.take_rejects())
+                    .unwrap_or_default(),
+            ),
+        };
+        let (schema, physical, batches) = result?;
         let Some((verb, target)) = write_target else {
             return Ok(Outcome::Rows { schema, batches });
         };
@@ -343,21 +507,25 @@ impl Engine {
         if verb == "COPY" {
             locations.push(target.clone());
         }
-        let rejects = report
-            .as_ref()
-            .map(|r| r.take_rejects())
-            .unwrap_or_default();
-        self.rejects.record(&target, &rejects)?;
+        let verb = match &sync {
+            Some(run) => match mode_name(run) {
+                "delete" => "DELETE FROM".to_string(),
+                "append" | "upsert" => verb,
+                _ => "MERGE INTO".to_string(),
+            },
+            None => verb,
+        };
         Ok(Outcome::Write(WriteSummary {
             verb,
             target,
-            rows_read: rows_read(&physical),
+            rows_read: rows_read_n.unwrap_or_else(|| rows_read(&physical)),
             rows_written,
             rows_rejected: rejects.len() as u64,
             locations,
             elapsed: started.elapsed(),
             delivery: report.as_ref().and_then(|r| r.delivery()),
             rejects,
+            sync: run_summary,
         }))
     }
 

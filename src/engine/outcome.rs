@@ -6,8 +6,10 @@ use std::time::Duration;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 
-use crate::delivery::Rejected;
 use crate::delivery::metrics::DeliveryStats;
+use crate::delivery::{DryRun, Rejected};
+use crate::sync::diff::DiffCounts;
+use crate::sync::run::RunSummary;
 
 /// The result of one statement.
 #[derive(Debug)]
@@ -21,6 +23,8 @@ pub enum Outcome {
     Done(String),
     /// Rows were written.
     Write(WriteSummary),
+    /// A sync's dry run: what it would send.
+    DryRun(DryRunReport),
     /// `sluice check`: planned and valid, not executed.
     Checked,
 }
@@ -55,6 +59,74 @@ pub struct WriteSummary {
     pub delivery: Option<DeliveryStats>,
     /// The records the destination refused (also in `sluice.rejects`).
     pub rejects: Vec<Rejected>,
+    /// For syncs: the run (inserted / updated / deleted / unchanged, run id).
+    pub sync: Option<RunSummary>,
+}
+
+/// What a sync would do (`EXPLAIN SYNC`, `sluice run --dry-run`). Nothing was sent and the
+/// state is unchanged.
+#[derive(Debug, Clone)]
+pub struct DryRunReport {
+    pub sync: String,
+    pub target: String,
+    pub mode: &'static str,
+    pub key: Option<String>,
+    pub counts: DiffCounts,
+    pub plan: DryRun,
+    /// Null keys and other records refused before sending.
+    pub rejected: u64,
+    /// The destination's request rate limit, if one is set (requests per second).
+    pub rate_limit: Option<f64>,
+    pub concurrency: Option<usize>,
+}
+
+impl fmt::Display for DryRunReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let c = &self.counts;
+        writeln!(
+            f,
+            "DRY RUN of sync {} into {} (mode {}, key {}): nothing sent, state unchanged",
+            self.sync,
+            self.target,
+            self.mode,
+            self.key.as_deref().unwrap_or("row hash")
+        )?;
+        writeln!(
+            f,
+            "  model rows {}: {} to insert, {} to update, {} to delete, {} unchanged, {} rejected by key (null), {} not sent by this mode",
+            c.rows, c.inserts, c.updates, c.deletes, c.unchanged, self.rejected, c.skipped
+        )?;
+        let requests = self.plan.requests();
+        write!(f, "  API calls: {requests}")?;
+        for op in &self.plan.ops {
+            write!(
+                f,
+                "\n    {}: {} record{} in {} request{} ({} bytes)",
+                op.op,
+                op.records,
+                plural(op.records),
+                op.requests,
+                plural(op.requests),
+                op.bytes
+            )?;
+            for sample in &op.samples {
+                write!(f, "\n      e.g. {sample}")?;
+            }
+        }
+        match self.rate_limit {
+            Some(rate) if rate > 0.0 => write!(
+                f,
+                "\n  estimated duration: {} at rate_limit {rate}/s",
+                format_duration(Duration::from_secs_f64(requests as f64 / rate))
+            ),
+            _ => write!(
+                f,
+                "\n  estimated duration: no rate limit is set, so it depends on the endpoint ({requests} request{} at concurrency {})",
+                plural(requests),
+                self.concurrency.unwrap_or(1)
+            ),
+        }
+    }
 }
 
 impl fmt::Display for WriteSummary {
@@ -80,6 +152,21 @@ impl fmt::Display for WriteSummary {
         write!(f, " in {}", format_duration(self.elapsed))?;
         if let Some(delivery) = &self.delivery {
             write!(f, "; {delivery}")?;
+        }
+        if let Some(sync) = &self.sync {
+            let r = &sync.record;
+            write!(
+                f,
+                "\n  sync {} run {}: {} inserted, {} updated, {} deleted, {} unchanged",
+                r.sync, r.run_id, r.inserted, r.updated, r.deleted, r.unchanged
+            )?;
+            if sync.counts.skipped > 0 {
+                write!(
+                    f,
+                    ", {} changed but not sent by this mode",
+                    sync.counts.skipped
+                )?;
+            }
         }
         // A few rejects inline; all of them are in sluice.rejects.
         for r in self.rejects.iter().take(MAX_REJECTS_SHOWN) {

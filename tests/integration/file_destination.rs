@@ -28,7 +28,7 @@ fn sql_path(dir: &std::path::Path) -> String {
 /// An engine with a `file` connection `out` (JSON lines) writing into a fresh temporary folder.
 async fn file_engine() -> (tempfile::TempDir, Engine) {
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::new().unwrap();
+    let engine = super::support::engine();
     let out = sql_path(dir.path());
     engine
         .run_sql(&format!(
@@ -42,7 +42,7 @@ async fn file_engine() -> (tempfile::TempDir, Engine) {
 #[tokio::test]
 async fn explain_insert_shows_the_sink_and_writes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let engine = Engine::new().unwrap();
+    let engine = super::support::engine();
     let out = sql_path(dir.path());
     let outcomes = engine
         .run_sql(&format!(
@@ -139,13 +139,19 @@ impl Destination for Capture {
         Ok((name == "contacts").then(|| ObjectSpec {
             name: name.into(),
             fields: Some(crm_fields()),
+            key: None,
         }))
+    }
+    /// This test is about the mapping the sink receives, not about sync state.
+    fn stateful(&self) -> bool {
+        false
     }
     fn sink(
         &self,
         _object: &ObjectSpec,
         schema: SchemaRef,
         _report: Arc<WriteReport>,
+        _sync: Option<Arc<sluice::sync::SyncRun>>,
     ) -> sluice::Result<Arc<dyn DataSink>> {
         Ok(Arc::new(CaptureSink {
             schema,
@@ -211,7 +217,7 @@ type Captured = Arc<Mutex<Vec<RecordBatch>>>;
 
 async fn crm_engine() -> (Engine, Captured) {
     let captured = Captured::default();
-    let mut engine = Engine::new().unwrap();
+    let mut engine = super::support::engine();
     engine.register_kind(Arc::new(CaptureKind(Arc::clone(&captured))));
     engine
         .run_sql("CREATE CONNECTION crm TYPE capture")

@@ -61,6 +61,14 @@ impl sqllogictest::AsyncDB for SluiceDb {
             }
             Outcome::Write(summary) => DBOutput::StatementComplete(summary.rows_written),
             Outcome::Done(_) | Outcome::Checked => DBOutput::StatementComplete(0),
+            Outcome::DryRun(report) => DBOutput::Rows {
+                types: vec![DefaultColumnType::Text],
+                rows: report
+                    .to_string()
+                    .lines()
+                    .map(|l| vec![l.trim().to_string()])
+                    .collect(),
+            },
         })
     }
 
@@ -102,10 +110,10 @@ async fn sqllogictest_files() {
     let mut failures = vec![];
     for file in &files {
         let mut runner = sqllogictest::Runner::new(|| async {
-            Ok(SluiceDb {
-                engine: Engine::new()?,
-                tmp: tempfile::tempdir().expect("tempdir"),
-            })
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let mut engine = Engine::new()?;
+            engine.set_state_location(&tmp.path().join(".sluice").display().to_string())?;
+            Ok(SluiceDb { engine, tmp })
         });
         if let Err(e) = runner.run_file_async(file).await {
             failures.push(format!("{}:\n{e}", file.display()));

@@ -7,7 +7,7 @@ use axum::Router;
 use axum::body::Body;
 use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::response::Response;
-use sluice::{Engine, Outcome};
+use sluice::Outcome;
 
 /// Serves `bytes` at `/data/customers.parquet` with HEAD and `Range: bytes=a-b` support.
 async fn serve(bytes: Vec<u8>) -> (String, tokio::task::JoinHandle<()>) {
@@ -65,7 +65,7 @@ async fn parquet_over_http_is_a_table() {
         std::fs::read(super::support::repo_root().join("sql_examples/data/customers.parquet"))
             .unwrap();
     let (url, server) = serve(parquet).await;
-    let engine = Engine::new().unwrap();
+    let engine = super::support::engine();
     let outcomes = engine
         .run_sql(&format!(
             "CREATE EXTERNAL TABLE remote STORED AS PARQUET LOCATION '{url}';

@@ -49,6 +49,8 @@ pub fn filter(text: &str, dir: &Path) -> String {
     let mut out = text.replace(&dir.display().to_string(), "[DIR]");
     out = regex_replace(&out, r"\d{8}T\d{6}\.\d{3}Z-[0-9a-f]{12}", "[RUN]");
     out = regex_replace(&out, r" in \d+(\.\d+)?m?s", " in [TIME]");
+    out = regex_replace(&out, r"-[0-9a-f]{16} run [0-9a-f]{16}", " run [SYNC-RUN]");
+    out = regex_replace(&out, r" run [0-9a-f]{16}", " run [SYNC-RUN]");
     out
 }
 
@@ -75,4 +77,15 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     }
     out.sort();
     out
+}
+
+/// An engine whose sync state lives in a fresh temporary directory (kept for the process, so a
+/// failing test's state can be inspected).
+pub fn engine() -> sluice::Engine {
+    let mut engine = sluice::Engine::new().expect("engine");
+    let dir = tempfile::tempdir().expect("tempdir").keep();
+    engine
+        .set_state_location(&dir.join(".sluice").display().to_string())
+        .expect("state");
+    engine
 }

@@ -10,7 +10,7 @@ use sluice::{Engine, Outcome, WriteSummary};
 use super::fakes::webhook::{FakeWebhook, Fault, Script};
 
 async fn connect(fake_url: &str, extra: &str) -> Engine {
-    let engine = Engine::new().unwrap();
+    let engine = super::support::engine();
     engine
         .run_sql(&format!(
             "CREATE CONNECTION hooks TYPE webhook OPTIONS (url '{fake_url}', key 'id'{extra})"
@@ -535,11 +535,11 @@ async fn a_401_refreshes_credentials_once() {
             Arc::new(DeliveryMetrics::default()),
         );
         let mut batcher = Batcher::new("run", 10, 1 << 20);
-        batcher.push(Record {
-            key: Some("1".into()),
-            json: bytes::Bytes::from_static(br#"{"id":1}"#),
-        });
-        let result = driver.deliver(batcher.finish().unwrap()).await;
+        batcher.push(Record::new(
+            Some("1".into()),
+            bytes::Bytes::from_static(br#"{"id":1}"#),
+        ));
+        let result = driver.deliver(batcher.finish().remove(0)).await;
         assert_eq!(
             service.refreshes.load(Ordering::SeqCst),
             1,

@@ -131,6 +131,7 @@ impl Destination for FileDestination {
         Ok(Some(ObjectSpec {
             name: name.to_string(),
             fields: None,
+            key: None,
         }))
     }
 
@@ -157,11 +158,17 @@ impl Destination for FileDestination {
         Ok(Some(Arc::new(ListingTable::try_new(config)?)))
     }
 
+    /// Each INSERT writes a complete new file of every row.
+    fn stateful(&self) -> bool {
+        false
+    }
+
     fn sink(
         &self,
         object: &ObjectSpec,
         schema: SchemaRef,
         report: Arc<WriteReport>,
+        _sync: Option<Arc<crate::sync::SyncRun>>,
     ) -> Result<Arc<dyn DataSink>> {
         Ok(Arc::new(FileSink::new(
             &self.connection,

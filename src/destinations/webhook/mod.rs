@@ -30,9 +30,10 @@ pub use sink::{WebhookConnection, WebhookSink};
 
 use crate::connections::{ConnectContext, ConnectorKind};
 use crate::delivery::AdaptiveLimiter;
-use crate::destinations::{Destination, DestinationSchema, ObjectSpec, WriteReport};
+use crate::destinations::{Destination, DestinationSchema, ObjectSpec, WriteReport, key_index};
 use crate::error::{Error, Result};
 use crate::options::{OptionSpec, Options};
+use crate::sync::SyncRun;
 
 /// `TYPE webhook`.
 pub struct WebhookConnector;
@@ -86,11 +87,20 @@ impl Destination for WebhookDestination {
         vec![]
     }
 
+    fn rate_limit(&self) -> Option<f64> {
+        self.0.config.rate_limit
+    }
+
+    fn concurrency(&self) -> Option<usize> {
+        Some(self.0.config.concurrency)
+    }
+
     async fn object(&self, name: &str) -> Result<Option<ObjectSpec>> {
         // Any object name is valid: it travels in the body.
         Ok(Some(ObjectSpec {
             name: name.to_string(),
             fields: None,
+            key: self.0.config.key.clone(),
         }))
     }
 
@@ -99,20 +109,14 @@ impl Destination for WebhookDestination {
         object: &ObjectSpec,
         schema: SchemaRef,
         report: Arc<WriteReport>,
+        sync: Option<Arc<SyncRun>>,
     ) -> Result<Arc<dyn DataSink>> {
-        let key = match &self.0.config.key {
-            None => None,
-            Some(key) => Some(schema.index_of(key).map_err(|_| {
-                let mapped: Vec<&str> = schema.fields().iter().map(|f| f.name().as_str()).collect();
-                Error::plan(
-                    format!(
-                        "connection {} identifies records by '{key}', but the statement does not map a field '{key}' (it maps {}); add it to the SELECT",
-                        self.0.name,
-                        mapped.join(", ")
-                    ),
-                    object.name.clone(),
-                )
-            })?),
+        let key = match &sync {
+            Some(run) => run.spec.diff.key,
+            None => match &self.0.config.key {
+                None => None,
+                Some(key) => Some(key_index(&schema, key, &self.0.name, &object.name)?),
+            },
         };
         Ok(Arc::new(WebhookSink::new(
             Arc::clone(&self.0),
@@ -120,6 +124,7 @@ impl Destination for WebhookDestination {
             schema,
             key,
             report,
+            sync,
         )))
     }
 }

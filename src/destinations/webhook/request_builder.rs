@@ -20,7 +20,6 @@ pub struct Envelope {
     pub object: String,
     pub sync: Option<String>,
     pub run_id: String,
-    pub operation: &'static str,
 }
 
 /// Writes `{"object":…,"sync":…,"run_id":…,"operation":…,"batch":n,"records":[…]}` by
@@ -40,7 +39,7 @@ pub fn encode_body(envelope: &Envelope, batch: &Batch) -> Vec<u8> {
     body.extend_from_slice(b",\"run_id\":");
     string(&mut body, &envelope.run_id);
     body.extend_from_slice(b",\"operation\":");
-    string(&mut body, envelope.operation);
+    string(&mut body, batch.op.as_str());
     body.extend_from_slice(format!(",\"batch\":{},\"records\":[", batch.seq).as_bytes());
     for (i, record) in batch.records.iter().enumerate() {
         if i > 0 {
@@ -100,18 +99,13 @@ mod tests {
     #[test]
     fn envelope_wraps_records_verbatim() {
         let batch = Batch {
+            op: crate::delivery::batch::Op::Upsert,
             seq: 7,
             part: 0,
             id: "r-000007".into(),
             records: vec![
-                Record {
-                    key: Some("1".into()),
-                    json: Bytes::from_static(br#"{"id":1}"#),
-                },
-                Record {
-                    key: Some("2".into()),
-                    json: Bytes::from_static(br#"{"id":2}"#),
-                },
+                Record::new(Some("1".into()), Bytes::from_static(br#"{"id":1}"#)),
+                Record::new(Some("2".into()), Bytes::from_static(br#"{"id":2}"#)),
             ],
             bytes: 16,
         };
@@ -119,7 +113,6 @@ mod tests {
             object: "users".into(),
             sync: None,
             run_id: "r".into(),
-            operation: "upsert",
         };
         let body = encode_body(&envelope, &batch);
         let parsed: serde_json::Value = serde_json::from_slice(&body).unwrap();

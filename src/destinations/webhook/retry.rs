@@ -120,14 +120,12 @@ mod tests {
 
     fn batch(n: usize) -> Batch {
         Batch {
+            op: crate::delivery::batch::Op::Upsert,
             seq: 1,
             part: 0,
             id: "b".into(),
             records: (0..n)
-                .map(|i| Record {
-                    key: Some(i.to_string()),
-                    json: Bytes::from_static(b"{}"),
-                })
+                .map(|i| Record::new(Some(i.to_string()), Bytes::from_static(b"{}")))
                 .collect(),
             bytes: 2 * n,
         }

@@ -14,13 +14,16 @@ use datafusion::physical_plan::{DisplayAs, DisplayFormatType, SendableRecordBatc
 use super::config::WebhookConfig;
 use super::request_builder::{self, Envelope};
 use super::retry::WebhookRetryLogic;
+use crate::delivery::encode::{encode_changes, encode_records};
 use crate::delivery::progress::Progress;
 use crate::delivery::{
-    AdaptiveLimiter, Batch, Batcher, DeliveryMetrics, Driver, HttpResponse, HttpService,
+    AdaptiveLimiter, Batch, Batcher, DeliveryMetrics, Driver, DryRun, HttpResponse, HttpService,
     ResponseClass,
 };
 use crate::destinations::WriteReport;
 use crate::options::redact_url_password;
+use crate::sync::{NullPolicy, SyncRun};
+use datafusion::arrow::record_batch::RecordBatch;
 
 /// Room kept in `max_bytes` for the envelope around the records (object name, run id, …).
 const ENVELOPE_BYTES: usize = 512;
@@ -74,6 +77,7 @@ pub struct WebhookSink {
     schema: SchemaRef,
     key: Option<usize>,
     report: Arc<WriteReport>,
+    sync: Option<Arc<SyncRun>>,
     metrics: ExecutionPlanMetricsSet,
 }
 
@@ -84,6 +88,7 @@ impl WebhookSink {
         schema: SchemaRef,
         key: Option<usize>,
         report: Arc<WriteReport>,
+        sync: Option<Arc<SyncRun>>,
     ) -> Self {
         Self {
             connection,
@@ -91,6 +96,7 @@ impl WebhookSink {
             schema,
             key,
             report,
+            sync,
             metrics: ExecutionPlanMetricsSet::new(),
         }
     }
@@ -105,12 +111,19 @@ impl DisplayAs for WebhookSink {
         let c = self.config();
         write!(
             f,
-            "WebhookSink: connection={} object={} {} {} key={} batch_size={} max_bytes={} concurrency={} rate_limit={} timeout={:?} signed={} headers=[{}] fields=[{}]",
+            "WebhookSink: connection={} object={} {} {} key={}{} batch_size={} max_bytes={} concurrency={} rate_limit={} timeout={:?} signed={} headers=[{}] fields=[{}]",
             self.connection.name,
             self.object,
             c.method,
             redact_url_password(c.url.as_str()),
-            c.key.as_deref().unwrap_or("none"),
+            self.key
+                .map(|k| self.schema.field(k).name().as_str())
+                .unwrap_or("none"),
+            if self.sync.as_ref().is_some_and(|s| s.dry_run) {
+                " dry_run=true"
+            } else {
+                ""
+            },
             c.batch_size,
             c.max_bytes,
             c.concurrency,
@@ -128,6 +141,7 @@ impl DisplayAs for WebhookSink {
                 .fields()
                 .iter()
                 .map(|f| f.name().as_str())
+                .filter(|n| !n.starts_with("__"))
                 .collect::<Vec<_>>()
                 .join(", "),
         )
@@ -149,7 +163,10 @@ impl DataSink for WebhookSink {
         data: SendableRecordBatchStream,
         _context: &Arc<TaskContext>,
     ) -> Result<u64> {
-        let run_id = uuid::Uuid::new_v4().simple().to_string()[..16].to_string();
+        let run_id = match &self.sync {
+            Some(run) => run.run_id.clone(),
+            None => uuid::Uuid::new_v4().simple().to_string()[..16].to_string(),
+        };
         let connection = &self.connection;
         let config = self.config();
         let describe = format!(
@@ -162,9 +179,8 @@ impl DataSink for WebhookSink {
             config: Arc::clone(&connection.config),
             envelope: Envelope {
                 object: self.object.clone(),
-                sync: None,
+                sync: self.sync.as_ref().map(|r| r.spec.label().to_string()),
                 run_id: run_id.clone(),
-                operation: "upsert",
             },
             describe,
         });
@@ -183,17 +199,32 @@ impl DataSink for WebhookSink {
         // The envelope around the records is small and bounded; keep the whole body in max_bytes.
         let budget = config.max_bytes.saturating_sub(ENVELOPE_BYTES).max(1);
         let batcher = Batcher::new(&run_id, config.batch_size, budget);
-        let result = driver
-            .deliver_stream(data, self.key, batcher, config.concurrency)
+        let key = self.key;
+        let sync = self.sync.clone();
+        let skip_nulls = sync
+            .as_ref()
+            .is_some_and(|r| r.spec.options.null_policy == NullPolicy::Skip);
+        let encode = move |b: &RecordBatch| match &sync {
+            Some(_) => encode_changes(b, key, skip_nulls),
+            None => encode_records(b, key),
+        };
+        let mut dry_run = self
+            .sync
+            .as_ref()
+            .is_some_and(|r| r.dry_run)
+            .then(DryRun::default);
+        let delivered = driver
+            .deliver_stream(data, encode, batcher, config.concurrency, dry_run.as_mut())
             .await;
         drop(progress);
+        if let Some(dry_run) = dry_run {
+            self.report.set_dry_run(dry_run);
+        }
         let stats = delivery_metrics.snapshot();
         stats.publish(&self.metrics);
         self.report.set_delivery(stats);
         self.report
             .add_location(redact_url_password(config.url.as_str()));
-        let outcome = result?;
-        self.report.add_rejects(outcome.rejected);
-        Ok(outcome.accepted)
+        Ok(self.report.settle(delivered)?)
     }
 }

@@ -1,0 +1,537 @@
+//! MERGE and DELETE on destinations, and named syncs (`CREATE SYNC`, `RUN SYNC`, …).
+//!
+//! MERGE is planned from the statement itself rather than DataFusion's `merge_into` hook: the
+//! target of a sync is the destination as sluice last synced it (its state), not a table to
+//! join against, and free-form objects (webhooks) have no columns to join on. The ON clause gives
+//! the match key, the clauses give the mode, and the INSERT / UPDATE expressions give the mapping;
+//! the USING relation becomes the model query.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, StringArray};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::record_batch::RecordBatch;
+use datafusion::sql::sqlparser::ast::{
+    AssignmentTarget, BinaryOperator, Delete, Expr as SqlExpr, FromTable, Merge, MergeAction,
+    MergeClauseKind, MergeInsertKind, ObjectName, TableFactor,
+};
+
+use super::insert::{Write, map_fields};
+use super::{Engine, Outcome, Planned};
+use crate::error::{Error, Result};
+use crate::options::Options;
+use crate::parser::{CreateSync, Schedule, normalize};
+use crate::sync::SyncOptions;
+
+/// The sync a write statement belongs to, if any, and whether it is a dry run.
+#[derive(Debug, Clone, Default)]
+pub struct SyncContext {
+    pub name: Option<String>,
+    pub options: SyncOptions,
+    pub dry_run: bool,
+}
+
+/// A named sync, as defined in this session.
+#[derive(Debug, Clone)]
+pub(super) struct SyncDef {
+    pub schedule: Option<Schedule>,
+    pub options: SyncOptions,
+    pub options_text: String,
+    pub body: Box<datafusion::sql::parser::Statement>,
+    pub body_text: String,
+}
+
+/// The session's named syncs.
+pub(super) type SyncDefs = std::sync::Mutex<BTreeMap<String, SyncDef>>;
+
+fn quote(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+fn last_ident(name: &ObjectName) -> String {
+    name.0
+        .last()
+        .and_then(|p| p.as_ident().cloned())
+        .map(normalize)
+        .unwrap_or_else(|| name.to_string())
+}
+
+/// The column a side of `ON` names, if it refers to the target (by alias or table name).
+fn target_column(expr: &SqlExpr, target_names: &[String]) -> Option<String> {
+    match expr {
+        SqlExpr::CompoundIdentifier(parts) if parts.len() >= 2 => {
+            let qualifier = normalize(parts[parts.len() - 2].clone());
+            target_names
+                .contains(&qualifier)
+                .then(|| normalize(parts[parts.len() - 1].clone()))
+        }
+        SqlExpr::Nested(e) => target_column(e, target_names),
+        _ => None,
+    }
+}
+
+impl Engine {
+    /// Plans `MERGE INTO <destination> USING … ON t.key = s.expr WHEN …`.
+    pub(super) async fn plan_destination_merge(
+        &self,
+        merge: &Merge,
+        sync: &SyncContext,
+    ) -> Result<Option<Planned>> {
+        let TableFactor::Table { name, alias, .. } = &merge.table else {
+            return Ok(None);
+        };
+        let Some((table_ref, table)) = self.destination(name).await? else {
+            return Ok(None);
+        };
+        let target = table_ref.to_string();
+        let object = table.object().name.clone();
+        let mut target_names = vec![table_ref.table().to_string()];
+        if let Some(alias) = alias {
+            target_names.push(normalize(alias.name.clone()));
+        }
+        let refuse = |message: String| Err(Error::plan(message, object.clone()));
+
+        // ON target.key = <source expression>
+        let SqlExpr::BinaryOp {
+            left,
+            op: BinaryOperator::Eq,
+            right,
+        } = merge.on.as_ref()
+        else {
+            return refuse(format!(
+                "MERGE INTO {target}: ON must compare the record key with the source, e.g. ON t.id = s.id (found {})",
+                merge.on
+            ));
+        };
+        let (key, key_expr) = match (
+            target_column(left, &target_names),
+            target_column(right, &target_names),
+        ) {
+            (Some(k), None) => (k, right.as_ref()),
+            (None, Some(k)) => (k, left.as_ref()),
+            _ => {
+                return refuse(format!(
+                    "MERGE INTO {target}: one side of ON must be the target's key written with its alias (e.g. t.id) and the other the source's (found {})",
+                    merge.on
+                ));
+            }
+        };
+        if let Some(object_key) = &table.object().key
+            && object_key != &key
+        {
+            return refuse(format!(
+                "MERGE INTO {target}: records of {target} are matched by '{object_key}', not '{key}'; write ON t.{object_key} = …"
+            ));
+        }
+
+        // Clauses → mode and mapping.
+        let mut write = Write {
+            kind: "merge",
+            key: Some(key.clone()),
+            insert: false,
+            update: false,
+            delete: false,
+            listed_deletes: false,
+        };
+        let mut fields: Vec<(String, String)> = vec![(key.clone(), key_expr.to_string())];
+        let mut add_field = |name: String, expr: String| -> Result<()> {
+            if let Some((_, existing)) = fields.iter().find(|(n, _)| *n == name) {
+                if *existing != expr {
+                    return Err(Error::plan(
+                        format!(
+                            "MERGE INTO {target} sets '{name}' to `{existing}` in one clause and `{expr}` in another; a field has one mapping"
+                        ),
+                        name,
+                    ));
+                }
+                return Ok(());
+            }
+            fields.push((name, expr));
+            Ok(())
+        };
+        for clause in &merge.clauses {
+            if clause.predicate.is_some() {
+                return refuse(format!(
+                    "MERGE INTO {target}: WHEN … AND <condition> is not supported; filter the USING query instead"
+                ));
+            }
+            match (&clause.clause_kind, &clause.action) {
+                (MergeClauseKind::Matched, MergeAction::Update(update)) => {
+                    write.update = true;
+                    for a in &update.assignments {
+                        let AssignmentTarget::ColumnName(column) = &a.target else {
+                            return refuse(format!(
+                                "MERGE INTO {target}: set one field per assignment"
+                            ));
+                        };
+                        add_field(last_ident(column), a.value.to_string())?;
+                    }
+                }
+                (
+                    MergeClauseKind::NotMatched | MergeClauseKind::NotMatchedByTarget,
+                    MergeAction::Insert(insert),
+                ) => {
+                    write.insert = true;
+                    let MergeInsertKind::Values(values) = &insert.kind else {
+                        return refuse(format!(
+                            "MERGE INTO {target}: write WHEN NOT MATCHED THEN INSERT (fields) VALUES (source expressions)"
+                        ));
+                    };
+                    let [row] = values.rows.as_slice() else {
+                        return refuse(format!("MERGE INTO {target}: INSERT takes one VALUES row"));
+                    };
+                    if row.len() != insert.columns.len() {
+                        return refuse(format!(
+                            "MERGE INTO {target}: INSERT lists {} field(s) and {} value(s)",
+                            insert.columns.len(),
+                            row.len()
+                        ));
+                    }
+                    for (column, value) in insert.columns.iter().zip(row.iter()) {
+                        add_field(last_ident(column), value.to_string())?;
+                    }
+                }
+                (MergeClauseKind::NotMatchedBySource, MergeAction::Delete { .. }) => {
+                    write.delete = true;
+                }
+                (kind, action) => {
+                    return refuse(format!(
+                        "MERGE INTO {target}: WHEN {kind} THEN {} is not supported; use WHEN MATCHED THEN UPDATE, WHEN NOT MATCHED THEN INSERT and WHEN NOT MATCHED BY SOURCE THEN DELETE",
+                        match action {
+                            MergeAction::Insert(_) => "INSERT",
+                            MergeAction::Update(_) => "UPDATE",
+                            MergeAction::Delete { .. } => "DELETE",
+                        }
+                    ));
+                }
+            }
+        }
+        if !write.insert && !write.update && !write.delete {
+            return refuse(format!("MERGE INTO {target} has no WHEN clause"));
+        }
+        let select = fields
+            .iter()
+            .map(|(name, expr)| format!("{expr} AS {}", quote(name)))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!("SELECT {select} FROM {}", merge.source);
+        let query = self.plan_sql_query(&sql).await?;
+        let names: Vec<String> = fields.into_iter().map(|(n, _)| n).collect();
+        let mapped = map_fields(&table, &target, query, &names)?;
+        self.plan_write(&table, table_ref, mapped, write, sync)
+            .map(Some)
+    }
+
+    /// Plans `DELETE FROM <destination> WHERE key IN (SELECT …) | key = v | key IN (v, …)`.
+    /// Only predicates that list keys are accepted: a delete never widens to "every record".
+    pub(super) async fn plan_destination_delete(
+        &self,
+        delete: &Delete,
+        sync: &SyncContext,
+    ) -> Result<Option<Planned>> {
+        let (FromTable::WithFromKeyword(from) | FromTable::WithoutKeyword(from)) = &delete.from;
+        let [from] = from.as_slice() else {
+            return Ok(None);
+        };
+        let TableFactor::Table { name, .. } = &from.relation else {
+            return Ok(None);
+        };
+        let Some((table_ref, table)) = self.destination(name).await? else {
+            return Ok(None);
+        };
+        let target = table_ref.to_string();
+        let object = table.object().name.clone();
+        let usage = format!(
+            "write DELETE FROM {target} WHERE <key> IN (SELECT …), <key> = value or <key> IN (values); sluice deletes records by key and never deletes every record"
+        );
+        if delete.using.is_some() || delete.limit.is_some() || !delete.order_by.is_empty() {
+            return Err(Error::plan(
+                format!(
+                    "DELETE FROM {target}: USING, ORDER BY and LIMIT are not supported; {usage}"
+                ),
+                object,
+            ));
+        }
+        let Some(selection) = &delete.selection else {
+            return Err(Error::plan(
+                format!("DELETE FROM {target} has no WHERE; {usage}"),
+                object,
+            ));
+        };
+        let column = |e: &SqlExpr| match e {
+            SqlExpr::Identifier(i) => Some(normalize(i.clone())),
+            SqlExpr::CompoundIdentifier(parts) => parts.last().cloned().map(normalize),
+            _ => None,
+        };
+        let (key, sql) = match selection {
+            SqlExpr::InSubquery {
+                expr,
+                subquery,
+                negated: false,
+            } => (
+                column(expr),
+                format!("SELECT * FROM ({subquery}) AS __keys"),
+            ),
+            SqlExpr::InList {
+                expr,
+                list,
+                negated: false,
+            } if !list.is_empty() => (
+                column(expr),
+                format!(
+                    "SELECT * FROM (VALUES {}) AS __keys",
+                    list.iter()
+                        .map(|v| format!("({v})"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+            SqlExpr::BinaryOp {
+                left,
+                op: BinaryOperator::Eq,
+                right,
+            } => (
+                column(left),
+                format!("SELECT * FROM (VALUES ({right})) AS __keys"),
+            ),
+            _ => {
+                return Err(Error::plan(
+                    format!("DELETE FROM {target} WHERE {selection}: {usage}"),
+                    object,
+                ));
+            }
+        };
+        let Some(key) = key else {
+            return Err(Error::plan(
+                format!("DELETE FROM {target} WHERE {selection}: {usage}"),
+                object,
+            ));
+        };
+        match &table.object().key {
+            Some(k) if *k == key => {}
+            Some(k) => {
+                return Err(Error::plan(
+                    format!(
+                        "DELETE FROM {target}: records are deleted by their key '{k}', not '{key}'"
+                    ),
+                    key,
+                ));
+            }
+            None if table.stateful() => {
+                return Err(Error::plan(
+                    format!(
+                        "DELETE FROM {target}: this object has no key to delete records by (set the connection's key option)"
+                    ),
+                    object,
+                ));
+            }
+            None => {}
+        }
+        let query = self.plan_sql_query(&sql).await?;
+        if query.schema().fields().len() != 1 {
+            return Err(Error::plan(
+                format!(
+                    "DELETE FROM {target}: the subquery returns {} columns; it must return only the keys",
+                    query.schema().fields().len()
+                ),
+                object,
+            ));
+        }
+        let mapped = map_fields(&table, &target, query, std::slice::from_ref(&key))?;
+        let write = Write {
+            kind: "delete",
+            key: Some(key),
+            insert: false,
+            update: false,
+            delete: true,
+            listed_deletes: true,
+        };
+        self.plan_write(&table, table_ref, mapped, write, sync)
+            .map(Some)
+    }
+
+    async fn plan_sql_query(&self, sql: &str) -> Result<datafusion::logical_expr::LogicalPlan> {
+        let mut statements = crate::parser::parse_sql(sql)?;
+        let Some(crate::parser::ParsedStatement {
+            statement: crate::parser::Statement::Sql(statement),
+            ..
+        }) = statements.pop()
+        else {
+            return Err(Error::plan(format!("cannot plan `{sql}`"), sql.to_string()));
+        };
+        Ok(self.ctx.state().statement_to_plan(*statement).await?)
+    }
+
+    pub(super) async fn create_sync(&self, create: &CreateSync) -> Result<Outcome> {
+        let name = &create.name;
+        let options = Options::new("sync", crate::sync::OPTIONS, create.options.clone())?;
+        let parsed = SyncOptions::from_options(&options)?;
+        if self.syncs.lock().expect("syncs").contains_key(name) {
+            if create.if_not_exists {
+                return Ok(Outcome::Done(format!(
+                    "sync {name} already exists; left unchanged"
+                )));
+            }
+            if !create.or_replace {
+                return Err(Error::plan(
+                    format!(
+                        "sync '{name}' already exists; use CREATE OR REPLACE SYNC to redefine it, or DROP SYNC {name} first"
+                    ),
+                    name.clone(),
+                ));
+            }
+        }
+        // Plan the body now, so a wrong field or table fails at definition.
+        let context = SyncContext {
+            name: Some(name.clone()),
+            options: parsed.clone(),
+            dry_run: true,
+        };
+        let planned = self.plan_sync_body(name, &create.body, &context).await?;
+        let target = planned
+            .sync
+            .as_ref()
+            .map(|r| r.spec.target.clone())
+            .unwrap_or_default();
+        self.syncs.lock().expect("syncs").insert(
+            name.clone(),
+            SyncDef {
+                schedule: create.schedule.clone(),
+                options: parsed,
+                options_text: options.redacted(),
+                body: create.body.clone(),
+                body_text: create.body_text.clone(),
+            },
+        );
+        Ok(Outcome::Done(format!("CREATE SYNC {name} → {target}")))
+    }
+
+    /// Plans a sync's body: it must be a write into a stateful destination.
+    pub(super) async fn plan_sync_body(
+        &self,
+        name: &str,
+        body: &datafusion::sql::parser::Statement,
+        context: &SyncContext,
+    ) -> Result<Planned> {
+        let planned = self.plan(body, context).await?;
+        if planned.sync.is_none() {
+            return Err(Error::plan(
+                format!(
+                    "sync {name}: its statement must write into a destination that keeps sync state (a webhook, CRM or database object), not a file or a table"
+                ),
+                name.to_string(),
+            ));
+        }
+        Ok(planned)
+    }
+
+    pub(super) fn sync_def(&self, name: &str) -> Result<SyncDef> {
+        let syncs = self.syncs.lock().expect("syncs");
+        syncs.get(name).cloned().ok_or_else(|| {
+            let names: Vec<&str> = syncs.keys().map(String::as_str).collect();
+            Error::plan(
+                format!(
+                    "unknown sync '{name}'{}",
+                    match crate::error::did_you_mean(name, names.iter().copied()) {
+                        h if !h.is_empty() => h,
+                        _ if names.is_empty() =>
+                            "; no sync is defined in this session: CREATE SYNC first".into(),
+                        _ => format!("; syncs: {}", names.join(", ")),
+                    }
+                ),
+                name.to_string(),
+            )
+        })
+    }
+
+    pub(super) async fn show_syncs(&self) -> Result<Outcome> {
+        let defs: Vec<(String, SyncDef)> = self
+            .syncs
+            .lock()
+            .expect("syncs")
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let mut last = vec![];
+        for (name, _) in &defs {
+            let runs = self.state.runs(Some(name)).await?;
+            last.push(
+                runs.last()
+                    .map(|r| (r.status.clone(), r.started_at.clone())),
+            );
+        }
+        let text =
+            |values: Vec<Option<String>>| -> ArrayRef { Arc::new(StringArray::from(values)) };
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("name", DataType::Utf8, false),
+            Field::new("schedule", DataType::Utf8, true),
+            Field::new("statement", DataType::Utf8, false),
+            Field::new("options", DataType::Utf8, false),
+            Field::new("last_status", DataType::Utf8, true),
+            Field::new("last_started_at", DataType::Utf8, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            Arc::clone(&schema),
+            vec![
+                text(defs.iter().map(|(n, _)| Some(n.clone())).collect()),
+                text(
+                    defs.iter()
+                        .map(|(_, d)| d.schedule.as_ref().map(|s| s.to_string()))
+                        .collect(),
+                ),
+                text(
+                    defs.iter()
+                        .map(|(_, d)| Some(d.body_text.clone()))
+                        .collect(),
+                ),
+                text(
+                    defs.iter()
+                        .map(|(_, d)| Some(d.options_text.clone()))
+                        .collect(),
+                ),
+                text(
+                    last.iter()
+                        .map(|l| l.as_ref().map(|(s, _)| s.clone()))
+                        .collect(),
+                ),
+                text(
+                    last.iter()
+                        .map(|l| l.as_ref().map(|(_, t)| t.clone()))
+                        .collect(),
+                ),
+            ],
+        )?;
+        Ok(Outcome::Rows {
+            schema,
+            batches: vec![batch],
+        })
+    }
+
+    pub(super) async fn reset_sync(&self, name: &str) -> Result<Outcome> {
+        let lock = self.state.lock(name, "reset").await?;
+        let removed = self.state.reset(name).await?;
+        drop(lock);
+        Ok(Outcome::Done(if removed == 0 {
+            format!("RESET SYNC {name}: it had no state; its next run sends every record")
+        } else {
+            format!(
+                "RESET SYNC {name}: state forgotten; its next run sends every record (its run history stays in sluice.runs)"
+            )
+        }))
+    }
+
+    pub(super) fn drop_sync(&self, name: &str, if_exists: bool) -> Result<Outcome> {
+        if self.syncs.lock().expect("syncs").remove(name).is_none() {
+            if if_exists {
+                return Ok(Outcome::Done(format!(
+                    "sync {name} does not exist; nothing dropped"
+                )));
+            }
+            self.sync_def(name)?;
+        }
+        Ok(Outcome::Done(format!(
+            "DROP SYNC {name} (its state is kept; RESET SYNC {name} forgets it)"
+        )))
+    }
+}

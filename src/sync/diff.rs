@@ -1,0 +1,625 @@
+//! The diff kernel: classifies model rows against the last committed snapshot. Plain Arrow code;
+//! [`super::exec::DiffExec`] wraps it in a DataFusion operator.
+//!
+//! Memory is the snapshot (keys, one u64 per mapped field, record ids), a 4-byte-per-slot index
+//! over its keys, one bit per snapshot row, and one entry per change.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, Int64Array, NullArray, StringArray, UInt64Array,
+};
+use datafusion::arrow::datatypes::{DataType, Int64Type};
+use datafusion::arrow::record_batch::RecordBatch;
+use hashbrown::HashTable;
+
+use super::Op;
+use super::hash::{Key, combine, hash_array, normalize_key};
+use crate::error::{Error, Result};
+
+/// The state of a sync after its last commit: one row per record the destination acknowledged.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Normalized keys (Int64 or Utf8; for append-only objects, the row hash). Never null.
+    pub keys: ArrayRef,
+    /// The mapped fields whose hashes are kept, in order.
+    pub fields: Vec<String>,
+    /// One column per field; null = unknown (the field was mapped after this record was sent).
+    pub hashes: Vec<UInt64Array>,
+    /// The destination's id for each record, where it gave one.
+    pub record_ids: StringArray,
+}
+
+impl Snapshot {
+    pub fn empty(fields: Vec<String>) -> Self {
+        Self {
+            keys: Arc::new(NullArray::new(0)),
+            hashes: fields
+                .iter()
+                .map(|_| UInt64Array::from(vec![0u64; 0]))
+                .collect(),
+            fields,
+            record_ids: StringArray::from(Vec::<Option<&str>>::new()),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.keys.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.keys.is_empty()
+    }
+
+    pub fn key(&self, row: usize) -> Key {
+        Key::at(&self.keys, row).expect("snapshot keys are never null")
+    }
+}
+
+/// Finds a key's row in a snapshot.
+pub struct KeyIndex {
+    table: HashTable<u32>,
+}
+
+impl KeyIndex {
+    pub fn build(keys: &ArrayRef) -> Self {
+        let mut table = HashTable::with_capacity(keys.len());
+        match keys.data_type() {
+            DataType::Int64 => {
+                let k = keys.as_primitive::<Int64Type>();
+                let h = |r: &u32| Key::Int(k.value(*r as usize)).index_hash();
+                for row in 0..k.len() {
+                    table.insert_unique(Key::Int(k.value(row)).index_hash(), row as u32, h);
+                }
+            }
+            DataType::Utf8 => {
+                let k = keys.as_string::<i32>();
+                let h = |r: &u32| str_hash(k.value(*r as usize));
+                for row in 0..k.len() {
+                    table.insert_unique(str_hash(k.value(row)), row as u32, h);
+                }
+            }
+            _ => {}
+        }
+        Self { table }
+    }
+
+    pub fn find(&self, keys: &ArrayRef, key: &Key) -> Option<u32> {
+        if self.table.is_empty() {
+            return None;
+        }
+        match key {
+            Key::Int(v) => {
+                let k = keys.as_primitive::<Int64Type>();
+                self.table
+                    .find(key.index_hash(), |r| k.value(*r as usize) == *v)
+                    .copied()
+            }
+            Key::Str(s) => {
+                let k = keys.as_string::<i32>();
+                self.table
+                    .find(str_hash(s), |r| k.value(*r as usize) == s.as_ref())
+                    .copied()
+            }
+        }
+    }
+}
+
+fn str_hash(s: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64_with_seed(s.as_bytes(), 4)
+}
+
+/// What a sync may do with each kind of row.
+#[derive(Debug, Clone)]
+pub struct DiffSpec {
+    /// Index of the key among the model's fields; `None` for append-only objects.
+    pub key: Option<usize>,
+    /// The model's fields (the destination fields, mapped), in order.
+    pub fields: Vec<String>,
+    /// Send rows whose key is not in the snapshot.
+    pub insert: bool,
+    /// Send rows whose key is in the snapshot and whose fields changed.
+    pub update: bool,
+    /// Delete snapshot keys that are not in the model.
+    pub delete: bool,
+    /// Every model row is a key to delete (`DELETE FROM … WHERE key IN (…)`).
+    pub listed_deletes: bool,
+    /// On a duplicate key, keep the last row instead of failing.
+    pub keep_last: bool,
+}
+
+/// One record to send.
+#[derive(Debug, Clone)]
+pub struct Change {
+    pub op: Op,
+    pub key: Key,
+    /// Its row in the snapshot, if the key was there.
+    pub row: Option<u32>,
+    /// The model row's field hashes (empty for deletes).
+    pub hashes: Box<[u64]>,
+    /// Bit i set: model field i is sent (changed, or a new record).
+    pub changed: u64,
+    /// False once a later row with the same key replaced it (`keep_last`).
+    pub live: bool,
+}
+
+/// Counts of one diff.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct DiffCounts {
+    pub rows: u64,
+    pub inserts: u64,
+    pub updates: u64,
+    pub deletes: u64,
+    pub unchanged: u64,
+    /// Changed rows the mode does not send (create-only syncs).
+    pub skipped: u64,
+    pub null_keys: u64,
+    pub duplicates: u64,
+}
+
+/// The classification of one model batch.
+pub struct BatchDiff {
+    /// Per row: the change it became, if any.
+    pub change_of_row: Vec<Option<u32>>,
+    /// Rows whose key is null.
+    pub null_key_rows: Vec<u32>,
+}
+
+/// The streaming classifier.
+pub struct Differ {
+    spec: DiffSpec,
+    snapshot: Arc<Snapshot>,
+    index: KeyIndex,
+    /// Model field i -> snapshot hash column.
+    field_map: Vec<Option<usize>>,
+    seen: Vec<u64>,
+    /// Keys with a live change (or, for new keys, seen at all).
+    live: HashMap<Key, u32>,
+    changes: Vec<Change>,
+    counts: DiffCounts,
+    duplicate_samples: Vec<String>,
+    all_fields: u64,
+}
+
+impl Differ {
+    pub fn new(spec: DiffSpec, snapshot: Arc<Snapshot>) -> Result<Self> {
+        if spec.fields.len() > 64 {
+            return Err(Error::plan(
+                format!(
+                    "a sync maps at most 64 fields; this one maps {}",
+                    spec.fields.len()
+                ),
+                spec.fields[64].clone(),
+            ));
+        }
+        let field_map = spec
+            .fields
+            .iter()
+            .map(|f| snapshot.fields.iter().position(|s| s == f))
+            .collect();
+        let all_fields = if spec.fields.len() == 64 {
+            u64::MAX
+        } else {
+            (1u64 << spec.fields.len()) - 1
+        };
+        Ok(Self {
+            index: KeyIndex::build(&snapshot.keys),
+            seen: vec![0; snapshot.len().div_ceil(64)],
+            field_map,
+            live: HashMap::new(),
+            changes: vec![],
+            counts: DiffCounts::default(),
+            duplicate_samples: vec![],
+            all_fields,
+            spec,
+            snapshot,
+        })
+    }
+
+    pub fn spec(&self) -> &DiffSpec {
+        &self.spec
+    }
+
+    /// Classifies every row of `batch` (whose columns are the spec's fields, in order).
+    pub fn push(&mut self, batch: &RecordBatch) -> Result<BatchDiff> {
+        let rows = batch.num_rows();
+        self.counts.rows += rows as u64;
+        let hashed = !self.spec.listed_deletes;
+        let mut hashes: Vec<Vec<u64>> = Vec::with_capacity(batch.num_columns());
+        if hashed {
+            for column in batch.columns() {
+                let mut h = Vec::with_capacity(rows);
+                hash_array(column.as_ref(), &mut h)?;
+                hashes.push(h);
+            }
+        }
+        let keys = match self.spec.key {
+            Some(k) => Some(self.align(normalize_key(batch.column(k), &self.spec.fields[k])?)?),
+            None => None,
+        };
+        let mut out = BatchDiff {
+            change_of_row: vec![None; rows],
+            null_key_rows: vec![],
+        };
+        let key_index = self.spec.key;
+        for row in 0..rows {
+            let row_hashes: Box<[u64]> = hashes.iter().map(|h| h[row]).collect();
+            let key = match &keys {
+                Some(keys) => match Key::at(keys, row) {
+                    Some(k) => k,
+                    None => {
+                        self.counts.null_keys += 1;
+                        out.null_key_rows.push(row as u32);
+                        continue;
+                    }
+                },
+                None => Key::Int(combine(row_hashes.iter().copied()) as i64),
+            };
+            if self.spec.listed_deletes {
+                if self.live.contains_key(&key) {
+                    continue;
+                }
+                let row_in = self.index.find(&self.snapshot.keys, &key);
+                out.change_of_row[row] = Some(self.add(Op::Delete, key, row_in, Box::new([]), 0));
+                continue;
+            }
+            match self.index.find(&self.snapshot.keys, &key) {
+                Some(j) => {
+                    let (word, bit) = (j as usize / 64, 1u64 << (j % 64));
+                    if self.seen[word] & bit != 0 {
+                        self.duplicate(&key);
+                        if let Some(prev) = self.live.remove(&key) {
+                            self.changes[prev as usize].live = false;
+                        }
+                    }
+                    self.seen[word] |= bit;
+                    let mut changed = 0u64;
+                    for (i, h) in row_hashes.iter().enumerate() {
+                        if Some(i) == key_index {
+                            continue;
+                        }
+                        let same = self.field_map[i].is_some_and(|f| {
+                            let old = &self.snapshot.hashes[f];
+                            old.is_valid(j as usize) && old.value(j as usize) == *h
+                        });
+                        if !same {
+                            changed |= 1 << i;
+                        }
+                    }
+                    if changed == 0 {
+                        self.counts.unchanged += 1;
+                    } else if !self.spec.update {
+                        self.counts.skipped += 1;
+                    } else {
+                        let op = if self.spec.insert {
+                            Op::Upsert
+                        } else {
+                            Op::Update
+                        };
+                        let key_bit = key_index.map(|k| 1u64 << k).unwrap_or(0);
+                        let id = self.add(op, key.clone(), Some(j), row_hashes, changed | key_bit);
+                        self.live.insert(key, id);
+                        out.change_of_row[row] = Some(id);
+                    }
+                }
+                None => {
+                    if let Some(prev) = self.live.remove(&key) {
+                        if self.spec.key.is_none() {
+                            // The same event twice: one event.
+                            self.live.insert(key, prev);
+                            continue;
+                        }
+                        self.duplicate(&key);
+                        self.changes[prev as usize].live = false;
+                    }
+                    let op = match (self.spec.key, self.spec.insert, self.spec.update) {
+                        (None, _, _) => Op::Insert,
+                        (_, true, true) => Op::Upsert,
+                        (_, true, false) => Op::Insert,
+                        (_, false, true) => Op::Update,
+                        (_, false, false) => {
+                            self.counts.skipped += 1;
+                            continue;
+                        }
+                    };
+                    let id = self.add(op, key.clone(), None, row_hashes, self.all_fields);
+                    self.live.insert(key, id);
+                    out.change_of_row[row] = Some(id);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Integer keys in the model against a snapshot of text keys (or the reverse, after the
+    /// key's type changed) compare as text.
+    fn align(&mut self, keys: ArrayRef) -> Result<ArrayRef> {
+        let snap = self.snapshot.keys.data_type();
+        if self.snapshot.is_empty() || snap == keys.data_type() {
+            return Ok(keys);
+        }
+        if snap == &DataType::Utf8 {
+            return Ok(datafusion::arrow::compute::cast(&keys, &DataType::Utf8)?);
+        }
+        let mut snapshot = (*self.snapshot).clone();
+        snapshot.keys = datafusion::arrow::compute::cast(&snapshot.keys, &DataType::Utf8)?;
+        self.index = KeyIndex::build(&snapshot.keys);
+        self.snapshot = Arc::new(snapshot);
+        Ok(datafusion::arrow::compute::cast(&keys, &DataType::Utf8)?)
+    }
+
+    fn add(&mut self, op: Op, key: Key, row: Option<u32>, hashes: Box<[u64]>, changed: u64) -> u32 {
+        let id = self.changes.len() as u32;
+        self.changes.push(Change {
+            op,
+            key,
+            row,
+            hashes,
+            changed,
+            live: true,
+        });
+        id
+    }
+
+    fn duplicate(&mut self, key: &Key) {
+        self.counts.duplicates += 1;
+        if self.duplicate_samples.len() < 5 {
+            self.duplicate_samples.push(key.to_string());
+        }
+    }
+
+    /// Ends the scan: adds the deletes and returns every change with the counts. Fails on
+    /// duplicate keys unless the spec keeps the last row.
+    pub fn finish(mut self) -> Result<(Vec<Change>, DiffCounts)> {
+        if self.counts.duplicates > 0 && !self.spec.keep_last && !self.spec.listed_deletes {
+            let key = self
+                .spec
+                .key
+                .map(|k| self.spec.fields[k].clone())
+                .unwrap_or_default();
+            return Err(Error::Write {
+                message: format!(
+                    "the model has {} duplicate value(s) of the key '{key}' (e.g. {}); nothing was sent. Make '{key}' unique in the query, or set OPTIONS (duplicate_keys 'keep_last')",
+                    self.counts.duplicates,
+                    self.duplicate_samples
+                        .iter()
+                        .map(|k| format!("'{k}'"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
+        if self.spec.delete && !self.spec.listed_deletes {
+            for j in 0..self.snapshot.len() {
+                if self.seen[j / 64] & (1 << (j % 64)) == 0 {
+                    let key = self.snapshot.key(j);
+                    self.add(Op::Delete, key, Some(j as u32), Box::new([]), 0);
+                }
+            }
+        }
+        for c in self.changes.iter().filter(|c| c.live) {
+            match (c.op, c.row) {
+                (Op::Delete, _) => self.counts.deletes += 1,
+                (_, None) => self.counts.inserts += 1,
+                (_, Some(_)) => self.counts.updates += 1,
+            }
+        }
+        Ok((self.changes, self.counts))
+    }
+}
+
+/// A snapshot key column from owned keys: Int64 if every key is an integer, else text.
+pub fn key_array(keys: &[&Key]) -> ArrayRef {
+    let ints: Option<Vec<i64>> = keys
+        .iter()
+        .map(|k| match k {
+            Key::Int(v) => Some(*v),
+            Key::Str(_) => None,
+        })
+        .collect();
+    if let Some(ints) = ints {
+        Arc::new(Int64Array::from(ints))
+    } else {
+        Arc::new(StringArray::from_iter_values(keys.iter().map(
+            |k| match k {
+                Key::Str(s) => s.to_string(),
+                Key::Int(v) => v.to_string(),
+            },
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::{Int64Array, StringArray};
+    use datafusion::arrow::datatypes::{Field, Schema};
+
+    use super::*;
+
+    fn batch(rows: &[(i64, &str, Option<&str>)]) -> RecordBatch {
+        let schema = Arc::new(Schema::new(vec![
+            Field::new("id", DataType::Int64, true),
+            Field::new("email", DataType::Utf8, true),
+            Field::new("plan", DataType::Utf8, true),
+        ]));
+        RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(Int64Array::from_iter_values(rows.iter().map(|r| r.0))),
+                Arc::new(StringArray::from_iter_values(rows.iter().map(|r| r.1))),
+                Arc::new(StringArray::from(
+                    rows.iter().map(|r| r.2).collect::<Vec<_>>(),
+                )),
+            ],
+        )
+        .unwrap()
+    }
+
+    fn spec(insert: bool, update: bool, delete: bool) -> DiffSpec {
+        DiffSpec {
+            key: Some(0),
+            fields: vec!["id".into(), "email".into(), "plan".into()],
+            insert,
+            update,
+            delete,
+            listed_deletes: false,
+            keep_last: false,
+        }
+    }
+
+    /// The snapshot a fully acknowledged run over `rows` would commit.
+    fn snapshot_of(rows: &[(i64, &str, Option<&str>)]) -> Arc<Snapshot> {
+        let b = batch(rows);
+        let mut hashes = vec![];
+        for c in b.columns() {
+            let mut h = vec![];
+            hash_array(c.as_ref(), &mut h).unwrap();
+            hashes.push(UInt64Array::from(h));
+        }
+        Arc::new(Snapshot {
+            keys: b.column(0).clone(),
+            fields: vec!["id".into(), "email".into(), "plan".into()],
+            hashes,
+            record_ids: StringArray::from(vec![None::<&str>; rows.len()]),
+        })
+    }
+
+    fn run(
+        spec: DiffSpec,
+        snap: Arc<Snapshot>,
+        rows: &[(i64, &str, Option<&str>)],
+    ) -> Vec<(Op, String, u64)> {
+        let mut d = Differ::new(spec, snap).unwrap();
+        d.push(&batch(rows)).unwrap();
+        let (changes, _) = d.finish().unwrap();
+        changes
+            .into_iter()
+            .filter(|c| c.live)
+            .map(|c| (c.op, c.key.to_string(), c.changed))
+            .collect()
+    }
+
+    #[test]
+    fn first_run_inserts_everything() {
+        let out = run(
+            spec(true, true, false),
+            Arc::new(Snapshot::empty(vec![])),
+            &[(1, "a", None), (2, "b", Some("pro"))],
+        );
+        assert_eq!(
+            out,
+            vec![
+                (Op::Upsert, "1".into(), 0b111),
+                (Op::Upsert, "2".into(), 0b111)
+            ]
+        );
+    }
+
+    #[test]
+    fn updates_carry_only_changed_fields_and_the_key() {
+        let snap = snapshot_of(&[(1, "a", None), (2, "b", Some("pro")), (3, "c", None)]);
+        let out = run(
+            spec(true, true, true),
+            snap,
+            &[(1, "a", None), (2, "b", Some("free")), (4, "d", None)],
+        );
+        assert_eq!(
+            out,
+            vec![
+                (Op::Upsert, "2".into(), 0b101),
+                (Op::Upsert, "4".into(), 0b111),
+                (Op::Delete, "3".into(), 0),
+            ]
+        );
+    }
+
+    #[test]
+    fn modes_select_what_is_sent() {
+        let snap = snapshot_of(&[(1, "a", None), (2, "b", None)]);
+        let rows = [(1, "a2", None), (3, "c", None)];
+        let create_only = run(spec(true, false, false), snap.clone(), &rows);
+        assert_eq!(create_only, vec![(Op::Insert, "3".into(), 0b111)]);
+        let update_only = run(spec(false, true, false), snap.clone(), &rows);
+        assert_eq!(
+            update_only,
+            vec![
+                (Op::Update, "1".into(), 0b011),
+                (Op::Update, "3".into(), 0b111)
+            ]
+        );
+        let mirror = run(spec(true, true, true), snap, &rows);
+        assert_eq!(mirror.last().unwrap(), &(Op::Delete, "2".into(), 0));
+    }
+
+    #[test]
+    fn a_newly_mapped_field_is_sent_alone() {
+        // The snapshot only knew id and email; plan is newly mapped.
+        let full = snapshot_of(&[(1, "a", Some("pro"))]);
+        let snap = Arc::new(Snapshot {
+            fields: vec!["id".into(), "email".into()],
+            hashes: full.hashes[..2].to_vec(),
+            ..(*full).clone()
+        });
+        let out = run(spec(true, true, false), snap, &[(1, "a", Some("pro"))]);
+        assert_eq!(out, vec![(Op::Upsert, "1".into(), 0b101)]);
+    }
+
+    #[test]
+    fn duplicate_keys_fail_with_samples_or_keep_the_last() {
+        let snap = snapshot_of(&[(1, "a", None)]);
+        let rows = [
+            (1, "x", None),
+            (1, "a", None),
+            (2, "b", None),
+            (2, "c", None),
+        ];
+        let mut d = Differ::new(spec(true, true, false), snap.clone()).unwrap();
+        d.push(&batch(&rows)).unwrap();
+        let err = d.finish().unwrap_err().to_string();
+        assert!(
+            err.contains("2 duplicate") && err.contains("'1', '2'"),
+            "{err}"
+        );
+        let mut keep = spec(true, true, false);
+        keep.keep_last = true;
+        let out = run(keep, snap, &rows);
+        // Key 1's last row equals the snapshot: nothing to send for it.
+        assert_eq!(out, vec![(Op::Upsert, "2".into(), 0b111)]);
+    }
+
+    #[test]
+    fn null_keys_are_set_aside() {
+        let b = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![Field::new("id", DataType::Utf8, true)])),
+            vec![Arc::new(StringArray::from(vec![Some("a"), None]))],
+        )
+        .unwrap();
+        let mut s = spec(true, true, false);
+        s.fields = vec!["id".into()];
+        let mut d = Differ::new(s, Arc::new(Snapshot::empty(vec![]))).unwrap();
+        let out = d.push(&b).unwrap();
+        assert_eq!(out.null_key_rows, vec![1]);
+        assert_eq!(d.finish().unwrap().1.null_keys, 1);
+    }
+
+    #[test]
+    fn append_only_rows_are_sent_once() {
+        let mut s = spec(true, false, false);
+        s.key = None;
+        let rows = [(1, "a", None), (1, "a", None), (2, "b", None)];
+        let mut d = Differ::new(s.clone(), Arc::new(Snapshot::empty(vec![]))).unwrap();
+        d.push(&batch(&rows)).unwrap();
+        let (changes, counts) = d.finish().unwrap();
+        assert_eq!(counts.inserts, 2, "identical rows are one event");
+        let keys: Vec<Key> = changes.iter().map(|c| c.key.clone()).collect();
+        let snap = Arc::new(Snapshot {
+            keys: key_array(&keys.iter().collect::<Vec<_>>()),
+            fields: vec![],
+            hashes: vec![],
+            record_ids: StringArray::from(vec![None::<&str>; 2]),
+        });
+        let again = run(s, snap, &[(1, "a", None), (2, "b", None), (3, "c", None)]);
+        assert_eq!(again.len(), 1, "only the new event");
+    }
+}

@@ -1,0 +1,363 @@
+//! `DiffExec`: the diff kernel as a DataFusion operator between the model and the sink.
+//!
+//! It reads the whole model (streaming; only changed rows are kept), so that duplicate keys and
+//! the safety rails can stop a run before anything is sent, then emits the changes: the mapped
+//! fields plus `__op` (the operation), `__changed` (bit i: field i is sent) and `__change` (the
+//! change's id, by which the sink reports what the destination acknowledged). Deletes carry only
+//! the key.
+
+use std::fmt;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{
+    ArrayRef, BooleanArray, RecordBatch, UInt8Array, UInt32Array, UInt64Array, new_null_array,
+};
+use datafusion::arrow::compute::{cast, filter_record_batch, take_record_batch};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::common::tree_node::TreeNodeRecursion;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::TaskContext;
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricBuilder, MetricsSet};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    ChildrenPropertiesMode, DisplayAs, DisplayFormatType, Distribution, ExecutionPlan,
+    Partitioning, PlanProperties, ReplaceChildrenOptions, SendableRecordBatchStream,
+};
+use futures::{StreamExt, TryStreamExt};
+
+use super::diff::{Change, DiffCounts, Differ, key_array};
+use super::{Op, SyncRun};
+use crate::delivery::Rejected;
+use crate::delivery::encode::json_lines;
+use crate::error::Error;
+
+/// The operation column.
+pub const OP_COLUMN: &str = "__op";
+/// The changed-fields bitmask column.
+pub const CHANGED_COLUMN: &str = "__changed";
+/// The change id column.
+pub const CHANGE_COLUMN: &str = "__change";
+
+/// Classifies the model against the sync's snapshot and emits only the changes.
+#[derive(Debug)]
+pub struct DiffExec {
+    input: Arc<dyn ExecutionPlan>,
+    run: Arc<SyncRun>,
+    schema: SchemaRef,
+    properties: Arc<PlanProperties>,
+    metrics: ExecutionPlanMetricsSet,
+}
+
+impl DiffExec {
+    pub fn new(input: Arc<dyn ExecutionPlan>, run: Arc<SyncRun>) -> Self {
+        let schema = change_schema(&input.schema());
+        let properties = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(Arc::clone(&schema)),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Final,
+            Boundedness::Bounded,
+        ));
+        Self {
+            input,
+            run,
+            schema,
+            properties,
+            metrics: ExecutionPlanMetricsSet::new(),
+        }
+    }
+
+    pub fn run(&self) -> &Arc<SyncRun> {
+        &self.run
+    }
+}
+
+/// The model's fields (nullable: deletes carry only the key) and the three change columns.
+pub fn change_schema(model: &SchemaRef) -> SchemaRef {
+    let mut fields: Vec<Field> = model
+        .fields()
+        .iter()
+        .map(|f| f.as_ref().clone().with_nullable(true))
+        .collect();
+    fields.push(Field::new(OP_COLUMN, DataType::UInt8, false));
+    fields.push(Field::new(CHANGED_COLUMN, DataType::UInt64, false));
+    fields.push(Field::new(CHANGE_COLUMN, DataType::UInt32, false));
+    Arc::new(Schema::new(fields))
+}
+
+/// The mode a diff spec amounts to, as users name it.
+pub fn mode_name(run: &SyncRun) -> &'static str {
+    let d = &run.spec.diff;
+    match (
+        d.listed_deletes,
+        d.key.is_some(),
+        d.insert,
+        d.update,
+        d.delete,
+    ) {
+        (true, ..) => "delete",
+        (_, false, ..) => "append",
+        (_, _, true, true, true) => "mirror",
+        (_, _, true, true, false) => "upsert",
+        (_, _, true, false, _) => "create-only",
+        (_, _, false, true, _) => "update-only",
+        _ => "delete-only",
+    }
+}
+
+impl DisplayAs for DiffExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let spec = &self.run.spec;
+        write!(
+            f,
+            "DiffExec: sync={} mode={} key={} fields=[{}] state={}",
+            spec.label(),
+            mode_name(&self.run),
+            spec.key_name().unwrap_or("(row hash)"),
+            spec.diff.fields.join(", "),
+            self.run.state_location()
+        )
+    }
+}
+
+impl ExecutionPlan for DiffExec {
+    fn name(&self) -> &'static str {
+        "DiffExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn required_input_distribution(&self) -> Vec<Distribution> {
+        vec![Distribution::SinglePartition]
+    }
+
+    fn benefits_from_input_partitioning(&self) -> Vec<bool> {
+        vec![false]
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn replace_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
+        _options: ReplaceChildrenOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(DiffExec::new(
+            children.swap_remove(0),
+            Arc::clone(&self.run),
+        )))
+    }
+
+    #[allow(deprecated)]
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.replace_children(
+            children,
+            ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+        )
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let input = self.input.execute(partition, context)?;
+        let run = Arc::clone(&self.run);
+        let schema = Arc::clone(&self.schema);
+        let output_rows = MetricBuilder::new(&self.metrics).output_rows(partition);
+        let diff = diff_stream(input, run, Arc::clone(&schema));
+        let stream = futures::stream::once(diff)
+            .map_ok(|batches| futures::stream::iter(batches.into_iter().map(Ok)))
+            .try_flatten()
+            .inspect_ok(move |b: &RecordBatch| output_rows.add(b.num_rows()));
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.schema.clone(),
+            stream,
+        )))
+    }
+}
+
+async fn diff_stream(
+    mut input: SendableRecordBatchStream,
+    run: Arc<SyncRun>,
+    schema: SchemaRef,
+) -> Result<Vec<RecordBatch>> {
+    let spec = run.spec.diff.clone();
+    let mut differ = Differ::new(spec.clone(), run.snapshot()?)?;
+    let mut kept: Vec<(RecordBatch, Vec<u32>)> = vec![];
+    let mut key_rejects = vec![];
+    let model_schema = input.schema();
+    while let Some(batch) = input.next().await {
+        let batch = batch?;
+        let d = differ.push(&batch)?;
+        let rows: Vec<u32> = (0..batch.num_rows() as u32)
+            .filter(|r| d.change_of_row[*r as usize].is_some())
+            .collect();
+        if !rows.is_empty() {
+            let ids = rows
+                .iter()
+                .map(|r| d.change_of_row[*r as usize].expect("filtered"))
+                .collect();
+            let taken = if rows.len() == batch.num_rows() {
+                batch.clone()
+            } else {
+                take_record_batch(&batch, &UInt32Array::from(rows))?
+            };
+            kept.push((taken, ids));
+        }
+        if !d.null_key_rows.is_empty() {
+            key_rejects.extend(null_key_rejects(&batch, &d.null_key_rows, &run)?);
+        }
+    }
+    let (changes, counts) = differ.finish()?;
+    check_rails(&run, &counts)?;
+    let mut out = Vec::with_capacity(kept.len() + 1);
+    for (batch, ids) in kept {
+        let live: BooleanArray = ids
+            .iter()
+            .map(|id| Some(changes[*id as usize].live))
+            .collect();
+        let batch = filter_record_batch(&batch, &live)?;
+        let ids: Vec<u32> = ids
+            .into_iter()
+            .filter(|id| changes[*id as usize].live)
+            .collect();
+        if !ids.is_empty() {
+            out.push(with_change_columns(
+                &schema,
+                batch.columns().to_vec(),
+                &ids,
+                &changes,
+            )?);
+        }
+    }
+    if let Some(deletes) = delete_batch(&schema, &model_schema, &run, &changes)? {
+        out.push(deletes);
+    }
+    run.set_changes(changes, counts, key_rejects);
+    Ok(out)
+}
+
+fn with_change_columns(
+    schema: &SchemaRef,
+    mut columns: Vec<ArrayRef>,
+    ids: &[u32],
+    changes: &[Change],
+) -> Result<RecordBatch> {
+    columns.push(Arc::new(UInt8Array::from_iter_values(
+        ids.iter().map(|id| changes[*id as usize].op.code()),
+    )));
+    columns.push(Arc::new(UInt64Array::from_iter_values(
+        ids.iter().map(|id| changes[*id as usize].changed),
+    )));
+    columns.push(Arc::new(UInt32Array::from(ids.to_vec())));
+    Ok(RecordBatch::try_new(Arc::clone(schema), columns)?)
+}
+
+/// Snapshot keys absent from the model, as rows holding only the key.
+fn delete_batch(
+    schema: &SchemaRef,
+    model: &SchemaRef,
+    run: &SyncRun,
+    changes: &[Change],
+) -> Result<Option<RecordBatch>> {
+    let spec = &run.spec.diff;
+    let (Some(key), false) = (spec.key, spec.listed_deletes) else {
+        return Ok(None);
+    };
+    let ids: Vec<u32> = changes
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.live && c.op == Op::Delete && c.hashes.is_empty())
+        .map(|(i, _)| i as u32)
+        .collect();
+    if ids.is_empty() {
+        return Ok(None);
+    }
+    let keys: Vec<_> = ids.iter().map(|id| &changes[*id as usize].key).collect();
+    let key_values = cast(&key_array(&keys), model.field(key).data_type())?;
+    let columns: Vec<ArrayRef> = model
+        .fields()
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            if i == key {
+                Arc::clone(&key_values)
+            } else {
+                new_null_array(f.data_type(), ids.len())
+            }
+        })
+        .collect();
+    Ok(Some(with_change_columns(schema, columns, &ids, changes)?))
+}
+
+fn null_key_rejects(batch: &RecordBatch, rows: &[u32], run: &SyncRun) -> Result<Vec<Rejected>> {
+    let taken = take_record_batch(batch, &UInt32Array::from(rows.to_vec()))?;
+    let lines = json_lines(&taken).map_err(DataFusionError::from)?;
+    let key = run.spec.key_name().unwrap_or_default();
+    Ok(lines
+        .split(|b| *b == b'\n')
+        .filter(|l| !l.is_empty())
+        .map(|line| Rejected {
+            key: None,
+            code: "null_key".into(),
+            message: format!(
+                "the key field '{key}' is null, so the record cannot be matched; filter such rows out of the model or give them a key"
+            ),
+            payload: bytes::Bytes::copy_from_slice(line),
+            attempts: 0,
+            change: None,
+        })
+        .collect())
+}
+
+/// Safety rails: refuse to run (nothing sent) and say why.
+fn check_rails(run: &SyncRun, counts: &DiffCounts) -> Result<()> {
+    let options = &run.spec.options;
+    let label = run.spec.label();
+    let synced = run.snapshot_rows() as u64;
+    let refuse = |message: String| Err(DataFusionError::from(Error::Write { message }));
+    if run.spec.diff.delete && counts.rows == 0 && synced > 0 && options.abort_on_empty_source {
+        return refuse(format!(
+            "sync {label}: the model returned no rows, so this sync would delete all {synced} records it synced; nothing was sent. If the model really is empty, set OPTIONS (on_empty_source 'allow')"
+        ));
+    }
+    if let Some(max) = options.max_deletes
+        && counts.deletes > max
+    {
+        return refuse(format!(
+            "sync {label} would delete {} records, more than max_deletes {max}; nothing was sent. Check the model, or raise max_deletes",
+            counts.deletes
+        ));
+    }
+    if let Some(pct) = options.max_delete_pct
+        && synced > 0
+        && (counts.deletes as f64) * 100.0 / (synced as f64) > pct
+    {
+        return refuse(format!(
+            "sync {label} would delete {} of {synced} synced records ({:.1}%), more than max_delete_pct {pct}; nothing was sent. Check the model, or raise max_delete_pct",
+            counts.deletes,
+            counts.deletes as f64 * 100.0 / synced as f64
+        ));
+    }
+    Ok(())
+}

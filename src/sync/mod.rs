@@ -1,0 +1,167 @@
+//! Incremental syncs: only what changed since the last acknowledged run is sent.
+//!
+//! - [`hash`]: stable per-value hashes (persisted).
+//! - [`diff`]: the diff kernel (plain Arrow): model rows vs the last snapshot → insert / update
+//!   (with the changed fields) / unchanged, and snapshot keys absent from the model → delete.
+//! - [`exec`]: `DiffExec`, the kernel as a DataFusion operator (visible in `EXPLAIN`).
+//! - [`run`]: one run of a sync: its changes, what the destination acknowledged, the commit.
+//! - [`state`]: snapshots, manifests, rejects, run records and locks in an object store.
+//! - [`tables`]: `sluice.runs` and `sluice.rejects`.
+
+pub mod diff;
+pub mod exec;
+pub mod hash;
+pub mod run;
+pub mod state;
+pub mod tables;
+
+use std::fmt;
+
+use crate::error::Result;
+use crate::options::{OptionSpec, Options};
+
+pub use run::SyncRun;
+pub use state::StateStore;
+
+/// What a record asks of the destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Op {
+    /// Create or update (the record may or may not exist).
+    Upsert,
+    /// Create only.
+    Insert,
+    /// Update only.
+    Update,
+    /// Delete by key.
+    Delete,
+}
+
+impl Op {
+    pub const ALL: [Op; 4] = [Op::Upsert, Op::Insert, Op::Update, Op::Delete];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Op::Upsert => "upsert",
+            Op::Insert => "insert",
+            Op::Update => "update",
+            Op::Delete => "delete",
+        }
+    }
+
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    pub fn from_code(code: u8) -> Op {
+        Op::ALL[code as usize % 4]
+    }
+}
+
+impl fmt::Display for Op {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// `null_policy`: what a null in the model does to the destination's value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NullPolicy {
+    /// Send the null (the destination value is cleared).
+    Clear,
+    /// Leave the field out (the destination keeps its value).
+    Skip,
+}
+
+/// The options a sync accepts (`CREATE SYNC … OPTIONS (…)`).
+pub const OPTIONS: &[OptionSpec] = &[
+    OptionSpec {
+        key: "max_deletes",
+        doc: "refuse to run if the sync would delete more records than this",
+        secret: false,
+    },
+    OptionSpec {
+        key: "max_delete_pct",
+        doc: "refuse to run if the sync would delete more than this percentage of the synced records",
+        secret: false,
+    },
+    OptionSpec {
+        key: "on_empty_source",
+        doc: "'abort' (default for syncs that delete) or 'allow': what to do when the model returns no rows",
+        secret: false,
+    },
+    OptionSpec {
+        key: "null_policy",
+        doc: "'clear' (default: a null clears the destination value) or 'skip' (leave it alone)",
+        secret: false,
+    },
+    OptionSpec {
+        key: "duplicate_keys",
+        doc: "'error' (default: fail, showing a few) or 'keep_last'",
+        secret: false,
+    },
+];
+
+/// A sync's safety rails and policies.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SyncOptions {
+    pub max_deletes: Option<u64>,
+    pub max_delete_pct: Option<f64>,
+    pub abort_on_empty_source: bool,
+    pub null_policy: NullPolicy,
+    pub keep_last: bool,
+}
+
+impl Default for SyncOptions {
+    fn default() -> Self {
+        Self {
+            max_deletes: None,
+            max_delete_pct: None,
+            abort_on_empty_source: true,
+            null_policy: NullPolicy::Clear,
+            keep_last: false,
+        }
+    }
+}
+
+impl SyncOptions {
+    pub fn from_options(options: &Options) -> Result<Self> {
+        let choice = |key: &str, valid: &[&str]| -> Result<Option<String>> {
+            match options.string(key)? {
+                None => Ok(None),
+                Some(v) if valid.contains(&v.to_lowercase().as_str()) => Ok(Some(v.to_lowercase())),
+                Some(v) => Err(crate::Error::Option {
+                    key: key.to_string(),
+                    message: format!(
+                        "option '{key}' = '{v}' is not valid; use {}",
+                        valid
+                            .iter()
+                            .map(|v| format!("'{v}'"))
+                            .collect::<Vec<_>>()
+                            .join(" or ")
+                    ),
+                }),
+            }
+        };
+        let max_delete_pct: Option<f64> = options.parse("max_delete_pct")?;
+        if let Some(p) = max_delete_pct
+            && !(0.0..=100.0).contains(&p)
+        {
+            return Err(crate::Error::Option {
+                key: "max_delete_pct".into(),
+                message: format!("option 'max_delete_pct' = '{p}' must be between 0 and 100"),
+            });
+        }
+        Ok(Self {
+            max_deletes: options.parse("max_deletes")?,
+            max_delete_pct,
+            abort_on_empty_source: choice("on_empty_source", &["abort", "allow"])?.as_deref()
+                != Some("allow"),
+            null_policy: match choice("null_policy", &["clear", "skip"])?.as_deref() {
+                Some("skip") => NullPolicy::Skip,
+                _ => NullPolicy::Clear,
+            },
+            keep_last: choice("duplicate_keys", &["error", "keep_last"])?.as_deref()
+                == Some("keep_last"),
+        })
+    }
+}

@@ -1,0 +1,485 @@
+//! One run of a sync: loads its state, holds the diff's changes, and commits only what the
+//! destination acknowledged.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use datafusion::arrow::array::{Array, StringArray, UInt32Array, UInt64Array};
+use datafusion::arrow::compute::{cast, concat, take};
+
+use super::diff::{Change, DiffCounts, DiffSpec, Snapshot, key_array};
+use super::hash::{HASH_VERSION, Key};
+use super::state::{Manifest, RejectEntry, RunRecord, StateStore, SyncLock, now};
+use super::{Op, SyncOptions};
+use crate::delivery::Rejected;
+use crate::delivery::metrics::DeliveryStats;
+use crate::error::{Error, Result};
+
+/// What a sync is: where it writes, how records are matched, what it may do.
+#[derive(Debug, Clone)]
+pub struct SyncSpec {
+    /// The state directory: the sync's name, or for an unnamed statement one derived from the
+    /// destination object, the key and the mapped fields.
+    pub id: String,
+    /// Named syncs (`CREATE SYNC`).
+    pub name: Option<String>,
+    /// `connection.object`.
+    pub target: String,
+    pub diff: DiffSpec,
+    pub options: SyncOptions,
+    /// The destination's (rate limit, concurrency), for dry-run estimates.
+    pub pacing: (Option<f64>, Option<usize>),
+}
+
+impl SyncSpec {
+    /// The state id of an unnamed statement.
+    pub fn unnamed_id(target: &str, key: Option<&str>, fields: &[String], what: &str) -> String {
+        let mut sorted: Vec<&str> = fields.iter().map(String::as_str).collect();
+        sorted.sort();
+        let signature = format!("{target}|{}|{}|{what}", key.unwrap_or(""), sorted.join(","));
+        let hash = xxhash_rust::xxh3::xxh3_64(signature.as_bytes());
+        let safe: String = target
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '.' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        format!("{safe}-{hash:016x}")
+    }
+
+    pub fn key_name(&self) -> Option<&str> {
+        self.diff.key.map(|k| self.diff.fields[k].as_str())
+    }
+
+    /// The sync's label in messages and tables.
+    pub fn label(&self) -> &str {
+        self.name.as_deref().unwrap_or(&self.id)
+    }
+}
+
+/// What the engine reports after a run.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    pub record: RunRecord,
+    pub counts: DiffCounts,
+    /// Every record refused this run (by the destination, or for a null key).
+    pub rejects: Vec<Rejected>,
+}
+
+#[derive(Default)]
+struct Inner {
+    lock: Option<SyncLock>,
+    manifest: Option<Manifest>,
+    snapshot: Option<Arc<Snapshot>>,
+    previous_rejects: Vec<RejectEntry>,
+    changes: Vec<Change>,
+    counts: DiffCounts,
+    key_rejects: Vec<Rejected>,
+    record: RunRecord,
+}
+
+/// One run, shared by the engine, `DiffExec` and the sink.
+pub struct SyncRun {
+    pub spec: SyncSpec,
+    pub run_id: String,
+    pub dry_run: bool,
+    state: StateStore,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for SyncRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SyncRun")
+            .field("sync", &self.spec.id)
+            .field("run_id", &self.run_id)
+            .finish()
+    }
+}
+
+impl SyncRun {
+    pub fn new(spec: SyncSpec, state: StateStore, dry_run: bool) -> Self {
+        Self {
+            spec,
+            run_id: new_run_id(),
+            dry_run,
+            state,
+            inner: Mutex::default(),
+        }
+    }
+
+    fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().expect("sync run lock")
+    }
+
+    /// Where the state of this sync lives (for EXPLAIN).
+    pub fn state_location(&self) -> String {
+        format!("{}/syncs/{}", self.state.display(), self.spec.id)
+    }
+
+    /// Takes the sync's lock (not for dry runs), loads its committed state and records the
+    /// run as started.
+    pub async fn prepare(&self) -> Result<()> {
+        let id = &self.spec.id;
+        let lock = if self.dry_run {
+            None
+        } else {
+            let lock = self.state.lock(id, &self.run_id).await?;
+            self.state.close_interrupted(id).await?;
+            Some(lock)
+        };
+        let manifest = self.state.manifest(id).await?;
+        let (snapshot, rejects) = match &manifest {
+            Some(m) => {
+                if m.key.as_deref() != self.spec.key_name() && !self.spec.diff.listed_deletes {
+                    return Err(Error::State {
+                        message: format!(
+                            "sync {} matched records by {} until now and now by {}; its state cannot be reused. RESET SYNC {} to resync every record under the new key",
+                            self.spec.label(),
+                            m.key
+                                .as_deref()
+                                .map(|k| format!("'{k}'"))
+                                .unwrap_or("row content (no key)".into()),
+                            self.spec
+                                .key_name()
+                                .map(|k| format!("'{k}'"))
+                                .unwrap_or("row content (no key)".into()),
+                            self.spec.label()
+                        ),
+                    });
+                }
+                let snapshot = self.state.snapshot(id, m).await?;
+                (snapshot, self.state.rejects(id, m).await?)
+            }
+            None => (Snapshot::empty(vec![]), vec![]),
+        };
+        let record = RunRecord {
+            run_id: self.run_id.clone(),
+            sync: self.spec.label().to_string(),
+            target: self.spec.target.clone(),
+            started_at: now(),
+            status: if self.dry_run { "dry_run" } else { "running" }.into(),
+            ..Default::default()
+        };
+        if !self.dry_run {
+            self.state.put_run(&record).await?;
+        }
+        let mut inner = self.inner();
+        inner.lock = lock;
+        inner.manifest = manifest;
+        inner.snapshot = Some(Arc::new(snapshot));
+        inner.previous_rejects = rejects;
+        inner.record = record;
+        Ok(())
+    }
+
+    /// The committed snapshot (empty before the first commit). Set by [`SyncRun::prepare`].
+    pub fn snapshot(&self) -> Result<Arc<Snapshot>> {
+        self.inner().snapshot.clone().ok_or_else(|| Error::State {
+            message: format!(
+                "sync {}: its state was not loaded before it ran",
+                self.spec.label()
+            ),
+        })
+    }
+
+    /// Records the diff's result.
+    pub fn set_changes(
+        &self,
+        changes: Vec<Change>,
+        counts: DiffCounts,
+        key_rejects: Vec<Rejected>,
+    ) {
+        let mut inner = self.inner();
+        inner.changes = changes;
+        inner.counts = counts;
+        inner.key_rejects = key_rejects;
+    }
+
+    /// The committed snapshot's size (for delete caps).
+    pub fn snapshot_rows(&self) -> usize {
+        self.inner().snapshot.as_ref().map(|s| s.len()).unwrap_or(0)
+    }
+
+    /// Commits what the destination acknowledged and records the run. `error` is the statement's
+    /// error, if it failed (acknowledged work is committed all the same).
+    pub async fn finish(
+        &self,
+        acked: Vec<(u32, Option<String>)>,
+        rejected: Vec<Rejected>,
+        delivery: Option<DeliveryStats>,
+        error: Option<&Error>,
+    ) -> Result<RunSummary> {
+        let (mut record, counts, manifest, snapshot, commit, rejected) = {
+            let mut inner = self.inner();
+            let mut rejected = rejected;
+            rejected.extend(std::mem::take(&mut inner.key_rejects));
+            let snapshot = inner.snapshot.clone();
+            let changes = std::mem::take(&mut inner.changes);
+            let mut record = inner.record.clone();
+            let counts = inner.counts;
+            record.rows_read = counts.rows;
+            record.unchanged = counts.unchanged;
+            for (id, _) in &acked {
+                let Some(c) = changes.get(*id as usize) else {
+                    continue;
+                };
+                match (c.op, c.row) {
+                    (Op::Delete, _) => record.deleted += 1,
+                    (_, None) => record.inserted += 1,
+                    (_, Some(_)) => record.updated += 1,
+                }
+            }
+            record.rejected = rejected.len() as u64;
+            if let Some(d) = delivery {
+                record.requests = d.requests;
+                record.retries = d.retries;
+            }
+            let commit = (snapshot.is_some() && !self.dry_run).then(|| {
+                let rejects = self.merge_rejects(
+                    &inner.previous_rejects,
+                    &changes,
+                    &acked,
+                    &rejected,
+                    error.is_none(),
+                );
+                (changes, acked, rejects)
+            });
+            (
+                record,
+                counts,
+                inner.manifest.clone(),
+                snapshot,
+                commit,
+                rejected,
+            )
+        };
+        record.finished_at = Some(now());
+        record.duration_ms = chrono::DateTime::parse_from_rfc3339(&record.started_at)
+            .map(|t| {
+                (chrono::Utc::now() - t.with_timezone(&chrono::Utc))
+                    .num_milliseconds()
+                    .max(0) as u64
+            })
+            .unwrap_or(0);
+        record.error = error.map(|e| e.to_string());
+        record.status = match (self.dry_run, error, record.rejected) {
+            (true, _, _) => "dry_run",
+            (_, Some(_), _) => "failed",
+            (_, None, 0) => "succeeded",
+            (_, None, _) => "partial",
+        }
+        .into();
+        if let (Some((changes, acked, rejects)), Some(snapshot)) = (commit, snapshot) {
+            let acked_any = !acked.is_empty();
+            let rejects_changed =
+                !rejects.is_empty() || manifest.as_ref().is_some_and(|m| m.rejects.is_some());
+            // Nothing acknowledged and nothing to remember: the committed state stays as is.
+            if acked_any || rejects_changed || manifest.is_none() {
+                let next = self.next_snapshot(&snapshot, &changes, &acked)?;
+                let new_manifest = Manifest {
+                    format: 1,
+                    hash: HASH_VERSION.into(),
+                    sync: self.spec.id.clone(),
+                    target: self.spec.target.clone(),
+                    key: self.spec.key_name().map(str::to_string),
+                    fields: next.fields.clone(),
+                    snapshot: String::new(),
+                    rows: 0,
+                    rejects: None,
+                    run_id: self.run_id.clone(),
+                    committed_at: now(),
+                };
+                self.state
+                    .commit(new_manifest, &next, &rejects, manifest.as_ref())
+                    .await?;
+            }
+        }
+        if !self.dry_run {
+            self.state.put_run(&record).await?;
+        }
+        self.inner().lock = None;
+        Ok(RunSummary {
+            record,
+            counts,
+            rejects: rejected,
+        })
+    }
+
+    fn merge_rejects(
+        &self,
+        previous: &[RejectEntry],
+        changes: &[Change],
+        acked: &[(u32, Option<String>)],
+        rejected: &[Rejected],
+        completed: bool,
+    ) -> Vec<RejectEntry> {
+        let by_key: HashMap<&str, &RejectEntry> = previous
+            .iter()
+            .filter_map(|r| r.key.as_deref().map(|k| (k, r)))
+            .collect();
+        let stamp = now();
+        let mut out: Vec<RejectEntry> = rejected
+            .iter()
+            .map(|r| {
+                let op = r
+                    .change
+                    .and_then(|id| changes.get(id as usize))
+                    .map(|c| c.op.as_str())
+                    .unwrap_or("none");
+                let first = r
+                    .key
+                    .as_deref()
+                    .and_then(|k| by_key.get(k))
+                    .map(|p| p.first_seen.clone())
+                    .unwrap_or_else(|| stamp.clone());
+                RejectEntry {
+                    sync: self.spec.label().to_string(),
+                    run_id: self.run_id.clone(),
+                    target: self.spec.target.clone(),
+                    key: r.key.clone(),
+                    operation: op.to_string(),
+                    error_code: r.code.clone(),
+                    error_message: r.message.clone(),
+                    payload: String::from_utf8_lossy(&r.payload).into_owned(),
+                    attempts: r.attempts,
+                    first_seen: first,
+                    last_seen: stamp.clone(),
+                }
+            })
+            .collect();
+        if !completed {
+            // Not every change was attempted: earlier rejects not settled this run still stand.
+            let settled: HashSet<String> = acked
+                .iter()
+                .filter_map(|(id, _)| changes.get(*id as usize).map(|c| c.key.to_string()))
+                .chain(rejected.iter().filter_map(|r| r.key.clone()))
+                .collect();
+            out.extend(
+                previous
+                    .iter()
+                    .filter(|p| p.key.as_ref().is_none_or(|k| !settled.contains(k)))
+                    .cloned(),
+            );
+        }
+        out
+    }
+
+    /// The snapshot after this run: the previous one with acknowledged updates and deletes
+    /// applied and acknowledged new records appended. Unacknowledged changes keep their old
+    /// state, so they are sent again next run.
+    fn next_snapshot(
+        &self,
+        old: &Snapshot,
+        changes: &[Change],
+        acked: &[(u32, Option<String>)],
+    ) -> Result<Snapshot> {
+        let diff = &self.spec.diff;
+        if diff.listed_deletes {
+            return Ok(Snapshot::empty(vec![]));
+        }
+        let fields: Vec<String> = if diff.key.is_some() {
+            diff.fields.clone()
+        } else {
+            vec![]
+        };
+        let old_column: Vec<Option<&UInt64Array>> = fields
+            .iter()
+            .map(|f| {
+                old.fields
+                    .iter()
+                    .position(|o| o == f)
+                    .map(|i| &old.hashes[i])
+            })
+            .collect();
+        let mut row_change: Vec<u32> = vec![u32::MAX; old.len()];
+        let mut new_rows: Vec<(u32, Option<&String>)> = vec![];
+        let mut ids: HashMap<u32, &String> = HashMap::new();
+        for (id, record_id) in acked {
+            let Some(c) = changes.get(*id as usize) else {
+                continue;
+            };
+            if let Some(r) = record_id {
+                ids.insert(*id, r);
+            }
+            match c.row {
+                Some(j) => row_change[j as usize] = *id,
+                None if c.op != Op::Delete => new_rows.push((*id, record_id.as_ref())),
+                None => {}
+            }
+        }
+        let kept: Vec<u32> = (0..old.len() as u32)
+            .filter(|j| {
+                let id = row_change[*j as usize];
+                id == u32::MAX || changes[id as usize].op != Op::Delete
+            })
+            .collect();
+        let kept_idx = UInt32Array::from(kept.clone());
+        let new_keys: Vec<&Key> = new_rows
+            .iter()
+            .map(|(id, _)| &changes[*id as usize].key)
+            .collect();
+        // A key whose type changed (integers to text) is kept as text on both sides.
+        let appended = key_array(&new_keys);
+        let keys = if old.is_empty() {
+            appended
+        } else {
+            let old_keys = take(&old.keys, &kept_idx, None)?;
+            if new_keys.is_empty() || appended.data_type() == old_keys.data_type() {
+                concat(&[old_keys.as_ref(), appended.as_ref()])?
+            } else {
+                let text = datafusion::arrow::datatypes::DataType::Utf8;
+                concat(&[
+                    cast(&old_keys, &text)?.as_ref(),
+                    cast(&appended, &text)?.as_ref(),
+                ])?
+            }
+        };
+        let mut hashes = Vec::with_capacity(fields.len());
+        for (i, old_col) in old_column.iter().enumerate() {
+            let mut b = UInt64Array::builder(kept.len() + new_rows.len());
+            for &j in &kept {
+                let id = row_change[j as usize];
+                if id != u32::MAX {
+                    b.append_value(changes[id as usize].hashes[i]);
+                } else {
+                    match old_col {
+                        Some(col) if col.is_valid(j as usize) => {
+                            b.append_value(col.value(j as usize))
+                        }
+                        _ => b.append_null(),
+                    }
+                }
+            }
+            for (id, _) in &new_rows {
+                b.append_value(changes[*id as usize].hashes[i]);
+            }
+            hashes.push(b.finish());
+        }
+        let record_ids: StringArray = kept
+            .iter()
+            .map(|&j| {
+                let id = row_change[j as usize];
+                ids.get(&id).map(|s| s.as_str()).or_else(|| {
+                    old.record_ids
+                        .is_valid(j as usize)
+                        .then(|| old.record_ids.value(j as usize))
+                })
+            })
+            .chain(new_rows.iter().map(|(_, r)| r.map(|s| s.as_str())))
+            .collect();
+        Ok(Snapshot {
+            keys,
+            fields,
+            hashes,
+            record_ids,
+        })
+    }
+}
+
+fn new_run_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..16].to_string()
+}

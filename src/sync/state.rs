@@ -1,0 +1,648 @@
+//! Durable sync state in any object store: snapshots, manifests, rejects, run records and locks.
+//!
+//! ```text
+//! <state>/syncs/<sync>/manifest.json          which snapshot and rejects are committed
+//! <state>/syncs/<sync>/snapshot-<run>.arrow   key, record id and one hash per mapped field
+//! <state>/syncs/<sync>/rejects-<run>.jsonl    records the destination refused, until they succeed
+//! <state>/syncs/<sync>/lock                   held while a run of the sync is in progress
+//! <state>/runs/<sync>/<started>-<run>.json    one record per run
+//! ```
+//!
+//! Commit = write the new snapshot and rejects under new names, then replace the manifest in one
+//! `put` (atomic on every object store: a local put renames a finished temporary file). A crash
+//! before the manifest swap leaves the previous manifest and the files it names untouched.
+
+use std::collections::HashSet;
+use std::io::Cursor;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use bytes::Bytes;
+use datafusion::arrow::array::{Array, ArrayRef, StringArray, UInt64Array};
+use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::ipc::reader::FileReader;
+use datafusion::arrow::ipc::writer::FileWriter;
+use datafusion::arrow::record_batch::RecordBatch;
+use futures::TryStreamExt;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
+use serde::{Deserialize, Serialize};
+
+use super::diff::Snapshot;
+use super::hash::HASH_VERSION;
+use crate::error::{Error, Result};
+
+/// The manifest format this version writes and reads.
+const FORMAT: u32 = 1;
+
+/// Where state lives.
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    store: Arc<dyn ObjectStore>,
+    root: Path,
+    /// The location as the user gave it (for messages; never holds credentials).
+    display: String,
+}
+
+/// Which snapshot and rejects are committed for a sync.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub hash: String,
+    pub sync: String,
+    pub target: String,
+    pub key: Option<String>,
+    pub fields: Vec<String>,
+    pub snapshot: String,
+    pub rows: u64,
+    pub rejects: Option<String>,
+    pub run_id: String,
+    pub committed_at: String,
+}
+
+/// One rejected record, as kept in state and shown in `sluice.rejects`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RejectEntry {
+    pub sync: String,
+    pub run_id: String,
+    pub target: String,
+    pub key: Option<String>,
+    pub operation: String,
+    pub error_code: String,
+    pub error_message: String,
+    pub payload: String,
+    pub attempts: u32,
+    pub first_seen: String,
+    pub last_seen: String,
+}
+
+/// One run of a sync, as shown in `sluice.runs`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunRecord {
+    pub run_id: String,
+    pub sync: String,
+    pub target: String,
+    pub started_at: String,
+    pub finished_at: Option<String>,
+    /// running | succeeded | partial (some records rejected) | failed | interrupted | dry_run
+    pub status: String,
+    pub rows_read: u64,
+    pub inserted: u64,
+    pub updated: u64,
+    pub deleted: u64,
+    pub unchanged: u64,
+    pub rejected: u64,
+    pub requests: u64,
+    pub retries: u64,
+    pub duration_ms: u64,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct LockFile {
+    pid: u32,
+    host: String,
+    run_id: String,
+    started_at: String,
+}
+
+/// Locks this process holds (a lock file naming this process but not listed here was left by a
+/// cancelled statement and is stale).
+fn held() -> &'static Mutex<HashSet<String>> {
+    static HELD: OnceLock<Mutex<HashSet<String>>> = OnceLock::new();
+    HELD.get_or_init(Mutex::default)
+}
+
+/// Holds a sync's lock until dropped.
+#[derive(Debug)]
+pub struct SyncLock {
+    store: Arc<dyn ObjectStore>,
+    path: Path,
+}
+
+impl Drop for SyncLock {
+    fn drop(&mut self) {
+        held().lock().expect("lock set").remove(self.path.as_ref());
+        let store = Arc::clone(&self.store);
+        let path = self.path.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = store.delete(&path).await;
+            });
+        }
+    }
+}
+
+impl StateStore {
+    pub fn new(store: Arc<dyn ObjectStore>, root: Path, display: String) -> Self {
+        Self {
+            store,
+            root,
+            display,
+        }
+    }
+
+    /// A state directory on the local file system (created on first write).
+    pub fn local(dir: &std::path::Path) -> Result<Self> {
+        let dir = std::path::absolute(dir).map_err(|source| Error::Io {
+            context: format!("cannot use {} for sync state", dir.display()),
+            source,
+        })?;
+        let root = Path::from_absolute_path(&dir).map_err(|e| Error::State {
+            message: format!("cannot use {} for sync state: {e}", dir.display()),
+        })?;
+        Ok(Self::new(
+            Arc::new(object_store::local::LocalFileSystem::new()),
+            root,
+            dir.display().to_string(),
+        ))
+    }
+
+    /// State at `location`: a local directory, `file://…`, or any object store URL
+    /// (`s3://bucket/prefix`, `gs://…`, `az://…`) the registry can build from the environment.
+    pub fn at(
+        location: &str,
+        registry: &dyn datafusion::execution::object_store::ObjectStoreRegistry,
+    ) -> Result<Self> {
+        let Ok(url) = url::Url::parse(location) else {
+            return Self::local(std::path::Path::new(location));
+        };
+        if url.scheme() == "file" {
+            let path = url.to_file_path().map_err(|_| Error::State {
+                message: format!("{location} is not a usable file URL for sync state"),
+            })?;
+            return Self::local(&path);
+        }
+        if url.scheme().len() == 1 {
+            // A Windows drive letter, not a scheme.
+            return Self::local(std::path::Path::new(location));
+        }
+        let store = registry.get_store(&url).map_err(|e| Error::State {
+            message: format!(
+                "cannot use {} for sync state: {e}",
+                crate::options::redact_url_password(location)
+            ),
+        })?;
+        let root = Path::from_url_path(url.path()).map_err(|e| Error::State {
+            message: format!("cannot use {location} for sync state: {e}"),
+        })?;
+        Ok(Self::new(
+            store,
+            root,
+            crate::options::redact_url_password(location),
+        ))
+    }
+
+    pub fn display(&self) -> &str {
+        &self.display
+    }
+
+    fn path(&self, parts: &[&str]) -> Path {
+        let mut p = self.root.clone();
+        for part in parts {
+            p = p.join(*part);
+        }
+        p
+    }
+
+    fn shown(&self, path: &Path) -> String {
+        let relative = path
+            .as_ref()
+            .strip_prefix(self.root.as_ref())
+            .unwrap_or(path.as_ref())
+            .trim_start_matches('/');
+        format!("{}/{relative}", self.display.trim_end_matches('/'))
+    }
+
+    fn io(&self, path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
+        Error::State {
+            message: format!("cannot {what} {}: {e}", self.shown(path)),
+        }
+    }
+
+    /// The committed manifest of `sync`; `None` before its first commit.
+    pub async fn manifest(&self, sync: &str) -> Result<Option<Manifest>> {
+        let path = self.path(&["syncs", sync, "manifest.json"]);
+        let bytes = match self.store.get(&path).await {
+            Ok(r) => r.bytes().await.map_err(|e| self.io(&path, "read", e))?,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(self.io(&path, "read", e)),
+        };
+        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::State {
+            message: format!(
+                "the state manifest {} is corrupt ({e}); nothing was sent. Restore it, or RESET SYNC {sync} to forget this sync's state (its next run resends every record)",
+                self.shown(&path)
+            ),
+        })?;
+        if manifest.format != FORMAT || manifest.hash != HASH_VERSION {
+            return Err(Error::State {
+                message: format!(
+                    "the state in {} was written by another version of sluice (format {}, hash {}; this version reads format {FORMAT}, hash {HASH_VERSION}); RESET SYNC {sync} to start over",
+                    self.shown(&path),
+                    manifest.format,
+                    manifest.hash
+                ),
+            });
+        }
+        Ok(Some(manifest))
+    }
+
+    /// The snapshot a manifest names.
+    pub async fn snapshot(&self, sync: &str, manifest: &Manifest) -> Result<Snapshot> {
+        let path = self.path(&["syncs", sync, &manifest.snapshot]);
+        let corrupt = |what: String| Error::State {
+            message: format!(
+                "the state snapshot {} {what}; nothing was sent. Restore it, or RESET SYNC {sync} to forget this sync's state (its next run resends every record)",
+                self.shown(&path)
+            ),
+        };
+        let bytes = match self.store.get(&path).await {
+            Ok(r) => r.bytes().await.map_err(|e| self.io(&path, "read", e))?,
+            Err(object_store::Error::NotFound { .. }) => {
+                return Err(corrupt("is named by the manifest but missing".into()));
+            }
+            Err(e) => return Err(self.io(&path, "read", e)),
+        };
+        let reader = FileReader::try_new(Cursor::new(bytes), None)
+            .map_err(|e| corrupt(format!("is corrupt ({e})")))?;
+        let schema = reader.schema();
+        let batches: Vec<RecordBatch> = reader
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| corrupt(format!("is corrupt ({e})")))?;
+        let batch = datafusion::arrow::compute::concat_batches(&schema, &batches)
+            .map_err(|e| corrupt(format!("is corrupt ({e})")))?;
+        if batch.num_rows() as u64 != manifest.rows || batch.num_columns() < 2 {
+            return Err(corrupt(format!(
+                "holds {} rows but its manifest says {}",
+                batch.num_rows(),
+                manifest.rows
+            )));
+        }
+        let record_ids = batch
+            .column(1)
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .cloned()
+            .ok_or_else(|| corrupt("has no record id column".into()))?;
+        let mut fields = vec![];
+        let mut hashes = vec![];
+        for (field, column) in schema.fields().iter().zip(batch.columns()).skip(2) {
+            let name = field.name().strip_prefix("h:").unwrap_or(field.name());
+            fields.push(name.to_string());
+            hashes.push(
+                column
+                    .as_any()
+                    .downcast_ref::<UInt64Array>()
+                    .cloned()
+                    .ok_or_else(|| corrupt(format!("has a bad hash column {name}")))?,
+            );
+        }
+        Ok(Snapshot {
+            keys: batch.column(0).clone(),
+            fields,
+            hashes,
+            record_ids,
+        })
+    }
+
+    /// The rejects a manifest names.
+    pub async fn rejects(&self, sync: &str, manifest: &Manifest) -> Result<Vec<RejectEntry>> {
+        let Some(name) = &manifest.rejects else {
+            return Ok(vec![]);
+        };
+        let path = self.path(&["syncs", sync, name]);
+        let bytes = match self.store.get(&path).await {
+            Ok(r) => r.bytes().await.map_err(|e| self.io(&path, "read", e))?,
+            Err(e) => return Err(self.io(&path, "read", e)),
+        };
+        bytes
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|line| {
+                serde_json::from_slice(line).map_err(|e| Error::State {
+                    message: format!(
+                        "the rejects file {} is corrupt ({e}); RESET SYNC {sync} to start over",
+                        self.shown(&path)
+                    ),
+                })
+            })
+            .collect()
+    }
+
+    /// Writes `snapshot` and `rejects` for run `run_id`, then swaps the manifest to them and
+    /// removes the files the previous manifest named.
+    pub async fn commit(
+        &self,
+        mut manifest: Manifest,
+        snapshot: &Snapshot,
+        rejects: &[RejectEntry],
+        previous: Option<&Manifest>,
+    ) -> Result<()> {
+        let sync = manifest.sync.clone();
+        manifest.snapshot = format!("snapshot-{}.arrow", manifest.run_id);
+        manifest.rows = snapshot.len() as u64;
+        let snapshot_path = self.path(&["syncs", &sync, &manifest.snapshot]);
+        let bytes = encode_snapshot(snapshot)?;
+        self.store
+            .put(&snapshot_path, PutPayload::from(bytes))
+            .await
+            .map_err(|e| self.io(&snapshot_path, "write", e))?;
+        manifest.rejects = if rejects.is_empty() {
+            None
+        } else {
+            let name = format!("rejects-{}.jsonl", manifest.run_id);
+            let path = self.path(&["syncs", &sync, &name]);
+            let mut body = Vec::new();
+            for r in rejects {
+                serde_json::to_writer(&mut body, r).expect("serializing to memory");
+                body.push(b'\n');
+            }
+            self.store
+                .put(&path, PutPayload::from(body))
+                .await
+                .map_err(|e| self.io(&path, "write", e))?;
+            Some(name)
+        };
+        let path = self.path(&["syncs", &sync, "manifest.json"]);
+        let body = serde_json::to_vec_pretty(&manifest).expect("serializing to memory");
+        self.store
+            .put(&path, PutPayload::from(body))
+            .await
+            .map_err(|e| self.io(&path, "write", e))?;
+        if let Some(previous) = previous {
+            for old in [Some(&previous.snapshot), previous.rejects.as_ref()]
+                .into_iter()
+                .flatten()
+            {
+                if Some(old) != Some(&manifest.snapshot) && Some(old) != manifest.rejects.as_ref() {
+                    let _ = self.store.delete(&self.path(&["syncs", &sync, old])).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Forgets a sync's state (its runs stay in the history).
+    pub async fn reset(&self, sync: &str) -> Result<u64> {
+        let prefix = self.path(&["syncs", sync]);
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| self.io(&prefix, "list", e))?;
+        let mut removed = 0;
+        for o in objects {
+            if o.location.filename() == Some("lock") {
+                continue;
+            }
+            self.store
+                .delete(&o.location)
+                .await
+                .map_err(|e| self.io(&o.location, "delete", e))?;
+            removed += 1;
+        }
+        Ok(removed)
+    }
+
+    /// Takes the lock of `sync`, or says who holds it.
+    pub async fn lock(&self, sync: &str, run_id: &str) -> Result<SyncLock> {
+        let path = self.path(&["syncs", sync, "lock"]);
+        let me = LockFile {
+            pid: std::process::id(),
+            host: hostname(),
+            run_id: run_id.to_string(),
+            started_at: now(),
+        };
+        let body = serde_json::to_vec(&me).expect("serializing to memory");
+        let create = PutOptions {
+            mode: PutMode::Create,
+            ..Default::default()
+        };
+        for _ in 0..2 {
+            match self
+                .store
+                .put_opts(&path, PutPayload::from(body.clone()), create.clone())
+                .await
+            {
+                Ok(_) => {
+                    held().lock().expect("lock set").insert(path.to_string());
+                    return Ok(SyncLock {
+                        store: Arc::clone(&self.store),
+                        path,
+                    });
+                }
+                Err(object_store::Error::AlreadyExists { .. }) => {
+                    let other: Option<LockFile> = match self.store.get(&path).await {
+                        Ok(r) => r
+                            .bytes()
+                            .await
+                            .ok()
+                            .and_then(|b| serde_json::from_slice(&b).ok()),
+                        Err(object_store::Error::NotFound { .. }) => continue,
+                        Err(e) => return Err(self.io(&path, "read", e)),
+                    };
+                    let stale = other.as_ref().is_none_or(|o| {
+                        o.host == me.host
+                            && (!process_alive(o.pid)
+                                || (o.pid == me.pid
+                                    && !held().lock().expect("lock set").contains(path.as_ref())))
+                    });
+                    if !stale {
+                        let o = other.expect("checked above");
+                        return Err(Error::State {
+                            message: format!(
+                                "sync {sync} is already running (run {} by process {} on {} since {}); wait for it to finish. If that process is gone, delete {}",
+                                o.run_id,
+                                o.pid,
+                                o.host,
+                                o.started_at,
+                                self.shown(&path)
+                            ),
+                        });
+                    }
+                    tracing::warn!(lock = %self.shown(&path), "Taking over a lock left by a process that is gone.");
+                    let _ = self.store.delete(&path).await;
+                }
+                Err(e) => return Err(self.io(&path, "write", e)),
+            }
+        }
+        Err(Error::State {
+            message: format!(
+                "cannot take the lock {} of sync {sync}; try again",
+                self.shown(&path)
+            ),
+        })
+    }
+
+    /// Writes (or rewrites) a run record.
+    pub async fn put_run(&self, run: &RunRecord) -> Result<()> {
+        let path = self.run_path(run);
+        let body = serde_json::to_vec(run).expect("serializing to memory");
+        self.store
+            .put(&path, PutPayload::from(body))
+            .await
+            .map_err(|e| self.io(&path, "write", e))?;
+        Ok(())
+    }
+
+    fn run_path(&self, run: &RunRecord) -> Path {
+        let stamp: String = run
+            .started_at
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .collect();
+        self.path(&["runs", &run.sync, &format!("{stamp}-{}.json", run.run_id)])
+    }
+
+    /// Every run record (of one sync, or of all).
+    pub async fn runs(&self, sync: Option<&str>) -> Result<Vec<RunRecord>> {
+        let prefix = match sync {
+            Some(s) => self.path(&["runs", s]),
+            None => self.path(&["runs"]),
+        };
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| self.io(&prefix, "list", e))?;
+        let mut runs = Vec::with_capacity(objects.len());
+        for o in objects {
+            let Ok(r) = self.store.get(&o.location).await else {
+                continue;
+            };
+            let bytes = r
+                .bytes()
+                .await
+                .map_err(|e| self.io(&o.location, "read", e))?;
+            match serde_json::from_slice::<RunRecord>(&bytes) {
+                Ok(run) => runs.push(run),
+                Err(e) => {
+                    tracing::warn!(file = %self.shown(&o.location), error = %e, "Skipping an unreadable run record.")
+                }
+            }
+        }
+        runs.sort_by(|a, b| a.started_at.cmp(&b.started_at));
+        Ok(runs)
+    }
+
+    /// Marks runs of `sync` still recorded as running as interrupted (call with its lock held:
+    /// no run of it can be in progress).
+    pub async fn close_interrupted(&self, sync: &str) -> Result<()> {
+        for mut run in self.runs(Some(sync)).await? {
+            if run.status == "running" {
+                run.status = "interrupted".into();
+                run.error = Some("the process stopped before the run finished; records it sent without a commit are sent again".into());
+                self.put_run(&run).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Names of syncs that have state.
+    pub async fn synced(&self) -> Result<Vec<String>> {
+        let prefix = self.path(&["syncs"]);
+        let listing = self
+            .store
+            .list_with_delimiter(Some(&prefix))
+            .await
+            .map_err(|e| self.io(&prefix, "list", e))?;
+        Ok(listing
+            .common_prefixes
+            .iter()
+            .filter_map(|p| p.filename().map(str::to_string))
+            .collect())
+    }
+}
+
+/// A snapshot as one Arrow IPC file: `key`, `record_id`, then `h:<field>` per field.
+fn encode_snapshot(snapshot: &Snapshot) -> Result<Bytes> {
+    let key_type = match snapshot.keys.data_type() {
+        DataType::Null => DataType::Int64,
+        t => t.clone(),
+    };
+    let keys: ArrayRef = if snapshot.keys.data_type() == &DataType::Null {
+        Arc::new(datafusion::arrow::array::Int64Array::from(Vec::<i64>::new()))
+    } else {
+        Arc::clone(&snapshot.keys)
+    };
+    let mut fields = vec![
+        Field::new("key", key_type, false),
+        Field::new("record_id", DataType::Utf8, true),
+    ];
+    let mut columns: Vec<ArrayRef> = vec![keys, Arc::new(snapshot.record_ids.clone())];
+    for (name, h) in snapshot.fields.iter().zip(&snapshot.hashes) {
+        fields.push(Field::new(format!("h:{name}"), DataType::UInt64, true));
+        columns.push(Arc::new(h.clone()));
+    }
+    let schema = Arc::new(Schema::new(fields));
+    let batch = RecordBatch::try_new(Arc::clone(&schema), columns)?;
+    let mut buf = Vec::with_capacity(batch.get_array_memory_size() + 1024);
+    let mut writer = FileWriter::try_new(&mut buf, &schema)?;
+    writer.write(&batch)?;
+    writer.finish()?;
+    drop(writer);
+    Ok(Bytes::from(buf))
+}
+
+/// UTC now, RFC 3339 with milliseconds.
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn hostname() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most buf.len() bytes into buf.
+    let rc = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) };
+    if rc != 0 {
+        return "unknown".into();
+    }
+    let end = buf.iter().position(|b| *b == 0).unwrap_or(buf.len());
+    String::from_utf8_lossy(&buf[..end]).into_owned()
+}
+
+fn process_alive(pid: u32) -> bool {
+    // SAFETY: signal 0 only checks that the process exists.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn lock_refuses_a_second_holder_and_frees_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateStore::local(dir.path()).unwrap();
+        let lock = state.lock("s", "run1").await.unwrap();
+        // Held by this process and known to it: a second run refuses.
+        let err = state.lock("s", "run2").await.unwrap_err().to_string();
+        assert!(
+            err.contains("already running") && err.contains("run1"),
+            "{err}"
+        );
+        drop(lock);
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        state.lock("s", "run3").await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_lock_left_by_a_dead_process_is_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateStore::local(dir.path()).unwrap();
+        let lock = LockFile {
+            pid: i32::MAX as u32,
+            host: hostname(),
+            run_id: "dead".into(),
+            started_at: now(),
+        };
+        std::fs::create_dir_all(dir.path().join("syncs/s")).unwrap();
+        std::fs::write(
+            dir.path().join("syncs/s/lock"),
+            serde_json::to_vec(&lock).unwrap(),
+        )
+        .unwrap();
+        state.lock("s", "alive").await.unwrap();
+    }
+}
