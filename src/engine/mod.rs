@@ -477,6 +477,7 @@ impl Engine {
                         rejected: summary.rejects.len() as u64,
                         rate_limit: run.spec.pacing.0,
                         concurrency: run.spec.pacing.1,
+                        refusal: run.refusal(),
                     }));
                 }
                 (

@@ -78,6 +78,8 @@ pub struct DryRunReport {
     /// The destination's request rate limit, if one is set (requests per second).
     pub rate_limit: Option<f64>,
     pub concurrency: Option<usize>,
+    /// Why a real run would refuse to send anything (a safety rail), if it would.
+    pub refusal: Option<String>,
 }
 
 impl fmt::Display for DryRunReport {
@@ -96,6 +98,9 @@ impl fmt::Display for DryRunReport {
             "  model rows {}: {} to insert, {} to update, {} to delete, {} unchanged, {} rejected by key (null), {} not sent by this mode",
             c.rows, c.inserts, c.updates, c.deletes, c.unchanged, self.rejected, c.skipped
         )?;
+        if let Some(refusal) = &self.refusal {
+            return write!(f, "  a real run would refuse: {refusal}");
+        }
         let requests = self.plan.requests();
         write!(f, "  API calls: {requests}")?;
         for op in &self.plan.ops {

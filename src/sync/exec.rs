@@ -229,7 +229,15 @@ async fn diff_stream(
         }
     }
     let (changes, counts) = differ.finish()?;
-    check_rails(&run, &counts)?;
+    if let Err(refusal) = check_rails(&run, &counts) {
+        if !run.dry_run {
+            return Err(DataFusionError::from(Error::Write { message: refusal }));
+        }
+        // A dry run reports what it found and that a real run would refuse.
+        run.set_changes(vec![], counts, key_rejects);
+        run.set_refusal(refusal);
+        return Ok(vec![]);
+    }
     let mut out = Vec::with_capacity(kept.len() + 1);
     for (batch, ids) in kept {
         let live: BooleanArray = ids
@@ -331,11 +339,11 @@ fn null_key_rejects(batch: &RecordBatch, rows: &[u32], run: &SyncRun) -> Result<
 }
 
 /// Safety rails: refuse to run (nothing sent) and say why.
-fn check_rails(run: &SyncRun, counts: &DiffCounts) -> Result<()> {
+fn check_rails(run: &SyncRun, counts: &DiffCounts) -> std::result::Result<(), String> {
     let options = &run.spec.options;
     let label = run.spec.label();
     let synced = run.snapshot_rows() as u64;
-    let refuse = |message: String| Err(DataFusionError::from(Error::Write { message }));
+    let refuse = Err;
     if run.spec.diff.delete && counts.rows == 0 && synced > 0 && options.abort_on_empty_source {
         return refuse(format!(
             "sync {label}: the model returned no rows, so this sync would delete all {synced} records it synced; nothing was sent. If the model really is empty, set OPTIONS (on_empty_source 'allow')"

@@ -80,6 +80,7 @@ struct Inner {
     counts: DiffCounts,
     key_rejects: Vec<Rejected>,
     record: RunRecord,
+    refusal: Option<String>,
 }
 
 /// One run, shared by the engine, `DiffExec` and the sink.
@@ -197,6 +198,15 @@ impl SyncRun {
         inner.changes = changes;
         inner.counts = counts;
         inner.key_rejects = key_rejects;
+    }
+
+    /// A dry run found that a real run would refuse (a safety rail).
+    pub fn set_refusal(&self, message: String) {
+        self.inner().refusal = Some(message);
+    }
+
+    pub fn refusal(&self) -> Option<String> {
+        self.inner().refusal.clone()
     }
 
     /// The committed snapshot's size (for delete caps).

@@ -4,6 +4,17 @@
 //! run with the repository root as the working directory (so `sql_examples/data/...` resolves).
 
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use datafusion::arrow::array::{ArrayRef, Int64Array, RecordBatch, StringArray};
+use datafusion::arrow::datatypes::{Field, Schema, SchemaRef};
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::datasource::TableType;
+use datafusion::datasource::memory::MemorySourceConfig;
+use datafusion::logical_expr::Expr;
+use datafusion::physical_plan::ExecutionPlan;
+
+use super::fakes::webhook::{FakeWebhook, Script};
 
 use datafusion::arrow::datatypes::DataType;
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
@@ -13,6 +24,98 @@ use sqllogictest::{DBOutput, DefaultColumnType};
 struct SluiceDb {
     engine: Engine,
     tmp: tempfile::TempDir,
+    fake: Arc<FakeWebhook>,
+}
+
+/// What the fake webhook receiver holds, as tables the `.slt` files query:
+/// `webhook_state` (the materialized store: object, key, record as JSON with sorted keys) and
+/// `webhook_requests` (every request: seq, status, operation, records, fields carried).
+#[derive(Debug)]
+struct FakeTable {
+    fake: Arc<FakeWebhook>,
+    requests: bool,
+}
+
+impl FakeTable {
+    fn schema(requests: bool) -> SchemaRef {
+        let text = |n: &str| Field::new(n, DataType::Utf8, true);
+        let int = |n: &str| Field::new(n, DataType::Int64, false);
+        Arc::new(Schema::new(if requests {
+            vec![
+                int("seq"),
+                int("status"),
+                text("operation"),
+                int("records"),
+                text("fields"),
+            ]
+        } else {
+            vec![text("object"), text("key"), text("record")]
+        }))
+    }
+}
+
+impl std::fmt::Debug for FakeWebhook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "FakeWebhook({})", self.url)
+    }
+}
+
+#[async_trait::async_trait]
+impl TableProvider for FakeTable {
+    fn schema(&self) -> SchemaRef {
+        Self::schema(self.requests)
+    }
+
+    fn table_type(&self) -> TableType {
+        TableType::View
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        _filters: &[Expr],
+        _limit: Option<usize>,
+    ) -> datafusion::error::Result<Arc<dyn ExecutionPlan>> {
+        let schema = Self::schema(self.requests);
+        let columns: Vec<ArrayRef> = if self.requests {
+            let seen = self.fake.observed(|o| o.requests.clone());
+            vec![
+                Arc::new(Int64Array::from_iter_values(1..=seen.len() as i64)),
+                Arc::new(Int64Array::from_iter_values(
+                    seen.iter().map(|s| s.status as i64),
+                )),
+                Arc::new(StringArray::from_iter(
+                    seen.iter().map(|s| s.operation.clone()),
+                )),
+                Arc::new(Int64Array::from_iter_values(
+                    seen.iter().map(|s| s.records as i64),
+                )),
+                Arc::new(StringArray::from_iter_values(
+                    seen.iter().map(|s| s.fields.clone()),
+                )),
+            ]
+        } else {
+            let rows = self.fake.state_rows();
+            vec![
+                Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|r| r.0.clone()),
+                )),
+                Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|r| r.1.clone()),
+                )),
+                Arc::new(StringArray::from_iter_values(
+                    rows.iter().map(|r| r.2.clone()),
+                )),
+            ]
+        };
+        let batch = RecordBatch::try_new(Arc::clone(&schema), columns)?;
+        Ok(MemorySourceConfig::try_new_exec(
+            &[vec![batch]],
+            schema,
+            projection.cloned(),
+        )?)
+    }
 }
 
 #[async_trait::async_trait]
@@ -21,7 +124,9 @@ impl sqllogictest::AsyncDB for SluiceDb {
     type ColumnType = DefaultColumnType;
 
     async fn run(&mut self, sql: &str) -> Result<DBOutput<DefaultColumnType>, sluice::Error> {
-        let sql = sql.replace("__TMP__", &self.tmp.path().display().to_string());
+        let sql = sql
+            .replace("__TMP__", &self.tmp.path().display().to_string())
+            .replace("__WEBHOOK__", &self.fake.url);
         let mut outcomes = self.engine.run_sql(&sql).await?;
         let Some(last) = outcomes.pop() else {
             return Ok(DBOutput::StatementComplete(0));
@@ -113,7 +218,17 @@ async fn sqllogictest_files() {
             let tmp = tempfile::tempdir().expect("tempdir");
             let mut engine = Engine::new()?;
             engine.set_state_location(&tmp.path().join(".sluice").display().to_string())?;
-            Ok(SluiceDb { engine, tmp })
+            let fake = Arc::new(FakeWebhook::start(Script::default()).await);
+            for (name, requests) in [("webhook_state", false), ("webhook_requests", true)] {
+                engine.context().register_table(
+                    name,
+                    Arc::new(FakeTable {
+                        fake: Arc::clone(&fake),
+                        requests,
+                    }),
+                )?;
+            }
+            Ok(SluiceDb { engine, tmp, fake })
         });
         if let Err(e) = runner.run_file_async(file).await {
             failures.push(format!("{}:\n{e}", file.display()));

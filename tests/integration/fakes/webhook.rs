@@ -78,6 +78,10 @@ pub struct Seen {
     pub authorization: Option<String>,
     /// The `id` field of each record (for "which records were resent").
     pub record_ids: Vec<String>,
+    /// The envelope's operation (upsert, insert, update, delete).
+    pub operation: Option<String>,
+    /// The field names each record carried, e.g. `email,id` (sorted, de-duplicated).
+    pub fields: String,
 }
 
 #[derive(Debug, Default)]
@@ -90,6 +94,12 @@ pub struct Observed {
     /// Requests whose idempotency key had already been processed.
     pub duplicates: u64,
     pub throttled: u64,
+    /// What a receiver applying each operation to a store keyed by `id` ends up holding:
+    /// upsert and update merge fields, insert creates, delete removes. Records without an `id`
+    /// are events, appended to `events`.
+    pub state:
+        std::collections::BTreeMap<(String, String), serde_json::Map<String, serde_json::Value>>,
+    pub events: Vec<serde_json::Value>,
     window: VecDeque<Instant>,
 }
 
@@ -149,6 +159,22 @@ impl FakeWebhook {
     }
 
     /// The largest number of requests that arrived within any `window`.
+    /// The materialized store: (object, id, record as JSON with sorted keys).
+    pub fn state_rows(&self) -> Vec<(String, String, String)> {
+        self.observed(|o| {
+            o.state
+                .iter()
+                .map(|((object, id), v)| {
+                    (
+                        object.clone(),
+                        id.clone(),
+                        serde_json::Value::Object(v.clone()).to_string(),
+                    )
+                })
+                .collect()
+        })
+    }
+
     pub fn max_requests_in(&self, window: Duration) -> usize {
         self.observed(|o| {
             let times: Vec<Instant> = o.requests.iter().map(|r| r.at).collect();
@@ -169,6 +195,8 @@ impl FakeWebhook {
 struct Envelope {
     #[serde(default)]
     object: Option<String>,
+    #[serde(default)]
+    operation: Option<String>,
     records: Vec<serde_json::Value>,
 }
 
@@ -184,6 +212,22 @@ async fn handle(
     body: Bytes,
 ) -> Response {
     let arrived = Instant::now();
+    let peek = serde_json::from_slice::<Envelope>(&body).ok();
+    let operation = peek.as_ref().and_then(|e| e.operation.clone());
+    let fields = peek
+        .as_ref()
+        .map(|e| {
+            let mut names: Vec<String> = e
+                .records
+                .iter()
+                .filter_map(|r| r.as_object())
+                .flat_map(|o| o.keys().cloned())
+                .collect();
+            names.sort();
+            names.dedup();
+            names.join(",")
+        })
+        .unwrap_or_default();
     let key = headers
         .get("idempotency-key")
         .and_then(|v| v.to_str().ok())
@@ -217,6 +261,8 @@ async fn handle(
             object,
             signature_ok: sig,
             record_ids: first,
+            operation: operation.clone(),
+            fields: fields.clone(),
             method: method.to_string(),
             body_bytes: body.len(),
             authorization: headers
@@ -375,7 +421,7 @@ async fn handle(
                     continue;
                 }
             }
-            keep.push(record.clone());
+            keep.push((i, record.clone()));
         }
     }
     {
@@ -383,8 +429,41 @@ async fn handle(
         if !key.is_empty() && !o.processed_keys.insert(key.clone()) {
             o.duplicates += 1;
         } else {
-            o.record_count += keep.len() as u64;
-            o.records.extend(keep);
+            let op = envelope.operation.as_deref().unwrap_or("upsert");
+            let mut applied = vec![];
+            for (i, record) in keep {
+                let id = record.get("id").map(|v| match v {
+                    serde_json::Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                });
+                let Some(id) = id.map(|id| (envelope.object.clone().unwrap_or_default(), id))
+                else {
+                    o.events.push(record.clone());
+                    applied.push(record);
+                    continue;
+                };
+                let fields = record.as_object().cloned().unwrap_or_default();
+                let exists = o.state.contains_key(&id);
+                match op {
+                    "insert" if exists => {
+                        errors.push(serde_json::json!({"index": i, "code": "already_exists",
+                            "message": format!("record {} already exists", id.1)}));
+                        continue;
+                    }
+                    "update" if !exists => {
+                        errors.push(serde_json::json!({"index": i, "code": "not_found",
+                            "message": format!("record {} does not exist", id.1)}));
+                        continue;
+                    }
+                    "delete" => {
+                        o.state.remove(&id);
+                    }
+                    _ => o.state.entry(id).or_default().extend(fields),
+                }
+                applied.push(record);
+            }
+            o.record_count += applied.len() as u64;
+            o.records.extend(applied);
         }
     }
     log(
