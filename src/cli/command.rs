@@ -69,14 +69,22 @@ impl Command {
             Command::Quit => return Flow::Quit,
             Command::Help => println!("{HELP}"),
             Command::List => {
-                super::exec::run_source(engine, "\\d", "SHOW CONNECTIONS", print).await;
+                super::exec::run_source(engine, "\\d", "SHOW CONNECTIONS", print, crate::Mode::Run)
+                    .await;
                 let tables = "SELECT table_schema AS schema, table_name AS name, table_type AS type \
                               FROM information_schema.tables \
                               WHERE table_schema <> 'information_schema' ORDER BY 1, 2";
-                super::exec::run_source(engine, "\\d", tables, print).await;
+                super::exec::run_source(engine, "\\d", tables, print, crate::Mode::Run).await;
             }
             Command::Describe(name) => {
-                super::exec::run_source(engine, "\\d", &format!("DESCRIBE {name}"), print).await;
+                super::exec::run_source(
+                    engine,
+                    "\\d",
+                    &format!("DESCRIBE {name}"),
+                    print,
+                    crate::Mode::Run,
+                )
+                .await;
             }
             Command::Timing(on) => {
                 print.timing = on.unwrap_or(!print.timing);

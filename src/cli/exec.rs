@@ -74,7 +74,13 @@ impl Problems {
 }
 
 /// Runs every statement of one SQL text; stops at the first error.
-pub async fn run_source(engine: &Engine, source: &str, sql: &str, print: &PrintOptions) -> Status {
+pub async fn run_source(
+    engine: &Engine,
+    source: &str,
+    sql: &str,
+    print: &PrintOptions,
+    mode: Mode,
+) -> Status {
     let (statements, errors) = parse_sql_recovering(sql);
     if !errors.is_empty() {
         for e in &errors {
@@ -82,7 +88,7 @@ pub async fn run_source(engine: &Engine, source: &str, sql: &str, print: &PrintO
         }
         return Status::Error;
     }
-    run_statements(engine, source, &statements, print).await
+    run_statements(engine, source, &statements, print, mode).await
 }
 
 async fn run_statements(
@@ -90,11 +96,12 @@ async fn run_statements(
     source: &str,
     statements: &[ParsedStatement],
     print: &PrintOptions,
+    mode: Mode,
 ) -> Status {
     let mut status = Status::Ok;
     let mut stdout = std::io::stdout();
     for statement in statements {
-        match execute_cancellable(engine, statement, Mode::Run).await {
+        match execute_cancellable(engine, statement, mode).await {
             Ok(outcome) => {
                 if outcome.rejected() > 0 {
                     status = Status::Rejected;
@@ -151,7 +158,12 @@ fn read(path: &Path) -> std::result::Result<String, String> {
 
 /// `sluice run`: parses every file first (a syntax error anywhere runs nothing), then runs them
 /// in order and stops at the first error.
-pub async fn run_paths(engine: &Engine, paths: &[PathBuf], print: &PrintOptions) -> Status {
+pub async fn run_paths(
+    engine: &Engine,
+    paths: &[PathBuf],
+    print: &PrintOptions,
+    mode: Mode,
+) -> Status {
     let files = match expand(paths) {
         Ok(files) => files,
         Err(e) => {
@@ -183,7 +195,7 @@ pub async fn run_paths(engine: &Engine, paths: &[PathBuf], print: &PrintOptions)
     for (source, statements) in &parsed {
         status = super::worst(
             status,
-            run_statements(engine, source, statements, print).await,
+            run_statements(engine, source, statements, print, mode).await,
         );
         if status == Status::Error {
             break;

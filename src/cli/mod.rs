@@ -30,6 +30,12 @@ pub struct Args {
     #[arg(short, long, global = true)]
     pub quiet: bool,
 
+    /// Where sync state, run history and rejects live: a directory or an object store URL
+    /// (s3://bucket/prefix, gs://…, az://…, file://…). Default: `.sluice` next to the files
+    /// being run, or in the working directory.
+    #[arg(long, value_name = "URL", env = "SLUICE_STATE", global = true)]
+    pub state: Option<String>,
+
     #[command(subcommand)]
     pub command: Option<Command>,
 }
@@ -40,6 +46,10 @@ pub enum Command {
     Run {
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
+        /// Send nothing: each sync prints what it would insert, update and delete, the API
+        /// calls it would make, samples and an estimated duration. State is not changed.
+        #[arg(long)]
+        dry_run: bool,
     },
     /// Parse and plan every statement without executing any query or write; report every
     /// problem as file:line:col: message.
@@ -86,13 +96,29 @@ pub fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> Status {
-    let engine = match crate::Engine::new() {
+    let mut engine = match crate::Engine::new() {
         Ok(engine) => engine,
         Err(e) => {
             eprintln!("error: {e}");
             return Status::Error;
         }
     };
+    let state = args.state.clone().unwrap_or_else(|| {
+        let paths = match &args.command {
+            Some(Command::Run { paths, .. } | Command::Check { paths }) => paths.as_slice(),
+            None => &[],
+        };
+        let dir = match paths.first() {
+            Some(p) if p.is_dir() => p.clone(),
+            Some(p) => p.parent().map(|d| d.to_path_buf()).unwrap_or_default(),
+            None => PathBuf::new(),
+        };
+        dir.join(".sluice").display().to_string()
+    });
+    if let Err(e) = engine.set_state_location(&state) {
+        eprintln!("error: {e}");
+        return Status::Error;
+    }
     let mut print = PrintOptions {
         format: args.format,
         quiet: args.quiet,
@@ -105,14 +131,26 @@ async fn run(args: Args) -> Status {
         } else {
             format!("<command {}>", i + 1)
         };
-        status = worst(status, exec::run_source(&engine, &name, sql, &print).await);
+        let mode = match &args.command {
+            Some(Command::Run { dry_run: true, .. }) => crate::Mode::DryRun,
+            _ => crate::Mode::Run,
+        };
+        status = worst(
+            status,
+            exec::run_source(&engine, &name, sql, &print, mode).await,
+        );
         if status == Status::Error {
             return status;
         }
     }
     match args.command {
-        Some(Command::Run { paths }) => {
-            worst(status, exec::run_paths(&engine, &paths, &print).await)
+        Some(Command::Run { paths, dry_run }) => {
+            let mode = if dry_run {
+                crate::Mode::DryRun
+            } else {
+                crate::Mode::Run
+            };
+            worst(status, exec::run_paths(&engine, &paths, &print, mode).await)
         }
         Some(Command::Check { paths }) => worst(status, exec::check_paths(&engine, &paths).await),
         None if args.commands.is_empty() => match exec::repl(&engine, &mut print).await {

@@ -55,6 +55,52 @@ impl Snapshot {
     pub fn key(&self, row: usize) -> Key {
         Key::at(&self.keys, row).expect("snapshot keys are never null")
     }
+
+    /// A record a run sent without committing (its hashes are unknown): it may or may not be at
+    /// the destination.
+    pub fn unknown(&self, row: usize) -> bool {
+        !self.hashes.is_empty() && self.hashes.iter().all(|h| h.is_null(row))
+    }
+
+    /// Adds `keys` not already present as unknown records (see [`Snapshot::unknown`]).
+    pub fn with_unknown(mut self, keys: &[Key]) -> Result<Self> {
+        let index = KeyIndex::build(&self.keys);
+        let mut seen = std::collections::HashSet::new();
+        let new: Vec<&Key> = keys
+            .iter()
+            .filter(|k| index.find(&self.keys, k).is_none() && seen.insert(*k))
+            .collect();
+        if new.is_empty() {
+            return Ok(self);
+        }
+        let added = key_array(&new);
+        self.keys = if self.keys.is_empty() {
+            added
+        } else if added.data_type() == self.keys.data_type() {
+            datafusion::arrow::compute::concat(&[self.keys.as_ref(), added.as_ref()])?
+        } else {
+            let text = DataType::Utf8;
+            datafusion::arrow::compute::concat(&[
+                datafusion::arrow::compute::cast(&self.keys, &text)?.as_ref(),
+                datafusion::arrow::compute::cast(&added, &text)?.as_ref(),
+            ])?
+        };
+        if self.hashes.is_empty() && self.fields.is_empty() {
+            // A snapshot that never committed fields: an unknown marker needs one column.
+            self.fields.push(String::new());
+            self.hashes.push(UInt64Array::from(vec![0u64; 0]));
+        }
+        for h in &mut self.hashes {
+            let mut b = UInt64Array::builder(h.len() + new.len());
+            b.extend(h.iter());
+            b.append_nulls(new.len());
+            *h = b.finish();
+        }
+        let mut ids: Vec<Option<&str>> = self.record_ids.iter().collect();
+        ids.extend(std::iter::repeat_n(None, new.len()));
+        self.record_ids = StringArray::from(ids);
+        Ok(self)
+    }
 }
 
 /// Finds a key's row in a snapshot.
@@ -279,6 +325,18 @@ impl Differ {
                         self.counts.unchanged += 1;
                         continue;
                     }
+                    if self.snapshot.unknown(j as usize) {
+                        // Sent by a run that stopped before its commit: it may or may not be at
+                        // the destination, so it is sent again as a new record.
+                        let Some(op) = self.new_op() else {
+                            self.counts.skipped += 1;
+                            continue;
+                        };
+                        let id = self.add(op, key.clone(), Some(j), row_hashes, self.all_fields);
+                        self.live.insert(key, id);
+                        out.change_of_row[row] = Some(id);
+                        continue;
+                    }
                     let mut changed = 0u64;
                     for (i, h) in row_hashes.iter().enumerate() {
                         if Some(i) == key_index {
@@ -318,15 +376,9 @@ impl Differ {
                         self.duplicate(&key);
                         self.changes[prev as usize].live = false;
                     }
-                    let op = match (self.spec.key, self.spec.insert, self.spec.update) {
-                        (None, _, _) => Op::Insert,
-                        (_, true, true) => Op::Upsert,
-                        (_, true, false) => Op::Insert,
-                        (_, false, true) => Op::Update,
-                        (_, false, false) => {
-                            self.counts.skipped += 1;
-                            continue;
-                        }
+                    let Some(op) = self.new_op() else {
+                        self.counts.skipped += 1;
+                        continue;
                     };
                     let id = self.add(op, key.clone(), None, row_hashes, self.all_fields);
                     self.live.insert(key, id);
@@ -335,6 +387,17 @@ impl Differ {
             }
         }
         Ok(out)
+    }
+
+    /// The operation for a record the destination is not known to have.
+    fn new_op(&self) -> Option<Op> {
+        match (self.spec.key, self.spec.insert, self.spec.update) {
+            (None, _, _) => Some(Op::Insert),
+            (_, true, true) => Some(Op::Upsert),
+            (_, true, false) => Some(Op::Insert),
+            (_, false, true) => Some(Op::Update),
+            (_, false, false) => None,
+        }
     }
 
     /// Integer keys in the model against a snapshot of text keys (or the reverse, after the
@@ -591,6 +654,26 @@ mod tests {
         let out = run(keep, snap, &rows);
         // Key 1's last row equals the snapshot: nothing to send for it.
         assert_eq!(out, vec![(Op::Upsert, "2".into(), 0b111)]);
+    }
+
+    #[test]
+    fn records_sent_without_a_commit_are_resent_or_deleted() {
+        // 1 is known; 7 and 8 were sent by a run that stopped before its commit.
+        let snap = (*snapshot_of(&[(1, "a", None)]))
+            .clone()
+            .with_unknown(&[Key::Int(7), Key::Int(8), Key::Int(1)])
+            .unwrap();
+        assert_eq!(snap.len(), 3);
+        assert!(!snap.unknown(0) && snap.unknown(1) && snap.unknown(2));
+        let out = run(
+            spec(true, true, true),
+            Arc::new(snap),
+            &[(1, "a", None), (7, "g", None)],
+        );
+        assert_eq!(
+            out,
+            vec![(Op::Upsert, "7".into(), 0b111), (Op::Delete, "8".into(), 0)]
+        );
     }
 
     #[test]

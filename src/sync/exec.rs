@@ -238,6 +238,8 @@ async fn diff_stream(
         run.set_refusal(refusal);
         return Ok(vec![]);
     }
+    // Write-ahead: the keys of new records are recorded before any of them is sent.
+    run.write_intent(&changes).await?;
     let mut out = Vec::with_capacity(kept.len() + 1);
     for (batch, ids) in kept {
         let live: BooleanArray = ids

@@ -81,6 +81,8 @@ struct Inner {
     key_rejects: Vec<Rejected>,
     record: RunRecord,
     refusal: Option<String>,
+    /// Intent files of earlier runs folded into the loaded snapshot, and this run's own.
+    intents: Vec<String>,
 }
 
 /// One run, shared by the engine, `DiffExec` and the sink.
@@ -168,9 +170,21 @@ impl SyncRun {
         if !self.dry_run {
             self.state.put_run(&record).await?;
         }
+        // Records that runs which stopped before their commit were about to send.
+        let mut intents = vec![];
+        let mut snapshot = snapshot;
+        if !self.spec.diff.listed_deletes && self.spec.diff.key.is_some() {
+            let mut keys = vec![];
+            for (name, array) in self.state.intents(id).await? {
+                keys.extend((0..array.len()).filter_map(|i| Key::at(&array, i)));
+                intents.push(name);
+            }
+            snapshot = snapshot.with_unknown(&keys)?;
+        }
         let mut inner = self.inner();
         inner.lock = lock;
         inner.manifest = manifest;
+        inner.intents = intents;
         inner.snapshot = Some(Arc::new(snapshot));
         inner.previous_rejects = rejects;
         inner.record = record;
@@ -200,6 +214,28 @@ impl SyncRun {
         inner.key_rejects = key_rejects;
     }
 
+    /// Writes the keys of the new records this run is about to send, before it sends them.
+    pub async fn write_intent(&self, changes: &[Change]) -> Result<()> {
+        if self.dry_run || self.spec.diff.key.is_none() || self.spec.diff.listed_deletes {
+            return Ok(());
+        }
+        let keys: Vec<&Key> = changes
+            .iter()
+            .filter(|c| c.live && c.row.is_none() && c.op != Op::Delete)
+            .map(|c| &c.key)
+            .collect();
+        if keys.is_empty() {
+            return Ok(());
+        }
+        self.state
+            .put_intent(&self.spec.id, &self.run_id, key_array(&keys))
+            .await?;
+        self.inner()
+            .intents
+            .push(format!("intent-{}.arrow", self.run_id));
+        Ok(())
+    }
+
     /// A dry run found that a real run would refuse (a safety rail).
     pub fn set_refusal(&self, message: String) {
         self.inner().refusal = Some(message);
@@ -223,7 +259,7 @@ impl SyncRun {
         delivery: Option<DeliveryStats>,
         error: Option<&Error>,
     ) -> Result<RunSummary> {
-        let (mut record, counts, manifest, snapshot, commit, rejected) = {
+        let (mut record, counts, manifest, snapshot, commit, rejected, intents) = {
             let mut inner = self.inner();
             let mut rejected = rejected;
             rejected.extend(std::mem::take(&mut inner.key_rejects));
@@ -258,6 +294,7 @@ impl SyncRun {
                 );
                 (changes, acked, rejects)
             });
+            let intents = std::mem::take(&mut inner.intents);
             (
                 record,
                 counts,
@@ -265,6 +302,7 @@ impl SyncRun {
                 snapshot,
                 commit,
                 rejected,
+                intents,
             )
         };
         record.finished_at = Some(now());
@@ -288,8 +326,13 @@ impl SyncRun {
             let rejects_changed =
                 !rejects.is_empty() || manifest.as_ref().is_some_and(|m| m.rejects.is_some());
             // Nothing acknowledged and nothing to remember: the committed state stays as is.
-            if acked_any || rejects_changed || manifest.is_none() {
-                let next = self.next_snapshot(&snapshot, &changes, &acked)?;
+            if acked_any || rejects_changed || manifest.is_none() || !intents.is_empty() {
+                let settled: HashSet<u32> = acked
+                    .iter()
+                    .map(|(id, _)| *id)
+                    .chain(rejected.iter().filter_map(|r| r.change))
+                    .collect();
+                let next = self.next_snapshot(&snapshot, &changes, &acked, &settled)?;
                 let new_manifest = Manifest {
                     format: 1,
                     hash: HASH_VERSION.into(),
@@ -306,6 +349,8 @@ impl SyncRun {
                 self.state
                     .commit(new_manifest, &next, &rejects, manifest.as_ref())
                     .await?;
+                // Folded into the committed snapshot: the intents have served.
+                self.state.delete_intents(&self.spec.id, &intents).await;
             }
         }
         if !self.dry_run {
@@ -386,6 +431,7 @@ impl SyncRun {
         old: &Snapshot,
         changes: &[Change],
         acked: &[(u32, Option<String>)],
+        settled: &HashSet<u32>,
     ) -> Result<Snapshot> {
         let diff = &self.spec.diff;
         if diff.listed_deletes {
@@ -406,7 +452,8 @@ impl SyncRun {
             })
             .collect();
         let mut row_change: Vec<u32> = vec![u32::MAX; old.len()];
-        let mut new_rows: Vec<(u32, Option<&String>)> = vec![];
+        // (change, record id, known): unknown = sent without an answer.
+        let mut new_rows: Vec<(u32, Option<&String>, bool)> = vec![];
         let mut ids: HashMap<u32, &String> = HashMap::new();
         for (id, record_id) in acked {
             let Some(c) = changes.get(*id as usize) else {
@@ -417,8 +464,16 @@ impl SyncRun {
             }
             match c.row {
                 Some(j) => row_change[j as usize] = *id,
-                None if c.op != Op::Delete => new_rows.push((*id, record_id.as_ref())),
+                None if c.op != Op::Delete => new_rows.push((*id, record_id.as_ref(), true)),
                 None => {}
+            }
+        }
+        if diff.key.is_some() {
+            for (id, c) in changes.iter().enumerate() {
+                let id = id as u32;
+                if c.live && c.row.is_none() && c.op != Op::Delete && !settled.contains(&id) {
+                    new_rows.push((id, None, false));
+                }
             }
         }
         let kept: Vec<u32> = (0..old.len() as u32)
@@ -430,7 +485,7 @@ impl SyncRun {
         let kept_idx = UInt32Array::from(kept.clone());
         let new_keys: Vec<&Key> = new_rows
             .iter()
-            .map(|(id, _)| &changes[*id as usize].key)
+            .map(|(id, _, _)| &changes[*id as usize].key)
             .collect();
         // A key whose type changed (integers to text) is kept as text on both sides.
         let appended = key_array(&new_keys);
@@ -464,8 +519,12 @@ impl SyncRun {
                     }
                 }
             }
-            for (id, _) in &new_rows {
-                b.append_value(changes[*id as usize].hashes[i]);
+            for (id, _, known) in &new_rows {
+                if *known {
+                    b.append_value(changes[*id as usize].hashes[i]);
+                } else {
+                    b.append_null();
+                }
             }
             hashes.push(b.finish());
         }
@@ -479,7 +538,7 @@ impl SyncRun {
                         .then(|| old.record_ids.value(j as usize))
                 })
             })
-            .chain(new_rows.iter().map(|(_, r)| r.map(|s| s.as_str())))
+            .chain(new_rows.iter().map(|(_, r, _)| r.map(|s| s.as_str())))
             .collect();
         Ok(Snapshot {
             keys,

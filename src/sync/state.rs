@@ -381,6 +381,89 @@ impl StateStore {
         Ok(())
     }
 
+    /// Records, before anything is sent, the keys of records new to the snapshot that a run is
+    /// about to send. If the run stops before its commit, the next run treats them as possibly
+    /// at the destination (so a mirror sync can still delete them).
+    pub async fn put_intent(&self, sync: &str, run_id: &str, keys: ArrayRef) -> Result<()> {
+        let path = self.path(&["syncs", sync, &format!("intent-{run_id}.arrow")]);
+        let schema = Arc::new(Schema::new(vec![Field::new(
+            "key",
+            keys.data_type().clone(),
+            false,
+        )]));
+        let batch = RecordBatch::try_new(Arc::clone(&schema), vec![keys])?;
+        let mut buf = Vec::new();
+        let mut writer = FileWriter::try_new(&mut buf, &schema)?;
+        writer.write(&batch)?;
+        writer.finish()?;
+        drop(writer);
+        self.store
+            .put(&path, PutPayload::from(buf))
+            .await
+            .map_err(|e| self.io(&path, "write", e))?;
+        Ok(())
+    }
+
+    /// The intents of runs that did not commit: (file name, keys).
+    pub async fn intents(&self, sync: &str) -> Result<Vec<(String, ArrayRef)>> {
+        let prefix = self.path(&["syncs", sync]);
+        let objects: Vec<_> = self
+            .store
+            .list(Some(&prefix))
+            .try_collect()
+            .await
+            .map_err(|e| self.io(&prefix, "list", e))?;
+        let mut out = vec![];
+        for o in objects {
+            let Some(name) = o.location.filename().map(str::to_string) else {
+                continue;
+            };
+            if !name.starts_with("intent-") {
+                continue;
+            }
+            let bytes = match self.store.get(&o.location).await {
+                Ok(r) => r
+                    .bytes()
+                    .await
+                    .map_err(|e| self.io(&o.location, "read", e))?,
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(self.io(&o.location, "read", e)),
+            };
+            // A run killed while writing its intent sent nothing yet: an unreadable intent is
+            // skipped (and removed at the next commit).
+            let keys = FileReader::try_new(Cursor::new(bytes), None)
+                .ok()
+                .and_then(|r| r.collect::<std::result::Result<Vec<_>, _>>().ok())
+                .and_then(|batches| {
+                    let arrays: Vec<ArrayRef> =
+                        batches.iter().map(|b| b.column(0).clone()).collect();
+                    let refs: Vec<&dyn Array> = arrays.iter().map(|a| a.as_ref()).collect();
+                    (!refs.is_empty())
+                        .then(|| datafusion::arrow::compute::concat(&refs).ok())
+                        .flatten()
+                });
+            match keys {
+                Some(keys) => out.push((name, keys)),
+                None => {
+                    tracing::warn!(file = %self.shown(&o.location), "Skipping an unreadable intent file.");
+                    out.push((
+                        name,
+                        Arc::new(datafusion::arrow::array::Int64Array::from(Vec::<i64>::new()))
+                            as ArrayRef,
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes intent files (after a commit has folded them into the snapshot).
+    pub async fn delete_intents(&self, sync: &str, names: &[String]) {
+        for name in names {
+            let _ = self.store.delete(&self.path(&["syncs", sync, name])).await;
+        }
+    }
+
     /// Forgets a sync's state (its runs stay in the history).
     pub async fn reset(&self, sync: &str) -> Result<u64> {
         let prefix = self.path(&["syncs", sync]);

@@ -8,4 +8,5 @@ mod slt;
 mod sources;
 mod sql_examples;
 mod support;
+mod sync_state;
 mod webhook;

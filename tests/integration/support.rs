@@ -26,6 +26,7 @@ pub fn sluice(dir: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_sluice"));
     cmd.current_dir(dir)
         .env_remove("SLUICE_LOG")
+        .env_remove("SLUICE_STATE")
         .env("SLUICE_HISTORY", dir.join(".history"));
     cmd
 }

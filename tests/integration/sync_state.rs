@@ -1,0 +1,347 @@
+//! Sync state under stress, through the real binary: kill -9 at random points, corrupt and missing
+//! state files, and two runs of one sync at once.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use super::fakes::webhook::{FakeWebhook, Script};
+use super::support::sluice;
+
+/// The model: id → (email, plan).
+type Model = BTreeMap<i64, (String, String)>;
+
+fn write_model(dir: &Path, model: &Model) {
+    let mut csv = String::from("id,email,plan\n");
+    for (id, (email, plan)) in model {
+        csv.push_str(&format!("{id},{email},{plan}\n"));
+    }
+    std::fs::write(dir.join("users.csv"), csv).unwrap();
+}
+
+fn write_sync(dir: &Path, url: &str) {
+    std::fs::write(
+        dir.join("sync.sql"),
+        format!(
+            "CREATE CONNECTION hooks TYPE webhook OPTIONS (url '{url}', key 'id', batch_size '40', concurrency '2');
+CREATE EXTERNAL TABLE users STORED AS CSV LOCATION 'users.csv' OPTIONS ('format.has_header' 'true');
+CREATE SYNC users_sync OPTIONS (max_delete_pct '100')
+AS MERGE INTO hooks.users AS t USING users AS s ON t.id = s.id
+WHEN MATCHED THEN UPDATE SET email = s.email, plan = s.plan
+WHEN NOT MATCHED THEN INSERT (id, email, plan) VALUES (s.id, s.email, s.plan)
+WHEN NOT MATCHED BY SOURCE THEN DELETE;
+RUN SYNC users_sync;
+"
+        ),
+    )
+    .unwrap();
+}
+
+fn start(dir: &Path) -> Child {
+    sluice(dir)
+        .args(["run", "sync.sql"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
+/// A small deterministic generator (the seed is printed, so a failure can be replayed).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+fn query(dir: &Path, sql: &str) -> String {
+    let out = sluice(dir)
+        .args(["--format", "csv", "-c", sql])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn receiver_matches(fake: &FakeWebhook, model: &Model) -> Result<(), String> {
+    let held: BTreeMap<i64, String> = fake
+        .state_rows()
+        .into_iter()
+        .filter(|(object, _, _)| object == "users")
+        .map(|(_, id, record)| (id.parse().unwrap(), record))
+        .collect();
+    let want: BTreeMap<i64, String> = model
+        .iter()
+        .map(|(id, (email, plan))| {
+            (
+                *id,
+                serde_json::json!({"id": id, "email": email, "plan": plan}).to_string(),
+            )
+        })
+        .collect();
+    if held == want {
+        return Ok(());
+    }
+    let missing: Vec<_> = want
+        .keys()
+        .filter(|k| !held.contains_key(k))
+        .take(5)
+        .collect();
+    let extra: Vec<_> = held
+        .keys()
+        .filter(|k| !want.contains_key(k))
+        .take(5)
+        .collect();
+    let wrong: Vec<_> = want
+        .iter()
+        .filter(|(k, v)| held.get(k).is_some_and(|h| h != *v))
+        .take(3)
+        .collect();
+    Err(format!(
+        "receiver differs from the model: missing {missing:?}, extra {extra:?}, wrong {wrong:?}"
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_at_random_points_then_rerun_ends_equal_to_the_model() {
+    let fake = FakeWebhook::start(Script {
+        latency: Duration::from_millis(25),
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    write_sync(dir, &fake.url);
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("seed {seed}");
+    let mut rng = Rng(seed);
+    let mut model: Model = (0..2000)
+        .map(|i| (i, (format!("user{i}@example.com"), "free".to_string())))
+        .collect();
+    let mut next_id = 2000;
+    let rounds = 12;
+    let mut killed = 0;
+    for round in 0..rounds {
+        // Change the model every round (updates, deletes, new rows), so every run has work.
+        if round > 0 {
+            for _ in 0..400 {
+                let id = rng.below(next_id as u64) as i64;
+                if let Some(row) = model.get_mut(&id) {
+                    row.1 = format!("plan{}", rng.below(1000));
+                }
+            }
+            for _ in 0..30 {
+                model.remove(&(rng.below(next_id as u64) as i64));
+            }
+            for _ in 0..50 {
+                model.insert(next_id, (format!("new{next_id}@example.com"), "pro".into()));
+                next_id += 1;
+            }
+        }
+        write_model(dir, &model);
+        let requests_before = fake.observed(|o| o.requests.len());
+        let mut child = start(dir);
+        // Most kills land while requests are in flight; every fourth at a random moment from
+        // the start (planning, state loading, the commit).
+        let from_delivery = round % 4 != 0;
+        let kill_after = Duration::from_millis(rng.below(if from_delivery { 250 } else { 600 }));
+        let mut clock: Option<Instant> = (!from_delivery).then(Instant::now);
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if clock.is_none() && fake.observed(|o| o.requests.len()) > requests_before {
+                clock = Some(Instant::now());
+            }
+            if clock.is_some_and(|c| c.elapsed() >= kill_after) {
+                child.kill().unwrap(); // SIGKILL
+                killed += 1;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        child.wait().unwrap();
+    }
+    assert!(
+        killed >= rounds / 2,
+        "only {killed} of {rounds} runs were killed mid-way"
+    );
+
+    // A run to completion converges: the receiver holds exactly the model.
+    let out = start(dir).wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    receiver_matches(&fake, &model).unwrap();
+
+    // State agrees: a rerun sends nothing.
+    let before = fake.observed(|o| o.requests.len());
+    let out = start(dir).wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        fake.observed(|o| o.requests.len()),
+        before,
+        "a converged rerun sent requests"
+    );
+
+    // Run history is consistent: every killed run is recorded as interrupted (or never got
+    // far enough to be recorded), nothing is left "running", the last two succeeded.
+    let statuses = query(
+        dir,
+        "SELECT status FROM sluice.runs WHERE sync = 'users_sync' ORDER BY started_at",
+    );
+    let statuses: Vec<&str> = statuses.lines().skip(1).collect();
+    assert!(!statuses.contains(&"running"), "{statuses:?}");
+    assert!(
+        statuses
+            .iter()
+            .all(|s| ["succeeded", "interrupted"].contains(s)),
+        "{statuses:?}"
+    );
+    assert_eq!(statuses[statuses.len() - 2..], ["succeeded", "succeeded"]);
+    assert!(statuses.len() >= 2 + rounds - killed);
+    assert_eq!(
+        query(dir, "SELECT count(*) AS n FROM sluice.rejects"),
+        "n\n0\n"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_or_missing_state_is_a_clear_error_never_a_full_resend() {
+    let fake = FakeWebhook::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    write_sync(dir, &fake.url);
+    let model: Model = (0..50)
+        .map(|i| (i, (format!("u{i}@x.io"), "free".into())))
+        .collect();
+    write_model(dir, &model);
+    assert!(start(dir).wait_with_output().unwrap().status.success());
+    let sent = fake.observed(|o| o.record_count);
+    assert_eq!(sent, 50);
+
+    let state = dir.join(".sluice/syncs/users_sync");
+    let manifest = state.join("manifest.json");
+    let good = std::fs::read(&manifest).unwrap();
+    std::fs::write(&manifest, b"{ not json").unwrap();
+    let out = start(dir).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("manifest.json is corrupt") && stderr.contains("RESET SYNC users_sync"),
+        "{stderr}"
+    );
+
+    // The manifest names a snapshot that is gone.
+    std::fs::write(&manifest, &good).unwrap();
+    let snapshot = std::fs::read_dir(&state)
+        .unwrap()
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with("snapshot-"))
+        .unwrap()
+        .path();
+    let bytes = std::fs::read(&snapshot).unwrap();
+    std::fs::remove_file(&snapshot).unwrap();
+    let out = start(dir).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("is named by the manifest but missing")
+            && stderr.contains(&snapshot.file_name().unwrap().to_string_lossy().to_string()),
+        "{stderr}"
+    );
+
+    // A truncated snapshot.
+    std::fs::write(&snapshot, &bytes[..bytes.len() / 2]).unwrap();
+    let out = start(dir).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("is corrupt"), "{stderr}");
+    assert_eq!(
+        fake.observed(|o| o.record_count),
+        sent,
+        "nothing was resent"
+    );
+
+    // RESET SYNC forgets the state: the next run resends every record, once.
+    std::fs::write(
+        dir.join("reset.sql"),
+        std::fs::read_to_string(dir.join("sync.sql"))
+            .unwrap()
+            .replace("RUN SYNC users_sync;", "RESET SYNC users_sync;"),
+    )
+    .unwrap();
+    let out = sluice(dir).args(["run", "reset.sql"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("RESET SYNC users_sync: state forgotten")
+    );
+    assert!(start(dir).wait_with_output().unwrap().status.success());
+    assert_eq!(fake.observed(|o| o.record_count), sent + 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_run_of_the_same_sync_refuses_while_the_first_holds_the_lock() {
+    let fake = FakeWebhook::start(Script {
+        latency: Duration::from_millis(150),
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    write_sync(dir, &fake.url);
+    let model: Model = (0..400)
+        .map(|i| (i, (format!("u{i}@x.io"), "free".into())))
+        .collect();
+    write_model(dir, &model);
+    let first = start(dir);
+    // Wait until the first run is delivering.
+    let started = Instant::now();
+    while fake.observed(|o| o.requests.len()) == 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "first run never sent"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let second = start(dir).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&second.stderr);
+    assert_eq!(second.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("sync users_sync is already running") && stderr.contains("lock"),
+        "{stderr}"
+    );
+    let first = first.wait_with_output().unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    receiver_matches(&fake, &model).unwrap();
+    // The refused run changed nothing: a third run has nothing to send.
+    let before = fake.observed(|o| o.requests.len());
+    assert!(start(dir).wait_with_output().unwrap().status.success());
+    assert_eq!(fake.observed(|o| o.requests.len()), before);
+}
