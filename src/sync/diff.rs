@@ -27,8 +27,8 @@ pub struct Snapshot {
     pub fields: Vec<String>,
     /// One column per field; null = unknown (the field was mapped after this record was sent).
     pub hashes: Vec<UInt64Array>,
-    /// The destination's id for each record, where it gave one.
-    pub record_ids: StringArray,
+    /// The destination's id for each record, where it gave one (`None`: none did).
+    pub record_ids: Option<StringArray>,
 }
 
 impl Snapshot {
@@ -40,7 +40,7 @@ impl Snapshot {
                 .map(|_| UInt64Array::from(vec![0u64; 0]))
                 .collect(),
             fields,
-            record_ids: StringArray::from(Vec::<Option<&str>>::new()),
+            record_ids: None,
         }
     }
 
@@ -96,9 +96,11 @@ impl Snapshot {
             b.append_nulls(new.len());
             *h = b.finish();
         }
-        let mut ids: Vec<Option<&str>> = self.record_ids.iter().collect();
-        ids.extend(std::iter::repeat_n(None, new.len()));
-        self.record_ids = StringArray::from(ids);
+        if let Some(record_ids) = &self.record_ids {
+            let mut ids: Vec<Option<&str>> = record_ids.iter().collect();
+            ids.extend(std::iter::repeat_n(None, new.len()));
+            self.record_ids = Some(StringArray::from(ids));
+        }
         Ok(self)
     }
 }
@@ -289,8 +291,8 @@ impl Differ {
             null_key_rows: vec![],
         };
         let key_index = self.spec.key;
+        let row_hashes = |row: usize| -> Box<[u64]> { hashes.iter().map(|h| h[row]).collect() };
         for row in 0..rows {
-            let row_hashes: Box<[u64]> = hashes.iter().map(|h| h[row]).collect();
             let key = match &keys {
                 Some(keys) => match Key::at(keys, row) {
                     Some(k) => k,
@@ -300,7 +302,7 @@ impl Differ {
                         continue;
                     }
                 },
-                None => Key::Int(combine(row_hashes.iter().copied()) as i64),
+                None => Key::Int(combine(hashes.iter().map(|h| h[row])) as i64),
             };
             if self.spec.listed_deletes {
                 if self.live.contains_key(&key) {
@@ -332,19 +334,20 @@ impl Differ {
                             self.counts.skipped += 1;
                             continue;
                         };
-                        let id = self.add(op, key.clone(), Some(j), row_hashes, self.all_fields);
+                        let id =
+                            self.add(op, key.clone(), Some(j), row_hashes(row), self.all_fields);
                         self.live.insert(key, id);
                         out.change_of_row[row] = Some(id);
                         continue;
                     }
                     let mut changed = 0u64;
-                    for (i, h) in row_hashes.iter().enumerate() {
+                    for (i, h) in hashes.iter().enumerate() {
                         if Some(i) == key_index {
                             continue;
                         }
                         let same = self.field_map[i].is_some_and(|f| {
                             let old = &self.snapshot.hashes[f];
-                            old.is_valid(j as usize) && old.value(j as usize) == *h
+                            old.is_valid(j as usize) && old.value(j as usize) == h[row]
                         });
                         if !same {
                             changed |= 1 << i;
@@ -361,7 +364,8 @@ impl Differ {
                             Op::Update
                         };
                         let key_bit = key_index.map(|k| 1u64 << k).unwrap_or(0);
-                        let id = self.add(op, key.clone(), Some(j), row_hashes, changed | key_bit);
+                        let id =
+                            self.add(op, key.clone(), Some(j), row_hashes(row), changed | key_bit);
                         self.live.insert(key, id);
                         out.change_of_row[row] = Some(id);
                     }
@@ -380,7 +384,7 @@ impl Differ {
                         self.counts.skipped += 1;
                         continue;
                     };
-                    let id = self.add(op, key.clone(), None, row_hashes, self.all_fields);
+                    let id = self.add(op, key.clone(), None, row_hashes(row), self.all_fields);
                     self.live.insert(key, id);
                     out.change_of_row[row] = Some(id);
                 }
@@ -549,7 +553,7 @@ mod tests {
             keys: b.column(0).clone(),
             fields: vec!["id".into(), "email".into(), "plan".into()],
             hashes,
-            record_ids: StringArray::from(vec![None::<&str>; rows.len()]),
+            record_ids: None,
         })
     }
 
@@ -705,7 +709,7 @@ mod tests {
             keys: key_array(&keys.iter().collect::<Vec<_>>()),
             fields: vec![],
             hashes: vec![],
-            record_ids: StringArray::from(vec![None::<&str>; 2]),
+            record_ids: None,
         });
         let again = run(s, snap, &[(1, "a", None), (2, "b", None), (3, "c", None)]);
         assert_eq!(again.len(), 1, "only the new event");

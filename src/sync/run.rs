@@ -437,10 +437,18 @@ impl SyncRun {
         if diff.listed_deletes {
             return Ok(Snapshot::empty(vec![]));
         }
-        let fields: Vec<String> = if diff.key.is_some() {
-            diff.fields.clone()
+        // One hash per mapped field except the key (records are matched by the key itself).
+        // A key-only mapping keeps an empty-named marker column, so that records sent without
+        // an answer can still be told apart (null) from acknowledged ones.
+        let stored: Vec<usize> = match diff.key {
+            Some(k) => (0..diff.fields.len()).filter(|i| *i != k).collect(),
+            None => vec![],
+        };
+        let marker = diff.key.is_some() && stored.is_empty();
+        let fields: Vec<String> = if marker {
+            vec![String::new()]
         } else {
-            vec![]
+            stored.iter().map(|i| diff.fields[*i].clone()).collect()
         };
         let old_column: Vec<Option<&UInt64Array>> = fields
             .iter()
@@ -504,12 +512,14 @@ impl SyncRun {
             }
         };
         let mut hashes = Vec::with_capacity(fields.len());
-        for (i, old_col) in old_column.iter().enumerate() {
+        for (n, old_col) in old_column.iter().enumerate() {
+            // The change's hash of this field (0 for the marker column).
+            let hash_of = |c: &Change| if marker { 0 } else { c.hashes[stored[n]] };
             let mut b = UInt64Array::builder(kept.len() + new_rows.len());
             for &j in &kept {
                 let id = row_change[j as usize];
                 if id != u32::MAX {
-                    b.append_value(changes[id as usize].hashes[i]);
+                    b.append_value(hash_of(&changes[id as usize]));
                 } else {
                     match old_col {
                         Some(col) if col.is_valid(j as usize) => {
@@ -521,25 +531,27 @@ impl SyncRun {
             }
             for (id, _, known) in &new_rows {
                 if *known {
-                    b.append_value(changes[*id as usize].hashes[i]);
+                    b.append_value(hash_of(&changes[*id as usize]));
                 } else {
                     b.append_null();
                 }
             }
             hashes.push(b.finish());
         }
-        let record_ids: StringArray = kept
-            .iter()
-            .map(|&j| {
-                let id = row_change[j as usize];
-                ids.get(&id).map(|s| s.as_str()).or_else(|| {
-                    old.record_ids
-                        .is_valid(j as usize)
-                        .then(|| old.record_ids.value(j as usize))
+        let record_ids = (old.record_ids.is_some() || !ids.is_empty()).then(|| {
+            kept.iter()
+                .map(|&j| {
+                    let id = row_change[j as usize];
+                    ids.get(&id).map(|s| s.as_str()).or_else(|| {
+                        old.record_ids
+                            .as_ref()
+                            .filter(|r| r.is_valid(j as usize))
+                            .map(|r| r.value(j as usize))
+                    })
                 })
-            })
-            .chain(new_rows.iter().map(|(_, r, _)| r.map(|s| s.as_str())))
-            .collect();
+                .chain(new_rows.iter().map(|(_, r, _)| r.map(|s| s.as_str())))
+                .collect::<StringArray>()
+        });
         Ok(Snapshot {
             keys,
             fields,

@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use datafusion::arrow::array::{Array, ArrayRef, StringArray, UInt64Array};
-use datafusion::arrow::datatypes::{DataType, Field, Schema};
+use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::ipc::reader::FileReader;
 use datafusion::arrow::ipc::writer::FileWriter;
 use datafusion::arrow::record_batch::RecordBatch;
@@ -262,14 +262,13 @@ impl StateStore {
             }
             Err(e) => return Err(self.io(&path, "read", e)),
         };
-        let reader = FileReader::try_new(Cursor::new(bytes), None)
-            .map_err(|e| corrupt(format!("is corrupt ({e})")))?;
-        let schema = reader.schema();
-        let batches: Vec<RecordBatch> = reader
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| corrupt(format!("is corrupt ({e})")))?;
-        let batch = datafusion::arrow::compute::concat_batches(&schema, &batches)
-            .map_err(|e| corrupt(format!("is corrupt ({e})")))?;
+        let (schema, batches) =
+            read_ipc(bytes).map_err(|e| corrupt(format!("is corrupt ({e})")))?;
+        let batch = match batches.len() {
+            1 => batches.into_iter().next().expect("one batch"),
+            _ => datafusion::arrow::compute::concat_batches(&schema, &batches)
+                .map_err(|e| corrupt(format!("is corrupt ({e})")))?,
+        };
         if batch.num_rows() as u64 != manifest.rows || batch.num_columns() < 2 {
             return Err(corrupt(format!(
                 "holds {} rows but its manifest says {}",
@@ -277,12 +276,17 @@ impl StateStore {
                 manifest.rows
             )));
         }
-        let record_ids = batch
-            .column(1)
-            .as_any()
-            .downcast_ref::<StringArray>()
-            .cloned()
-            .ok_or_else(|| corrupt("has no record id column".into()))?;
+        let record_ids = match batch.column(1).data_type() {
+            DataType::Null => None,
+            _ => Some(
+                batch
+                    .column(1)
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .cloned()
+                    .ok_or_else(|| corrupt("has no record id column".into()))?,
+            ),
+        };
         let mut fields = vec![];
         let mut hashes = vec![];
         for (field, column) in schema.fields().iter().zip(batch.columns()).skip(2) {
@@ -649,11 +653,18 @@ fn encode_snapshot(snapshot: &Snapshot) -> Result<Bytes> {
     } else {
         Arc::clone(&snapshot.keys)
     };
+    let (id_type, ids): (DataType, ArrayRef) = match &snapshot.record_ids {
+        Some(ids) => (DataType::Utf8, Arc::new(ids.clone())),
+        None => (
+            DataType::Null,
+            Arc::new(datafusion::arrow::array::NullArray::new(keys.len())),
+        ),
+    };
     let mut fields = vec![
         Field::new("key", key_type, false),
-        Field::new("record_id", DataType::Utf8, true),
+        Field::new("record_id", id_type, true),
     ];
-    let mut columns: Vec<ArrayRef> = vec![keys, Arc::new(snapshot.record_ids.clone())];
+    let mut columns: Vec<ArrayRef> = vec![keys, ids];
     for (name, h) in snapshot.fields.iter().zip(&snapshot.hashes) {
         fields.push(Field::new(format!("h:{name}"), DataType::UInt64, true));
         columns.push(Arc::new(h.clone()));
@@ -666,6 +677,47 @@ fn encode_snapshot(snapshot: &Snapshot) -> Result<Bytes> {
     writer.finish()?;
     drop(writer);
     Ok(Bytes::from(buf))
+}
+
+/// Decodes an Arrow IPC file without copying its buffers (the arrays point into `bytes`).
+fn read_ipc(
+    bytes: Bytes,
+) -> std::result::Result<(SchemaRef, Vec<RecordBatch>), datafusion::arrow::error::ArrowError> {
+    use datafusion::arrow::buffer::Buffer;
+    use datafusion::arrow::error::ArrowError;
+    use datafusion::arrow::ipc::convert::fb_to_schema;
+    use datafusion::arrow::ipc::reader::{FileDecoder, read_footer_length};
+    use datafusion::arrow::ipc::root_as_footer;
+    let buffer = Buffer::from(bytes);
+    if buffer.len() < 10 {
+        return Err(ArrowError::IpcError("the file is too short".into()));
+    }
+    let trailer = buffer.len() - 10;
+    let footer_len = read_footer_length(buffer[trailer..].try_into().expect("10 bytes"))?;
+    let footer_start = trailer
+        .checked_sub(footer_len)
+        .ok_or_else(|| ArrowError::IpcError("the footer is truncated".into()))?;
+    let footer = root_as_footer(&buffer[footer_start..trailer])
+        .map_err(|e| ArrowError::IpcError(format!("bad footer: {e}")))?;
+    let schema = Arc::new(fb_to_schema(
+        footer
+            .schema()
+            .ok_or_else(|| ArrowError::IpcError("no schema".into()))?,
+    ));
+    let decoder = FileDecoder::new(Arc::clone(&schema), footer.version());
+    let mut batches = vec![];
+    for block in footer.recordBatches().into_iter().flatten() {
+        let len = block.bodyLength() as usize + block.metaDataLength() as usize;
+        let start = block.offset() as usize;
+        if start + len > footer_start {
+            return Err(ArrowError::IpcError("a record batch is truncated".into()));
+        }
+        let data = buffer.slice_with_length(start, len);
+        if let Some(batch) = decoder.read_record_batch(block, &data)? {
+            batches.push(batch);
+        }
+    }
+    Ok((schema, batches))
 }
 
 /// UTC now, RFC 3339 with milliseconds.
