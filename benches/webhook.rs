@@ -59,12 +59,17 @@ fn main() {
 /// Runs a sync file through the sluice binary while the fake serves; returns its usage.
 async fn run_sync(dir: &Path, sql: String) -> common::Usage {
     std::fs::write(dir.join("sync.sql"), sql).expect("sync.sql");
+    // Every measurement is a first sync (all records new): forget the previous run's state.
+    let _ = std::fs::remove_dir_all(dir.join(".sluice"));
     let dir = dir.to_path_buf();
     let (usage, out) =
         tokio::task::spawn_blocking(move || common::run_sluice(&dir, &["run", "sync.sql"]))
             .await
             .unwrap();
-    for line in out.lines().filter(|l| l.starts_with("INSERT")) {
+    for line in out
+        .lines()
+        .filter(|l| l.starts_with("INSERT") || l.trim_start().starts_with("sync "))
+    {
         println!("webhook:   {line}");
     }
     usage
