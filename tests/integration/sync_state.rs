@@ -345,3 +345,32 @@ async fn a_second_run_of_the_same_sync_refuses_while_the_first_holds_the_lock() 
     assert!(start(dir).wait_with_output().unwrap().status.success());
     assert_eq!(fake.observed(|o| o.requests.len()), before);
 }
+
+/// `sluice run --dry-run`: every sync reports what it would do; nothing is sent, no state is
+/// written, and file writes are skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_dry_run_sends_nothing_and_writes_no_state() {
+    let fake = FakeWebhook::start(Script::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    write_sync(dir, &fake.url);
+    let model: Model = (0..3)
+        .map(|i| (i, (format!("u{i}@x.io"), "free".into())))
+        .collect();
+    write_model(dir, &model);
+    std::fs::write(
+        dir.join("sync.sql"),
+        std::fs::read_to_string(dir.join("sync.sql")).unwrap()
+            + "CREATE CONNECTION out TYPE file OPTIONS (url 'out/');\nINSERT INTO out.users SELECT * FROM users;\n",
+    )
+    .unwrap();
+    let out = sluice(dir)
+        .args(["run", "--dry-run", "sync.sql"])
+        .output()
+        .unwrap();
+    let text = super::support::transcript(&out, dir).replace(&fake.url, "[FAKE]");
+    insta::assert_snapshot!("run_dry_run", text);
+    assert_eq!(fake.observed(|o| o.requests.len()), 0);
+    assert!(!dir.join(".sluice/syncs").exists(), "a dry run wrote state");
+    assert!(!dir.join("out").exists(), "a dry run wrote a file");
+}

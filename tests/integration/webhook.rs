@@ -398,6 +398,11 @@ async fn explain_shows_the_sink_without_secrets_and_analyze_shows_delivery() {
         text(&explain).contains("signed=true headers=[authorization: ***]"),
         "{all}"
     );
+    assert!(
+        text(&explain).contains("DiffExec: sync=hooks.users-")
+            && text(&explain).contains("mode=upsert key=id fields=[id]"),
+        "the sync's diff is in the plan: {all}"
+    );
     assert_eq!(
         fake.observed(|o| o.requests.len()),
         1,
@@ -558,4 +563,67 @@ async fn a_401_refreshes_credentials_once() {
             );
         }
     }
+}
+
+/// Secrets (header values, signing secrets, URL passwords) never reach the state: snapshots,
+/// manifests, rejects, run records (including their error messages) or lock files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secrets_never_reach_state_files() {
+    let fake = FakeWebhook::start(Script {
+        reject_invalid: Some("email".into()),
+        ..Default::default()
+    })
+    .await;
+    // SAFETY: test-local variable name, read by this test only.
+    unsafe { std::env::set_var("SLUICE_TEST_STATE_TOKEN", "Bearer tok-state-1") };
+    let url = fake.url.replace("http://", "http://robot:pw-state-2@");
+    let engine = connect(
+        &url,
+        ", signing_secret 'sig-state-3', 'header.Authorization' env('SLUICE_TEST_STATE_TOKEN')",
+    )
+    .await;
+    let summary = write(
+        &engine,
+        "INSERT INTO hooks.users SELECT * FROM (VALUES (1, 'a@x.io'), (2, 'nope')) AS t(id, email)",
+    )
+    .await;
+    assert_eq!(summary.rows_rejected, 1);
+    // A failing run records its error.
+    fake.script(|s| s.unauthorized = true);
+    let err = engine
+        .run_sql("INSERT INTO hooks.users SELECT * FROM (VALUES (3, 'c@x.io')) AS t(id, email)")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("401"), "{err}");
+    let runs = engine
+        .run_sql("SELECT status, error FROM sluice.runs ORDER BY started_at")
+        .await
+        .unwrap();
+    let Some(Outcome::Rows { batches, .. }) = runs.last() else {
+        panic!("{runs:?}")
+    };
+    let runs = datafusion::arrow::util::pretty::pretty_format_batches(batches)
+        .unwrap()
+        .to_string();
+    assert!(
+        runs.contains("partial") && runs.contains("failed") && runs.contains("401"),
+        "{runs}"
+    );
+    let mut files = 0;
+    for file in super::support::files_under(std::path::Path::new(engine.state_location())) {
+        let text = String::from_utf8_lossy(&std::fs::read(&file).unwrap()).into_owned();
+        for secret in ["tok-state-1", "pw-state-2", "sig-state-3"] {
+            assert!(
+                !text.contains(secret),
+                "{secret} in {}:\n{text}",
+                file.display()
+            );
+        }
+        files += 1;
+    }
+    assert!(
+        files >= 4,
+        "manifest, snapshot, rejects and run records were written"
+    );
 }
