@@ -88,6 +88,9 @@ impl DeliveryStats {
 
 impl fmt::Display for DeliveryStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.requests == 0 {
+            return f.write_str("no requests (nothing to send)");
+        }
         write!(
             f,
             "{} request{} ({} retr{}, {} rate-limited), {}, latency p50 {} p99 {}",

@@ -1,10 +1,13 @@
 //! Every `sql_examples/*.sql` runs as a test. A file whose first line is
 //! `-- expect-error: <text>` must fail with exit code 2 and an error containing <text>.
+//! Examples that sync to a webhook get the fake receiver's URL in `SLUICE_EXAMPLE_WEBHOOK_URL`.
 
+use super::fakes::webhook::{FakeWebhook, Script};
 use super::support::{repo_root, scratch, sluice};
 
-#[test]
-fn every_sql_example_runs() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_sql_example_runs() {
+    let fake = FakeWebhook::start(Script::default()).await;
     let mut files: Vec<_> = std::fs::read_dir(repo_root().join("sql_examples"))
         .expect("sql_examples")
         .flatten()
@@ -26,10 +29,15 @@ fn every_sql_example_runs() {
             .map(|s| s.trim().to_string());
         let dir = scratch();
         let relative = file.strip_prefix(repo_root()).unwrap();
-        let output = sluice(dir.path())
+        let mut command = sluice(dir.path());
+        command
             .arg("run")
             .arg(relative)
-            .output()
+            .arg("--state")
+            .arg(dir.path().join(".sluice"))
+            .env("SLUICE_EXAMPLE_WEBHOOK_URL", &fake.url);
+        let output = tokio::task::spawn_blocking(move || command.output().unwrap())
+            .await
             .unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);
         let code = output.status.code();
