@@ -17,7 +17,6 @@
 
 #[path = "common/mod.rs"]
 mod common;
-#[allow(dead_code)]
 #[path = "../tests/integration/fakes/webhook.rs"]
 mod fake;
 

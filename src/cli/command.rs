@@ -38,7 +38,12 @@ const HELP: &str = "\
 Statements end with ';' and may span lines. Ctrl-C cancels a running statement.
 SQL: everything DataFusion runs, plus
   CREATE [OR REPLACE] CONNECTION name TYPE kind OPTIONS (key 'value', secret env('VAR'), ...);
-  DROP CONNECTION [IF EXISTS] name;   SHOW CONNECTIONS;";
+  DROP CONNECTION [IF EXISTS] name;   SHOW CONNECTIONS;
+  INSERT INTO conn.object SELECT ...;   MERGE INTO conn.object AS t USING ... ON t.key = s.key WHEN ...;
+  DELETE FROM conn.object WHERE key IN (SELECT ...);
+  CREATE [OR REPLACE] SYNC name [SCHEDULE EVERY '1 hour' | CRON '0 * * * *'] [OPTIONS (...)] AS <INSERT|MERGE|DELETE>;
+  RUN SYNC name;   EXPLAIN SYNC name;   RESET SYNC name;   SHOW SYNCS;   DROP SYNC name;
+  SELECT * FROM sluice.runs;   SELECT * FROM sluice.rejects;";
 
 impl FromStr for Command {
     type Err = String;

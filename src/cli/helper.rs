@@ -14,6 +14,11 @@ use rustyline::{Context, Helper, Highlighter, Hinter};
 const SLUICE_WORDS: &[&str] = &[
     "CONNECTION",
     "CONNECTIONS",
+    "SYNC",
+    "SYNCS",
+    "SCHEDULE",
+    "EVERY",
+    "CRON",
     "TYPE",
     "OPTIONS",
     "env",

@@ -467,7 +467,7 @@ impl Engine {
                     )
                     .await?;
                 if run.dry_run && result.is_ok() {
-                    return Ok(Outcome::DryRun(DryRunReport {
+                    return Ok(Outcome::DryRun(Box::new(DryRunReport {
                         sync: run.spec.label().to_string(),
                         target: run.spec.target.clone(),
                         mode: mode_name(run),
@@ -478,7 +478,7 @@ impl Engine {
                         rate_limit: run.spec.pacing.0,
                         concurrency: run.spec.pacing.1,
                         refusal: run.refusal(),
-                    }));
+                    })));
                 }
                 (
                     Some(summary.counts.rows),
@@ -516,7 +516,7 @@ impl Engine {
             },
             None => verb,
         };
-        Ok(Outcome::Write(WriteSummary {
+        Ok(Outcome::Write(Box::new(WriteSummary {
             verb,
             target,
             rows_read: rows_read_n.unwrap_or_else(|| rows_read(&physical)),
@@ -527,7 +527,7 @@ impl Engine {
             delivery: report.as_ref().and_then(|r| r.delivery()),
             rejects,
             sync: run_summary,
-        }))
+        })))
     }
 
     /// Words for tab completion: connections, tables and objects (`schema.table`) and their
@@ -557,6 +557,7 @@ impl Engine {
                 }
             }
         }
+        words.extend(self.syncs.lock().expect("syncs").keys().cloned());
         words.sort();
         words.dedup();
         words

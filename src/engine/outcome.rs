@@ -22,9 +22,9 @@ pub enum Outcome {
     /// The session changed (connections, tables, views, settings).
     Done(String),
     /// Rows were written.
-    Write(WriteSummary),
+    Write(Box<WriteSummary>),
     /// A sync's dry run: what it would send.
-    DryRun(DryRunReport),
+    DryRun(Box<DryRunReport>),
     /// `sluice check`: planned and valid, not executed.
     Checked,
 }

@@ -30,7 +30,7 @@ fn users(n: usize) -> String {
 async fn write(engine: &Engine, sql: &str) -> WriteSummary {
     let mut outcomes = engine.run_sql(sql).await.unwrap();
     match outcomes.pop() {
-        Some(Outcome::Write(w)) => w,
+        Some(Outcome::Write(w)) => *w,
         other => panic!("{other:?}"),
     }
 }
