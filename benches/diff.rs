@@ -34,6 +34,16 @@ use sluice::sync::state::{Manifest, StateStore, now};
 const FIELDS: [&str; 5] = ["email", "name", "plan", "score", "updated_at"];
 
 fn main() {
+    // The snapshot is built in a child process (see `diff`), so that this process stays small:
+    // a child's peak RSS as wait4 reports it starts from its parent's size at fork.
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(i) = args.iter().position(|a| a == "--setup-snapshot") {
+        let dir = std::path::PathBuf::from(&args[i + 1]);
+        tokio::runtime::Runtime::new()
+            .expect("runtime")
+            .block_on(commit_previous_snapshot(&dir));
+        return;
+    }
     let quick = common::quick();
     let only: Vec<String> = std::env::args()
         .skip(1)
@@ -99,7 +109,10 @@ async fn commit_previous_snapshot(dir: &Path) {
         fields: FIELDS.iter().map(|f| f.to_string()).collect(),
         hashes: hashes.into_iter().map(UInt64Array::from).collect(),
         record_ids: None,
-    };
+    }
+    // As commits write them.
+    .sorted()
+    .expect("sort the snapshot");
     let state = StateStore::local(&dir.join(".sluice")).expect("state");
     let manifest = Manifest {
         format: 1,
@@ -139,7 +152,22 @@ async fn diff(rows: u64) {
     tokio::task::spawn_blocking(move || generate(&d, rows))
         .await
         .unwrap();
-    commit_previous_snapshot(dir.path()).await;
+    let setup = Command::new(std::env::current_exe().expect("this bench"))
+        .arg("--setup-snapshot")
+        .arg(dir.path())
+        .status()
+        .expect("snapshot setup");
+    assert!(setup.success(), "snapshot setup failed");
+    if let Ok(keep) = std::env::var("SLUICE_BENCH_KEEP") {
+        // Keep the inputs for profiling: SLUICE_BENCH_KEEP=/some/dir.
+        let _ = std::fs::remove_dir_all(&keep);
+        let out = Command::new("cp")
+            .arg("-r")
+            .arg(dir.path())
+            .arg(&keep)
+            .status();
+        assert!(out.is_ok_and(|s| s.success()), "copy to {keep}");
+    }
     std::fs::write(
         dir.path().join("sync.sql"),
         "CREATE CONNECTION hooks TYPE webhook OPTIONS (url 'http://127.0.0.1:9/unused', key 'id');

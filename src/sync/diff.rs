@@ -10,7 +10,7 @@ use std::sync::Arc;
 use datafusion::arrow::array::{
     Array, ArrayRef, AsArray, Int64Array, NullArray, StringArray, UInt64Array,
 };
-use datafusion::arrow::datatypes::{DataType, Int64Type};
+use datafusion::arrow::datatypes::{DataType, Int64Type, UInt64Type};
 use datafusion::arrow::record_batch::RecordBatch;
 use hashbrown::HashTable;
 
@@ -56,6 +56,36 @@ impl Snapshot {
         Key::at(&self.keys, row).expect("snapshot keys are never null")
     }
 
+    /// Whether the keys are in strictly increasing order.
+    pub fn is_sorted(&self) -> bool {
+        keys_sorted(&self.keys)
+    }
+
+    /// This snapshot sorted by key, as commits write them, so that a model read in key order
+    /// is diffed by a sequential walk (see `Locator`). Usually it already is (new keys arrive
+    /// in order after the old ones); otherwise it is sorted here, once per commit.
+    pub fn sorted(self) -> Result<Self> {
+        if self.is_sorted() {
+            return Ok(self);
+        }
+        let order = datafusion::arrow::compute::sort_to_indices(&self.keys, None, None)?;
+        let take = |a: &dyn Array| datafusion::arrow::compute::take(a, &order, None);
+        Ok(Snapshot {
+            keys: take(self.keys.as_ref())?,
+            hashes: self
+                .hashes
+                .iter()
+                .map(|h| Ok(take(h)?.as_primitive::<UInt64Type>().clone()))
+                .collect::<Result<_>>()?,
+            record_ids: self
+                .record_ids
+                .as_ref()
+                .map(|r| Ok::<_, Error>(take(r)?.as_string::<i32>().clone()))
+                .transpose()?,
+            fields: self.fields,
+        })
+    }
+
     /// A record a run sent without committing (its hashes are unknown): it may or may not be at
     /// the destination.
     pub fn unknown(&self, row: usize) -> bool {
@@ -64,11 +94,14 @@ impl Snapshot {
 
     /// Adds `keys` not already present as unknown records (see [`Snapshot::unknown`]).
     pub fn with_unknown(mut self, keys: &[Key]) -> Result<Self> {
+        if keys.is_empty() {
+            return Ok(self);
+        }
         let index = KeyIndex::build(&self.keys);
         let mut seen = std::collections::HashSet::new();
         let new: Vec<&Key> = keys
             .iter()
-            .filter(|k| index.find(&self.keys, k).is_none() && seen.insert(*k))
+            .filter(|k| index.find(&self.keys, k.as_ref()).is_none() && seen.insert(*k))
             .collect();
         if new.is_empty() {
             return Ok(self);
@@ -133,24 +166,180 @@ impl KeyIndex {
         Self { table }
     }
 
-    pub fn find(&self, keys: &ArrayRef, key: &Key) -> Option<u32> {
+    pub fn find(&self, keys: &ArrayRef, key: KeyRef<'_>) -> Option<u32> {
         if self.table.is_empty() {
             return None;
         }
         match key {
-            Key::Int(v) => {
+            KeyRef::Int(v) => {
                 let k = keys.as_primitive::<Int64Type>();
                 self.table
-                    .find(key.index_hash(), |r| k.value(*r as usize) == *v)
+                    .find(Key::Int(v).index_hash(), |r| k.value(*r as usize) == v)
                     .copied()
             }
-            Key::Str(s) => {
+            KeyRef::Str(s) => {
                 let k = keys.as_string::<i32>();
                 self.table
-                    .find(str_hash(s), |r| k.value(*r as usize) == s.as_ref())
+                    .find(str_hash(s), |r| k.value(*r as usize) == s)
                     .copied()
             }
         }
+    }
+}
+
+/// A key borrowed from a normalized key column.
+#[derive(Debug, Clone, Copy)]
+pub enum KeyRef<'a> {
+    Int(i64),
+    Str(&'a str),
+}
+
+impl KeyRef<'_> {
+    fn to_owned(self) -> Key {
+        match self {
+            KeyRef::Int(v) => Key::Int(v),
+            KeyRef::Str(s) => Key::Str(s.into()),
+        }
+    }
+}
+
+impl Key {
+    fn as_ref(&self) -> KeyRef<'_> {
+        match self {
+            Key::Int(v) => KeyRef::Int(*v),
+            Key::Str(s) => KeyRef::Str(s),
+        }
+    }
+}
+
+/// A normalized key column, typed once per batch.
+enum TypedKeys<'a> {
+    Int(&'a Int64Array),
+    Str(&'a StringArray),
+}
+
+impl<'a> TypedKeys<'a> {
+    fn of(keys: &'a ArrayRef) -> Self {
+        match keys.data_type() {
+            DataType::Int64 => TypedKeys::Int(keys.as_primitive::<Int64Type>()),
+            _ => TypedKeys::Str(keys.as_string::<i32>()),
+        }
+    }
+
+    fn at(&self, row: usize) -> Option<KeyRef<'a>> {
+        match self {
+            TypedKeys::Int(a) => a.is_valid(row).then(|| KeyRef::Int(a.value(row))),
+            TypedKeys::Str(a) => a.is_valid(row).then(|| KeyRef::Str(a.value(row))),
+        }
+    }
+}
+
+/// Finds model keys in the snapshot. Commits write snapshots sorted by key, so a model read in
+/// key order is matched by walking a cursor, with sequential memory access and no index at all.
+/// Keys out of order fall back to binary search; once they are common, to a hash index (built
+/// then, once).
+struct Locator {
+    keys: ArrayRef,
+    sorted: bool,
+    cursor: usize,
+    lookups: u64,
+    misses: u64,
+    index: Option<KeyIndex>,
+}
+
+/// Whether normalized keys are in strictly increasing order.
+fn keys_sorted(keys: &ArrayRef) -> bool {
+    match keys.data_type() {
+        DataType::Int64 => keys
+            .as_primitive::<Int64Type>()
+            .values()
+            .windows(2)
+            .all(|w| w[0] < w[1]),
+        DataType::Utf8 => {
+            let k = keys.as_string::<i32>();
+            (1..k.len()).all(|i| k.value(i - 1) < k.value(i))
+        }
+        _ => true,
+    }
+}
+
+/// Out-of-order lookups answered by binary search before a hash index is built.
+const INDEX_AFTER_MISSES: u64 = 4096;
+
+impl Locator {
+    fn new(keys: ArrayRef) -> Self {
+        let sorted = keys_sorted(&keys);
+        Self {
+            index: (!sorted).then(|| KeyIndex::build(&keys)),
+            keys,
+            sorted,
+            cursor: 0,
+            lookups: 0,
+            misses: 0,
+        }
+    }
+
+    /// Snapshot key `j` compared with `key`.
+    fn cmp(&self, j: usize, key: KeyRef<'_>) -> std::cmp::Ordering {
+        match key {
+            KeyRef::Int(v) => self.keys.as_primitive::<Int64Type>().value(j).cmp(&v),
+            KeyRef::Str(s) => self.keys.as_string::<i32>().value(j).cmp(s),
+        }
+    }
+
+    fn find(&mut self, key: KeyRef<'_>) -> Option<u32> {
+        let n = self.keys.len();
+        if n == 0 {
+            return None;
+        }
+        if !self.sorted {
+            return self.index.as_ref().and_then(|i| i.find(&self.keys, key));
+        }
+        self.lookups += 1;
+        let c = self.cursor;
+        use std::cmp::Ordering::*;
+        let at_cursor = if c < n { self.cmp(c, key) } else { Less };
+        if at_cursor == Equal {
+            self.cursor = c + 1;
+            return Some(c as u32);
+        }
+        // Between the previous key and the cursor's: not in a sorted snapshot.
+        if at_cursor == Greater && (c == 0 || self.cmp(c - 1, key) == Less) {
+            return None;
+        }
+        if c >= n && self.cmp(n - 1, key) == Less {
+            return None;
+        }
+        self.misses += 1;
+        if self.index.is_none() && self.misses > INDEX_AFTER_MISSES {
+            self.index = Some(KeyIndex::build(&self.keys));
+        }
+        let found = match &self.index {
+            Some(index) => index.find(&self.keys, key),
+            None => None,
+        };
+        let position = match found {
+            Some(j) => j as usize + 1,
+            None => {
+                // Binary search: the first snapshot key not less than `key`.
+                let (mut lo, mut hi) = (0, n);
+                while lo < hi {
+                    let mid = (lo + hi) / 2;
+                    if self.cmp(mid, key) == Less {
+                        lo = mid + 1;
+                    } else {
+                        hi = mid;
+                    }
+                }
+                if self.index.is_none() && lo < n && self.cmp(lo, key) == Equal {
+                    self.cursor = lo + 1;
+                    return Some(lo as u32);
+                }
+                lo
+            }
+        };
+        self.cursor = position;
+        found
     }
 }
 
@@ -218,7 +407,7 @@ pub struct BatchDiff {
 pub struct Differ {
     spec: DiffSpec,
     snapshot: Arc<Snapshot>,
-    index: KeyIndex,
+    locator: Locator,
     /// Model field i -> snapshot hash column.
     field_map: Vec<Option<usize>>,
     seen: Vec<u64>,
@@ -252,7 +441,7 @@ impl Differ {
             (1u64 << spec.fields.len()) - 1
         };
         Ok(Self {
-            index: KeyIndex::build(&snapshot.keys),
+            locator: Locator::new(Arc::clone(&snapshot.keys)),
             seen: vec![0; snapshot.len().div_ceil(64)],
             field_map,
             live: HashMap::new(),
@@ -292,9 +481,12 @@ impl Differ {
         };
         let key_index = self.spec.key;
         let row_hashes = |row: usize| -> Box<[u64]> { hashes.iter().map(|h| h[row]).collect() };
+        let typed = keys.as_ref().map(TypedKeys::of);
         for row in 0..rows {
-            let key = match &keys {
-                Some(keys) => match Key::at(keys, row) {
+            // The key by reference: an owned `Key` is made only for rows that become changes.
+            let event_key;
+            let key_ref = match &typed {
+                Some(t) => match t.at(row) {
                     Some(k) => k,
                     None => {
                         self.counts.null_keys += 1;
@@ -302,20 +494,25 @@ impl Differ {
                         continue;
                     }
                 },
-                None => Key::Int(combine(hashes.iter().map(|h| h[row])) as i64),
+                None => {
+                    event_key = combine(hashes.iter().map(|h| h[row])) as i64;
+                    KeyRef::Int(event_key)
+                }
             };
             if self.spec.listed_deletes {
+                let key = key_ref.to_owned();
                 if self.live.contains_key(&key) {
                     continue;
                 }
-                let row_in = self.index.find(&self.snapshot.keys, &key);
+                let row_in = self.locator.find(key_ref);
                 out.change_of_row[row] = Some(self.add(Op::Delete, key, row_in, Box::new([]), 0));
                 continue;
             }
-            match self.index.find(&self.snapshot.keys, &key) {
+            match self.locator.find(key_ref) {
                 Some(j) => {
                     let (word, bit) = (j as usize / 64, 1u64 << (j % 64));
                     if self.seen[word] & bit != 0 {
+                        let key = key_ref.to_owned();
                         self.duplicate(&key);
                         if let Some(prev) = self.live.remove(&key) {
                             self.changes[prev as usize].live = false;
@@ -334,6 +531,7 @@ impl Differ {
                             self.counts.skipped += 1;
                             continue;
                         };
+                        let key = key_ref.to_owned();
                         let id =
                             self.add(op, key.clone(), Some(j), row_hashes(row), self.all_fields);
                         self.live.insert(key, id);
@@ -364,6 +562,7 @@ impl Differ {
                             Op::Update
                         };
                         let key_bit = key_index.map(|k| 1u64 << k).unwrap_or(0);
+                        let key = key_ref.to_owned();
                         let id =
                             self.add(op, key.clone(), Some(j), row_hashes(row), changed | key_bit);
                         self.live.insert(key, id);
@@ -371,6 +570,7 @@ impl Differ {
                     }
                 }
                 None => {
+                    let key = key_ref.to_owned();
                     if let Some(prev) = self.live.remove(&key) {
                         if self.spec.key.is_none() {
                             // The same event twice: one event.
@@ -416,7 +616,7 @@ impl Differ {
         }
         let mut snapshot = (*self.snapshot).clone();
         snapshot.keys = datafusion::arrow::compute::cast(&snapshot.keys, &DataType::Utf8)?;
-        self.index = KeyIndex::build(&snapshot.keys);
+        self.locator = Locator::new(Arc::clone(&snapshot.keys));
         self.snapshot = Arc::new(snapshot);
         Ok(datafusion::arrow::compute::cast(&keys, &DataType::Utf8)?)
     }
@@ -678,6 +878,47 @@ mod tests {
             out,
             vec![(Op::Upsert, "7".into(), 0b111), (Op::Delete, "8".into(), 0)]
         );
+    }
+
+    /// The same classification whatever the model's order: in key order (cursor), shuffled
+    /// (binary search, then a hash index), and against an unsorted snapshot (hash index).
+    #[test]
+    fn key_order_changes_nothing_but_speed() {
+        let n = 20_000i64;
+        let rows: Vec<(i64, &str, Option<&str>)> = (0..n).map(|i| (i * 2, "a", None)).collect();
+        let sorted = snapshot_of(&rows);
+        assert!(sorted.is_sorted());
+        // Model: every old key but those = 0 mod 10, plus odd new keys = 1 mod 10; key 4 changed.
+        let mut model: Vec<(i64, &str, Option<&str>)> = (0..n * 2)
+            .filter(|k| (k % 2 == 0 && k % 10 != 0) || k % 10 == 1)
+            .map(|k| (k, if k == 4 { "b" } else { "a" }, None))
+            .collect();
+        let expect = |out: &[(Op, String, u64)]| {
+            let count = |op: Op| out.iter().filter(|c| c.0 == op).count();
+            assert_eq!(count(Op::Delete), (n / 5) as usize, "deletes");
+            assert_eq!(
+                out.iter()
+                    .filter(|c| c.0 == Op::Upsert && c.2 == 0b111)
+                    .count(),
+                (n / 5) as usize,
+                "inserts"
+            );
+            assert!(out.contains(&(Op::Upsert, "4".into(), 0b011)), "the update");
+        };
+        expect(&run(spec(true, true, true), sorted.clone(), &model));
+        let mut x = 12345u64;
+        for i in (1..model.len()).rev() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            model.swap(i, (x % (i as u64 + 1)) as usize);
+        }
+        expect(&run(spec(true, true, true), sorted.clone(), &model));
+        let mut reversed = rows.clone();
+        reversed.reverse();
+        let unsorted = snapshot_of(&reversed);
+        assert!(!unsorted.is_sorted());
+        expect(&run(spec(true, true, true), unsorted, &model));
     }
 
     #[test]

@@ -202,7 +202,12 @@ async fn diff_stream(
     schema: SchemaRef,
 ) -> Result<Vec<RecordBatch>> {
     let spec = run.spec.diff.clone();
+    let started = std::time::Instant::now();
     let mut differ = Differ::new(spec.clone(), run.snapshot()?)?;
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "DiffExec: snapshot index built"
+    );
     let mut kept: Vec<(RecordBatch, Vec<u32>)> = vec![];
     let mut key_rejects = vec![];
     let model_schema = input.schema();
@@ -228,6 +233,10 @@ async fn diff_stream(
             key_rejects.extend(null_key_rejects(&batch, &d.null_key_rows, &run)?);
         }
     }
+    tracing::debug!(
+        ms = started.elapsed().as_millis() as u64,
+        "DiffExec: model classified"
+    );
     let (changes, counts) = differ.finish()?;
     if let Err(refusal) = check_rails(&run, &counts) {
         if !run.dry_run {

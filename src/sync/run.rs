@@ -126,6 +126,7 @@ impl SyncRun {
     /// Takes the sync's lock (not for dry runs), loads its committed state and records the
     /// run as started.
     pub async fn prepare(&self) -> Result<()> {
+        let started = std::time::Instant::now();
         let id = &self.spec.id;
         let lock = if self.dry_run {
             None
@@ -181,6 +182,11 @@ impl SyncRun {
             }
             snapshot = snapshot.with_unknown(&keys)?;
         }
+        tracing::debug!(
+            ms = started.elapsed().as_millis() as u64,
+            rows = snapshot.len(),
+            "Sync state loaded."
+        );
         let mut inner = self.inner();
         inner.lock = lock;
         inner.manifest = manifest;
@@ -552,12 +558,13 @@ impl SyncRun {
                 .chain(new_rows.iter().map(|(_, r, _)| r.map(|s| s.as_str())))
                 .collect::<StringArray>()
         });
-        Ok(Snapshot {
+        Snapshot {
             keys,
             fields,
             hashes,
             record_ids,
-        })
+        }
+        .sorted()
     }
 }
 
