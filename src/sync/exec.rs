@@ -10,7 +10,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    ArrayRef, BooleanArray, RecordBatch, UInt8Array, UInt32Array, UInt64Array, new_null_array,
+    ArrayRef, AsArray, BooleanArray, RecordBatch, UInt8Array, UInt32Array, UInt64Array,
+    new_null_array,
 };
 use datafusion::arrow::compute::{cast, filter_record_batch, take_record_batch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -225,7 +226,7 @@ async fn diff_stream(
             let taken = if rows.len() == batch.num_rows() {
                 batch.clone()
             } else {
-                take_record_batch(&batch, &UInt32Array::from(rows))?
+                compact(take_record_batch(&batch, &UInt32Array::from(rows))?)?
             };
             kept.push((taken, ids));
         }
@@ -235,6 +236,7 @@ async fn diff_stream(
     }
     tracing::debug!(
         ms = started.elapsed().as_millis() as u64,
+        rss_mb = crate::sync::rss_mb(),
         "DiffExec: model classified"
     );
     let (changes, counts) = differ.finish()?;
@@ -274,6 +276,23 @@ async fn diff_stream(
     }
     run.set_changes(changes, counts, key_rejects);
     Ok(out)
+}
+
+/// Copies only the strings a few taken rows use: a taken view array still points into the
+/// whole batch's string buffers, and keeping a few rows of every batch would keep them all.
+fn compact(batch: RecordBatch) -> Result<RecordBatch> {
+    let columns = batch
+        .columns()
+        .iter()
+        .map(|c| -> ArrayRef {
+            match c.data_type() {
+                DataType::Utf8View => Arc::new(c.as_string_view().gc()),
+                DataType::BinaryView => Arc::new(c.as_binary_view().gc()),
+                _ => Arc::clone(c),
+            }
+        })
+        .collect();
+    Ok(RecordBatch::try_new(batch.schema(), columns)?)
 }
 
 fn with_change_columns(

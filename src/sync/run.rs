@@ -185,6 +185,7 @@ impl SyncRun {
         tracing::debug!(
             ms = started.elapsed().as_millis() as u64,
             rows = snapshot.len(),
+            rss_mb = crate::sync::rss_mb(),
             "Sync state loaded."
         );
         let mut inner = self.inner();
