@@ -4,7 +4,6 @@
 //! Memory is the snapshot (keys, one u64 per mapped field, record ids), a 4-byte-per-slot index
 //! over its keys, one bit per snapshot row, and one entry per change.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
@@ -412,7 +411,7 @@ pub struct Differ {
     field_map: Vec<Option<usize>>,
     seen: Vec<u64>,
     /// Keys with a live change (or, for new keys, seen at all).
-    live: HashMap<Key, u32>,
+    live: hashbrown::HashMap<Key, u32>,
     changes: Vec<Change>,
     counts: DiffCounts,
     duplicate_samples: Vec<String>,
@@ -444,7 +443,7 @@ impl Differ {
             locator: Locator::new(Arc::clone(&snapshot.keys)),
             seen: vec![0; snapshot.len().div_ceil(64)],
             field_map,
-            live: HashMap::new(),
+            live: hashbrown::HashMap::new(),
             changes: vec![],
             counts: DiffCounts::default(),
             duplicate_samples: vec![],

@@ -253,15 +253,20 @@ async fn diff_stream(
     run.write_intent(&changes).await?;
     let mut out = Vec::with_capacity(kept.len() + 1);
     for (batch, ids) in kept {
-        let live: BooleanArray = ids
-            .iter()
-            .map(|id| Some(changes[*id as usize].live))
-            .collect();
-        let batch = filter_record_batch(&batch, &live)?;
-        let ids: Vec<u32> = ids
-            .into_iter()
-            .filter(|id| changes[*id as usize].live)
-            .collect();
+        // Rows replaced by a later row with the same key (keep_last) are dropped.
+        let (batch, ids) = if ids.iter().all(|id| changes[*id as usize].live) {
+            (batch, ids)
+        } else {
+            let live: BooleanArray = ids
+                .iter()
+                .map(|id| Some(changes[*id as usize].live))
+                .collect();
+            let ids: Vec<u32> = ids
+                .into_iter()
+                .filter(|id| changes[*id as usize].live)
+                .collect();
+            (filter_record_batch(&batch, &live)?, ids)
+        };
         if !ids.is_empty() {
             out.push(with_change_columns(
                 &schema,
