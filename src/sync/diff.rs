@@ -133,7 +133,8 @@ impl Snapshot {
             ids.extend(std::iter::repeat_n(None, new.len()));
             self.record_ids = Some(StringArray::from(ids));
         }
-        Ok(self)
+        // Keep the snapshot sorted, so that the diff can still walk it.
+        self.sorted()
     }
 }
 
