@@ -13,13 +13,11 @@
 //! before the manifest swap leaves the previous manifest and the files it names untouched.
 
 use std::collections::HashSet;
-use std::io::Cursor;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use bytes::Bytes;
 use datafusion::arrow::array::{Array, ArrayRef, StringArray, UInt64Array};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use datafusion::arrow::ipc::reader::FileReader;
 use datafusion::arrow::ipc::writer::FileWriter;
 use datafusion::arrow::record_batch::RecordBatch;
 use futures::TryStreamExt;
@@ -219,13 +217,37 @@ impl StateStore {
         }
     }
 
+    /// An object's bytes; `None` if it does not exist.
+    async fn read(&self, path: &Path) -> Result<Option<Bytes>> {
+        match self.store.get(path).await {
+            Ok(r) => Ok(Some(r.bytes().await.map_err(|e| self.io(path, "read", e))?)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(self.io(path, "read", e)),
+        }
+    }
+
+    async fn write(&self, path: &Path, bytes: impl Into<PutPayload>) -> Result<()> {
+        self.store
+            .put(path, bytes.into())
+            .await
+            .map_err(|e| self.io(path, "write", e))?;
+        Ok(())
+    }
+
+    /// Every object under `prefix`.
+    async fn list(&self, prefix: &Path) -> Result<Vec<object_store::ObjectMeta>> {
+        self.store
+            .list(Some(prefix))
+            .try_collect()
+            .await
+            .map_err(|e| self.io(prefix, "list", e))
+    }
+
     /// The committed manifest of `sync`; `None` before its first commit.
     pub async fn manifest(&self, sync: &str) -> Result<Option<Manifest>> {
         let path = self.path(&["syncs", sync, "manifest.json"]);
-        let bytes = match self.store.get(&path).await {
-            Ok(r) => r.bytes().await.map_err(|e| self.io(&path, "read", e))?,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(self.io(&path, "read", e)),
+        let Some(bytes) = self.read(&path).await? else {
+            return Ok(None);
         };
         let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::State {
             message: format!(
@@ -255,12 +277,8 @@ impl StateStore {
                 self.shown(&path)
             ),
         };
-        let bytes = match self.store.get(&path).await {
-            Ok(r) => r.bytes().await.map_err(|e| self.io(&path, "read", e))?,
-            Err(object_store::Error::NotFound { .. }) => {
-                return Err(corrupt("is named by the manifest but missing".into()));
-            }
-            Err(e) => return Err(self.io(&path, "read", e)),
+        let Some(bytes) = self.read(&path).await? else {
+            return Err(corrupt("is named by the manifest but missing".into()));
         };
         let (schema, batches) =
             read_ipc(bytes).map_err(|e| corrupt(format!("is corrupt ({e})")))?;
@@ -314,9 +332,13 @@ impl StateStore {
             return Ok(vec![]);
         };
         let path = self.path(&["syncs", sync, name]);
-        let bytes = match self.store.get(&path).await {
-            Ok(r) => r.bytes().await.map_err(|e| self.io(&path, "read", e))?,
-            Err(e) => return Err(self.io(&path, "read", e)),
+        let Some(bytes) = self.read(&path).await? else {
+            return Err(Error::State {
+                message: format!(
+                    "the rejects file {} is named by the manifest but missing; RESET SYNC {sync} to start over",
+                    self.shown(&path)
+                ),
+            });
         };
         bytes
             .split(|b| *b == b'\n')
@@ -345,11 +367,8 @@ impl StateStore {
         manifest.snapshot = format!("snapshot-{}.arrow", manifest.run_id);
         manifest.rows = snapshot.len() as u64;
         let snapshot_path = self.path(&["syncs", &sync, &manifest.snapshot]);
-        let bytes = encode_snapshot(snapshot)?;
-        self.store
-            .put(&snapshot_path, PutPayload::from(bytes))
-            .await
-            .map_err(|e| self.io(&snapshot_path, "write", e))?;
+        self.write(&snapshot_path, encode_snapshot(snapshot)?)
+            .await?;
         manifest.rejects = if rejects.is_empty() {
             None
         } else {
@@ -360,18 +379,12 @@ impl StateStore {
                 serde_json::to_writer(&mut body, r).expect("serializing to memory");
                 body.push(b'\n');
             }
-            self.store
-                .put(&path, PutPayload::from(body))
-                .await
-                .map_err(|e| self.io(&path, "write", e))?;
+            self.write(&path, body).await?;
             Some(name)
         };
         let path = self.path(&["syncs", &sync, "manifest.json"]);
         let body = serde_json::to_vec_pretty(&manifest).expect("serializing to memory");
-        self.store
-            .put(&path, PutPayload::from(body))
-            .await
-            .map_err(|e| self.io(&path, "write", e))?;
+        self.write(&path, body).await?;
         if let Some(previous) = previous {
             for old in [Some(&previous.snapshot), previous.rejects.as_ref()]
                 .into_iter()
@@ -395,29 +408,14 @@ impl StateStore {
             keys.data_type().clone(),
             false,
         )]));
-        let batch = RecordBatch::try_new(Arc::clone(&schema), vec![keys])?;
-        let mut buf = Vec::new();
-        let mut writer = FileWriter::try_new(&mut buf, &schema)?;
-        writer.write(&batch)?;
-        writer.finish()?;
-        drop(writer);
-        self.store
-            .put(&path, PutPayload::from(buf))
-            .await
-            .map_err(|e| self.io(&path, "write", e))?;
-        Ok(())
+        let batch = RecordBatch::try_new(schema, vec![keys])?;
+        self.write(&path, ipc_file(&batch)?).await
     }
 
     /// The intents of runs that did not commit: (file name, keys).
     pub async fn intents(&self, sync: &str) -> Result<Vec<(String, ArrayRef)>> {
-        let prefix = self.path(&["syncs", sync]);
-        let objects: Vec<_> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| self.io(&prefix, "list", e))?;
         let mut out = vec![];
+        let objects = self.list(&self.path(&["syncs", sync])).await?;
         for o in objects {
             let Some(name) = o.location.filename().map(str::to_string) else {
                 continue;
@@ -425,19 +423,14 @@ impl StateStore {
             if !name.starts_with("intent-") {
                 continue;
             }
-            let bytes = match self.store.get(&o.location).await {
-                Ok(r) => r
-                    .bytes()
-                    .await
-                    .map_err(|e| self.io(&o.location, "read", e))?,
-                Err(object_store::Error::NotFound { .. }) => continue,
-                Err(e) => return Err(self.io(&o.location, "read", e)),
+            let Some(bytes) = self.read(&o.location).await? else {
+                continue;
             };
             // A run killed while writing its intent sent nothing yet: an unreadable intent is
             // skipped (and removed at the next commit).
-            let keys = FileReader::try_new(Cursor::new(bytes), None)
+            let keys = read_ipc(bytes)
                 .ok()
-                .and_then(|r| r.collect::<std::result::Result<Vec<_>, _>>().ok())
+                .map(|(_, batches)| batches)
                 .and_then(|batches| {
                     let arrays: Vec<ArrayRef> =
                         batches.iter().map(|b| b.column(0).clone()).collect();
@@ -470,13 +463,7 @@ impl StateStore {
 
     /// Forgets a sync's state (its runs stay in the history).
     pub async fn reset(&self, sync: &str) -> Result<u64> {
-        let prefix = self.path(&["syncs", sync]);
-        let objects: Vec<_> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| self.io(&prefix, "list", e))?;
+        let objects = self.list(&self.path(&["syncs", sync])).await?;
         let mut removed = 0;
         for o in objects {
             if o.location.filename() == Some("lock") {
@@ -565,11 +552,7 @@ impl StateStore {
     pub async fn put_run(&self, run: &RunRecord) -> Result<()> {
         let path = self.run_path(run);
         let body = serde_json::to_vec(run).expect("serializing to memory");
-        self.store
-            .put(&path, PutPayload::from(body))
-            .await
-            .map_err(|e| self.io(&path, "write", e))?;
-        Ok(())
+        self.write(&path, body).await
     }
 
     fn run_path(&self, run: &RunRecord) -> Path {
@@ -587,21 +570,13 @@ impl StateStore {
             Some(s) => self.path(&["runs", s]),
             None => self.path(&["runs"]),
         };
-        let objects: Vec<_> = self
-            .store
-            .list(Some(&prefix))
-            .try_collect()
-            .await
-            .map_err(|e| self.io(&prefix, "list", e))?;
+        let objects = self.list(&prefix).await?;
         let mut runs = Vec::with_capacity(objects.len());
         for o in objects {
-            let Ok(r) = self.store.get(&o.location).await else {
+            // A record deleted since the listing is skipped.
+            let Some(bytes) = self.read(&o.location).await? else {
                 continue;
             };
-            let bytes = r
-                .bytes()
-                .await
-                .map_err(|e| self.io(&o.location, "read", e))?;
             match serde_json::from_slice::<RunRecord>(&bytes) {
                 Ok(run) => runs.push(run),
                 Err(e) => {
@@ -669,11 +644,15 @@ fn encode_snapshot(snapshot: &Snapshot) -> Result<Bytes> {
         fields.push(Field::new(format!("h:{name}"), DataType::UInt64, true));
         columns.push(Arc::new(h.clone()));
     }
-    let schema = Arc::new(Schema::new(fields));
-    let batch = RecordBatch::try_new(Arc::clone(&schema), columns)?;
+    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
+    ipc_file(&batch)
+}
+
+/// One batch as an Arrow IPC file.
+fn ipc_file(batch: &RecordBatch) -> Result<Bytes> {
     let mut buf = Vec::with_capacity(batch.get_array_memory_size() + 1024);
-    let mut writer = FileWriter::try_new(&mut buf, &schema)?;
-    writer.write(&batch)?;
+    let mut writer = FileWriter::try_new(&mut buf, &batch.schema())?;
+    writer.write(batch)?;
     writer.finish()?;
     drop(writer);
     Ok(Bytes::from(buf))
