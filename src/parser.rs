@@ -185,6 +185,27 @@ impl SluiceParser<'_> {
         matches!(&self.df.parser.peek_nth_token(n).token, Token::Word(word) if word.quote_style.is_none() && word.value.eq_ignore_ascii_case(w))
     }
 
+    /// Consumes `words` if the statement starts with them.
+    fn words(&mut self, words: &[&str]) -> bool {
+        if !words.iter().enumerate().all(|(n, w)| self.word(n, w)) {
+            return false;
+        }
+        for _ in words {
+            self.df.parser.next_token();
+        }
+        true
+    }
+
+    /// `[IF EXISTS] name` after `DROP <thing>`.
+    fn parse_drop_target(&mut self) -> Result<(String, bool)> {
+        let if_exists = self
+            .df
+            .parser
+            .parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
+        let name = normalize(self.df.parser.parse_identifier()?);
+        Ok((name, if_exists))
+    }
+
     fn skip_statement(&mut self) {
         loop {
             let t = self.df.parser.next_token();
@@ -222,41 +243,23 @@ impl SluiceParser<'_> {
             ("EXPLAIN", |name| Statement::ExplainSync { name }),
             ("RESET", |name| Statement::ResetSync { name }),
         ] {
-            if self.word(0, first) && self.word(1, "SYNC") {
-                self.df.parser.next_token();
-                self.df.parser.next_token();
+            if self.words(&[first, "SYNC"]) {
                 let name = normalize(self.df.parser.parse_identifier()?);
                 return Ok(make(name));
             }
         }
-        if self.word(0, "DROP") && self.word(1, "SYNC") {
-            self.df.parser.next_token();
-            self.df.parser.next_token();
-            let if_exists = self
-                .df
-                .parser
-                .parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
-            let name = normalize(self.df.parser.parse_identifier()?);
+        if self.words(&["DROP", "SYNC"]) {
+            let (name, if_exists) = self.parse_drop_target()?;
             return Ok(Statement::DropSync { name, if_exists });
         }
-        if self.word(0, "SHOW") && self.word(1, "SYNCS") {
-            self.df.parser.next_token();
-            self.df.parser.next_token();
+        if self.words(&["SHOW", "SYNCS"]) {
             return Ok(Statement::ShowSyncs);
         }
-        if self.word(0, "DROP") && self.word(1, "CONNECTION") {
-            self.df.parser.next_token();
-            self.df.parser.next_token();
-            let if_exists = self
-                .df
-                .parser
-                .parse_keywords(&[Keyword::IF, Keyword::EXISTS]);
-            let name = normalize(self.df.parser.parse_identifier()?);
+        if self.words(&["DROP", "CONNECTION"]) {
+            let (name, if_exists) = self.parse_drop_target()?;
             return Ok(Statement::DropConnection { name, if_exists });
         }
-        if self.word(0, "SHOW") && self.word(1, "CONNECTIONS") {
-            self.df.parser.next_token();
-            self.df.parser.next_token();
+        if self.words(&["SHOW", "CONNECTIONS"]) {
             return Ok(Statement::ShowConnections);
         }
         let statement = self.df.parse_statement().map_err(parse_error)?;

@@ -454,10 +454,6 @@ impl Differ {
         })
     }
 
-    pub fn spec(&self) -> &DiffSpec {
-        &self.spec
-    }
-
     /// Classifies every row of `batch` (whose columns are the spec's fields, in order).
     pub fn push(&mut self, batch: &RecordBatch) -> Result<BatchDiff> {
         let rows = batch.num_rows();

@@ -68,10 +68,6 @@ impl DiffExec {
             metrics: ExecutionPlanMetricsSet::new(),
         }
     }
-
-    pub fn run(&self) -> &Arc<SyncRun> {
-        &self.run
-    }
 }
 
 /// The model's fields (nullable: deletes carry only the key) and the three change columns.
