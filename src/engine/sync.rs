@@ -455,11 +455,8 @@ impl Engine {
             .collect();
         let mut last = vec![];
         for (name, _) in &defs {
-            let runs = self.state.runs(Some(name)).await?;
-            last.push(
-                runs.last()
-                    .map(|r| (r.status.clone(), r.started_at.clone())),
-            );
+            let run = self.state.last_run(name).await?;
+            last.push(run.map(|r| (r.status, r.started_at)));
         }
         let text =
             |values: Vec<Option<String>>| -> ArrayRef { Arc::new(StringArray::from(values)) };

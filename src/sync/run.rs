@@ -81,6 +81,8 @@ struct Inner {
     key_rejects: Vec<Rejected>,
     record: RunRecord,
     refusal: Option<String>,
+    /// The run ended through [`SyncRun::finish`] (else, if it was started, it was cancelled).
+    finished: bool,
     /// Intent files of earlier runs folded into the loaded snapshot, and this run's own.
     intents: Vec<String>,
 }
@@ -100,6 +102,30 @@ impl std::fmt::Debug for SyncRun {
             .field("sync", &self.spec.id)
             .field("run_id", &self.run_id)
             .finish()
+    }
+}
+
+/// A run dropped after it started but before it finished (Ctrl-C cancels the statement's future)
+/// records itself as interrupted, then releases its lock.
+impl Drop for SyncRun {
+    fn drop(&mut self) {
+        let inner = self.inner.get_mut().expect("sync run lock");
+        let Some(lock) = inner.lock.take() else {
+            return;
+        };
+        if inner.finished || self.dry_run {
+            return;
+        }
+        let mut record = std::mem::take(&mut inner.record);
+        super::state::interrupted(&mut record);
+        record.finished_at = Some(now());
+        let state = self.state.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                let _ = state.put_run(&record).await;
+                drop(lock);
+            });
+        }
     }
 }
 
@@ -132,7 +158,9 @@ impl SyncRun {
             None
         } else {
             let lock = self.state.lock(id, &self.run_id).await?;
-            self.state.close_interrupted(id).await?;
+            if let Some(dead) = &lock.taken_over {
+                self.state.mark_interrupted(id, dead).await?;
+            }
             Some(lock)
         };
         let manifest = self.state.manifest(id).await?;
@@ -363,7 +391,10 @@ impl SyncRun {
         if !self.dry_run {
             self.state.put_run(&record).await?;
         }
-        self.inner().lock = None;
+        let mut inner = self.inner();
+        inner.finished = true;
+        inner.lock = None;
+        drop(inner);
         Ok(RunSummary {
             record,
             counts,

@@ -115,6 +115,8 @@ fn held() -> &'static Mutex<HashSet<String>> {
 pub struct SyncLock {
     store: Arc<dyn ObjectStore>,
     path: Path,
+    /// The run whose process died holding the lock, when this lock was taken over from it.
+    pub taken_over: Option<String>,
 }
 
 impl Drop for SyncLock {
@@ -492,6 +494,7 @@ impl StateStore {
             mode: PutMode::Create,
             ..Default::default()
         };
+        let mut taken_over = None;
         for _ in 0..2 {
             match self
                 .store
@@ -503,6 +506,7 @@ impl StateStore {
                     return Ok(SyncLock {
                         store: Arc::clone(&self.store),
                         path,
+                        taken_over,
                     });
                 }
                 Err(object_store::Error::AlreadyExists { .. }) => {
@@ -535,6 +539,7 @@ impl StateStore {
                         });
                     }
                     tracing::warn!(lock = %self.shown(&path), "Taking over a lock left by a process that is gone.");
+                    taken_over = other.map(|o| o.run_id);
                     let _ = self.store.delete(&path).await;
                 }
                 Err(e) => return Err(self.io(&path, "write", e)),
@@ -564,12 +569,9 @@ impl StateStore {
         self.path(&["runs", &run.sync, &format!("{stamp}-{}.json", run.run_id)])
     }
 
-    /// Every run record (of one sync, or of all).
-    pub async fn runs(&self, sync: Option<&str>) -> Result<Vec<RunRecord>> {
-        let prefix = match sync {
-            Some(s) => self.path(&["runs", s]),
-            None => self.path(&["runs"]),
-        };
+    /// Every run record of every sync.
+    pub async fn runs(&self) -> Result<Vec<RunRecord>> {
+        let prefix = self.path(&["runs"]);
         let objects = self.list(&prefix).await?;
         let mut runs = Vec::with_capacity(objects.len());
         for o in objects {
@@ -588,17 +590,37 @@ impl StateStore {
         Ok(runs)
     }
 
-    /// Marks runs of `sync` still recorded as running as interrupted (call with its lock held:
-    /// no run of it can be in progress).
-    pub async fn close_interrupted(&self, sync: &str) -> Result<()> {
-        for mut run in self.runs(Some(sync)).await? {
-            if run.status == "running" {
-                run.status = "interrupted".into();
-                run.error = Some("the process stopped before the run finished; records it sent without a commit are sent again".into());
+    /// Records run `run_id` of `sync` as interrupted, if it is still recorded as running (its
+    /// process died holding the lock). Lists the sync's records; reads only that one.
+    pub async fn mark_interrupted(&self, sync: &str, run_id: &str) -> Result<()> {
+        let suffix = format!("-{run_id}.json");
+        for o in self.list(&self.path(&["runs", sync])).await? {
+            if !o.location.filename().is_some_and(|f| f.ends_with(&suffix)) {
+                continue;
+            }
+            let Some(bytes) = self.read(&o.location).await? else {
+                continue;
+            };
+            if let Ok(mut run) = serde_json::from_slice::<RunRecord>(&bytes)
+                && run.status == "running"
+            {
+                interrupted(&mut run);
                 self.put_run(&run).await?;
             }
         }
         Ok(())
+    }
+
+    /// The latest run record of `sync` (record names start with the run's start time).
+    pub async fn last_run(&self, sync: &str) -> Result<Option<RunRecord>> {
+        let objects = self.list(&self.path(&["runs", sync])).await?;
+        let Some(latest) = objects.iter().max_by(|a, b| a.location.cmp(&b.location)) else {
+            return Ok(None);
+        };
+        Ok(self
+            .read(&latest.location)
+            .await?
+            .and_then(|b| serde_json::from_slice(&b).ok()))
     }
 
     /// Names of syncs that have state.
@@ -697,6 +719,15 @@ fn read_ipc(
         }
     }
     Ok((schema, batches))
+}
+
+/// Marks a run record as stopped before it finished.
+pub fn interrupted(run: &mut RunRecord) {
+    run.status = "interrupted".into();
+    run.error = Some(
+        "the process stopped before the run finished; records it sent without a commit are sent again"
+            .into(),
+    );
 }
 
 /// UTC now, RFC 3339 with milliseconds.

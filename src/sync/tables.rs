@@ -93,7 +93,7 @@ impl StateTable {
     async fn batch(&self) -> crate::Result<RecordBatch> {
         let columns: Vec<ArrayRef> = match self.kind {
             StateTableKind::Runs => {
-                let runs = self.state.runs(None).await?;
+                let runs = self.state.runs().await?;
                 let s = |f: fn(&super::state::RunRecord) -> &str| -> ArrayRef {
                     Arc::new(StringArray::from_iter_values(runs.iter().map(f)))
                 };

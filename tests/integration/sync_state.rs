@@ -374,3 +374,57 @@ async fn run_dry_run_sends_nothing_and_writes_no_state() {
     assert!(!dir.join(".sluice/syncs").exists(), "a dry run wrote state");
     assert!(!dir.join("out").exists(), "a dry run wrote a file");
 }
+
+/// A sync cancelled mid-delivery (Ctrl-C drops the statement) records itself as interrupted,
+/// releases its lock, and the next run resends what was not committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_run_is_recorded_as_interrupted_and_the_next_run_completes() {
+    let fake = FakeWebhook::start(Script {
+        latency: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await;
+    let engine = super::support::engine();
+    engine
+        .run_sql(&format!(
+            "CREATE CONNECTION hooks TYPE webhook OPTIONS (url '{}', key 'id', batch_size '10', concurrency '1');
+             CREATE SYNC s AS INSERT INTO hooks.users SELECT value AS id, 'u' || value AS email FROM range(200);",
+            fake.url
+        ))
+        .await
+        .unwrap();
+    let cancelled =
+        tokio::time::timeout(Duration::from_millis(500), engine.run_sql("RUN SYNC s")).await;
+    assert!(cancelled.is_err(), "the run should still be delivering");
+    // The interrupted record is written by a task the dropped run spawned.
+    let started = Instant::now();
+    loop {
+        let outcomes = engine
+            .run_sql("SELECT status FROM sluice.runs WHERE sync = 's'")
+            .await
+            .unwrap();
+        let Some(sluice::Outcome::Rows { batches, .. }) = outcomes.last() else {
+            panic!("{outcomes:?}")
+        };
+        let text = datafusion::arrow::util::pretty::pretty_format_batches(batches)
+            .unwrap()
+            .to_string();
+        if text.contains("interrupted") {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    fake.script(|s| s.latency = Duration::ZERO);
+    let done = engine.run_sql("RUN SYNC s").await.unwrap();
+    let Some(sluice::Outcome::Write(summary)) = done.last() else {
+        panic!("{done:?}")
+    };
+    assert!(summary.rows_written > 0 && summary.rows_written <= 200);
+    let held: std::collections::BTreeSet<i64> = fake
+        .state_rows()
+        .iter()
+        .map(|(_, id, _)| id.parse().unwrap())
+        .collect();
+    assert_eq!(held, (0..200).collect(), "every record arrives");
+}
