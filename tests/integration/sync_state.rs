@@ -38,6 +38,25 @@ RUN SYNC users_sync;
     .unwrap();
 }
 
+/// A fake receiver answering after `latency`, and a scratch directory holding the sync file.
+async fn setup(latency: Duration) -> (FakeWebhook, tempfile::TempDir) {
+    let fake = FakeWebhook::start(Script {
+        latency,
+        ..Default::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    write_sync(dir.path(), &fake.url);
+    (fake, dir)
+}
+
+/// `n` users with ids 0..n on the free plan.
+fn model(n: i64, domain: &str) -> Model {
+    (0..n)
+        .map(|i| (i, (format!("u{i}@{domain}"), "free".to_string())))
+        .collect()
+}
+
 fn start(dir: &Path) -> Child {
     sluice(dir)
         .args(["run", "sync.sql"])
@@ -116,14 +135,8 @@ fn receiver_matches(fake: &FakeWebhook, model: &Model) -> Result<(), String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_points_then_rerun_ends_equal_to_the_model() {
-    let fake = FakeWebhook::start(Script {
-        latency: Duration::from_millis(25),
-        ..Default::default()
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
+    let (fake, dir) = setup(Duration::from_millis(25)).await;
     let dir = dir.path();
-    write_sync(dir, &fake.url);
     let seed = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -131,9 +144,7 @@ async fn kill_9_at_random_points_then_rerun_ends_equal_to_the_model() {
         | 1;
     eprintln!("seed {seed}");
     let mut rng = Rng(seed);
-    let mut model: Model = (0..2000)
-        .map(|i| (i, (format!("user{i}@example.com"), "free".to_string())))
-        .collect();
+    let mut model = model(2000, "example.com");
     let mut next_id = 2000;
     let rounds = 12;
     let mut killed = 0;
@@ -226,13 +237,9 @@ async fn kill_9_at_random_points_then_rerun_ends_equal_to_the_model() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corrupt_or_missing_state_is_a_clear_error_never_a_full_resend() {
-    let fake = FakeWebhook::start(Script::default()).await;
-    let dir = tempfile::tempdir().unwrap();
+    let (fake, dir) = setup(Duration::ZERO).await;
     let dir = dir.path();
-    write_sync(dir, &fake.url);
-    let model: Model = (0..50)
-        .map(|i| (i, (format!("u{i}@x.io"), "free".into())))
-        .collect();
+    let model = model(50, "x.io");
     write_model(dir, &model);
     assert!(start(dir).wait_with_output().unwrap().status.success());
     let sent = fake.observed(|o| o.record_count);
@@ -304,17 +311,9 @@ async fn corrupt_or_missing_state_is_a_clear_error_never_a_full_resend() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_run_of_the_same_sync_refuses_while_the_first_holds_the_lock() {
-    let fake = FakeWebhook::start(Script {
-        latency: Duration::from_millis(150),
-        ..Default::default()
-    })
-    .await;
-    let dir = tempfile::tempdir().unwrap();
+    let (fake, dir) = setup(Duration::from_millis(150)).await;
     let dir = dir.path();
-    write_sync(dir, &fake.url);
-    let model: Model = (0..400)
-        .map(|i| (i, (format!("u{i}@x.io"), "free".into())))
-        .collect();
+    let model = model(400, "x.io");
     write_model(dir, &model);
     let first = start(dir);
     // Wait until the first run is delivering.
@@ -350,13 +349,9 @@ async fn a_second_run_of_the_same_sync_refuses_while_the_first_holds_the_lock() 
 /// written, and file writes are skipped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_dry_run_sends_nothing_and_writes_no_state() {
-    let fake = FakeWebhook::start(Script::default()).await;
-    let dir = tempfile::tempdir().unwrap();
+    let (fake, dir) = setup(Duration::ZERO).await;
     let dir = dir.path();
-    write_sync(dir, &fake.url);
-    let model: Model = (0..3)
-        .map(|i| (i, (format!("u{i}@x.io"), "free".into())))
-        .collect();
+    let model = model(3, "x.io");
     write_model(dir, &model);
     std::fs::write(
         dir.join("sync.sql"),
