@@ -7,8 +7,9 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-use datafusion::catalog::SchemaProvider;
+use datafusion::catalog::{CatalogProvider, SchemaProvider};
 use datafusion::execution::runtime_env::RuntimeEnv;
+use futures::future::BoxFuture;
 
 use crate::destinations;
 use crate::error::{Error, Result};
@@ -31,12 +32,33 @@ pub trait ConnectorKind: Send + Sync + 'static {
 
     /// Opens a connection from its options. Must not do network I/O: connections are created by
     /// `sluice check` too.
-    fn connect(
-        &self,
-        name: &str,
-        options: &Options,
-        context: &ConnectContext,
-    ) -> Result<Arc<dyn SchemaProvider>>;
+    fn connect(&self, name: &str, options: &Options, context: &ConnectContext)
+    -> Result<Connected>;
+}
+
+/// What opening a connection gives the session.
+pub struct Connected {
+    /// `name.object`.
+    pub schema: Arc<dyn SchemaProvider>,
+    /// `name.schema.object`, for connections with schemas of their own (databases).
+    pub catalog: Option<Arc<dyn CatalogProvider>>,
+    /// Reads what the connection holds (for `\d` and completion) when statements run; skipped
+    /// by `sluice check`.
+    pub load: Option<BoxFuture<'static, Result<()>>>,
+    /// Called by DROP CONNECTION.
+    pub on_drop: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl Connected {
+    /// A connection that is just a schema.
+    pub fn schema(schema: Arc<dyn SchemaProvider>) -> Self {
+        Self {
+            schema,
+            catalog: None,
+            load: None,
+            on_drop: None,
+        }
+    }
 }
 
 /// Every connection kind sluice has.
@@ -44,6 +66,7 @@ pub fn kinds() -> Vec<Arc<dyn ConnectorKind>> {
     vec![
         Arc::new(destinations::file::FileConnector),
         Arc::new(destinations::webhook::WebhookConnector),
+        Arc::new(destinations::postgres::PostgresConnector),
     ]
 }
 

@@ -11,6 +11,7 @@
 //! `sink.rs` (the `DataSink`), `encoder.rs` (records to bytes), `mod.rs` (docs and wiring).
 
 pub mod file;
+pub mod postgres;
 mod schema;
 mod table;
 pub mod webhook;

@@ -36,10 +36,14 @@ impl Engine {
         name: &ObjectName,
     ) -> Result<Option<(TableReference, DestinationTable)>> {
         let table_ref = object_name_to_table_reference(name.clone(), true)?;
+        // `conn.object`, or `conn.schema.object` for connections with schemas (databases).
+        let in_database = table_ref
+            .catalog()
+            .is_some_and(|c| self.connections.get(c).is_some());
         let Some(schema_name) = table_ref.schema() else {
             return Ok(None);
         };
-        if self.connections.get(schema_name).is_none() {
+        if !in_database && self.connections.get(schema_name).is_none() {
             if table_ref.catalog().is_none() && self.catalog.schema(schema_name).is_none() {
                 return Err(self.unknown_connection(schema_name));
             }

@@ -63,6 +63,8 @@ pub struct Engine {
     /// The schema holding `sluice.runs` and `sluice.rejects`.
     sluice_schema: Arc<MemorySchemaProvider>,
     syncs: sync::SyncDefs,
+    /// What DROP CONNECTION calls, per connection that registered a hook.
+    on_drop: std::sync::Mutex<std::collections::HashMap<String, Box<dyn FnOnce() + Send + Sync>>>,
 }
 
 /// A statement planned and ready to execute.
@@ -117,6 +119,7 @@ impl Engine {
             state: StateStore::local(std::path::Path::new(".sluice"))?,
             sluice_schema,
             syncs: Default::default(),
+            on_drop: Default::default(),
         };
         engine.set_state(engine.state.clone())?;
         Ok(engine)
@@ -180,7 +183,7 @@ impl Engine {
     /// future cancels the statement; a write that has not completed leaves nothing visible.
     pub async fn execute(&self, statement: &ParsedStatement, mode: Mode) -> Result<Outcome> {
         match &statement.statement {
-            Statement::CreateConnection(create) => self.create_connection(create),
+            Statement::CreateConnection(create) => self.create_connection(create, mode).await,
             Statement::DropConnection { name, if_exists } => self.drop_connection(name, *if_exists),
             Statement::ShowConnections => self.show_connections(),
             Statement::CreateSync(create) => self.create_sync(create).await,
@@ -230,7 +233,7 @@ impl Engine {
         }
     }
 
-    fn create_connection(&self, create: &CreateConnection) -> Result<Outcome> {
+    async fn create_connection(&self, create: &CreateConnection, mode: Mode) -> Result<Outcome> {
         let name = &create.name;
         let kind = self.connections.kind(&create.kind)?;
         let options =
@@ -253,14 +256,31 @@ impl Engine {
                 name.clone(),
             ));
         }
-        let schema = kind.connect(
+        let connected = kind.connect(
             name,
             &options,
             &ConnectContext {
                 runtime: self.ctx.runtime_env(),
             },
         )?;
-        catalog.register_schema(name, schema)?;
+        if let Some(load) = connected.load
+            && mode != Mode::Check
+        {
+            load.await?;
+        }
+        if let Some(old) = self.on_drop.lock().expect("on_drop lock").remove(name) {
+            old();
+        }
+        catalog.register_schema(name, connected.schema)?;
+        if let Some(databases) = connected.catalog {
+            self.ctx.register_catalog(name, databases);
+        }
+        if let Some(hook) = connected.on_drop {
+            self.on_drop
+                .lock()
+                .expect("on_drop lock")
+                .insert(name.clone(), hook);
+        }
         self.connections.insert(ConnectionInfo {
             name: name.clone(),
             kind: kind.kind().to_string(),
@@ -282,6 +302,9 @@ impl Engine {
             return Err(self.unknown_connection(name));
         }
         self.catalog.deregister_schema(name, true)?;
+        if let Some(hook) = self.on_drop.lock().expect("on_drop lock").remove(name) {
+            hook();
+        }
         self.connections.remove(name);
         Ok(Outcome::Done(format!("DROP CONNECTION {name}")))
     }

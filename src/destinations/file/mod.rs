@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::catalog::{SchemaProvider, TableProvider};
+use datafusion::catalog::TableProvider;
 use datafusion::datasource::file_format::FileFormat as DfFileFormat;
 use datafusion::datasource::file_format::csv::CsvFormat;
 use datafusion::datasource::file_format::json::JsonFormat;
@@ -29,7 +29,7 @@ use futures::TryStreamExt;
 pub use config::{FileConfig, FileFormat, OPTIONS};
 pub use sink::FileSink;
 
-use crate::connections::{ConnectContext, ConnectorKind};
+use crate::connections::{ConnectContext, Connected, ConnectorKind};
 use crate::destinations::{Destination, DestinationSchema, ObjectSpec, WriteReport};
 use crate::error::{Error, Result};
 use crate::options::{OptionSpec, Options};
@@ -51,7 +51,7 @@ impl ConnectorKind for FileConnector {
         name: &str,
         options: &Options,
         context: &ConnectContext,
-    ) -> Result<Arc<dyn SchemaProvider>> {
+    ) -> Result<Connected> {
         let config = FileConfig::from_options(options)?;
         let destination = FileDestination {
             connection: name.to_string(),
@@ -59,7 +59,9 @@ impl ConnectorKind for FileConnector {
             runtime: Arc::clone(&context.runtime),
             known: Mutex::default(),
         };
-        Ok(Arc::new(DestinationSchema::new(Arc::new(destination))))
+        Ok(Connected::schema(Arc::new(DestinationSchema::new(
+            Arc::new(destination),
+        ))))
     }
 }
 

@@ -21,14 +21,13 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::catalog::SchemaProvider;
 use datafusion::datasource::sink::DataSink;
 
 pub use config::{OPTIONS, WebhookConfig};
 pub use request_builder::{IDEMPOTENCY_HEADER, SIGNATURE_HEADER, signature};
 pub use sink::{WebhookConnection, WebhookSink};
 
-use crate::connections::{ConnectContext, ConnectorKind};
+use crate::connections::{ConnectContext, Connected, ConnectorKind};
 use crate::delivery::AdaptiveLimiter;
 use crate::destinations::{Destination, DestinationSchema, ObjectSpec, WriteReport, key_index};
 use crate::error::{Error, Result};
@@ -52,7 +51,7 @@ impl ConnectorKind for WebhookConnector {
         name: &str,
         options: &Options,
         _context: &ConnectContext,
-    ) -> Result<Arc<dyn SchemaProvider>> {
+    ) -> Result<Connected> {
         let config = WebhookConfig::from_options(options)?;
         let client = reqwest::Client::builder()
             .timeout(config.timeout)
@@ -69,7 +68,9 @@ impl ConnectorKind for WebhookConnector {
             config: Arc::new(config),
             client,
         }));
-        Ok(Arc::new(DestinationSchema::new(Arc::new(destination))))
+        Ok(Connected::schema(Arc::new(DestinationSchema::new(
+            Arc::new(destination),
+        ))))
     }
 }
 

@@ -1,0 +1,267 @@
+//! Options of the `postgres` connection, the connection pool and TLS.
+
+use std::sync::Arc;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use tokio_postgres::config::SslMode;
+
+use crate::error::{Error, Result};
+use crate::options::{OptionSpec, Options};
+
+/// Rows per transaction unless `batch_size` says otherwise.
+pub const DEFAULT_BATCH_SIZE: usize = 100_000;
+/// Connections in the pool unless `pool_size` says otherwise.
+pub const DEFAULT_POOL_SIZE: usize = 4;
+
+/// The options `CREATE CONNECTION … TYPE postgres` accepts.
+pub const OPTIONS: &[OptionSpec] = &[
+    OptionSpec {
+        key: "url",
+        doc: "postgres://user:password@host:port/database (or key=value form); keep passwords out of files: url env('WAREHOUSE_URL')",
+        secret: true,
+    },
+    OptionSpec {
+        key: "schema",
+        doc: "the schema whose tables are also reachable as conn.table (default public)",
+        secret: false,
+    },
+    OptionSpec {
+        key: "tls",
+        doc: "disable | prefer | require (encrypt, do not verify) | verify-full (verify the certificate and host name); default: the url's sslmode, else prefer",
+        secret: false,
+    },
+    OptionSpec {
+        key: "tls_root_cert",
+        doc: "a PEM file of CA certificates to verify the server with (verify-full); default the system's roots",
+        secret: false,
+    },
+    OptionSpec {
+        key: "pool_size",
+        doc: "connections kept open at most (default 4)",
+        secret: false,
+    },
+    OptionSpec {
+        key: "batch_size",
+        doc: "rows written per transaction (default 100000)",
+        secret: false,
+    },
+];
+
+/// How to secure the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tls {
+    Disable,
+    Prefer,
+    Require,
+    VerifyFull,
+}
+
+/// A parsed `postgres` connection.
+#[derive(Debug, Clone)]
+pub struct PgConfig {
+    pub pg: tokio_postgres::Config,
+    pub schema: String,
+    pub tls: Tls,
+    pub root_cert: Option<String>,
+    pub pool_size: usize,
+    pub batch_size: usize,
+}
+
+impl PgConfig {
+    pub fn from_options(options: &Options) -> Result<Self> {
+        let url = options.secret("url")?.ok_or_else(|| Error::Option {
+            key: "url".into(),
+            message: "a postgres connection needs url, e.g. OPTIONS (url env('WAREHOUSE_URL'))"
+                .into(),
+        })?;
+        // The parser's message can quote the url; never show it.
+        let mut pg: tokio_postgres::Config = url.expose().parse().map_err(|_| Error::Option {
+            key: "url".into(),
+            message: "url is not a valid Postgres connection string; expected postgres://user:password@host:port/database".into(),
+        })?;
+        if pg.get_hosts().is_empty() {
+            pg.host("localhost");
+        }
+        if pg.get_user().is_none() {
+            pg.user(std::env::var("USER").unwrap_or_else(|_| "postgres".into()));
+        }
+        // Timestamps compare and print in UTC whatever the server's default is, and filters
+        // pushed down mean what they mean in DataFusion.
+        pg.options("-c TimeZone=UTC -c DateStyle=ISO");
+        pg.application_name("sluice");
+        let tls = match options.string("tls")?.as_deref() {
+            None => match pg.get_ssl_mode() {
+                SslMode::Disable => Tls::Disable,
+                SslMode::Require => Tls::Require,
+                _ => Tls::Prefer,
+            },
+            Some("disable") => Tls::Disable,
+            Some("prefer") => Tls::Prefer,
+            Some("require") => Tls::Require,
+            Some("verify-full") => Tls::VerifyFull,
+            Some(other) => {
+                return Err(Error::Option {
+                    key: "tls".into(),
+                    message: format!(
+                        "tls '{other}' is not one of disable, prefer, require, verify-full"
+                    ),
+                });
+            }
+        };
+        pg.ssl_mode(match tls {
+            Tls::Disable => SslMode::Disable,
+            Tls::Prefer => SslMode::Prefer,
+            Tls::Require | Tls::VerifyFull => SslMode::Require,
+        });
+        let pool_size: usize = options.parse("pool_size")?.unwrap_or(DEFAULT_POOL_SIZE);
+        let batch_size: usize = options.parse("batch_size")?.unwrap_or(DEFAULT_BATCH_SIZE);
+        if pool_size == 0 || batch_size == 0 {
+            return Err(Error::Option {
+                key: if pool_size == 0 {
+                    "pool_size"
+                } else {
+                    "batch_size"
+                }
+                .into(),
+                message: "must be at least 1".into(),
+            });
+        }
+        Ok(Self {
+            pg,
+            schema: options.string("schema")?.unwrap_or_else(|| "public".into()),
+            tls,
+            root_cert: options.string("tls_root_cert")?,
+            pool_size,
+            batch_size,
+        })
+    }
+
+    /// Where the connection goes, without credentials (for EXPLAIN and messages).
+    pub fn describe(&self) -> String {
+        let host = match self.pg.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            #[cfg(unix)]
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".into(),
+        };
+        let port = self.pg.get_ports().first().copied().unwrap_or(5432);
+        format!(
+            "{host}:{port}/{}",
+            self.pg.get_dbname().unwrap_or("postgres")
+        )
+    }
+
+    /// The pool. Connections are opened on first use, not here.
+    pub fn pool(&self) -> Result<Pool> {
+        let manager_config = ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        };
+        let manager = match self.tls {
+            Tls::Disable => {
+                Manager::from_config(self.pg.clone(), tokio_postgres::NoTls, manager_config)
+            }
+            _ => Manager::from_config(self.pg.clone(), self.tls_connector()?, manager_config),
+        };
+        Pool::builder(manager)
+            .max_size(self.pool_size)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .build()
+            .map_err(|e| Error::Option {
+                key: "pool_size".into(),
+                message: format!("cannot build the connection pool: {e}"),
+            })
+    }
+
+    fn tls_connector(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| tls_error(e.to_string()))?;
+        let config = if self.tls == Tls::VerifyFull {
+            let mut roots = rustls::RootCertStore::empty();
+            match &self.root_cert {
+                Some(path) => {
+                    let pem = std::fs::read(path)
+                        .map_err(|e| tls_error(format!("cannot read tls_root_cert {path}: {e}")))?;
+                    for cert in rustls::pki_types::pem::PemObject::pem_slice_iter(&pem) {
+                        let cert: rustls::pki_types::CertificateDer =
+                            cert.map_err(|e| tls_error(format!("{path}: {e}")))?;
+                        roots
+                            .add(cert)
+                            .map_err(|e| tls_error(format!("{path}: {e}")))?;
+                    }
+                }
+                None => {
+                    for cert in rustls_native_certs::load_native_certs().certs {
+                        let _ = roots.add(cert);
+                    }
+                }
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        } else {
+            // libpq's `require`: encrypted, the certificate is not checked.
+            builder
+                .dangerous()
+                .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+                .with_no_client_auth()
+        };
+        Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
+    }
+}
+
+fn tls_error(message: String) -> Error {
+    Error::Option {
+        key: "tls".into(),
+        message,
+    }
+}
+
+/// Accepts any server certificate (still checking the handshake's signatures), as libpq's
+/// `sslmode=require` does.
+#[derive(Debug)]
+struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

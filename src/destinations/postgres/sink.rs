@@ -1,0 +1,773 @@
+//! `PgSink`: applies a sync's changes to a Postgres table, a batch per transaction.
+//!
+//! Each batch (`batch_size` rows) is one transaction:
+//! 1. Records new to the sync (every field sent) are first copied straight into the table with
+//!    binary COPY, the fastest way into Postgres. If that fails (a row already exists, a value
+//!    the table refuses), it is rolled back to a savepoint and those records take step 2's path.
+//! 2. The other changes are copied into a temporary staging table and applied with set-based
+//!    statements: an UPDATE of the changed fields only (`null_policy 'skip'` keeps the table's
+//!    value for nulls), an INSERT of the records that do not exist (create-only records that
+//!    already exist are rejected, update-only records that do not exist are rejected), a DELETE.
+//! 3. If a statement fails, the batch is split in halves under savepoints until the records the
+//!    table refuses are isolated; they become rejects with Postgres's message, the rest is
+//!    written.
+//!
+//! Records are acknowledged to the sync only after their transaction commits.
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+use std::time::Instant;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use datafusion::arrow::array::{AsArray, RecordBatch, UInt32Array};
+use datafusion::arrow::compute::take_record_batch;
+use datafusion::arrow::datatypes::{SchemaRef, UInt8Type, UInt32Type, UInt64Type};
+use datafusion::datasource::sink::DataSink;
+use datafusion::error::Result as DfResult;
+use datafusion::execution::TaskContext;
+use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricsSet};
+use datafusion::physical_plan::{DisplayAs, DisplayFormatType, SendableRecordBatchStream};
+use futures::{SinkExt, StreamExt};
+
+use super::metadata::{Relation, quote_ident};
+use super::types::{COPY_HEADER, COPY_TRAILER, PgType, can_encode, encode_field};
+use super::{PgConnection, pg_message};
+use crate::delivery::encode::json_lines;
+use crate::delivery::progress::Progress;
+use crate::delivery::{Delivered, DeliveryMetrics, DeliveryOutcome, DryRun, DryRunOp, Rejected};
+use crate::destinations::WriteReport;
+use crate::error::{Error, Result};
+use crate::sync::exec::mode_name;
+use crate::sync::{NullPolicy, Op, SyncRun};
+
+/// Bytes of COPY data sent per message.
+const COPY_CHUNK: usize = 1 << 20;
+/// Staged records above which the staging table is analyzed before the statements run.
+const ANALYZE_ABOVE: usize = 1000;
+
+/// Writes one statement's changes into a Postgres table.
+#[derive(Debug)]
+pub struct PgSink {
+    connection: Arc<PgConnection>,
+    relation: Arc<Relation>,
+    schema: SchemaRef,
+    /// The mapped fields: (name, Postgres type).
+    fields: Vec<(String, PgType)>,
+    key: Option<usize>,
+    report: Arc<WriteReport>,
+    sync: Option<Arc<SyncRun>>,
+    metrics: ExecutionPlanMetricsSet,
+}
+
+impl PgSink {
+    /// Checks every mapped field against the table before anything is written.
+    pub fn new(
+        connection: Arc<PgConnection>,
+        relation: Arc<Relation>,
+        schema: SchemaRef,
+        report: Arc<WriteReport>,
+        sync: Option<Arc<SyncRun>>,
+    ) -> Result<Self> {
+        let target = format!("{}.{}.{}", connection.name, relation.schema, relation.name);
+        if !relation.writable() {
+            return Err(Error::plan(
+                format!("{target} is a view; sync into a table"),
+                relation.name.clone(),
+            ));
+        }
+        let key = sync.as_ref().and_then(|r| r.spec.diff.key);
+        if key.is_none() && relation.primary_key.len() > 1 {
+            return Err(Error::plan(
+                format!(
+                    "{target} has a composite primary key ({}); sluice matches records by one column: use MERGE INTO {target} AS t USING … ON t.<unique column> = s.<column>",
+                    relation.primary_key.join(", ")
+                ),
+                relation.name.clone(),
+            ));
+        }
+        let mut fields = vec![];
+        for field in schema.fields() {
+            let name = field.name();
+            if name.starts_with("__") && sync.is_some() && is_change_column(name) {
+                continue;
+            }
+            let column = relation.column(name).ok_or_else(|| {
+                Error::plan(format!("{target} has no column '{name}'"), name.clone())
+            })?;
+            let pg_type = column.pg_type.clone().map_err(|type_name| {
+                Error::plan(
+                    format!(
+                        "{target}.{name} has type {type_name}, which sluice cannot write; leave it out of the mapping"
+                    ),
+                    name.clone(),
+                )
+            })?;
+            if !can_encode(field.data_type(), &pg_type) {
+                return Err(Error::plan(
+                    format!(
+                        "{target}.{name} is {} but the query gives {}; CAST it in the query",
+                        column.type_name,
+                        field.data_type()
+                    ),
+                    name.clone(),
+                ));
+            }
+            fields.push((name.clone(), pg_type));
+        }
+        Ok(Self {
+            connection,
+            relation,
+            schema,
+            fields,
+            key,
+            report,
+            sync,
+            metrics: ExecutionPlanMetricsSet::new(),
+        })
+    }
+
+    fn target(&self) -> String {
+        format!(
+            "{}.{}.{}",
+            self.connection.name, self.relation.schema, self.relation.name
+        )
+    }
+}
+
+fn is_change_column(name: &str) -> bool {
+    use crate::sync::exec::{CHANGE_COLUMN, CHANGED_COLUMN, OP_COLUMN};
+    name == OP_COLUMN || name == CHANGED_COLUMN || name == CHANGE_COLUMN
+}
+
+impl DisplayAs for PgSink {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "PostgresSink: connection={} table={} at={} mode={} key={} batch_size={} fields=[{}]{}",
+            self.connection.name,
+            self.relation.qualified(),
+            self.connection.config.describe(),
+            self.sync.as_ref().map(|r| mode_name(r)).unwrap_or("append"),
+            self.key
+                .map(|k| self.fields[k].0.as_str())
+                .unwrap_or("none"),
+            self.connection.config.batch_size,
+            self.fields
+                .iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            if self.sync.as_ref().is_some_and(|s| s.dry_run) {
+                " dry_run=true"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+#[async_trait]
+impl DataSink for PgSink {
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+
+    fn schema(&self) -> &SchemaRef {
+        &self.schema
+    }
+
+    async fn write_all(
+        &self,
+        mut data: SendableRecordBatchStream,
+        _context: &Arc<TaskContext>,
+    ) -> DfResult<u64> {
+        let metrics = Arc::new(DeliveryMetrics::default());
+        let dry_run = self.sync.as_ref().is_some_and(|r| r.dry_run);
+        let progress = (!dry_run).then(|| Progress::start(&self.target(), Arc::clone(&metrics)));
+        let mut writer = Writer {
+            sink: self,
+            metrics: Arc::clone(&metrics),
+            outcome: DeliveryOutcome::default(),
+            dry_run: dry_run.then(DryRun::default),
+        };
+        let batch_size = self.connection.config.batch_size;
+        let mut pending: Vec<RecordBatch> = vec![];
+        let mut rows = 0;
+        let mut error = None;
+        while let Some(batch) = data.next().await {
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    error = Some(Error::from(e));
+                    break;
+                }
+            };
+            rows += batch.num_rows();
+            pending.push(batch);
+            if rows >= batch_size {
+                if let Err(e) = writer.flush(std::mem::take(&mut pending)).await {
+                    error = Some(e);
+                    break;
+                }
+                rows = 0;
+            }
+        }
+        if error.is_none()
+            && !pending.is_empty()
+            && let Err(e) = writer.flush(pending).await
+        {
+            error = Some(e);
+        }
+        drop(progress);
+        let Writer {
+            outcome, dry_run, ..
+        } = writer;
+        if let Some(dry_run) = dry_run {
+            self.report.set_dry_run(dry_run);
+        }
+        let stats = metrics.snapshot();
+        stats.publish(&self.metrics);
+        self.report.set_delivery(stats);
+        self.report.add_location(format!(
+            "postgres://{} table {}",
+            self.connection.config.describe(),
+            self.relation.qualified()
+        ));
+        Ok(self.report.settle(Delivered { outcome, error })?)
+    }
+}
+
+/// One change, located in the batches of a flush.
+#[derive(Debug, Clone, Copy)]
+struct Row {
+    batch: usize,
+    row: usize,
+    op: Op,
+    changed: u64,
+    change: u32,
+}
+
+/// The state of one write: what was acknowledged and rejected so far.
+struct Writer<'a> {
+    sink: &'a PgSink,
+    metrics: Arc<DeliveryMetrics>,
+    outcome: DeliveryOutcome,
+    dry_run: Option<DryRun>,
+}
+
+impl Writer<'_> {
+    /// Writes the changes of `batches` in one transaction.
+    async fn flush(&mut self, batches: Vec<RecordBatch>) -> Result<()> {
+        let sink = self.sink;
+        let n = sink.fields.len();
+        let all = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
+        let mut rows = vec![];
+        for (b, batch) in batches.iter().enumerate() {
+            match &sink.sync {
+                Some(_) => {
+                    let ops = batch.column(n).as_primitive::<UInt8Type>();
+                    let masks = batch.column(n + 1).as_primitive::<UInt64Type>();
+                    let ids = batch.column(n + 2).as_primitive::<UInt32Type>();
+                    for r in 0..batch.num_rows() {
+                        rows.push(Row {
+                            batch: b,
+                            row: r,
+                            op: Op::from_code(ops.value(r)),
+                            changed: masks.value(r),
+                            change: ids.value(r),
+                        });
+                    }
+                }
+                None => rows.extend((0..batch.num_rows()).map(|r| Row {
+                    batch: b,
+                    row: r,
+                    op: Op::Insert,
+                    changed: all,
+                    change: r as u32,
+                })),
+            }
+        }
+        if let Some(dry_run) = &mut self.dry_run {
+            add_dry_run(dry_run, &batches, &rows, n)?;
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut client = self.sink.connection.client().await?;
+        let result = self.transaction(&mut client, &batches, rows, all).await;
+        if result.is_err() {
+            let _ = client.batch_execute("ROLLBACK").await;
+        }
+        let (acked, rejected, bytes) = result?;
+        self.metrics.record_request(bytes, started.elapsed());
+        DeliveryMetrics::add(&self.metrics.accepted, acked.len() as u64);
+        DeliveryMetrics::add(&self.metrics.rejected, rejected.len() as u64);
+        self.outcome.accepted += acked.len() as u64;
+        self.outcome
+            .acked
+            .extend(acked.into_iter().map(|id| (id, None)));
+        self.outcome.rejected.extend(rejected);
+        Ok(())
+    }
+
+    async fn transaction(
+        &mut self,
+        client: &mut deadpool_postgres::Object,
+        batches: &[RecordBatch],
+        rows: Vec<Row>,
+        all: u64,
+    ) -> Result<(Vec<u32>, Vec<Rejected>, usize)> {
+        let sink = self.sink;
+        let pg = |e: tokio_postgres::Error| sink.pg_error(e);
+        let mut acked: Vec<u32> = vec![];
+        let mut rejected: Vec<Rejected> = vec![];
+        let mut bytes = 0;
+        client.batch_execute("BEGIN").await.map_err(pg)?;
+
+        // 1. New records straight into the table.
+        let (direct, mut staged): (Vec<Row>, Vec<Row>) = rows
+            .into_iter()
+            .partition(|r| matches!(r.op, Op::Insert | Op::Upsert) && r.changed == all);
+        if !direct.is_empty() {
+            let columns: Vec<String> = sink.fields.iter().map(|(n, _)| quote_ident(n)).collect();
+            let copy = format!(
+                "COPY {} ({}) FROM STDIN (FORMAT binary)",
+                sink.relation.qualified(),
+                columns.join(", ")
+            );
+            client
+                .batch_execute("SAVEPOINT sluice_direct")
+                .await
+                .map_err(pg)?;
+            let (sent, bad) = copy_rows(client, &copy, batches, &direct, sink, false).await;
+            match sent {
+                Ok(b) if bad.is_empty() => {
+                    bytes += b;
+                    client
+                        .batch_execute("RELEASE SAVEPOINT sluice_direct")
+                        .await
+                        .map_err(pg)?;
+                    acked.extend(direct.iter().map(|r| r.change));
+                }
+                _ => {
+                    // Some exist already or are refused: take the careful path.
+                    client
+                        .batch_execute("ROLLBACK TO SAVEPOINT sluice_direct")
+                        .await
+                        .map_err(pg)?;
+                    tracing::debug!(
+                        target = %sink.target(),
+                        "direct COPY refused ({:?}); staging {} records",
+                        sent.err().map(|e| pg_message(&e)),
+                        direct.len()
+                    );
+                    staged.extend(direct);
+                }
+            }
+        }
+
+        // 2. The rest through the staging table.
+        if !staged.is_empty() {
+            staged.sort_by_key(|r| r.change);
+            let stage = self.stage_table(client).await?;
+            let copy = format!(
+                "COPY {stage} ({}, __op, __changed, __change) FROM STDIN (FORMAT binary)",
+                (0..sink.fields.len())
+                    .map(|i| format!("c{i}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let (sent, bad) = copy_rows(client, &copy, batches, &staged, sink, true).await;
+            bytes += sent.map_err(pg)?;
+            let bad: HashSet<u32> = bad
+                .into_iter()
+                .map(|(row, message)| {
+                    rejected.push(sink.reject(batches, &row, "invalid_value", message));
+                    row.change
+                })
+                .collect();
+            staged.retain(|r| !bad.contains(&r.change));
+            if staged.len() > ANALYZE_ABOVE {
+                client
+                    .batch_execute(&format!("ANALYZE {stage}"))
+                    .await
+                    .map_err(pg)?;
+            }
+            let statements = Statements::new(sink, &stage);
+            let mut indexed = false;
+            let mut todo = vec![(0, staged.len())];
+            while let Some((lo, hi)) = todo.pop() {
+                let part = &staged[lo..hi];
+                let range = (part[0].change as i64, part[hi - lo - 1].change as i64);
+                client
+                    .batch_execute("SAVEPOINT sluice_part")
+                    .await
+                    .map_err(pg)?;
+                match statements.apply(client, part, range).await {
+                    Ok(done) => {
+                        client
+                            .batch_execute("RELEASE SAVEPOINT sluice_part")
+                            .await
+                            .map_err(pg)?;
+                        for row in part {
+                            if done.contains(&row.change) {
+                                acked.push(row.change);
+                            } else {
+                                let (code, message) = sink.not_applied(row.op);
+                                rejected.push(sink.reject(batches, row, code, message));
+                            }
+                        }
+                    }
+                    Err(e) if e.as_db_error().is_some() => {
+                        client
+                            .batch_execute("ROLLBACK TO SAVEPOINT sluice_part")
+                            .await
+                            .map_err(pg)?;
+                        if part.len() == 1 {
+                            let code = e
+                                .as_db_error()
+                                .map(|d| format!("pg_{}", d.code().code()))
+                                .unwrap_or_else(|| "pg_error".into());
+                            rejected.push(sink.reject(batches, &part[0], &code, pg_message(&e)));
+                        } else {
+                            if !indexed {
+                                // Splitting reads the staging table by change id many times.
+                                client
+                                    .batch_execute(&format!(
+                                        "CREATE INDEX IF NOT EXISTS {} ON {stage} (__change)",
+                                        quote_ident(&format!("{}_change", stage.trim_matches('"')))
+                                    ))
+                                    .await
+                                    .map_err(pg)?;
+                                indexed = true;
+                            }
+                            let mid = lo + (hi - lo) / 2;
+                            todo.push((mid, hi));
+                            todo.push((lo, mid));
+                        }
+                    }
+                    Err(e) => return Err(pg(e)),
+                }
+            }
+        }
+        client.batch_execute("COMMIT").await.map_err(pg)?;
+        Ok((acked, rejected, bytes))
+    }
+
+    /// The staging table on this pooled connection (temporary, emptied at each commit).
+    async fn stage_table(&self, client: &deadpool_postgres::Object) -> Result<String> {
+        let sink = self.sink;
+        let columns: Vec<String> = sink
+            .fields
+            .iter()
+            .enumerate()
+            .map(|(i, (_, t))| format!("c{i} {}", t.staging_type()))
+            .collect();
+        let ddl_columns = format!(
+            "{}, __op smallint, __changed bigint, __change bigint",
+            columns.join(", ")
+        );
+        let name = format!(
+            "\"sluice_stage_{:016x}\"",
+            xxhash_rust::xxh3::xxh3_64(ddl_columns.as_bytes())
+        );
+        client
+            .batch_execute(&format!(
+                "CREATE TEMP TABLE IF NOT EXISTS {name} ({ddl_columns}) ON COMMIT DELETE ROWS"
+            ))
+            .await
+            .map_err(|e| sink.pg_error(e))?;
+        Ok(name)
+    }
+}
+
+/// Sends `rows` with binary COPY. Returns the bytes sent (or the error that ended the COPY) and
+/// the rows whose values could not be encoded (left out). With `meta`, each row also carries its
+/// operation, changed-fields mask and change id.
+async fn copy_rows(
+    client: &deadpool_postgres::Object,
+    copy: &str,
+    batches: &[RecordBatch],
+    rows: &[Row],
+    sink: &PgSink,
+    meta: bool,
+) -> (
+    std::result::Result<usize, tokio_postgres::Error>,
+    Vec<(Row, String)>,
+) {
+    let mut bad = vec![];
+    let result = async {
+        let copy_in = client.copy_in(copy).await?;
+        let mut copy_in = Box::pin(copy_in);
+        let fields = sink.fields.len() as i16 + if meta { 3 } else { 0 };
+        let mut buf = Vec::with_capacity(COPY_CHUNK + 4096);
+        buf.extend_from_slice(COPY_HEADER);
+        let mut sent = 0;
+        for row in rows {
+            let start = buf.len();
+            buf.extend_from_slice(&fields.to_be_bytes());
+            let batch = &batches[row.batch];
+            let mut failed = None;
+            for (i, (name, pg_type)) in sink.fields.iter().enumerate() {
+                if let Err(message) =
+                    encode_field(&mut buf, batch.column(i).as_ref(), row.row, pg_type)
+                {
+                    failed = Some(format!("{name}: {message}"));
+                    break;
+                }
+            }
+            if let Some(message) = failed {
+                buf.truncate(start);
+                bad.push((*row, message));
+                continue;
+            }
+            if meta {
+                buf.extend_from_slice(&2i32.to_be_bytes());
+                buf.extend_from_slice(&(row.op.code() as i16).to_be_bytes());
+                buf.extend_from_slice(&8i32.to_be_bytes());
+                buf.extend_from_slice(&(row.changed as i64).to_be_bytes());
+                buf.extend_from_slice(&8i32.to_be_bytes());
+                buf.extend_from_slice(&(row.change as i64).to_be_bytes());
+            }
+            if buf.len() >= COPY_CHUNK {
+                sent += buf.len();
+                copy_in
+                    .send(Bytes::from(std::mem::replace(
+                        &mut buf,
+                        Vec::with_capacity(COPY_CHUNK + 4096),
+                    )))
+                    .await?;
+            }
+        }
+        buf.extend_from_slice(COPY_TRAILER);
+        sent += buf.len();
+        copy_in.send(Bytes::from(buf)).await?;
+        copy_in.as_mut().finish().await?;
+        Ok(sent)
+    }
+    .await;
+    (result, bad)
+}
+
+/// The set-based statements that apply staged changes, each limited to a range of change ids.
+struct Statements {
+    update: Option<String>,
+    insert: String,
+    delete: Option<String>,
+}
+
+impl Statements {
+    fn new(sink: &PgSink, stage: &str) -> Self {
+        let table = sink.relation.qualified();
+        let columns: Vec<String> = sink.fields.iter().map(|(n, _)| quote_ident(n)).collect();
+        let skip_nulls = sink
+            .sync
+            .as_ref()
+            .is_some_and(|r| r.spec.options.null_policy == NullPolicy::Skip);
+        let range = "s.__change BETWEEN $1 AND $2";
+        let (upsert, insert, update, delete) = (
+            Op::Upsert.code(),
+            Op::Insert.code(),
+            Op::Update.code(),
+            Op::Delete.code(),
+        );
+        let Some(k) = sink.key else {
+            // Append-only: every staged row is inserted.
+            return Self {
+                update: None,
+                insert: format!(
+                    "INSERT INTO {table} ({}) SELECT {} FROM {stage} AS s WHERE {range} RETURNING NULL::bigint",
+                    columns.join(", "),
+                    (0..columns.len())
+                        .map(|i| format!("s.c{i}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                delete: None,
+            };
+        };
+        let key = &columns[k];
+        let sets: Vec<String> = columns
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != k)
+            .map(|(i, c)| {
+                let nulls = if skip_nulls {
+                    format!(" AND s.c{i} IS NOT NULL")
+                } else {
+                    String::new()
+                };
+                format!(
+                    "{c} = CASE WHEN (s.__changed & {}) <> 0{nulls} THEN s.c{i} ELSE t.{c} END",
+                    1u64 << i
+                )
+            })
+            .collect();
+        let update_sql = if sets.is_empty() {
+            // Only the key is mapped: an existing row is already as the model says.
+            format!(
+                "SELECT s.__change FROM {stage} AS s WHERE s.__op IN ({upsert}, {update}) AND {range} AND EXISTS (SELECT 1 FROM {table} AS t WHERE t.{key} = s.c{k})"
+            )
+        } else {
+            format!(
+                "UPDATE {table} AS t SET {} FROM {stage} AS s WHERE s.__op IN ({upsert}, {update}) AND {range} AND t.{key} = s.c{k} RETURNING s.__change",
+                sets.join(", ")
+            )
+        };
+        let values: Vec<String> = (0..columns.len()).map(|i| format!("s.c{i}")).collect();
+        Self {
+            update: Some(update_sql),
+            insert: format!(
+                "WITH ins AS (INSERT INTO {table} ({}) SELECT {} FROM {stage} AS s WHERE s.__op IN ({upsert}, {insert}) AND {range} AND NOT EXISTS (SELECT 1 FROM {table} AS t WHERE t.{key} = s.c{k}) ON CONFLICT DO NOTHING RETURNING {key}) \
+                 SELECT s.__change FROM {stage} AS s JOIN ins ON ins.{key} = s.c{k} WHERE s.__op IN ({upsert}, {insert}) AND {range}",
+                columns.join(", "),
+                values.join(", ")
+            ),
+            delete: Some(format!(
+                "WITH del AS (DELETE FROM {table} AS t USING {stage} AS s WHERE s.__op = {delete} AND {range} AND t.{key} = s.c{k}) \
+                 SELECT s.__change FROM {stage} AS s WHERE s.__op = {delete} AND {range}"
+            )),
+        }
+    }
+
+    /// Runs the statements over the staged rows `part` (change ids in `range`); returns the change
+    /// ids that were applied.
+    async fn apply(
+        &self,
+        client: &deadpool_postgres::Object,
+        part: &[Row],
+        range: (i64, i64),
+    ) -> std::result::Result<HashSet<u32>, tokio_postgres::Error> {
+        let has = |ops: &[Op]| part.iter().any(|r| ops.contains(&r.op));
+        let mut done = HashSet::with_capacity(part.len());
+        let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] = [&range.0, &range.1];
+        let mut run = async |sql: &str| -> std::result::Result<(), tokio_postgres::Error> {
+            for row in client.query(sql, &params).await? {
+                let id: Option<i64> = row.get(0);
+                if let Some(id) = id {
+                    done.insert(id as u32);
+                }
+            }
+            Ok(())
+        };
+        if let Some(update) = &self.update
+            && has(&[Op::Upsert, Op::Update])
+        {
+            run(update).await?;
+        }
+        if has(&[Op::Upsert, Op::Insert]) {
+            run(&self.insert).await?;
+        }
+        if let Some(delete) = &self.delete
+            && has(&[Op::Delete])
+        {
+            run(delete).await?;
+        }
+        if self.update.is_none() {
+            // Append-only: the INSERT returns no ids; every row of the part was written.
+            done.extend(part.iter().map(|r| r.change));
+        }
+        Ok(done)
+    }
+}
+
+impl PgSink {
+    fn pg_error(&self, e: tokio_postgres::Error) -> Error {
+        Error::Write {
+            message: format!("writing to {}: {}", self.target(), pg_message(&e)),
+        }
+    }
+
+    /// Why a statement left a record out.
+    fn not_applied(&self, op: Op) -> (&'static str, String) {
+        let key = self.key.map(|k| self.fields[k].0.as_str()).unwrap_or("key");
+        match op {
+            Op::Update => (
+                "not_found",
+                format!(
+                    "no row of {} has this {key}; an update-only sync does not create rows",
+                    self.target()
+                ),
+            ),
+            Op::Insert => (
+                "already_exists",
+                format!(
+                    "a row of {} with this {key} (or another unique value of it) already exists; a create-only sync does not change it",
+                    self.target()
+                ),
+            ),
+            _ => (
+                "unique_violation",
+                format!(
+                    "the record conflicts with a unique constraint of {} on another column",
+                    self.target()
+                ),
+            ),
+        }
+    }
+
+    /// A reject for `row`, carrying its key and its fields as JSON.
+    fn reject(&self, batches: &[RecordBatch], row: &Row, code: &str, message: String) -> Rejected {
+        let batch = &batches[row.batch];
+        let taken = take_record_batch(batch, &UInt32Array::from(vec![row.row as u32]))
+            .ok()
+            .map(|b| b.project(&(0..self.fields.len()).collect::<Vec<_>>()));
+        let payload = match taken {
+            Some(Ok(b)) => json_lines(&b).unwrap_or_default(),
+            _ => vec![],
+        };
+        let key = self.key.and_then(|k| {
+            datafusion::arrow::util::display::array_value_to_string(batch.column(k), row.row).ok()
+        });
+        Rejected {
+            key,
+            code: code.to_string(),
+            message,
+            payload: Bytes::from(payload.trim_ascii_end().to_vec()),
+            attempts: 1,
+            change: self.sync.as_ref().map(|_| row.change),
+        }
+    }
+}
+
+/// What a dry run would write: per operation, the records, the transactions and samples.
+fn add_dry_run(
+    dry_run: &mut DryRun,
+    batches: &[RecordBatch],
+    rows: &[Row],
+    fields: usize,
+) -> Result<()> {
+    for op in Op::ALL {
+        let of_op: Vec<&Row> = rows.iter().filter(|r| r.op == op).collect();
+        if of_op.is_empty() {
+            continue;
+        }
+        let entry = match dry_run.ops.iter().position(|o| o.op == op.as_str()) {
+            Some(i) => &mut dry_run.ops[i],
+            None => {
+                dry_run.ops.push(DryRunOp {
+                    op: op.as_str(),
+                    ..Default::default()
+                });
+                dry_run.ops.last_mut().expect("just pushed")
+            }
+        };
+        entry.records += of_op.len() as u64;
+        // One transaction per flush holds every operation of it.
+        entry.requests += 1;
+        for row in of_op
+            .iter()
+            .take(3usize.saturating_sub(entry.samples.len()))
+        {
+            let batch = &batches[row.batch];
+            let one = take_record_batch(batch, &UInt32Array::from(vec![row.row as u32]))?
+                .project(&(0..fields).collect::<Vec<_>>())?;
+            let line = json_lines(&one)?;
+            entry
+                .samples
+                .push(String::from_utf8_lossy(line.trim_ascii_end()).into_owned());
+        }
+    }
+    Ok(())
+}

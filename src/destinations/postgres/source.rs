@@ -1,0 +1,438 @@
+//! Reading a Postgres relation: `PgTable` (a `TableProvider` with projection, filter and limit
+//! pushdown) and `PostgresScanExec`, which streams `COPY (SELECT …) TO STDOUT (FORMAT binary)`
+//! into Arrow batches without materializing the result.
+
+use std::fmt;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::array::{RecordBatch, RecordBatchOptions};
+use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
+use datafusion::catalog::{Session, TableProvider};
+use datafusion::common::ScalarValue;
+use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::datasource::TableType;
+use datafusion::error::{DataFusionError, Result};
+use datafusion::execution::TaskContext;
+use datafusion::logical_expr::{Expr, Operator, TableProviderFilterPushDown};
+use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
+use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
+use datafusion::physical_plan::{
+    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
+    ReplaceChildrenOptions, SendableRecordBatchStream,
+};
+use datafusion::sql::unparser::Unparser;
+use datafusion::sql::unparser::dialect::PostgreSqlDialect;
+use futures::StreamExt;
+
+use super::metadata::{Relation, UNSUPPORTED, quote_ident};
+use super::types::{ColumnBuilder, CopyReader, PgType};
+use super::{PgConnection, pg_message};
+
+/// A Postgres table or view as a DataFusion table.
+#[derive(Debug)]
+pub struct PgTable {
+    connection: Arc<PgConnection>,
+    relation: Arc<Relation>,
+    schema: SchemaRef,
+}
+
+impl PgTable {
+    pub fn new(connection: Arc<PgConnection>, relation: Arc<Relation>) -> Self {
+        let schema = relation.arrow_schema();
+        Self {
+            connection,
+            relation,
+            schema,
+        }
+    }
+}
+
+#[async_trait]
+impl TableProvider for PgTable {
+    fn schema(&self) -> SchemaRef {
+        Arc::clone(&self.schema)
+    }
+
+    fn table_type(&self) -> TableType {
+        match self.relation.kind {
+            'v' | 'm' => TableType::View,
+            _ => TableType::Base,
+        }
+    }
+
+    fn supports_filters_pushdown(
+        &self,
+        filters: &[&Expr],
+    ) -> Result<Vec<TableProviderFilterPushDown>> {
+        Ok(filters
+            .iter()
+            .map(|f| match filter_sql(f, &self.schema) {
+                Some(_) => TableProviderFilterPushDown::Exact,
+                None => TableProviderFilterPushDown::Unsupported,
+            })
+            .collect())
+    }
+
+    async fn scan(
+        &self,
+        _state: &dyn Session,
+        projection: Option<&Vec<usize>>,
+        filters: &[Expr],
+        limit: Option<usize>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        let indexes: Vec<usize> = match projection {
+            Some(p) => p.clone(),
+            None => (0..self.schema.fields().len()).collect(),
+        };
+        let mut types = Vec::with_capacity(indexes.len());
+        let mut names = Vec::with_capacity(indexes.len());
+        for &i in &indexes {
+            let column = &self.relation.columns[i];
+            match &column.pg_type {
+                Ok(t) => types.push(t.clone()),
+                Err(type_name) => {
+                    return Err(DataFusionError::Plan(format!(
+                        "column '{}' of {}.{}.{} has type {type_name}, which sluice cannot read; leave it out of the query, or CAST it to text in a view",
+                        column.name, self.connection.name, self.relation.schema, self.relation.name
+                    )));
+                }
+            }
+            names.push(quote_ident(&column.name));
+        }
+        let mut sql = format!(
+            "SELECT {} FROM {}",
+            names.join(", "),
+            self.relation.qualified()
+        );
+        let conditions: Vec<String> = filters
+            .iter()
+            .map(|f| {
+                filter_sql(f, &self.schema).ok_or_else(|| {
+                    DataFusionError::Internal(format!("filter {f} cannot be pushed to Postgres"))
+                })
+            })
+            .collect::<Result<_>>()?;
+        if !conditions.is_empty() {
+            sql.push_str(" WHERE ");
+            sql.push_str(&conditions.join(" AND "));
+        }
+        if let Some(n) = limit {
+            sql.push_str(&format!(" LIMIT {n}"));
+        }
+        let schema = Arc::new(self.schema.project(&indexes)?);
+        Ok(Arc::new(PostgresScanExec::new(
+            Arc::clone(&self.connection),
+            sql,
+            schema,
+            types,
+        )))
+    }
+}
+
+/// The filter as Postgres SQL, if Postgres evaluates it exactly as DataFusion does.
+///
+/// Only comparisons, boolean logic, IS [NOT] NULL, IN lists, BETWEEN and LIKE over columns and
+/// literals are pushed. Ordering comparisons of text are not (Postgres orders by the column's
+/// collation, DataFusion by bytes), nor anything over floating point (NaN compares differently),
+/// casts or functions: DataFusion evaluates those after the scan.
+pub fn filter_sql(filter: &Expr, schema: &Schema) -> Option<String> {
+    if !pushable(filter, schema) {
+        return None;
+    }
+    let unqualified = filter
+        .clone()
+        .transform(|e| {
+            Ok(match e {
+                Expr::Column(c) if c.relation.is_some() => Transformed::yes(Expr::Column(
+                    datafusion::common::Column::new_unqualified(c.name),
+                )),
+                other => Transformed::no(other),
+            })
+        })
+        .ok()?
+        .data;
+    let dialect = PostgreSqlDialect {};
+    let sql = Unparser::new(&dialect).expr_to_sql(&unqualified).ok()?;
+    Some(format!("({sql})"))
+}
+
+fn pushable(expr: &Expr, schema: &Schema) -> bool {
+    let leaf = |e: &Expr| pushable(e, schema);
+    match expr {
+        Expr::Column(c) => schema.field_with_name(&c.name).is_ok_and(|f| {
+            !f.metadata().contains_key(UNSUPPORTED)
+                && matches!(
+                    f.data_type(),
+                    DataType::Boolean
+                        | DataType::Int16
+                        | DataType::Int32
+                        | DataType::Int64
+                        | DataType::Decimal128(..)
+                        | DataType::Utf8
+                        | DataType::Date32
+                        | DataType::Timestamp(_, None)
+                )
+        }),
+        Expr::Literal(v, _) => matches!(
+            v,
+            ScalarValue::Boolean(Some(_))
+                | ScalarValue::Int8(Some(_))
+                | ScalarValue::Int16(Some(_))
+                | ScalarValue::Int32(Some(_))
+                | ScalarValue::Int64(Some(_))
+                | ScalarValue::UInt8(Some(_))
+                | ScalarValue::UInt16(Some(_))
+                | ScalarValue::UInt32(Some(_))
+                | ScalarValue::Decimal128(Some(_), ..)
+                | ScalarValue::Utf8(Some(_))
+                | ScalarValue::Date32(Some(_))
+                | ScalarValue::TimestampMicrosecond(Some(_), None)
+        ),
+        Expr::BinaryExpr(b) => match b.op {
+            Operator::And | Operator::Or | Operator::Eq | Operator::NotEq => {
+                leaf(&b.left) && leaf(&b.right)
+            }
+            Operator::Lt | Operator::LtEq | Operator::Gt | Operator::GtEq => {
+                leaf(&b.left)
+                    && leaf(&b.right)
+                    && !is_text(&b.left, schema)
+                    && !is_text(&b.right, schema)
+            }
+            _ => false,
+        },
+        Expr::Not(e) | Expr::IsNull(e) | Expr::IsNotNull(e) => leaf(e),
+        Expr::InList(l) => leaf(&l.expr) && l.list.iter().all(leaf),
+        Expr::Between(b) => {
+            leaf(&b.expr) && leaf(&b.low) && leaf(&b.high) && !is_text(&b.expr, schema)
+        }
+        Expr::Like(l) => {
+            !l.case_insensitive
+                && l.escape_char.is_none()
+                && matches!(l.expr.as_ref(), Expr::Column(_))
+                && leaf(&l.expr)
+                && matches!(
+                    l.pattern.as_ref(),
+                    Expr::Literal(ScalarValue::Utf8(Some(_)), _)
+                )
+        }
+        _ => false,
+    }
+}
+
+fn is_text(expr: &Expr, schema: &Schema) -> bool {
+    match expr {
+        Expr::Column(c) => schema
+            .field_with_name(&c.name)
+            .is_ok_and(|f| f.data_type() == &DataType::Utf8),
+        Expr::Literal(ScalarValue::Utf8(_), _) => true,
+        _ => false,
+    }
+}
+
+/// Streams the rows of one query from Postgres (visible in EXPLAIN with the SQL it sends).
+#[derive(Debug)]
+pub struct PostgresScanExec {
+    connection: Arc<PgConnection>,
+    sql: String,
+    schema: SchemaRef,
+    types: Vec<PgType>,
+    properties: Arc<PlanProperties>,
+}
+
+impl PostgresScanExec {
+    pub fn new(
+        connection: Arc<PgConnection>,
+        sql: String,
+        schema: SchemaRef,
+        types: Vec<PgType>,
+    ) -> Self {
+        let properties = Arc::new(PlanProperties::new(
+            EquivalenceProperties::new(Arc::clone(&schema)),
+            Partitioning::UnknownPartitioning(1),
+            EmissionType::Incremental,
+            Boundedness::Bounded,
+        ));
+        Self {
+            connection,
+            sql,
+            schema,
+            types,
+            properties,
+        }
+    }
+}
+
+impl DisplayAs for PostgresScanExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "PostgresScanExec: connection={} sql={}",
+            self.connection.name, self.sql
+        )
+    }
+}
+
+impl ExecutionPlan for PostgresScanExec {
+    fn name(&self) -> &'static str {
+        "PostgresScanExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        &self.properties
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn replace_children(
+        self: Arc<Self>,
+        _children: Vec<Arc<dyn ExecutionPlan>>,
+        _options: ReplaceChildrenOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    #[allow(deprecated)]
+    fn with_new_children(
+        self: Arc<Self>,
+        _children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(self)
+    }
+
+    fn execute(
+        &self,
+        _partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let batch_size = context.session_config().batch_size();
+        let scan = Scan {
+            connection: Arc::clone(&self.connection),
+            copy: format!("COPY ({}) TO STDOUT (FORMAT binary)", self.sql),
+            schema: Arc::clone(&self.schema),
+            columns: self
+                .types
+                .iter()
+                .map(|t| ColumnBuilder::new(t, batch_size))
+                .collect(),
+            reader: CopyReader::new(),
+            batch_size,
+            client: None,
+            stream: None,
+        };
+        let stream = futures::stream::try_unfold(scan, |mut scan| async move {
+            Ok(scan.next_batch().await?.map(|b| (b, scan)))
+        });
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            Arc::clone(&self.schema),
+            stream,
+        )))
+    }
+}
+
+type CopyStream = Pin<Box<tokio_postgres::CopyOutStream>>;
+
+/// The state of one scan: the pooled client it holds until the COPY ends, and the decoder.
+struct Scan {
+    connection: Arc<PgConnection>,
+    copy: String,
+    schema: SchemaRef,
+    columns: Vec<ColumnBuilder>,
+    reader: CopyReader,
+    batch_size: usize,
+    client: Option<deadpool_postgres::Object>,
+    stream: Option<CopyStream>,
+}
+
+impl Scan {
+    async fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
+        if self.stream.is_none() {
+            if self.reader.done {
+                return Ok(None);
+            }
+            let client = self.connection.client().await?;
+            let stream = client
+                .copy_out(self.copy.as_str())
+                .await
+                .map_err(|e| self.error(&e))?;
+            self.stream = Some(Box::pin(stream));
+            self.client = Some(client);
+        }
+        let mut rows = 0;
+        loop {
+            rows += self
+                .reader
+                .decode_rows(&mut self.columns, self.batch_size - rows)
+                .map_err(|(column, message)| self.decode_error(column, message))?;
+            if rows >= self.batch_size || self.reader.done {
+                break;
+            }
+            let stream = self.stream.as_mut().expect("opened above");
+            match stream.next().await {
+                Some(chunk) => self.reader.extend(&chunk.map_err(|e| self.error(&e))?),
+                None => {
+                    if !self.reader.done {
+                        return Err(DataFusionError::External(
+                            "the Postgres COPY stream ended early".into(),
+                        ));
+                    }
+                    break;
+                }
+            }
+        }
+        if self.reader.done {
+            // Drain the end of the COPY so the connection goes back to the pool clean.
+            if let Some(mut stream) = self.stream.take() {
+                while let Some(chunk) = stream.next().await {
+                    chunk.map_err(|e| self.error(&e))?;
+                }
+            }
+            self.client = None;
+        }
+        if rows == 0 && self.reader.done {
+            return Ok(None);
+        }
+        let columns = self.columns.iter_mut().map(|c| c.finish()).collect();
+        Ok(Some(RecordBatch::try_new_with_options(
+            Arc::clone(&self.schema),
+            columns,
+            &RecordBatchOptions::new().with_row_count(Some(rows)),
+        )?))
+    }
+
+    fn error(&self, e: &tokio_postgres::Error) -> DataFusionError {
+        DataFusionError::External(
+            format!(
+                "reading from Postgres ({}): {}",
+                self.connection.name,
+                pg_message(e)
+            )
+            .into(),
+        )
+    }
+
+    fn decode_error(&self, column: Option<usize>, message: String) -> DataFusionError {
+        let what = match column {
+            Some(i) => format!("column '{}'", self.schema.field(i).name()),
+            None => "the COPY stream".to_string(),
+        };
+        DataFusionError::External(
+            format!(
+                "reading from Postgres ({}): {what}: {message}",
+                self.connection.name
+            )
+            .into(),
+        )
+    }
+}
