@@ -9,12 +9,11 @@ use async_trait::async_trait;
 use datafusion::arrow::array::{Array, AsArray};
 use datafusion::arrow::datatypes::{DataType, Field, Float64Type, Schema, SchemaRef};
 use datafusion::arrow::record_batch::RecordBatch;
-use datafusion::catalog::SchemaProvider;
 use datafusion::datasource::sink::DataSink;
 use datafusion::execution::TaskContext;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, SendableRecordBatchStream};
 use futures::StreamExt;
-use sluice::connections::{ConnectContext, ConnectorKind};
+use sluice::connections::{ConnectContext, Connected, ConnectorKind};
 use sluice::destinations::{Destination, DestinationSchema, ObjectSpec, WriteReport};
 use sluice::options::{OptionSpec, Options};
 use sluice::{Engine, Outcome};
@@ -206,10 +205,12 @@ impl ConnectorKind for CaptureKind {
         _name: &str,
         _options: &Options,
         _context: &ConnectContext,
-    ) -> sluice::Result<Arc<dyn SchemaProvider>> {
-        Ok(Arc::new(DestinationSchema::new(Arc::new(Capture {
-            received: Arc::clone(&self.0),
-        }))))
+    ) -> sluice::Result<Connected> {
+        Ok(Connected::schema(Arc::new(DestinationSchema::new(
+            Arc::new(Capture {
+                received: Arc::clone(&self.0),
+            }),
+        ))))
     }
 }
 

@@ -3,6 +3,7 @@
 mod cli;
 mod fakes;
 mod file_destination;
+mod postgres;
 mod repl;
 mod slt;
 mod sources;

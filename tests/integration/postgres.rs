@@ -1,0 +1,497 @@
+//! Postgres as a source and as a destination, against the real local server (127.0.0.1:5432,
+//! user postgres, database test). Each test works in its own schema and drops it.
+//!
+//! Without a reachable server these tests say so and pass, unless `SLUICE_REQUIRE_SERVICES=1`
+//! (set by `.ci/run`), where they fail.
+
+use datafusion::arrow::util::pretty::pretty_format_batches;
+use sluice::Outcome;
+
+const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+
+/// A schema of its own on the local server, dropped when the test ends.
+struct PgSchema {
+    client: tokio_postgres::Client,
+    name: String,
+}
+
+impl PgSchema {
+    /// `None` (test skipped) when the server cannot be reached and services are not required.
+    async fn new(name: &str) -> Option<Self> {
+        let url = std::env::var("SLUICE_TEST_PG_URL").unwrap_or_else(|_| URL.to_string());
+        let client = match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                client
+            }
+            Err(e) => {
+                if std::env::var("SLUICE_REQUIRE_SERVICES").as_deref() == Ok("1") {
+                    panic!(
+                        "PostgreSQL at {url} is required (SLUICE_REQUIRE_SERVICES=1) but cannot be reached: {e}"
+                    );
+                }
+                eprintln!("skipping: PostgreSQL at {url} cannot be reached: {e}");
+                return None;
+            }
+        };
+        let name = format!("{name}_{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+        let quoted = format!("\"{}\"", name.replace('"', "\"\""));
+        client
+            .batch_execute(&format!(
+                "DROP SCHEMA IF EXISTS {quoted} CASCADE; CREATE SCHEMA {quoted}"
+            ))
+            .await
+            .expect("create schema");
+        Some(Self { client, name })
+    }
+
+    fn quoted(&self) -> String {
+        format!("\"{}\"", self.name.replace('"', "\"\""))
+    }
+
+    async fn sql(&self, sql: &str) {
+        self.client
+            .batch_execute(&sql.replace("$S", &self.quoted()))
+            .await
+            .unwrap_or_else(|e| panic!("{sql}: {e:?}"));
+    }
+
+    /// Every row of `query` as text lines (`a|b|c`), in the query's order.
+    async fn rows(&self, query: &str) -> Vec<String> {
+        let query = query.replace("$S", &self.quoted());
+        let rows = self
+            .client
+            .simple_query(&query)
+            .await
+            .unwrap_or_else(|e| panic!("{query}: {e:?}"));
+        rows.into_iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                    (0..r.len())
+                        .map(|i| r.get(i).unwrap_or("NULL").to_string())
+                        .collect::<Vec<_>>()
+                        .join("|"),
+                ),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let sql = format!("DROP SCHEMA IF EXISTS {} CASCADE", self.quoted());
+        let _ = std::process::Command::new("psql")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-U",
+                "postgres",
+                "-d",
+                "test",
+                "-q",
+                "-c",
+                &sql,
+            ])
+            .output();
+    }
+}
+
+/// An engine with the connection `wh` to the local server, its default schema `schema`.
+async fn engine(schema: &PgSchema) -> sluice::Engine {
+    let engine = super::support::engine();
+    // SAFETY: set before any thread reads it; every test sets the same value.
+    unsafe { std::env::set_var("SLUICE_TEST_WH_URL", URL) };
+    engine
+        .run_sql(&format!(
+            "CREATE CONNECTION wh TYPE postgres OPTIONS (url env('SLUICE_TEST_WH_URL'), schema '{}')",
+            schema.name.replace('\'', "''")
+        ))
+        .await
+        .expect("connection");
+    engine
+}
+
+/// The last statement's rows as a pretty table.
+async fn query(engine: &sluice::Engine, sql: &str) -> String {
+    let outcomes = engine
+        .run_sql(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    match outcomes.last() {
+        Some(Outcome::Rows { batches, .. }) => pretty_format_batches(batches).unwrap().to_string(),
+        other => panic!("{sql}: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_every_supported_type_with_pushdown() {
+    let Some(pg) = PgSchema::new("sluice_src").await else {
+        return;
+    };
+    pg.sql(
+        "CREATE TABLE $S.users (id bigint PRIMARY KEY, small smallint, n integer, email text NOT NULL,
+            code varchar(5), score numeric(10,2), big numeric, ratio float8, r real, active bool,
+            born date, seen timestamptz, at timestamp, uid uuid, doc jsonb, js json, raw bytea,
+            tags text[], nums int[], v tsvector);
+         INSERT INTO $S.users VALUES
+          (1, 1, 10, 'a@x.com', 'AB', 12.50, 123456789012345678901234567890.5, 0.5, 1.5, true,
+           '2024-02-29', '2024-01-01 10:00:00+02', '2024-01-01 10:00:00',
+           'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11', '{\"a\": [1, 2]}', '{\"b\":1}', '\\xdeadbeef',
+           ARRAY['x', NULL, 'y'], ARRAY[1, 2], to_tsvector('hello')),
+          (2, NULL, NULL, 'b@x.com', NULL, -0.01, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+           NULL, NULL, NULL, NULL, '{}', NULL);",
+    )
+    .await;
+    let engine = engine(&pg).await;
+    let all = "id, small, n, email, code, score, big, ratio, r, active, born, seen, at, uid, doc, js, raw, tags, nums";
+    let text = query(&engine, &format!("SELECT {all} FROM wh.users ORDER BY id")).await;
+    for expected in [
+        "| 1  | 1     | 10 | a@x.com | AB   | 12.50 |",
+        "1.2345678901234568e29",
+        "2024-02-29",
+        "2024-01-01T08:00:00Z",
+        "2024-01-01T10:00:00",
+        "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+        "{\"a\": [1, 2]}",
+        "deadbeef",
+        "[x, , y]",
+        "| 2  |       |    | b@x.com |      | -0.01 |",
+        "| []",
+    ] {
+        assert!(text.contains(expected), "{expected} missing from\n{text}");
+    }
+    // The same relation through conn.schema.table; count(*) reads no column at all.
+    let count = query(
+        &engine,
+        &format!("SELECT count(*) AS n FROM wh.{}.users", pg.name),
+    )
+    .await;
+    assert!(count.contains("| 2 |"), "{count}");
+
+    // Projection, filters Postgres evaluates exactly, and LIMIT reach the SQL sent.
+    let explain = query(
+        &engine,
+        "EXPLAIN SELECT id FROM wh.users WHERE id > 0 AND email LIKE '%@x.com' AND email > 'a' LIMIT 1",
+    )
+    .await;
+    assert!(
+        explain.contains("PostgresScanExec: connection=wh sql=SELECT \"id\", \"email\" FROM"),
+        "{explain}"
+    );
+    assert!(explain.contains("(\"id\" > 0)"), "{explain}");
+    assert!(explain.contains("(\"email\" LIKE '%@x.com')"), "{explain}");
+    // Text ordering depends on collation: DataFusion filters it after the scan.
+    assert!(explain.contains("FilterExec: email@1 > a"), "{explain}");
+    let limited = query(
+        &engine,
+        "EXPLAIN SELECT id FROM wh.users WHERE id >= 2 LIMIT 1",
+    )
+    .await;
+    assert!(
+        limited.contains("WHERE ((\"id\" >= 2)) LIMIT 1"),
+        "{limited}"
+    );
+    let filtered = query(
+        &engine,
+        "SELECT id FROM wh.users WHERE id >= 2 AND email = 'b@x.com'",
+    )
+    .await;
+    assert!(
+        filtered.contains("| 2  |") && !filtered.contains("| 1  |"),
+        "{filtered}"
+    );
+
+    // An unsupported type is a clear error naming the column, only when it is read.
+    let err = engine
+        .run_sql("SELECT v FROM wh.users")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("column 'v'") && err.contains("tsvector"),
+        "{err}"
+    );
+    let err = engine
+        .run_sql("SELECT * FROM wh.no_such_table")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no_such_table"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_never_show() {
+    let Some(pg) = PgSchema::new("sluice_secret").await else {
+        return;
+    };
+    pg.sql("CREATE TABLE $S.t (id int PRIMARY KEY)").await;
+    let engine = super::support::engine();
+    // Trust auth ignores the password, so the connection works and its text can be checked.
+    unsafe {
+        std::env::set_var(
+            "SLUICE_TEST_SECRET_URL",
+            "postgres://postgres:hunter2secret@127.0.0.1:5432/test",
+        )
+    };
+    engine
+        .run_sql(&format!(
+            "CREATE CONNECTION wh TYPE postgres OPTIONS (url env('SLUICE_TEST_SECRET_URL'), schema '{}')",
+            pg.name
+        ))
+        .await
+        .unwrap();
+    let mut seen = String::new();
+    for sql in [
+        "SHOW CONNECTIONS",
+        "EXPLAIN SELECT * FROM wh.t",
+        "EXPLAIN INSERT INTO wh.t SELECT 1 AS id",
+    ] {
+        seen.push_str(&query(&engine, sql).await);
+    }
+    let outcome = engine
+        .run_sql("INSERT INTO wh.t SELECT 1 AS id")
+        .await
+        .unwrap();
+    seen.push_str(&format!("{outcome:?}"));
+    assert!(!seen.contains("hunter2secret"), "{seen}");
+    assert!(seen.contains("PostgresSink"), "{seen}");
+
+    // A server that cannot be reached: the message names where, never the password.
+    unsafe {
+        std::env::set_var(
+            "SLUICE_TEST_BAD_URL",
+            "postgres://postgres:hunter2secret@127.0.0.1:1/test",
+        )
+    };
+    let err = engine
+        .run_sql("CREATE CONNECTION bad TYPE postgres OPTIONS (url env('SLUICE_TEST_BAD_URL'))")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("127.0.0.1:1/test") && !err.contains("hunter2secret"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn syncs_every_mode_into_a_table() {
+    let Some(pg) = PgSchema::new("sluice_dst").await else {
+        return;
+    };
+    pg.sql(
+        "CREATE TABLE $S.accounts (id bigint PRIMARY KEY, email varchar(12), score numeric(10,2),
+            note text DEFAULT 'kept', updated_at timestamptz)",
+    )
+    .await;
+    let engine = engine(&pg).await;
+    let model = |rows: &str| {
+        format!(
+            "CREATE OR REPLACE TABLE model AS SELECT * FROM (VALUES {rows}) AS v(id, email, score)"
+        )
+    };
+    let upsert = "INSERT INTO wh.accounts SELECT id, email, CAST(score AS DECIMAL(10,2)) AS score FROM model";
+    let table = "SELECT id, email, score, note FROM $S.accounts ORDER BY id";
+
+    // First run: every row inserted (unmapped columns keep their defaults).
+    engine
+        .run_sql(&model("(1, 'a@x', 1.5), (2, 'b@x', 2.5), (3, 'c@x', 3.5)"))
+        .await
+        .unwrap();
+    engine.run_sql(upsert).await.unwrap();
+    assert_eq!(
+        pg.rows(table).await,
+        ["1|a@x|1.50|kept", "2|b@x|2.50|kept", "3|c@x|3.50|kept"]
+    );
+
+    // A change elsewhere in the table is left alone: only changed fields are written.
+    pg.sql("UPDATE $S.accounts SET note = 'mine', email = 'edited' WHERE id = 1")
+        .await;
+    engine
+        .run_sql(&model(
+            "(1, 'a@x', 9.0), (2, 'b@x', 2.5), (3, 'c@x', 3.5), (4, 'd@x', 4.0)",
+        ))
+        .await
+        .unwrap();
+    let outcomes = engine.run_sql(upsert).await.unwrap();
+    let summary = format!("{outcomes:?}");
+    assert!(
+        summary.contains("inserted: 1") && summary.contains("updated: 1"),
+        "{summary}"
+    );
+    assert_eq!(
+        pg.rows(table).await,
+        [
+            "1|edited|9.00|mine",
+            "2|b@x|2.50|kept",
+            "3|c@x|3.50|kept",
+            "4|d@x|4.00|kept"
+        ]
+    );
+
+    // A value the table refuses is a reject naming the key and Postgres's reason; the rest lands.
+    engine
+        .run_sql(&model(
+            "(1, 'a@x', 9.0), (2, 'far-too-long@x', 2.5), (3, 'c@x', 7.0), (4, 'd@x', 4.0)",
+        ))
+        .await
+        .unwrap();
+    engine.run_sql(upsert).await.unwrap();
+    let rejects = query(
+        &engine,
+        "SELECT key, error_code, error_message FROM sluice.rejects",
+    )
+    .await;
+    assert!(
+        rejects.contains("| 2   | pg_22001") && rejects.contains("character varying(12)"),
+        "{rejects}"
+    );
+    assert_eq!(
+        pg.rows("SELECT score FROM $S.accounts WHERE id = 3").await,
+        ["7.00"]
+    );
+
+    // Mirror: rows that left the model are deleted; the rejected one is retried once fixed.
+    let mirror = "MERGE INTO wh.accounts AS t USING model AS s ON t.id = s.id
+        WHEN MATCHED THEN UPDATE SET email = s.email, score = CAST(s.score AS DECIMAL(10,2))
+        WHEN NOT MATCHED THEN INSERT (id, email, score) VALUES (s.id, s.email, CAST(s.score AS DECIMAL(10,2)))
+        WHEN NOT MATCHED BY SOURCE THEN DELETE";
+    engine
+        .run_sql(&model("(1, 'a@x', 9.0), (2, 'b@x', 2.0), (4, 'd@x', 4.0)"))
+        .await
+        .unwrap();
+    engine.run_sql(mirror).await.unwrap();
+    // The mirror sync is a new sync (its own state): its first run sends every row.
+    assert_eq!(
+        pg.rows("SELECT id, email, score FROM $S.accounts ORDER BY id")
+            .await,
+        ["1|a@x|9.00", "2|b@x|2.00", "3|c@x|7.00", "4|d@x|4.00"]
+    );
+    engine
+        .run_sql(&model("(1, 'a@x', 9.0), (4, 'd@x', 4.0)"))
+        .await
+        .unwrap();
+    engine.run_sql(mirror).await.unwrap();
+    assert_eq!(
+        pg.rows("SELECT id FROM $S.accounts ORDER BY id").await,
+        ["1", "3", "4"],
+        "2 left the model and is deleted; 3 was never synced by this sync"
+    );
+
+    // Create-only: an existing row is a reject, a new one is inserted.
+    let create_only = "MERGE INTO wh.accounts AS t USING model AS s ON t.id = s.id
+        WHEN NOT MATCHED THEN INSERT (id, email) VALUES (s.id, s.email)";
+    engine
+        .run_sql(&model("(3, 'new3@x', 0.0), (5, 'e@x', 0.0)"))
+        .await
+        .unwrap();
+    engine.run_sql(create_only).await.unwrap();
+    let rejects = query(
+        &engine,
+        "SELECT key, error_code FROM sluice.rejects WHERE error_code = 'already_exists'",
+    )
+    .await;
+    assert!(rejects.contains("| 3   | already_exists"), "{rejects}");
+    assert_eq!(
+        pg.rows("SELECT id, email FROM $S.accounts WHERE id IN (3, 5) ORDER BY id")
+            .await,
+        ["3|c@x", "5|e@x"]
+    );
+
+    // Update-only: a missing row is a reject, an existing one is updated.
+    let update_only = "MERGE INTO wh.accounts AS t USING model AS s ON t.id = s.id
+        WHEN MATCHED THEN UPDATE SET email = s.email";
+    engine
+        .run_sql(&model("(5, 'e2@x', 0.0), (6, 'f@x', 0.0)"))
+        .await
+        .unwrap();
+    engine.run_sql(update_only).await.unwrap();
+    let rejects = query(
+        &engine,
+        "SELECT key, error_code FROM sluice.rejects WHERE error_code = 'not_found'",
+    )
+    .await;
+    assert!(rejects.contains("| 6   | not_found"), "{rejects}");
+    assert_eq!(
+        pg.rows("SELECT email FROM $S.accounts WHERE id = 5").await,
+        ["e2@x"]
+    );
+    assert_eq!(
+        pg.rows("SELECT count(*) FROM $S.accounts WHERE id = 6")
+            .await,
+        ["0"]
+    );
+
+    // DELETE by a key list.
+    engine
+        .run_sql("DELETE FROM wh.accounts WHERE id IN (SELECT 5 AS id)")
+        .await
+        .unwrap();
+    assert_eq!(
+        pg.rows("SELECT id FROM $S.accounts ORDER BY id").await,
+        ["1", "3", "4"]
+    );
+
+    // A type that cannot be converted is refused before anything is written, naming the column.
+    let err = engine
+        .run_sql("INSERT INTO wh.accounts SELECT 7 AS id, true AS updated_at")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("updated_at"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_identifiers_are_quoted_everywhere() {
+    let Some(pg) = PgSchema::new("sluice \"we;ird\" ß").await else {
+        return;
+    };
+    pg.sql(
+        "CREATE TABLE $S.\"Tab le\"\"; DROP TABLE x; --\" (
+            \"i d\" bigint PRIMARY KEY, \"na\"\"me;\" text, \"ünï çødé\" int, \"select\" text)",
+    )
+    .await;
+    let engine = engine(&pg).await;
+    let table = "wh.\"Tab le\"\"; DROP TABLE x; --\"";
+    engine
+        .run_sql(
+            "CREATE TABLE model AS SELECT * FROM (VALUES (1, 'o''brien', 7, 'a'), (2, 'x\"y', 8, 'b'))
+             AS v(\"i d\", \"na\"\"me;\", \"ünï çødé\", \"select\")",
+        )
+        .await
+        .unwrap();
+    engine
+        .run_sql(&format!(
+            "INSERT INTO {table} SELECT \"i d\", \"na\"\"me;\", \"ünï çødé\", \"select\" FROM model"
+        ))
+        .await
+        .unwrap();
+    let select = "SELECT * FROM $S.\"Tab le\"\"; DROP TABLE x; --\" ORDER BY 1";
+    assert_eq!(pg.rows(select).await, ["1|o'brien|7|a", "2|x\"y|8|b"]);
+
+    // Updates and deletes through the staging path (a mirror sync: its first run syncs both
+    // rows, its second deletes the row that left the model), then read back through the source.
+    let mirror = format!(
+        "MERGE INTO {table} AS t USING model2 AS s ON t.\"i d\" = s.\"i d\"
+         WHEN MATCHED THEN UPDATE SET \"na\"\"me;\" = s.\"na\"\"me;\"
+         WHEN NOT MATCHED THEN INSERT (\"i d\", \"na\"\"me;\") VALUES (s.\"i d\", s.\"na\"\"me;\")
+         WHEN NOT MATCHED BY SOURCE THEN DELETE"
+    );
+    for rows in ["(1, 'changed'), (2, 'x\"y')", "(1, 'changed')"] {
+        engine
+            .run_sql(&format!(
+                "CREATE OR REPLACE TABLE model2 AS SELECT * FROM (VALUES {rows}) AS v(\"i d\", \"na\"\"me;\")"
+            ))
+            .await
+            .unwrap();
+        engine.run_sql(&mirror).await.unwrap();
+    }
+    assert_eq!(pg.rows(select).await, ["1|changed|7|a"]);
+    let text = query(
+        &engine,
+        &format!("SELECT \"na\"\"me;\", \"ünï çødé\" FROM {table} WHERE \"select\" = 'a' AND \"ünï çødé\" = 7"),
+    )
+    .await;
+    assert!(text.contains("| changed | 7 "), "{text}");
+}
