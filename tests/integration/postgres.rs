@@ -495,3 +495,122 @@ async fn hostile_identifiers_are_quoted_everywhere() {
     .await;
     assert!(text.contains("| changed | 7 "), "{text}");
 }
+
+/// The model of the kill test as CSV (id, email, plan).
+fn write_model(dir: &std::path::Path, model: &std::collections::BTreeMap<i64, (String, String)>) {
+    let mut csv = String::from("id,email,plan\n");
+    for (id, (email, plan)) in model {
+        csv.push_str(&format!("{id},{email},{plan}\n"));
+    }
+    std::fs::write(dir.join("model.csv"), csv).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_a_sync_then_rerun_ends_equal_to_the_model() {
+    let Some(pg) = PgSchema::new("sluice_kill").await else {
+        return;
+    };
+    pg.sql("CREATE TABLE $S.accounts (id bigint PRIMARY KEY, email text NOT NULL, plan text)")
+        .await;
+    let dir = tempfile::tempdir().unwrap();
+    let dir = dir.path();
+    std::fs::write(
+        dir.join("sync.sql"),
+        format!(
+            "CREATE CONNECTION app TYPE postgres OPTIONS (url env('SLUICE_KILL_PG_URL'), schema '{}', batch_size '700');
+             CREATE EXTERNAL TABLE model STORED AS CSV LOCATION 'model.csv' OPTIONS ('format.has_header' 'true');
+             MERGE INTO app.accounts AS t USING model AS s ON t.id = s.id
+               WHEN MATCHED THEN UPDATE SET email = s.email, plan = s.plan
+               WHEN NOT MATCHED THEN INSERT (id, email, plan) VALUES (s.id, s.email, s.plan)
+               WHEN NOT MATCHED BY SOURCE THEN DELETE;",
+            pg.name
+        ),
+    )
+    .unwrap();
+    let start = || {
+        super::support::sluice(dir)
+            .args(["run", "sync.sql"])
+            .env("SLUICE_KILL_PG_URL", URL)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("seed {seed}");
+    let mut below = |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut model: std::collections::BTreeMap<i64, (String, String)> = (0..20_000)
+        .map(|i| (i, (format!("u{i}@example.com"), "free".to_string())))
+        .collect();
+    let mut next_id = 20_000;
+    let mut killed = 0;
+    for round in 0..8 {
+        if round > 0 {
+            for _ in 0..3000 {
+                if let Some(row) = model.get_mut(&(below(next_id as u64) as i64)) {
+                    row.1 = format!("plan{}", below(1000));
+                }
+            }
+            for _ in 0..300 {
+                model.remove(&(below(next_id as u64) as i64));
+            }
+            for _ in 0..500 {
+                model.insert(next_id, (format!("new{next_id}@example.com"), "pro".into()));
+                next_id += 1;
+            }
+        }
+        write_model(dir, &model);
+        let mut child = start();
+        let kill_after = std::time::Duration::from_millis(50 + below(700));
+        let started = std::time::Instant::now();
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if started.elapsed() >= kill_after {
+                child.kill().unwrap(); // SIGKILL
+                killed += 1;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        child.wait().unwrap();
+    }
+    eprintln!("killed {killed} of 8 runs");
+    assert!(killed >= 4, "only {killed} of 8 runs were killed mid-way");
+
+    // A run to completion converges: the table holds exactly the model.
+    let out = start().wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let expected: Vec<String> = model
+        .iter()
+        .map(|(id, (email, plan))| format!("{id}|{email}|{plan}"))
+        .collect();
+    let actual = pg
+        .rows("SELECT id, email, plan FROM $S.accounts ORDER BY id")
+        .await;
+    assert_eq!(actual.len(), expected.len(), "row count");
+    assert!(actual == expected, "the table differs from the model");
+
+    // State agrees with the table: a rerun changes nothing.
+    let out = start().wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("0 inserted, 0 updated, 0 deleted"),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
