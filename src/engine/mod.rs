@@ -580,6 +580,24 @@ impl Engine {
                 }
             }
         }
+        // Connections with schemas of their own (databases): `conn.schema.table`, from what the
+        // connection already knows (no lookup per table).
+        for connection in self.connections.list() {
+            let Some(databases) = self.ctx.catalog(&connection.name) else {
+                continue;
+            };
+            for schema_name in databases.schema_names() {
+                if schema_name == "information_schema" {
+                    continue;
+                }
+                let Some(schema) = databases.schema(&schema_name) else {
+                    continue;
+                };
+                for table in schema.table_names() {
+                    words.push(format!("{}.{schema_name}.{table}", connection.name));
+                }
+            }
+        }
         words.extend(self.syncs.lock().expect("syncs").keys().cloned());
         words.sort();
         words.dedup();

@@ -614,3 +614,21 @@ async fn kill_9_during_a_sync_then_rerun_ends_equal_to_the_model() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completion_sees_every_schema() {
+    let Some(pg) = PgSchema::new("sluice_complete").await else {
+        return;
+    };
+    pg.sql("CREATE TABLE $S.leads (lead_id int PRIMARY KEY)")
+        .await;
+    let engine = engine(&pg).await;
+    let words = engine.completion_words().await;
+    for word in [
+        "wh.leads".to_string(),
+        "lead_id".to_string(),
+        format!("wh.{}.leads", pg.name),
+    ] {
+        assert!(words.contains(&word), "{word} missing from {words:?}");
+    }
+}
