@@ -251,6 +251,16 @@ impl PgDestination {
     async fn relation(&self, name: &str) -> Result<Option<Arc<Relation>>> {
         self.connection.relation(&self.schema, name).await
     }
+
+    /// The relation as last looked up (planning looks it up before the reader and the sink).
+    fn cached(&self, name: &str) -> Option<Arc<Relation>> {
+        self.connection
+            .relations
+            .read()
+            .expect("relations lock")
+            .get(&(self.schema.clone(), name.to_string()))
+            .cloned()
+    }
 }
 
 #[async_trait]
@@ -268,14 +278,7 @@ impl Destination for PgDestination {
     }
 
     async fn reader(&self, object: &ObjectSpec) -> Result<Option<Arc<dyn TableProvider>>> {
-        let cached = self
-            .connection
-            .relations
-            .read()
-            .expect("relations lock")
-            .get(&(self.schema.clone(), object.name.clone()))
-            .cloned();
-        let relation = match cached {
+        let relation = match self.cached(&object.name) {
             Some(r) => r,
             None => match self.relation(&object.name).await? {
                 Some(r) => r,
@@ -299,22 +302,15 @@ impl Destination for PgDestination {
         report: Arc<WriteReport>,
         sync: Option<Arc<SyncRun>>,
     ) -> Result<Arc<dyn DataSink>> {
-        let relation = self
-            .connection
-            .relations
-            .read()
-            .expect("relations lock")
-            .get(&(self.schema.clone(), object.name.clone()))
-            .cloned()
-            .ok_or_else(|| {
-                Error::plan(
-                    format!(
-                        "{}.{}.{} is not known; it may have been dropped",
-                        self.connection.name, self.schema, object.name
-                    ),
-                    object.name.clone(),
-                )
-            })?;
+        let relation = self.cached(&object.name).ok_or_else(|| {
+            Error::plan(
+                format!(
+                    "{}.{}.{} is not known; it may have been dropped",
+                    self.connection.name, self.schema, object.name
+                ),
+                object.name.clone(),
+            )
+        })?;
         let sink = sink::PgSink::new(Arc::clone(&self.connection), relation, schema, report, sync)?;
         Ok(Arc::new(sink))
     }

@@ -90,7 +90,7 @@ impl PgSink {
         let mut fields = vec![];
         for field in schema.fields() {
             let name = field.name();
-            if name.starts_with("__") && sync.is_some() && is_change_column(name) {
+            if sync.is_some() && is_change_column(name) {
                 continue;
             }
             let column = relation.column(name).ok_or_else(|| {
