@@ -66,6 +66,11 @@ impl DestinationTable {
         )
     }
 
+    /// What reads this object (a source table), if it can be read.
+    pub fn reader(&self) -> Option<&Arc<dyn TableProvider>> {
+        self.reader.as_ref()
+    }
+
     /// The object as the destination describes it.
     pub fn object(&self) -> &ObjectSpec {
         &self.object
@@ -158,7 +163,11 @@ impl TableProvider for DestinationTable {
             )));
         }
         let input: Arc<dyn ExecutionPlan> = match &self.sync {
-            Some(run) => Arc::new(DiffExec::new(input, Arc::clone(run))),
+            Some(run) => match &run.spec.remote {
+                // The diff runs in the warehouse: the model is read there, not through `input`.
+                Some(remote) => remote.diff_exec(Arc::clone(run), input.schema()),
+                None => Arc::new(DiffExec::new(input, Arc::clone(run))),
+            },
             None => input,
         };
         let sink = self.destination.sink(

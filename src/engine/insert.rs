@@ -196,6 +196,15 @@ impl Engine {
             let id = sync.name.clone().unwrap_or_else(|| {
                 SyncSpec::unnamed_id(&target, key.as_deref(), &names, &write.signature())
             });
+            let remote = if sync.options.warehouse_diff {
+                // Optimized first: the unparser writes simpler (and correct) SQL for it.
+                let optimized = self.ctx.state().optimize(&mapped)?;
+                Some(crate::destinations::postgres::warehouse::plan(
+                    &optimized, &diff, &id, &target,
+                )?)
+            } else {
+                None
+            };
             Some(Arc::new(SyncRun::new(
                 SyncSpec {
                     id,
@@ -204,6 +213,7 @@ impl Engine {
                     diff,
                     options: sync.options.clone(),
                     pacing: table.pacing(),
+                    remote,
                 },
                 self.state.clone(),
                 sync.dry_run,

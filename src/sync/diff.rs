@@ -646,17 +646,11 @@ impl Differ {
                 .key
                 .map(|k| self.spec.fields[k].clone())
                 .unwrap_or_default();
-            return Err(Error::Write {
-                message: format!(
-                    "the model has {} duplicate value(s) of the key '{key}' (e.g. {}); nothing was sent. Make '{key}' unique in the query, or set OPTIONS (duplicate_keys 'keep_last')",
-                    self.counts.duplicates,
-                    self.duplicate_samples
-                        .iter()
-                        .map(|k| format!("'{k}'"))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-            });
+            return Err(duplicate_keys_error(
+                &key,
+                self.counts.duplicates,
+                &self.duplicate_samples,
+            ));
         }
         if self.spec.delete && !self.spec.listed_deletes {
             for j in 0..self.snapshot.len() {
@@ -674,6 +668,20 @@ impl Differ {
             }
         }
         Ok((self.changes, self.counts))
+    }
+}
+
+/// The model repeats keys: nothing is sent.
+pub fn duplicate_keys_error(key: &str, duplicates: u64, samples: &[String]) -> Error {
+    Error::Write {
+        message: format!(
+            "the model has {duplicates} duplicate value(s) of the key '{key}' (e.g. {}); nothing was sent. Make '{key}' unique in the query, or set OPTIONS (duplicate_keys 'keep_last')",
+            samples
+                .iter()
+                .map(|k| format!("'{k}'"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 

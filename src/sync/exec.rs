@@ -236,7 +236,30 @@ async fn diff_stream(
         "DiffExec: model classified"
     );
     let (changes, counts) = differ.finish()?;
-    if let Err(refusal) = check_rails(&run, &counts) {
+    emit_changes(
+        &run,
+        &schema,
+        &model_schema,
+        kept,
+        changes,
+        counts,
+        key_rejects,
+    )
+    .await
+}
+
+/// The end of a diff, whichever ran it: checks the safety rails, writes the intent, and returns
+/// the change batches (the `kept` model rows with their change ids, then the deletes).
+pub(crate) async fn emit_changes(
+    run: &SyncRun,
+    schema: &SchemaRef,
+    model_schema: &SchemaRef,
+    kept: Vec<(RecordBatch, Vec<u32>)>,
+    changes: Vec<Change>,
+    counts: DiffCounts,
+    key_rejects: Vec<Rejected>,
+) -> Result<Vec<RecordBatch>> {
+    if let Err(refusal) = check_rails(run, &counts) {
         if !run.dry_run {
             return Err(DataFusionError::from(Error::Write { message: refusal }));
         }
@@ -265,14 +288,14 @@ async fn diff_stream(
         };
         if !ids.is_empty() {
             out.push(with_change_columns(
-                &schema,
+                schema,
                 batch.columns().to_vec(),
                 &ids,
                 &changes,
             )?);
         }
     }
-    if let Some(deletes) = delete_batch(&schema, &model_schema, &run, &changes)? {
+    if let Some(deletes) = delete_batch(schema, model_schema, run, &changes)? {
         out.push(deletes);
     }
     run.set_changes(changes, counts, key_rejects);
@@ -281,7 +304,7 @@ async fn diff_stream(
 
 /// Copies only the strings a few taken rows use: a taken view array still points into the
 /// whole batch's string buffers, and keeping a few rows of every batch would keep them all.
-fn compact(batch: RecordBatch) -> Result<RecordBatch> {
+pub(crate) fn compact(batch: RecordBatch) -> Result<RecordBatch> {
     let columns = batch
         .columns()
         .iter()
@@ -349,7 +372,11 @@ fn delete_batch(
     Ok(Some(with_change_columns(schema, columns, &ids, changes)?))
 }
 
-fn null_key_rejects(batch: &RecordBatch, rows: &[u32], run: &SyncRun) -> Result<Vec<Rejected>> {
+pub(crate) fn null_key_rejects(
+    batch: &RecordBatch,
+    rows: &[u32],
+    run: &SyncRun,
+) -> Result<Vec<Rejected>> {
     let taken = take_record_batch(batch, &UInt32Array::from(rows.to_vec()))?;
     let lines = json_lines(&taken).map_err(DataFusionError::from)?;
     let key = run.spec.key_name().unwrap_or_default();

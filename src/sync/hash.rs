@@ -19,6 +19,10 @@ use crate::error::{Error, Result};
 /// The name and version of the hash scheme, as recorded in manifests.
 pub const HASH_VERSION: &str = "xxh3_64/v1";
 
+/// The hashes of a state kept in a Postgres source (`diff 'warehouse'`): Postgres computes them,
+/// `hashtextextended(value::text, 0)`.
+pub const POSTGRES_HASH_VERSION: &str = "postgres-hashtextextended/v1";
+
 const NULL: u64 = 0x9e37_79b9_7f4a_7c15;
 const TAG_INT: u64 = 1;
 const TAG_UINT: u64 = 2;

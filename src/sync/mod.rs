@@ -11,6 +11,7 @@
 pub mod diff;
 pub mod exec;
 pub mod hash;
+pub mod remote;
 pub mod run;
 pub mod state;
 pub mod tables;
@@ -20,6 +21,7 @@ use std::fmt;
 use crate::error::Result;
 use crate::options::{OptionSpec, Options};
 
+pub use remote::RemoteState;
 pub use run::SyncRun;
 pub use state::StateStore;
 
@@ -99,6 +101,11 @@ pub const OPTIONS: &[OptionSpec] = &[
         doc: "'error' (default: fail, showing a few) or 'keep_last'",
         secret: false,
     },
+    OptionSpec {
+        key: "diff",
+        doc: "'local' (default: the state is a snapshot next to the sync's other state) or 'warehouse' (the state is a table in the Postgres source and the diff runs there as SQL)",
+        secret: false,
+    },
 ];
 
 /// A sync's safety rails and policies.
@@ -109,6 +116,8 @@ pub struct SyncOptions {
     pub abort_on_empty_source: bool,
     pub null_policy: NullPolicy,
     pub keep_last: bool,
+    /// `diff 'warehouse'`: the diff runs in the source warehouse against a state table there.
+    pub warehouse_diff: bool,
 }
 
 impl Default for SyncOptions {
@@ -119,6 +128,7 @@ impl Default for SyncOptions {
             abort_on_empty_source: true,
             null_policy: NullPolicy::Clear,
             keep_last: false,
+            warehouse_diff: false,
         }
     }
 }
@@ -162,6 +172,8 @@ impl SyncOptions {
             },
             keep_last: choice("duplicate_keys", &["error", "keep_last"])?.as_deref()
                 == Some("keep_last"),
+            warehouse_diff: choice("diff", &["local", "warehouse"])?.as_deref()
+                == Some("warehouse"),
         })
     }
 }

@@ -9,6 +9,7 @@ use datafusion::arrow::compute::{cast, concat, take};
 
 use super::diff::{Change, DiffCounts, DiffSpec, Snapshot, key_array};
 use super::hash::{HASH_VERSION, Key};
+use super::remote::{RemoteCommit, RemoteState};
 use super::state::{Manifest, RejectEntry, RunRecord, StateStore, SyncLock, now};
 use super::{Op, SyncOptions};
 use crate::delivery::Rejected;
@@ -29,6 +30,8 @@ pub struct SyncSpec {
     pub options: SyncOptions,
     /// The destination's (rate limit, concurrency), for dry-run estimates.
     pub pacing: (Option<f64>, Option<usize>),
+    /// `diff 'warehouse'`: the snapshot lives in the source warehouse and the diff runs there.
+    pub remote: Option<Arc<dyn RemoteState>>,
 }
 
 impl SyncSpec {
@@ -85,6 +88,8 @@ struct Inner {
     finished: bool,
     /// Intent files of earlier runs folded into the loaded snapshot, and this run's own.
     intents: Vec<String>,
+    /// Records in a remote state (`diff 'warehouse'`), for delete caps.
+    remote_rows: u64,
 }
 
 /// One run, shared by the engine, `DiffExec` and the sink.
@@ -146,7 +151,18 @@ impl SyncRun {
 
     /// Where the state of this sync lives (for EXPLAIN).
     pub fn state_location(&self) -> String {
-        format!("{}/syncs/{}", self.state.display(), self.spec.id)
+        match &self.spec.remote {
+            Some(remote) => remote.location(),
+            None => format!("{}/syncs/{}", self.state.display(), self.spec.id),
+        }
+    }
+
+    /// The hash scheme of this sync's snapshot.
+    fn hash_version(&self) -> &'static str {
+        match &self.spec.remote {
+            Some(remote) => remote.hash_version(),
+            None => HASH_VERSION,
+        }
     }
 
     /// Takes the sync's lock (not for dry runs), loads its committed state and records the
@@ -183,7 +199,23 @@ impl SyncRun {
                         ),
                     });
                 }
-                let snapshot = self.state.snapshot(id, m).await?;
+                if m.hash != self.hash_version() {
+                    let (was, is) = match &self.spec.remote {
+                        Some(_) => ("locally (diff 'local')", "in the warehouse"),
+                        None => ("in the warehouse (diff 'warehouse')", "locally"),
+                    };
+                    return Err(Error::State {
+                        message: format!(
+                            "sync {} kept its state {was} until now and would now diff {is}; RESET SYNC {} to start over with the new diff (its next run resends every record)",
+                            self.spec.label(),
+                            self.spec.label()
+                        ),
+                    });
+                }
+                let snapshot = match &self.spec.remote {
+                    Some(_) => Snapshot::empty(vec![]),
+                    None => self.state.snapshot(id, m).await?,
+                };
                 (snapshot, self.state.rejects(id, m).await?)
             }
             None => (Snapshot::empty(vec![]), vec![]),
@@ -199,10 +231,18 @@ impl SyncRun {
         if !self.dry_run {
             self.state.put_run(&record).await?;
         }
-        // Records that runs which stopped before their commit were about to send.
+        let remote_rows = match &self.spec.remote {
+            Some(remote) => remote.prepare(manifest.is_none()).await?,
+            None => 0,
+        };
+        // Records that runs which stopped before their commit were about to send (a remote
+        // state keeps them itself).
         let mut intents = vec![];
         let mut snapshot = snapshot;
-        if !self.spec.diff.listed_deletes && self.spec.diff.key.is_some() {
+        if !self.spec.diff.listed_deletes
+            && self.spec.diff.key.is_some()
+            && self.spec.remote.is_none()
+        {
             let mut keys = vec![];
             for (name, array) in self.state.intents(id).await? {
                 keys.extend((0..array.len()).filter_map(|i| Key::at(&array, i)));
@@ -223,6 +263,7 @@ impl SyncRun {
         inner.snapshot = Some(Arc::new(snapshot));
         inner.previous_rejects = rejects;
         inner.record = record;
+        inner.remote_rows = remote_rows;
         Ok(())
     }
 
@@ -262,6 +303,9 @@ impl SyncRun {
         if keys.is_empty() {
             return Ok(());
         }
+        if let Some(remote) = &self.spec.remote {
+            return remote.write_intent(&keys).await;
+        }
         self.state
             .put_intent(&self.spec.id, &self.run_id, key_array(&keys))
             .await?;
@@ -282,7 +326,11 @@ impl SyncRun {
 
     /// The committed snapshot's size (for delete caps).
     pub fn snapshot_rows(&self) -> usize {
-        self.inner().snapshot.as_ref().map(|s| s.len()).unwrap_or(0)
+        let inner = self.inner();
+        match &self.spec.remote {
+            Some(_) => inner.remote_rows as usize,
+            None => inner.snapshot.as_ref().map(|s| s.len()).unwrap_or(0),
+        }
     }
 
     /// Commits what the destination acknowledged and records the run. `error` is the statement's
@@ -367,10 +415,18 @@ impl SyncRun {
                     .map(|(id, _)| *id)
                     .chain(rejected.iter().filter_map(|r| r.change))
                     .collect();
-                let next = self.next_snapshot(&snapshot, &changes, &acked, &settled)?;
+                let next = match &self.spec.remote {
+                    Some(remote) => {
+                        remote
+                            .commit(remote_commit(&changes, &acked, &settled))
+                            .await?;
+                        Snapshot::empty(self.spec.diff.fields.clone())
+                    }
+                    None => self.next_snapshot(&snapshot, &changes, &acked, &settled)?,
+                };
                 let new_manifest = Manifest {
                     format: 1,
-                    hash: HASH_VERSION.into(),
+                    hash: self.hash_version().into(),
                     sync: self.spec.id.clone(),
                     target: self.spec.target.clone(),
                     key: self.spec.key_name().map(str::to_string),
@@ -598,6 +654,38 @@ impl SyncRun {
         }
         .sorted()
     }
+}
+
+/// What a run commits to a remote state: acknowledged changes, and the intents of new records
+/// the destination refused.
+fn remote_commit<'a>(
+    changes: &'a [Change],
+    acked: &'a [(u32, Option<String>)],
+    settled: &HashSet<u32>,
+) -> RemoteCommit<'a> {
+    let mut commit = RemoteCommit::default();
+    let mut acknowledged = HashSet::with_capacity(acked.len());
+    for (id, record_id) in acked {
+        let Some(c) = changes.get(*id as usize) else {
+            continue;
+        };
+        acknowledged.insert(*id);
+        match c.op {
+            Op::Delete => commit.deletes.push(&c.key),
+            _ => commit
+                .upserts
+                .push((&c.key, record_id.as_deref(), &c.hashes[..])),
+        }
+    }
+    for id in settled.difference(&acknowledged) {
+        if let Some(c) = changes.get(*id as usize)
+            && c.row.is_none()
+            && c.op != Op::Delete
+        {
+            commit.withdrawn.push(&c.key);
+        }
+    }
+    commit
 }
 
 fn new_run_id() -> String {

@@ -26,7 +26,7 @@ use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload}
 use serde::{Deserialize, Serialize};
 
 use super::diff::Snapshot;
-use super::hash::HASH_VERSION;
+use super::hash::{HASH_VERSION, POSTGRES_HASH_VERSION};
 use crate::error::{Error, Result};
 
 /// The manifest format this version writes and reads.
@@ -257,7 +257,9 @@ impl StateStore {
                 self.shown(&path)
             ),
         })?;
-        if manifest.format != FORMAT || manifest.hash != HASH_VERSION {
+        if manifest.format != FORMAT
+            || (manifest.hash != HASH_VERSION && manifest.hash != POSTGRES_HASH_VERSION)
+        {
             return Err(Error::State {
                 message: format!(
                     "the state in {} was written by another version of sluice (format {}, hash {}; this version reads format {FORMAT}, hash {HASH_VERSION}); RESET SYNC {sync} to start over",

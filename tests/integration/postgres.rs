@@ -632,3 +632,190 @@ async fn completion_sees_every_schema() {
         assert!(words.contains(&word), "{word} missing from {words:?}");
     }
 }
+
+/// The latest run of `sync` as `rows_read/inserted/updated/deleted/unchanged/rejected`.
+async fn last_run(engine: &sluice::Engine, sync: &str) -> String {
+    let table = query(
+        engine,
+        &format!(
+            "SELECT concat_ws('/', rows_read, inserted, updated, deleted, unchanged, rejected) AS c
+             FROM sluice.runs WHERE sync = '{sync}' ORDER BY started_at DESC LIMIT 1"
+        ),
+    )
+    .await;
+    table
+        .lines()
+        .nth(3)
+        .unwrap_or_default()
+        .trim_matches(|c| c == '|' || c == ' ')
+        .to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warehouse_diff_gives_the_same_results_as_the_local_diff() {
+    let Some(pg) = PgSchema::new("sluice_whdiff").await else {
+        return;
+    };
+    pg.sql(
+        "CREATE TABLE $S.users (id bigint PRIMARY KEY, email text, score numeric(10,2), plan text, seen timestamptz);
+         CREATE TABLE $S.dst_local (id bigint PRIMARY KEY, email text, score numeric(10,2), plan text, seen timestamptz);
+         CREATE TABLE $S.dst_wh (LIKE $S.dst_local INCLUDING ALL);
+         INSERT INTO $S.users VALUES
+           (1, 'A@x', 1.50, 'free', '2026-01-01 10:00:00+00'), (2, 'b@x', 2.50, 'pro', NULL),
+           (3, 'c@x', NULL, 'free', '2026-02-01 00:00:00+00'), (4, 'd@x', 4.00, 'banned', NULL),
+           (5, 'e@x', 5.00, 'pro', '2026-03-01 12:30:00+00');",
+    )
+    .await;
+    let engine = engine(&pg).await;
+    // Sync names are the state tables' names in sluice_state: unique per test run.
+    let suffix = &pg.name[pg.name.len() - 8..];
+    let (local, remote) = (format!("local_{suffix}"), format!("remote_{suffix}"));
+    let body = |dst: &str, fields: &str| {
+        format!(
+            "MERGE INTO wh.{dst} AS t
+             USING (SELECT id, lower(email) AS email, score, plan{fields} FROM wh.users WHERE plan <> 'banned') AS s
+             ON t.id = s.id
+             WHEN MATCHED THEN UPDATE SET email = s.email, score = s.score, plan = s.plan{updates}
+             WHEN NOT MATCHED THEN INSERT (id, email, score, plan{inserts}) VALUES (s.id, s.email, s.score, s.plan{values})
+             WHEN NOT MATCHED BY SOURCE THEN DELETE",
+            updates = if fields.is_empty() { "" } else { ", seen = s.seen" },
+            inserts = if fields.is_empty() { "" } else { ", seen" },
+            values = if fields.is_empty() { "" } else { ", s.seen" },
+        )
+    };
+    let define = |fields: &str| {
+        format!(
+            "CREATE OR REPLACE SYNC {local} OPTIONS (max_delete_pct '100') AS {};
+             CREATE OR REPLACE SYNC {remote} OPTIONS (diff 'warehouse', max_delete_pct '100') AS {};",
+            body("dst_local", fields),
+            body("dst_wh", fields)
+        )
+    };
+    let run_both = || async {
+        engine.run_sql(&format!("RUN SYNC {local}")).await.unwrap();
+        engine.run_sql(&format!("RUN SYNC {remote}")).await.unwrap();
+        let (a, b) = (
+            last_run(&engine, &local).await,
+            last_run(&engine, &remote).await,
+        );
+        assert_eq!(a, b, "the two diffs counted differently");
+        let cols = "id, email, score, plan, seen";
+        let (x, y) = (
+            pg.rows(&format!("SELECT {cols} FROM $S.dst_local ORDER BY id"))
+                .await,
+            pg.rows(&format!("SELECT {cols} FROM $S.dst_wh ORDER BY id"))
+                .await,
+        );
+        assert_eq!(x, y, "the two destinations differ");
+        (a, y)
+    };
+
+    engine.run_sql(&define("")).await.unwrap();
+    let (counts, rows) = run_both().await;
+    assert_eq!(counts, "4/4/0/0/0/0");
+    assert_eq!(rows.len(), 4);
+    assert_eq!(rows[0], "1|a@x|1.50|free|NULL");
+
+    // Two changes, one new row, one row leaving the model.
+    pg.sql("UPDATE $S.users SET score = 9 WHERE id = 2; UPDATE $S.users SET email = 'C2@x' WHERE id = 3;
+            INSERT INTO $S.users VALUES (6, 'f@x', 6, 'free', NULL); UPDATE $S.users SET plan = 'banned' WHERE id = 5")
+        .await;
+    let (counts, rows) = run_both().await;
+    assert_eq!(counts, "4/1/2/1/1/0");
+    assert_eq!(
+        rows,
+        [
+            "1|a@x|1.50|free|NULL",
+            "2|b@x|9.00|pro|NULL",
+            "3|c2@x|NULL|free|NULL",
+            "6|f@x|6.00|free|NULL"
+        ]
+    );
+
+    // Nothing changed: nothing sent.
+    let (counts, _) = run_both().await;
+    assert_eq!(counts, "4/0/0/0/4/0");
+
+    // A field mapped later is sent on its own, once; a re-added row comes back.
+    pg.sql("UPDATE $S.users SET plan = 'pro' WHERE id = 5")
+        .await;
+    engine.run_sql(&define(", seen")).await.unwrap();
+    let (counts, rows) = run_both().await;
+    assert_eq!(counts, "5/1/4/0/0/0");
+    assert!(
+        rows.contains(&"3|c2@x|NULL|free|2026-02-01 00:00:00+00".to_string()),
+        "{rows:?}"
+    );
+    let (counts, _) = run_both().await;
+    assert_eq!(counts, "5/0/0/0/5/0");
+
+    // The state is a table in the source; the diff's SQL is in EXPLAIN.
+    assert_eq!(
+        pg.rows(&format!(
+            "SELECT count(*) FROM sluice_state.\"{remote}\" WHERE NOT pending"
+        ))
+        .await,
+        ["5"]
+    );
+    // A dry run diffs in the warehouse too, and changes nothing.
+    pg.sql("UPDATE $S.users SET score = 10 WHERE id = 1").await;
+    let report = format!(
+        "{:?}",
+        engine
+            .run_sql(&format!("EXPLAIN SYNC {remote}"))
+            .await
+            .unwrap()
+    );
+    assert!(
+        report.contains("rows: 5, inserts: 0, updates: 1, deletes: 0, unchanged: 4"),
+        "{report}"
+    );
+    let (counts, _) = run_both().await;
+    assert_eq!(counts, "5/0/1/0/4/0");
+
+    // A record a stopped run sent without an answer (pending) is sent again, then settled.
+    pg.sql(&format!(
+        "UPDATE sluice_state.\"{remote}\" SET pending = true WHERE key = '6'"
+    ))
+    .await;
+    engine.run_sql(&format!("RUN SYNC {remote}")).await.unwrap();
+    assert_eq!(last_run(&engine, &remote).await, "5/0/1/0/4/0");
+    assert_eq!(
+        pg.rows(&format!(
+            "SELECT count(*) FROM sluice_state.\"{remote}\" WHERE pending"
+        ))
+        .await,
+        ["0"]
+    );
+
+    // Duplicate keys are refused before anything is sent, as with the local diff.
+    let dupes = format!(
+        "CREATE OR REPLACE SYNC {remote} OPTIONS (diff 'warehouse') AS INSERT INTO wh.dst_wh
+         SELECT 1 AS id, email FROM wh.users"
+    );
+    engine.run_sql(&dupes).await.unwrap();
+    let err = engine
+        .run_sql(&format!("RUN SYNC {remote}"))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("duplicate value(s) of the key 'id'"), "{err}");
+
+    // A model that reads anything but this Postgres cannot run there.
+    engine
+        .run_sql("CREATE TABLE local_model AS SELECT 1 AS id")
+        .await
+        .unwrap();
+    let err = engine
+        .run_sql(&format!(
+            "CREATE OR REPLACE SYNC {remote} OPTIONS (diff 'warehouse') AS INSERT INTO wh.dst_wh SELECT id FROM local_model;
+             RUN SYNC {remote}"
+        ))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("not a Postgres table"), "{err}");
+
+    pg.sql(&format!("DROP TABLE IF EXISTS sluice_state.\"{remote}\""))
+        .await;
+}

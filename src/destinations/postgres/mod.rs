@@ -23,6 +23,7 @@ mod metadata;
 mod sink;
 mod source;
 pub mod types;
+pub mod warehouse;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -40,6 +40,14 @@ pub struct PgTable {
 }
 
 impl PgTable {
+    pub fn connection(&self) -> &Arc<PgConnection> {
+        &self.connection
+    }
+
+    pub fn relation(&self) -> &Arc<Relation> {
+        &self.relation
+    }
+
     pub fn new(connection: Arc<PgConnection>, relation: Arc<Relation>) -> Self {
         let schema = relation.arrow_schema();
         Self {

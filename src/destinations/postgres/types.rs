@@ -152,6 +152,39 @@ impl PgType {
         }
     }
 
+    /// The type an Arrow value of type `arrow` is read back as when Postgres computes it
+    /// (`None`: no such type here).
+    pub fn for_arrow(arrow: &DataType) -> Option<PgType> {
+        Some(match arrow {
+            DataType::Boolean => PgType::Bool,
+            DataType::Int8 | DataType::Int16 | DataType::UInt8 => PgType::Int2,
+            DataType::Int32 | DataType::UInt16 => PgType::Int4,
+            DataType::Int64 | DataType::UInt32 => PgType::Int8,
+            DataType::Float16 | DataType::Float32 => PgType::Float4,
+            DataType::Float64 => PgType::Float8,
+            DataType::Decimal128(p, s) if *p <= 38 && *s >= 0 => PgType::Numeric(Some((*p, *s))),
+            DataType::Utf8 | DataType::LargeUtf8 | DataType::Utf8View => PgType::Text,
+            DataType::Binary | DataType::LargeBinary | DataType::BinaryView => PgType::Bytea,
+            DataType::Date32 | DataType::Date64 => PgType::Date,
+            DataType::Time64(_) | DataType::Time32(_) => PgType::Time,
+            DataType::Timestamp(_, None) => PgType::Timestamp,
+            DataType::Timestamp(_, Some(_)) => PgType::Timestamptz,
+            DataType::List(item) | DataType::LargeList(item) => {
+                PgType::Array(Box::new(PgType::for_arrow(item.data_type())?))
+            }
+            _ => return None,
+        })
+    }
+
+    /// The type to CAST a value to so that it is read back as this type (with its typmod).
+    pub fn cast_type(&self) -> String {
+        match self {
+            PgType::Numeric(Some((p, s))) => format!("numeric({p},{s})"),
+            PgType::Array(inner) => format!("{}[]", inner.cast_type()),
+            other => other.staging_type(),
+        }
+    }
+
     /// The Postgres type's OID (the binary array format names its element type).
     fn oid(&self) -> u32 {
         match self {

@@ -1,0 +1,51 @@
+//! Sync state kept in the source warehouse (`diff 'warehouse'`): the diff runs there as SQL and
+//! only changed rows cross the network. The run, its rails, rejects and run records work as with
+//! the local diff; only the snapshot lives elsewhere, behind this trait.
+
+use std::fmt;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::physical_plan::ExecutionPlan;
+
+use super::SyncRun;
+use super::hash::Key;
+use crate::error::Result;
+
+/// What a run commits to a remote state: acknowledged writes and settled intents.
+#[derive(Debug, Default)]
+pub struct RemoteCommit<'a> {
+    /// Acknowledged inserts and updates: key, the destination's record id, the hash of every
+    /// mapped field (in the sync's field order).
+    pub upserts: Vec<(&'a Key, Option<&'a str>, &'a [u64])>,
+    /// Acknowledged deletes.
+    pub deletes: Vec<&'a Key>,
+    /// New records announced by an intent and then refused by the destination: they are not
+    /// there, so the intent is withdrawn.
+    pub withdrawn: Vec<&'a Key>,
+}
+
+/// A sync's snapshot held by the warehouse the model reads from.
+#[async_trait]
+pub trait RemoteState: Send + Sync + fmt::Debug {
+    /// Where the state lives, for EXPLAIN and messages (never a secret).
+    fn location(&self) -> String;
+
+    /// The hash scheme, recorded in the sync's manifest.
+    fn hash_version(&self) -> &'static str;
+
+    /// Makes the state ready for a run and returns how many records it holds. `fresh`: the sync
+    /// has no committed state (first run, or after RESET SYNC), so only records sent without an
+    /// answer are kept; otherwise a missing state is an error.
+    async fn prepare(&self, fresh: bool) -> Result<u64>;
+
+    /// The diff as an operator: emits what `DiffExec` emits for the model `model`.
+    fn diff_exec(&self, run: Arc<SyncRun>, model: SchemaRef) -> Arc<dyn ExecutionPlan>;
+
+    /// Records the keys of new records before they are sent.
+    async fn write_intent(&self, keys: &[&Key]) -> Result<()>;
+
+    /// Applies what the destination acknowledged, atomically.
+    async fn commit(&self, commit: RemoteCommit<'_>) -> Result<()>;
+}
