@@ -43,6 +43,8 @@ pub struct ObjectSpec {
     /// The field that identifies a record (its id property, external id or primary key), if
     /// the object has one. Objects without one are append-only.
     pub key: Option<String>,
+    /// The columns of a key made of several (a composite primary key); `key` is then `None`.
+    pub composite_key: Vec<String>,
 }
 
 /// One destination connection.
@@ -76,6 +78,13 @@ pub trait Destination: Debug + Send + Sync + 'static {
     /// Requests in flight at once (for dry-run estimates).
     fn concurrency(&self) -> Option<usize> {
         None
+    }
+
+    /// Whether records can be matched by several fields at once (`MERGE … ON t.a = … AND t.b =
+    /// …`, composite primary keys). The sink then receives the composite key as a last field
+    /// named [`crate::sync::hash::COMPOSITE_KEY`], which it does not write.
+    fn composite_keys(&self) -> bool {
+        false
     }
 
     /// Builds the sink that writes rows shaped like `schema` (the mapped fields only) into

@@ -71,6 +71,11 @@ impl DestinationTable {
         self.reader.as_ref()
     }
 
+    /// Whether records can be matched by several fields (see [`Destination::composite_keys`]).
+    pub fn composite_keys(&self) -> bool {
+        self.destination.composite_keys()
+    }
+
     /// The object as the destination describes it.
     pub fn object(&self) -> &ObjectSpec {
         &self.object

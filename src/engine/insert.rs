@@ -27,6 +27,7 @@ use crate::destinations::{DestinationTable, WriteReport, key_index};
 use crate::error::{Error, Result, did_you_mean};
 use crate::sync::SyncRun;
 use crate::sync::diff::DiffSpec;
+use crate::sync::hash::{COMPOSITE_KEY, composite_key_expr};
 use crate::sync::run::SyncSpec;
 
 impl Engine {
@@ -167,11 +168,16 @@ impl Engine {
         sync: &SyncContext,
     ) -> Result<Planned> {
         let target = table_ref.to_string();
+        let (mapped, key_parts) = with_composite_key(table, &target, mapped, &write)?;
         let fields = Arc::new(mapped.schema().as_arrow().clone());
         let names: Vec<String> = fields.fields().iter().map(|f| f.name().clone()).collect();
         let report = Arc::new(WriteReport::default());
         let run = if table.stateful() {
-            let key = write.key.clone().or_else(|| table.object().key.clone());
+            let key = if key_parts.is_empty() {
+                write.key.clone().or_else(|| table.object().key.clone())
+            } else {
+                Some(COMPOSITE_KEY.to_string())
+            };
             let key_index = key
                 .as_deref()
                 .map(|k| key_index(&fields, k, table.connection(), &table.object().name))
@@ -192,6 +198,7 @@ impl Engine {
                 delete: write.delete,
                 listed_deletes: write.listed_deletes,
                 keep_last: sync.options.keep_last,
+                key_parts,
             };
             let id = sync.name.clone().unwrap_or_else(|| {
                 SyncSpec::unnamed_id(&target, key.as_deref(), &names, &write.signature())
@@ -252,6 +259,62 @@ impl Engine {
     }
 }
 
+/// A sync matched by a key of several fields gets one more field, [`COMPOSITE_KEY`], that joins
+/// them: the diff, the state and rejects know records by it; the sink matches by the parts.
+fn with_composite_key(
+    table: &DestinationTable,
+    target: &str,
+    mapped: LogicalPlan,
+    write: &Write,
+) -> Result<(LogicalPlan, Vec<String>)> {
+    let object = table.object();
+    let parts = if !write.key_parts.is_empty() {
+        write.key_parts.clone()
+    } else if table.stateful() && write.key.is_none() && object.key.is_none() {
+        object.composite_key.clone()
+    } else {
+        vec![]
+    };
+    if parts.is_empty() {
+        return Ok((mapped, parts));
+    }
+    if !table.composite_keys() {
+        return Err(Error::plan(
+            format!(
+                "{target} matches records by one field; MERGE … ON one column (t.<key> = s.<expression>)"
+            ),
+            object.name.clone(),
+        ));
+    }
+    let names: Vec<&String> = mapped.schema().fields().iter().map(|f| f.name()).collect();
+    if let Some(missing) = parts.iter().find(|p| !names.contains(p)) {
+        return Err(Error::plan(
+            format!(
+                "records of {target} are matched by ({}); map every one of those columns ('{missing}' is not mapped)",
+                parts.join(", ")
+            ),
+            missing.clone(),
+        ));
+    }
+    let mut exprs: Vec<Expr> = mapped
+        .schema()
+        .columns()
+        .into_iter()
+        .map(Expr::Column)
+        .collect();
+    exprs.push(
+        composite_key_expr(
+            parts
+                .iter()
+                .map(|p| Expr::Column(Column::new_unqualified(p)))
+                .collect(),
+        )
+        .alias(COMPOSITE_KEY),
+    );
+    let mapped = LogicalPlanBuilder::from(mapped).project(exprs)?.build()?;
+    Ok((mapped, parts))
+}
+
 /// What a write statement may do.
 #[derive(Debug, Clone)]
 pub(super) struct Write {
@@ -259,6 +322,8 @@ pub(super) struct Write {
     pub kind: &'static str,
     /// The match key, when the statement names it (`MERGE … ON`, `DELETE … WHERE key …`).
     pub key: Option<String>,
+    /// The columns of a key made of several (`MERGE … ON t.a = … AND t.b = …`).
+    pub key_parts: Vec<String>,
     pub insert: bool,
     pub update: bool,
     pub delete: bool,
@@ -270,6 +335,7 @@ impl Write {
         Self {
             kind: "insert",
             key: None,
+            key_parts: vec![],
             insert: true,
             update: true,
             delete: false,

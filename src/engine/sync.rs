@@ -71,6 +71,47 @@ fn target_column(expr: &SqlExpr, target_names: &[String]) -> Option<String> {
     }
 }
 
+/// The `(target column, source expression)` pairs of `ON t.a = s.x [AND t.b = s.y …]`; on
+/// anything else, the part that is not such a comparison.
+fn on_pairs<'a>(
+    expr: &'a SqlExpr,
+    target_names: &[String],
+    out: &mut Vec<(String, &'a SqlExpr)>,
+) -> std::result::Result<(), String> {
+    match expr {
+        SqlExpr::Nested(e) => on_pairs(e, target_names, out),
+        SqlExpr::BinaryOp {
+            left,
+            op: BinaryOperator::And,
+            right,
+        } => {
+            on_pairs(left, target_names, out)?;
+            on_pairs(right, target_names, out)
+        }
+        SqlExpr::BinaryOp {
+            left,
+            op: BinaryOperator::Eq,
+            right,
+        } => match (
+            target_column(left, target_names),
+            target_column(right, target_names),
+        ) {
+            (Some(k), None) => {
+                out.push((k, right.as_ref()));
+                Ok(())
+            }
+            (None, Some(k)) => {
+                out.push((k, left.as_ref()));
+                Ok(())
+            }
+            _ => Err(format!(
+                "{expr}: one side must be the target's column written with its alias (e.g. t.id) and the other the source's"
+            )),
+        },
+        other => Err(other.to_string()),
+    }
+}
+
 impl Engine {
     /// Plans `MERGE INTO <destination> USING … ON t.key = s.expr WHEN …`.
     pub(super) async fn plan_destination_merge(
@@ -92,49 +133,46 @@ impl Engine {
         }
         let refuse = |message: String| Err(Error::plan(message, object.clone()));
 
-        // ON target.key = <source expression>
-        let SqlExpr::BinaryOp {
-            left,
-            op: BinaryOperator::Eq,
-            right,
-        } = merge.on.as_ref()
-        else {
+        // ON target.key = <source expression> [AND target.key2 = <source expression> …]
+        let mut on = vec![];
+        if let Err(found) = on_pairs(&merge.on, &target_names, &mut on) {
             return refuse(format!(
-                "MERGE INTO {target}: ON must compare the record key with the source, e.g. ON t.id = s.id (found {})",
-                merge.on
+                "MERGE INTO {target}: ON must compare the record key with the source, e.g. ON t.id = s.id, or each column of a key made of several with AND (found {found})"
             ));
-        };
-        let (key, key_expr) = match (
-            target_column(left, &target_names),
-            target_column(right, &target_names),
-        ) {
-            (Some(k), None) => (k, right.as_ref()),
-            (None, Some(k)) => (k, left.as_ref()),
-            _ => {
-                return refuse(format!(
-                    "MERGE INTO {target}: one side of ON must be the target's key written with its alias (e.g. t.id) and the other the source's (found {})",
-                    merge.on
-                ));
-            }
-        };
+        }
+        let keys: Vec<String> = on.iter().map(|(k, _)| k.clone()).collect();
         if let Some(object_key) = &table.object().key
-            && object_key != &key
+            && keys != [object_key.clone()]
         {
             return refuse(format!(
-                "MERGE INTO {target}: records of {target} are matched by '{object_key}', not '{key}'; write ON t.{object_key} = …"
+                "MERGE INTO {target}: records of {target} are matched by '{object_key}', not {}; write ON t.{object_key} = …",
+                keys.iter()
+                    .map(|k| format!("'{k}'"))
+                    .collect::<Vec<_>>()
+                    .join(" and ")
             ));
         }
 
         // Clauses → mode and mapping.
+        let composite = keys.len() > 1;
         let mut write = Write {
             kind: "merge",
-            key: Some(key.clone()),
+            key: (!composite).then(|| keys[0].clone()),
+            key_parts: if composite { keys.clone() } else { vec![] },
             insert: false,
             update: false,
             delete: false,
             listed_deletes: false,
         };
-        let mut fields: Vec<(String, String)> = vec![(key.clone(), key_expr.to_string())];
+        let mut fields: Vec<(String, String)> = vec![];
+        for (key, expr) in &on {
+            if fields.iter().any(|(k, _)| k == key) {
+                return refuse(format!(
+                    "MERGE INTO {target}: ON compares '{key}' twice; compare each key column once"
+                ));
+            }
+            fields.push((key.clone(), expr.to_string()));
+        }
         let mut add_field = |name: String, expr: String| -> Result<()> {
             if let Some((_, existing)) = fields.iter().find(|(n, _)| *n == name) {
                 if *existing != expr {
@@ -318,6 +356,15 @@ impl Engine {
                     key,
                 ));
             }
+            None if !table.object().composite_key.is_empty() => {
+                return Err(Error::plan(
+                    format!(
+                        "DELETE FROM {target}: its key has several columns ({}); delete such records with a mirror sync (MERGE … WHEN NOT MATCHED BY SOURCE THEN DELETE)",
+                        table.object().composite_key.join(", ")
+                    ),
+                    object,
+                ));
+            }
             None if table.stateful() => {
                 return Err(Error::plan(
                     format!(
@@ -342,6 +389,7 @@ impl Engine {
         let write = Write {
             kind: "delete",
             key: Some(key),
+            key_parts: vec![],
             insert: false,
             update: false,
             delete: true,

@@ -364,6 +364,9 @@ pub struct DiffSpec {
     pub listed_deletes: bool,
     /// On a duplicate key, keep the last row instead of failing.
     pub keep_last: bool,
+    /// For a key made of several fields: their names (the key field is then
+    /// [`super::hash::COMPOSITE_KEY`], which joins them).
+    pub key_parts: Vec<String>,
 }
 
 /// One record to send.
@@ -741,6 +744,7 @@ mod tests {
             delete,
             listed_deletes: false,
             keep_last: false,
+            key_parts: vec![],
         }
     }
 

@@ -10,8 +10,8 @@ use std::fmt;
 use std::sync::Arc;
 
 use datafusion::arrow::array::{
-    ArrayRef, AsArray, BooleanArray, RecordBatch, UInt8Array, UInt32Array, UInt64Array,
-    new_null_array,
+    ArrayRef, AsArray, BooleanArray, RecordBatch, StringArray, UInt8Array, UInt32Array,
+    UInt64Array, new_null_array,
 };
 use datafusion::arrow::compute::{cast, filter_record_batch, take_record_batch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
@@ -29,6 +29,7 @@ use datafusion::physical_plan::{
 use futures::{StreamExt, TryStreamExt};
 
 use super::diff::{Change, DiffCounts, Differ, key_array};
+use super::hash::split_composite_key;
 use super::{Op, SyncRun};
 use crate::delivery::Rejected;
 use crate::delivery::encode::json_lines;
@@ -83,6 +84,14 @@ pub fn change_schema(model: &SchemaRef) -> SchemaRef {
     Arc::new(Schema::new(fields))
 }
 
+/// What a sync matches records by, for EXPLAIN: `id`, `(tenant, id)` or `(row hash)`.
+pub fn key_label(spec: &super::run::SyncSpec) -> String {
+    if !spec.diff.key_parts.is_empty() {
+        return format!("({})", spec.diff.key_parts.join(", "));
+    }
+    spec.key_name().unwrap_or("(row hash)").to_string()
+}
+
 /// The mode a diff spec amounts to, as users name it.
 pub fn mode_name(run: &SyncRun) -> &'static str {
     let d = &run.spec.diff;
@@ -111,7 +120,7 @@ impl DisplayAs for DiffExec {
             "DiffExec: sync={} mode={} key={} fields=[{}] state={}",
             spec.label(),
             mode_name(&self.run),
-            spec.key_name().unwrap_or("(row hash)"),
+            key_label(spec),
             spec.diff.fields.join(", "),
             self.run.state_location()
         )
@@ -357,7 +366,7 @@ fn delete_batch(
     }
     let keys: Vec<_> = ids.iter().map(|id| &changes[*id as usize].key).collect();
     let key_values = cast(&key_array(&keys), model.field(key).data_type())?;
-    let columns: Vec<ArrayRef> = model
+    let mut columns: Vec<ArrayRef> = model
         .fields()
         .iter()
         .enumerate()
@@ -369,6 +378,30 @@ fn delete_batch(
             }
         })
         .collect();
+    // A composite key: its parts too, which the destination matches by.
+    if !spec.key_parts.is_empty() {
+        let split: Vec<Vec<String>> = keys
+            .iter()
+            .map(|k| {
+                let text = k.to_string();
+                split_composite_key(&text, spec.key_parts.len()).ok_or_else(|| {
+                    DataFusionError::from(Error::State {
+                        message: format!(
+                            "sync {}: the state holds the key '{text}', which is not a key of ({}); RESET SYNC {} to resync",
+                            run.spec.label(),
+                            spec.key_parts.join(", "),
+                            run.spec.label()
+                        ),
+                    })
+                })
+            })
+            .collect::<Result<_>>()?;
+        for (n, part) in spec.key_parts.iter().enumerate() {
+            let i = model.index_of(part)?;
+            let text = StringArray::from_iter_values(split.iter().map(|p| p[n].as_str()));
+            columns[i] = cast(&text, model.field(i).data_type())?;
+        }
+    }
     Ok(Some(with_change_columns(schema, columns, &ids, changes)?))
 }
 

@@ -166,6 +166,58 @@ pub fn combine(field_hashes: impl IntoIterator<Item = u64>) -> u64 {
     xxh3_64(&buf)
 }
 
+/// The field that carries a key made of several fields (`MERGE … ON t.a = … AND t.b = …`, a
+/// composite primary key). It is added after the mapped fields; sinks match by the parts and do not
+/// write it.
+pub const COMPOSITE_KEY: &str = "__sluice_key";
+
+/// The composite key of `parts` as one text value: each part's text prefixed by its length in
+/// characters (`1:7,3:a,b`), so any text round-trips; null if any part is null.
+pub fn composite_key_expr(
+    parts: Vec<datafusion::logical_expr::Expr>,
+) -> datafusion::logical_expr::Expr {
+    use datafusion::functions::unicode::expr_fn::character_length;
+    use datafusion::logical_expr::{Operator, binary_expr, cast, lit};
+    let concat = |a, b| binary_expr(a, Operator::StringConcat, b);
+    let mut key = None;
+    for part in parts {
+        let text = cast(part, DataType::Utf8);
+        let piece = concat(
+            concat(
+                cast(character_length(text.clone()), DataType::Utf8),
+                lit(":"),
+            ),
+            text,
+        );
+        key = Some(match key {
+            None => piece,
+            Some(previous) => concat(concat(previous, lit(",")), piece),
+        });
+    }
+    key.expect("a composite key has parts")
+}
+
+/// The parts of a composite key written by [`composite_key_expr`] (`None`: not such a key).
+pub fn split_composite_key(key: &str, parts: usize) -> Option<Vec<String>> {
+    let mut out = Vec::with_capacity(parts);
+    let mut rest = key;
+    for i in 0..parts {
+        if i > 0 {
+            rest = rest.strip_prefix(',')?;
+        }
+        let (len, after) = rest.split_once(':')?;
+        let len: usize = len.parse().ok()?;
+        let end = match after.char_indices().nth(len) {
+            Some((at, _)) => at,
+            None if after.chars().count() == len => after.len(),
+            None => return None,
+        };
+        out.push(after[..end].to_string());
+        rest = &after[end..];
+    }
+    rest.is_empty().then_some(out)
+}
+
 /// A match key column in its normalized type: integers as Int64, everything else as its text.
 pub fn normalize_key(array: &ArrayRef, field: &str) -> Result<ArrayRef> {
     let dt = array.data_type();
@@ -230,6 +282,25 @@ impl std::fmt::Display for Key {
             Key::Int(v) => write!(f, "{v}"),
             Key::Str(s) => f.write_str(s),
         }
+    }
+}
+
+#[cfg(test)]
+mod composite_tests {
+    use super::split_composite_key;
+
+    #[test]
+    fn composite_keys_split_back_into_their_parts() {
+        let parts = ["7", "a,1:b", "", "émoji 🦀:,"];
+        let key: String = parts
+            .iter()
+            .map(|p| format!("{}:{p}", p.chars().count()))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert_eq!(split_composite_key(&key, 4).unwrap(), parts);
+        assert_eq!(split_composite_key(&key, 3), None, "a part left over");
+        assert_eq!(split_composite_key("5:ab", 1), None, "too short");
+        assert_eq!(split_composite_key("x:ab", 1), None);
     }
 }
 

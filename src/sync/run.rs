@@ -595,7 +595,10 @@ impl SyncRun {
             appended
         } else {
             let old_keys = take(&old.keys, &kept_idx, None)?;
-            if new_keys.is_empty() || appended.data_type() == old_keys.data_type() {
+            if new_keys.is_empty() {
+                // (An empty `appended` is typed Int64 whatever the keys' type.)
+                old_keys
+            } else if appended.data_type() == old_keys.data_type() {
                 concat(&[old_keys.as_ref(), appended.as_ref()])?
             } else {
                 let text = datafusion::arrow::datatypes::DataType::Utf8;

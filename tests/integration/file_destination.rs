@@ -139,6 +139,7 @@ impl Destination for Capture {
             name: name.into(),
             fields: Some(crm_fields()),
             key: None,
+            composite_key: vec![],
         }))
     }
     /// This test is about the mapping the sink receives, not about sync state.

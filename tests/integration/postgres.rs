@@ -819,3 +819,127 @@ async fn warehouse_diff_gives_the_same_results_as_the_local_diff() {
     pg.sql(&format!("DROP TABLE IF EXISTS sluice_state.\"{remote}\""))
         .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn composite_keys_match_by_every_column() {
+    let Some(pg) = PgSchema::new("sluice_ckey").await else {
+        return;
+    };
+    pg.sql(
+        "CREATE TABLE $S.members (tenant bigint, id text, role text, note text DEFAULT 'kept', PRIMARY KEY (tenant, id));
+         CREATE TABLE $S.mirror (LIKE $S.members INCLUDING ALL);
+         CREATE TABLE $S.src (tenant bigint, id text, role text);",
+    )
+    .await;
+    let engine = engine(&pg).await;
+    let model = |rows: &str| {
+        format!(
+            "CREATE OR REPLACE TABLE model AS SELECT * FROM (VALUES {rows}) AS v(tenant, id, role)"
+        )
+    };
+    // The same id in two tenants, and ids that look like the key's own encoding.
+    engine
+        .run_sql(&model(
+            "(1, 'a', 'x'), (2, 'a', 'y'), (1, '3:b,1:c', 'z'), (1, '', 'w')",
+        ))
+        .await
+        .unwrap();
+    let upsert = "INSERT INTO wh.members SELECT tenant, id, role FROM model";
+    engine.run_sql(upsert).await.unwrap();
+    let table = "SELECT tenant, id, role, note FROM $S.members ORDER BY tenant, id";
+    assert_eq!(
+        pg.rows(table).await,
+        ["1||w|kept", "1|3:b,1:c|z|kept", "1|a|x|kept", "2|a|y|kept"]
+    );
+
+    // One row of one tenant changes: only it is written.
+    pg.sql("UPDATE $S.members SET note = 'mine'").await;
+    engine
+        .run_sql(&model(
+            "(1, 'a', 'x'), (2, 'a', 'admin'), (1, '3:b,1:c', 'z'), (1, '', 'w')",
+        ))
+        .await
+        .unwrap();
+    let summary = format!("{:?}", engine.run_sql(upsert).await.unwrap());
+    assert!(
+        summary.contains("updated: 1") && summary.contains("inserted: 0"),
+        "{summary}"
+    );
+    assert_eq!(
+        pg.rows(table).await,
+        [
+            "1||w|mine",
+            "1|3:b,1:c|z|mine",
+            "1|a|x|mine",
+            "2|a|admin|mine"
+        ]
+    );
+
+    // Mirror by MERGE … ON both columns: a row leaving the model deletes that row only.
+    let mirror =
+        "MERGE INTO wh.members AS t USING model AS s ON t.tenant = s.tenant AND t.id = s.id
+        WHEN MATCHED THEN UPDATE SET role = s.role
+        WHEN NOT MATCHED THEN INSERT (tenant, id, role) VALUES (s.tenant, s.id, s.role)
+        WHEN NOT MATCHED BY SOURCE THEN DELETE";
+    engine.run_sql(mirror).await.unwrap();
+    engine
+        .run_sql(&model(
+            "(2, 'a', 'admin'), (1, '3:b,1:c', 'z'), (1, '', 'w')",
+        ))
+        .await
+        .unwrap();
+    engine.run_sql(mirror).await.unwrap();
+    assert_eq!(
+        pg.rows("SELECT tenant, id FROM $S.members ORDER BY tenant, id")
+            .await,
+        ["1|", "1|3:b,1:c", "2|a"],
+        "(1, a) left the model; (2, a) stays"
+    );
+    let rejects = query(&engine, "SELECT count(*) AS n FROM sluice.rejects").await;
+    assert!(rejects.contains("| 0 "), "{rejects}");
+
+    // Every column of the key must be mapped; DELETE by a key list needs a one-column key.
+    let err = engine
+        .run_sql("INSERT INTO wh.members SELECT tenant, role FROM model")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("(tenant, id)") && err.contains("'id' is not mapped"),
+        "{err}"
+    );
+    let err = engine
+        .run_sql("DELETE FROM wh.members WHERE id IN (SELECT 'a' AS id)")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("several columns (tenant, id)"), "{err}");
+
+    // The warehouse-side diff with a composite key gives the same table.
+    pg.sql("INSERT INTO $S.src VALUES (1, 'a', 'x'), (2, 'a', 'y'), (1, '3:b,1:c', 'z')")
+        .await;
+    let sync = format!("ckey_{}", &pg.name[pg.name.len() - 8..]);
+    engine
+        .run_sql(&format!(
+            "CREATE SYNC {sync} OPTIONS (diff 'warehouse', max_delete_pct '100') AS
+             MERGE INTO wh.mirror AS t USING (SELECT tenant, id, role FROM wh.src) AS s
+             ON t.tenant = s.tenant AND t.id = s.id
+             WHEN MATCHED THEN UPDATE SET role = s.role
+             WHEN NOT MATCHED THEN INSERT (tenant, id, role) VALUES (s.tenant, s.id, s.role)
+             WHEN NOT MATCHED BY SOURCE THEN DELETE;
+             RUN SYNC {sync}"
+        ))
+        .await
+        .unwrap();
+    pg.sql("DELETE FROM $S.src WHERE tenant = 1 AND id = 'a'; UPDATE $S.src SET role = 'q' WHERE tenant = 2")
+        .await;
+    engine.run_sql(&format!("RUN SYNC {sync}")).await.unwrap();
+    assert_eq!(last_run(&engine, &sync).await, "2/0/1/1/1/0");
+    assert_eq!(
+        pg.rows("SELECT tenant, id, role FROM $S.mirror ORDER BY tenant, id")
+            .await,
+        ["1|3:b,1:c|z", "2|a|q"]
+    );
+    pg.sql(&format!("DROP TABLE IF EXISTS sluice_state.\"{sync}\""))
+        .await;
+}

@@ -134,6 +134,7 @@ impl Destination for FileDestination {
             name: name.to_string(),
             fields: None,
             key: None,
+            composite_key: vec![],
         }))
     }
 

@@ -58,6 +58,11 @@ impl Relation {
                 [one] => Some(one.clone()),
                 _ => None,
             },
+            composite_key: if self.primary_key.len() > 1 {
+                self.primary_key.clone()
+            } else {
+                vec![]
+            },
         }
     }
 

@@ -292,6 +292,10 @@ impl Destination for PgDestination {
         ))))
     }
 
+    fn composite_keys(&self) -> bool {
+        true
+    }
+
     fn concurrency(&self) -> Option<usize> {
         Some(1)
     }

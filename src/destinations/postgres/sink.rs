@@ -40,6 +40,7 @@ use crate::delivery::{Delivered, DeliveryMetrics, DeliveryOutcome, DryRun, DryRu
 use crate::destinations::WriteReport;
 use crate::error::{Error, Result};
 use crate::sync::exec::mode_name;
+use crate::sync::hash::COMPOSITE_KEY;
 use crate::sync::{NullPolicy, Op, SyncRun};
 
 /// Bytes of COPY data sent per message.
@@ -55,7 +56,12 @@ pub struct PgSink {
     schema: SchemaRef,
     /// The mapped fields: (name, Postgres type).
     fields: Vec<(String, PgType)>,
+    /// The batch column of the key records are known by (for rejects).
     key: Option<usize>,
+    /// The fields records are matched by: the key, or the parts of a composite key.
+    matches: Vec<usize>,
+    /// The batch column of `__op` (after the mapped fields and a composite key's field).
+    change_at: usize,
     report: Arc<WriteReport>,
     sync: Option<Arc<SyncRun>>,
     metrics: ExecutionPlanMetricsSet,
@@ -78,19 +84,12 @@ impl PgSink {
             ));
         }
         let key = sync.as_ref().and_then(|r| r.spec.diff.key);
-        if key.is_none() && relation.primary_key.len() > 1 {
-            return Err(Error::plan(
-                format!(
-                    "{target} has a composite primary key ({}); sluice matches records by one column: use MERGE INTO {target} AS t USING … ON t.<unique column> = s.<column>",
-                    relation.primary_key.join(", ")
-                ),
-                relation.name.clone(),
-            ));
-        }
         let mut fields = vec![];
-        for field in schema.fields() {
+        let mut change_at = schema.fields().len();
+        for (i, field) in schema.fields().iter().enumerate() {
             let name = field.name();
-            if sync.is_some() && is_change_column(name) {
+            if sync.is_some() && (is_change_column(name) || name == COMPOSITE_KEY) {
+                change_at = change_at.min(i + usize::from(name == COMPOSITE_KEY));
                 continue;
             }
             let column = relation.column(name).ok_or_else(|| {
@@ -116,16 +115,46 @@ impl PgSink {
             }
             fields.push((name.clone(), pg_type));
         }
+        let parts = sync
+            .as_ref()
+            .map(|r| r.spec.diff.key_parts.clone())
+            .unwrap_or_default();
+        let matches = if parts.is_empty() {
+            key.into_iter().collect()
+        } else {
+            parts
+                .iter()
+                .filter_map(|p| fields.iter().position(|(n, _)| n == p))
+                .collect()
+        };
         Ok(Self {
             connection,
             relation,
             schema,
             fields,
             key,
+            matches,
+            change_at,
             report,
             sync,
             metrics: ExecutionPlanMetricsSet::new(),
         })
+    }
+
+    /// What records are matched by: `id`, or `(tenant, id)`.
+    fn key_label(&self) -> Option<String> {
+        match self.matches.as_slice() {
+            [] => None,
+            [one] => Some(self.fields[*one].0.clone()),
+            parts => Some(format!(
+                "({})",
+                parts
+                    .iter()
+                    .map(|i| self.fields[*i].0.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )),
+        }
     }
 
     fn target(&self) -> String {
@@ -150,9 +179,7 @@ impl DisplayAs for PgSink {
             self.relation.qualified(),
             self.connection.config.describe(),
             self.sync.as_ref().map(|r| mode_name(r)).unwrap_or("append"),
-            self.key
-                .map(|k| self.fields[k].0.as_str())
-                .unwrap_or("none"),
+            self.key_label().unwrap_or_else(|| "none".into()),
             self.connection.config.batch_size,
             self.fields
                 .iter()
@@ -261,7 +288,7 @@ impl Writer<'_> {
     /// Writes the changes of `batches` in one transaction.
     async fn flush(&mut self, batches: Vec<RecordBatch>) -> Result<()> {
         let sink = self.sink;
-        let n = sink.fields.len();
+        let n = sink.change_at;
         let all = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
         let mut rows = vec![];
         for (b, batch) in batches.iter().enumerate() {
@@ -572,7 +599,7 @@ impl Statements {
             Op::Update.code(),
             Op::Delete.code(),
         );
-        let Some(k) = sink.key else {
+        if sink.matches.is_empty() {
             // Append-only: every staged row is inserted.
             return Self {
                 update: None,
@@ -587,11 +614,25 @@ impl Statements {
                 delete: None,
             };
         };
-        let key = &columns[k];
+        // t.key = s.key, for each column records are matched by.
+        let matched = |t: &str, s: &str| {
+            sink.matches
+                .iter()
+                .map(|i| format!("{t}.{} = {s}.c{i}", columns[*i]))
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        };
+        let (on_table, on_inserted) = (matched("t", "s"), matched("ins", "s"));
+        let returned = sink
+            .matches
+            .iter()
+            .map(|i| columns[*i].clone())
+            .collect::<Vec<_>>()
+            .join(", ");
         let sets: Vec<String> = columns
             .iter()
             .enumerate()
-            .filter(|(i, _)| *i != k)
+            .filter(|(i, _)| !sink.matches.contains(i))
             .map(|(i, c)| {
                 let nulls = if skip_nulls {
                     format!(" AND s.c{i} IS NOT NULL")
@@ -607,11 +648,11 @@ impl Statements {
         let update_sql = if sets.is_empty() {
             // Only the key is mapped: an existing row is already as the model says.
             format!(
-                "SELECT s.__change FROM {stage} AS s WHERE s.__op IN ({upsert}, {update}) AND {range} AND EXISTS (SELECT 1 FROM {table} AS t WHERE t.{key} = s.c{k})"
+                "SELECT s.__change FROM {stage} AS s WHERE s.__op IN ({upsert}, {update}) AND {range} AND EXISTS (SELECT 1 FROM {table} AS t WHERE {on_table})"
             )
         } else {
             format!(
-                "UPDATE {table} AS t SET {} FROM {stage} AS s WHERE s.__op IN ({upsert}, {update}) AND {range} AND t.{key} = s.c{k} RETURNING s.__change",
+                "UPDATE {table} AS t SET {} FROM {stage} AS s WHERE s.__op IN ({upsert}, {update}) AND {range} AND {on_table} RETURNING s.__change",
                 sets.join(", ")
             )
         };
@@ -619,13 +660,13 @@ impl Statements {
         Self {
             update: Some(update_sql),
             insert: format!(
-                "WITH ins AS (INSERT INTO {table} ({}) SELECT {} FROM {stage} AS s WHERE s.__op IN ({upsert}, {insert}) AND {range} AND NOT EXISTS (SELECT 1 FROM {table} AS t WHERE t.{key} = s.c{k}) ON CONFLICT DO NOTHING RETURNING {key}) \
-                 SELECT s.__change FROM {stage} AS s JOIN ins ON ins.{key} = s.c{k} WHERE s.__op IN ({upsert}, {insert}) AND {range}",
+                "WITH ins AS (INSERT INTO {table} ({}) SELECT {} FROM {stage} AS s WHERE s.__op IN ({upsert}, {insert}) AND {range} AND NOT EXISTS (SELECT 1 FROM {table} AS t WHERE {on_table}) ON CONFLICT DO NOTHING RETURNING {returned}) \
+                 SELECT s.__change FROM {stage} AS s JOIN ins ON {on_inserted} WHERE s.__op IN ({upsert}, {insert}) AND {range}",
                 columns.join(", "),
                 values.join(", ")
             ),
             delete: Some(format!(
-                "WITH del AS (DELETE FROM {table} AS t USING {stage} AS s WHERE s.__op = {delete} AND {range} AND t.{key} = s.c{k}) \
+                "WITH del AS (DELETE FROM {table} AS t USING {stage} AS s WHERE s.__op = {delete} AND {range} AND {on_table}) \
                  SELECT s.__change FROM {stage} AS s WHERE s.__op = {delete} AND {range}"
             )),
         }
@@ -681,7 +722,7 @@ impl PgSink {
 
     /// Why a statement left a record out.
     fn not_applied(&self, op: Op) -> (&'static str, String) {
-        let key = self.key.map(|k| self.fields[k].0.as_str()).unwrap_or("key");
+        let key = self.key_label().unwrap_or_else(|| "key".into());
         match op {
             Op::Update => (
                 "not_found",

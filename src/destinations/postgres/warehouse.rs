@@ -46,7 +46,7 @@ use super::{PgConnection, pg_message};
 use crate::destinations::table::DestinationTable;
 use crate::error::{Error, Result};
 use crate::sync::diff::{Change, DiffCounts, DiffSpec, duplicate_keys_error};
-use crate::sync::exec::{change_schema, emit_changes, mode_name, null_key_rejects};
+use crate::sync::exec::{change_schema, emit_changes, key_label, mode_name, null_key_rejects};
 use crate::sync::hash::{Key, POSTGRES_HASH_VERSION};
 use crate::sync::remote::{RemoteCommit, RemoteState};
 use crate::sync::{Op, SyncRun};
@@ -58,7 +58,7 @@ pub const STATE_SCHEMA: &str = "sluice_state";
 const NULL_HASH: i64 = 0x61c8_8646_80b5_83eb;
 
 /// Names of the columns the diff query adds after the model's fields.
-const KEY: &str = "__sluice_key";
+const KEY: &str = "__sluice_key_text";
 
 /// How many acknowledged records one commit statement carries.
 const COMMIT_CHUNK: usize = 50_000;
@@ -611,7 +611,7 @@ impl DisplayAs for WarehouseDiffExec {
             "WarehouseDiffExec: sync={} mode={} key={} fields=[{}] state={}",
             spec.label(),
             mode_name(&self.run),
-            spec.key_name().unwrap_or_default(),
+            key_label(spec),
             spec.diff.fields.join(", "),
             self.state.location()
         )

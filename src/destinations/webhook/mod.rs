@@ -102,6 +102,7 @@ impl Destination for WebhookDestination {
             name: name.to_string(),
             fields: None,
             key: self.0.config.key.clone(),
+            composite_key: vec![],
         }))
     }
 
