@@ -1,15 +1,11 @@
 //! The `sluice` binary: see `sluice --help`.
 
+/// mimalloc (version 3) keeps freed pages for a second before returning them to the OS, so a
+/// sync that frees and reallocates large Arrow buffers reuses them instead of faulting in fresh
+/// zeroed pages; `MIMALLOC_PURGE_DELAY` (milliseconds) tunes that.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> std::process::ExitCode {
-    // mimalloc returns freed pages to the OS after 10 ms by default; a sync frees and reallocates
-    // large Arrow buffers constantly, and re-faulting them cost more CPU than the sync itself.
-    // Options are read when first used, after this point; an explicit setting wins.
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
-        // SAFETY: no other thread exists yet.
-        unsafe { std::env::set_var("MIMALLOC_PURGE_DELAY", "1000") };
-    }
     sluice::cli::main()
 }

@@ -188,10 +188,18 @@ impl KeyIndex {
 }
 
 /// A key borrowed from a normalized key column.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KeyRef<'a> {
     Int(i64),
     Str(&'a str),
+}
+
+/// The in-memory index hash of a key (as [`Key::index_hash`]).
+fn key_hash(key: KeyRef<'_>) -> u64 {
+    match key {
+        KeyRef::Int(v) => Key::Int(v).index_hash(),
+        KeyRef::Str(s) => str_hash(s),
+    }
 }
 
 impl KeyRef<'_> {
@@ -414,8 +422,8 @@ pub struct Differ {
     /// Model field i -> snapshot hash column.
     field_map: Vec<Option<usize>>,
     seen: Vec<u64>,
-    /// Keys with a live change (or, for new keys, seen at all).
-    live: hashbrown::HashMap<Key, u32>,
+    /// Keys with a live change (or, for new keys, seen at all): their change ids, found by key.
+    live: HashTable<u32>,
     changes: Vec<Change>,
     counts: DiffCounts,
     duplicate_samples: Vec<String>,
@@ -447,7 +455,7 @@ impl Differ {
             locator: Locator::new(Arc::clone(&snapshot.keys)),
             seen: vec![0; snapshot.len().div_ceil(64)],
             field_map,
-            live: hashbrown::HashMap::new(),
+            live: HashTable::new(),
             changes: vec![],
             counts: DiffCounts::default(),
             duplicate_samples: vec![],
@@ -499,21 +507,21 @@ impl Differ {
                 }
             };
             if self.spec.listed_deletes {
-                let key = key_ref.to_owned();
-                if self.live.contains_key(&key) {
+                if self.live_find(key_ref).is_some() {
                     continue;
                 }
                 let row_in = self.locator.find(key_ref);
-                out.change_of_row[row] = Some(self.add(Op::Delete, key, row_in, Box::new([]), 0));
+                let id = self.add(Op::Delete, key_ref.to_owned(), row_in, Box::new([]), 0);
+                self.live_put(id);
+                out.change_of_row[row] = Some(id);
                 continue;
             }
             match self.locator.find(key_ref) {
                 Some(j) => {
                     let (word, bit) = (j as usize / 64, 1u64 << (j % 64));
                     if self.seen[word] & bit != 0 {
-                        let key = key_ref.to_owned();
-                        self.duplicate(&key);
-                        if let Some(prev) = self.live.remove(&key) {
+                        self.duplicate(&key_ref.to_owned());
+                        if let Some(prev) = self.live_take(key_ref) {
                             self.changes[prev as usize].live = false;
                         }
                     }
@@ -530,10 +538,14 @@ impl Differ {
                             self.counts.skipped += 1;
                             continue;
                         };
-                        let key = key_ref.to_owned();
-                        let id =
-                            self.add(op, key.clone(), Some(j), row_hashes(row), self.all_fields);
-                        self.live.insert(key, id);
+                        let id = self.add(
+                            op,
+                            key_ref.to_owned(),
+                            Some(j),
+                            row_hashes(row),
+                            self.all_fields,
+                        );
+                        self.live_put(id);
                         out.change_of_row[row] = Some(id);
                         continue;
                     }
@@ -561,35 +573,73 @@ impl Differ {
                             Op::Update
                         };
                         let key_bit = key_index.map(|k| 1u64 << k).unwrap_or(0);
-                        let key = key_ref.to_owned();
-                        let id =
-                            self.add(op, key.clone(), Some(j), row_hashes(row), changed | key_bit);
-                        self.live.insert(key, id);
+                        let id = self.add(
+                            op,
+                            key_ref.to_owned(),
+                            Some(j),
+                            row_hashes(row),
+                            changed | key_bit,
+                        );
+                        self.live_put(id);
                         out.change_of_row[row] = Some(id);
                     }
                 }
                 None => {
-                    let key = key_ref.to_owned();
-                    if let Some(prev) = self.live.remove(&key) {
+                    if let Some(prev) = self.live_find(key_ref) {
                         if self.spec.key.is_none() {
                             // The same event twice: one event.
-                            self.live.insert(key, prev);
                             continue;
                         }
-                        self.duplicate(&key);
+                        self.live_take(key_ref);
+                        self.duplicate(&key_ref.to_owned());
                         self.changes[prev as usize].live = false;
                     }
                     let Some(op) = self.new_op() else {
                         self.counts.skipped += 1;
                         continue;
                     };
-                    let id = self.add(op, key.clone(), None, row_hashes(row), self.all_fields);
-                    self.live.insert(key, id);
+                    let id = self.add(
+                        op,
+                        key_ref.to_owned(),
+                        None,
+                        row_hashes(row),
+                        self.all_fields,
+                    );
+                    self.live_put(id);
                     out.change_of_row[row] = Some(id);
                 }
             }
         }
         Ok(out)
+    }
+
+    /// The live change of `key`, if any.
+    fn live_find(&self, key: KeyRef<'_>) -> Option<u32> {
+        let changes = &self.changes;
+        self.live
+            .find(key_hash(key), |id| {
+                changes[*id as usize].key.as_ref() == key
+            })
+            .copied()
+    }
+
+    /// Removes the live change of `key` and returns it.
+    fn live_take(&mut self, key: KeyRef<'_>) -> Option<u32> {
+        let changes = &self.changes;
+        self.live
+            .find_entry(key_hash(key), |id| {
+                changes[*id as usize].key.as_ref() == key
+            })
+            .ok()
+            .map(|entry| entry.remove().0)
+    }
+
+    /// Makes change `id` the live change of its key.
+    fn live_put(&mut self, id: u32) {
+        let changes = &self.changes;
+        let hash = key_hash(changes[id as usize].key.as_ref());
+        self.live
+            .insert_unique(hash, id, |i| key_hash(changes[*i as usize].key.as_ref()));
     }
 
     /// The operation for a record the destination is not known to have.

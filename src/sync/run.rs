@@ -410,11 +410,17 @@ impl SyncRun {
                 !rejects.is_empty() || manifest.as_ref().is_some_and(|m| m.rejects.is_some());
             // Nothing acknowledged and nothing to remember: the committed state stays as is.
             if acked_any || rejects_changed || manifest.is_none() || !intents.is_empty() {
-                let settled: HashSet<u32> = acked
+                // Per change: the destination answered it (acknowledged or rejected).
+                let mut settled = vec![false; changes.len()];
+                for id in acked
                     .iter()
                     .map(|(id, _)| *id)
                     .chain(rejected.iter().filter_map(|r| r.change))
-                    .collect();
+                {
+                    if let Some(s) = settled.get_mut(id as usize) {
+                        *s = true;
+                    }
+                }
                 let next = match &self.spec.remote {
                     Some(remote) => {
                         remote
@@ -525,7 +531,7 @@ impl SyncRun {
         old: &Snapshot,
         changes: &[Change],
         acked: &[(u32, Option<String>)],
-        settled: &HashSet<u32>,
+        settled: &[bool],
     ) -> Result<Snapshot> {
         let diff = &self.spec.diff;
         if diff.listed_deletes {
@@ -573,7 +579,7 @@ impl SyncRun {
         if diff.key.is_some() {
             for (id, c) in changes.iter().enumerate() {
                 let id = id as u32;
-                if c.live && c.row.is_none() && c.op != Op::Delete && !settled.contains(&id) {
+                if c.live && c.row.is_none() && c.op != Op::Delete && !settled[id as usize] {
                     new_rows.push((id, None, false));
                 }
             }
@@ -664,15 +670,15 @@ impl SyncRun {
 fn remote_commit<'a>(
     changes: &'a [Change],
     acked: &'a [(u32, Option<String>)],
-    settled: &HashSet<u32>,
+    settled: &[bool],
 ) -> RemoteCommit<'a> {
     let mut commit = RemoteCommit::default();
-    let mut acknowledged = HashSet::with_capacity(acked.len());
+    let mut acknowledged = vec![false; changes.len()];
     for (id, record_id) in acked {
         let Some(c) = changes.get(*id as usize) else {
             continue;
         };
-        acknowledged.insert(*id);
+        acknowledged[*id as usize] = true;
         match c.op {
             Op::Delete => commit.deletes.push(&c.key),
             _ => commit
@@ -680,11 +686,12 @@ fn remote_commit<'a>(
                 .push((&c.key, record_id.as_deref(), &c.hashes[..])),
         }
     }
-    for id in settled.difference(&acknowledged) {
-        if let Some(c) = changes.get(*id as usize)
-            && c.row.is_none()
-            && c.op != Op::Delete
-        {
+    for (c, _) in changes
+        .iter()
+        .zip(settled.iter().zip(&acknowledged))
+        .filter(|(_, (settled, acked))| **settled && !**acked)
+    {
+        if c.row.is_none() && c.op != Op::Delete {
             commit.withdrawn.push(&c.key);
         }
     }
