@@ -553,24 +553,28 @@ async fn kill_9_during_a_sync_then_rerun_ends_equal_to_the_model() {
         .collect();
     let mut next_id = 20_000;
     let mut killed = 0;
-    for round in 0..8 {
-        if round > 0 {
-            for _ in 0..3000 {
-                if let Some(row) = model.get_mut(&(below(next_id as u64) as i64)) {
-                    row.1 = format!("plan{}", below(1000));
-                }
+    // A first run to completion tells how long a run takes here, so that the kills below land
+    // mid-way on a slow machine and a fast one alike.
+    write_model(dir, &model);
+    let timed = std::time::Instant::now();
+    assert!(start().wait().unwrap().success(), "the first run failed");
+    let run_ms = timed.elapsed().as_millis().max(20) as u64;
+    for _ in 0..8 {
+        for _ in 0..3000 {
+            if let Some(row) = model.get_mut(&(below(next_id as u64) as i64)) {
+                row.1 = format!("plan{}", below(1000));
             }
-            for _ in 0..300 {
-                model.remove(&(below(next_id as u64) as i64));
-            }
-            for _ in 0..500 {
-                model.insert(next_id, (format!("new{next_id}@example.com"), "pro".into()));
-                next_id += 1;
-            }
+        }
+        for _ in 0..300 {
+            model.remove(&(below(next_id as u64) as i64));
+        }
+        for _ in 0..500 {
+            model.insert(next_id, (format!("new{next_id}@example.com"), "pro".into()));
+            next_id += 1;
         }
         write_model(dir, &model);
         let mut child = start();
-        let kill_after = std::time::Duration::from_millis(50 + below(700));
+        let kill_after = std::time::Duration::from_millis(5 + below(run_ms * 9 / 10));
         let started = std::time::Instant::now();
         loop {
             if child.try_wait().unwrap().is_some() {

@@ -231,14 +231,23 @@ impl DataSink for PgSink {
                     break;
                 }
             };
-            rows += batch.num_rows();
-            pending.push(batch);
-            if rows >= batch_size {
-                if let Err(e) = writer.flush(std::mem::take(&mut pending)).await {
-                    error = Some(e);
-                    break;
+            // At most `batch_size` rows per transaction: a large batch is cut into slices.
+            let mut offset = 0;
+            while offset < batch.num_rows() {
+                let take = (batch_size - rows).min(batch.num_rows() - offset);
+                pending.push(batch.slice(offset, take));
+                offset += take;
+                rows += take;
+                if rows >= batch_size {
+                    if let Err(e) = writer.flush(std::mem::take(&mut pending)).await {
+                        error = Some(e);
+                        break;
+                    }
+                    rows = 0;
                 }
-                rows = 0;
+            }
+            if error.is_some() {
+                break;
             }
         }
         if error.is_none()
