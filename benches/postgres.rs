@@ -5,16 +5,16 @@
 //!   cargo bench --bench postgres                 # 1M rows
 //!   cargo test --bench postgres -- --quick       # small, proves the bench runs (CI)
 //!
-//! 1. first:   a 1M-row Parquet model into a Postgres table with a primary key, the first run of
-//!             an `INSERT INTO pg.t SELECT * FROM 'model.parquet'` sync (plan, diff against no
-//!             state, binary COPY, state commit), against DuckDB's postgres extension loading the
-//!             same file into an identical table in the same run
-//!             (benches/peers/duckdb_postgres.py). Target: sluice / DuckDB <= 1.0.
-//! 2. rerun:   the same sync with 1% of the rows changed: <= 1.5 s end to end (reads the 1M-row
-//!             model, diffs it, writes the 10k changed rows).
+//! 1. first: a 1M-row Parquet model into a Postgres table with a primary key, the first run of
+//!    an `INSERT INTO pg.t SELECT * FROM 'model.parquet'` sync (plan, diff against no state,
+//!    binary COPY, state commit), against DuckDB's postgres extension loading the same file into
+//!    an identical table in the same run (benches/peers/duckdb_postgres.py).
+//!    Target: sluice / DuckDB <= 1.0.
+//! 2. rerun: the same sync with 1% of the rows changed: <= 1.5 s end to end (reads the 1M-row
+//!    model, diffs it, writes the 10k changed rows).
 //! 3. extract: every column of the 1M rows read through the Postgres source (an aggregate over
-//!             all of them, so that nothing is printed) against
-//!             `psql -c "\copy (SELECT * FROM t) TO '/dev/null'"`. Target: sluice / psql <= 1.5.
+//!    all of them, so that nothing is printed) against
+//!    `psql -c "\copy (SELECT * FROM t) TO '/dev/null'"`. Target: sluice / psql <= 1.5.
 //!
 //! The DuckDB peer needs `duckdb` and `duckdb-extension-postgres` (same version) in the Python
 //! named by SLUICE_DUCKDB_PG_PYTHON, else `$HOME/.cache/sluice-duckpg/bin/python` (`.ci/run` makes
