@@ -45,10 +45,6 @@ use crate::sync::{NullPolicy, Op, SyncRun};
 
 /// Bytes of COPY data sent per message.
 const COPY_CHUNK: usize = 1 << 20;
-/// Transactions of one statement in flight at once, each on its own pooled connection. One: the
-/// next batches are read (and diffed) while it runs. Two measured no faster on two cores (Postgres
-/// and sluice share them) and could deadlock on a unique value two batches both write.
-const MAX_IN_FLIGHT: usize = 1;
 /// Staged records above which the staging table is analyzed before the statements run.
 const ANALYZE_ABOVE: usize = 1000;
 
@@ -224,72 +220,41 @@ impl DataSink for PgSink {
             dry_run: dry_run.then(DryRun::default),
         };
         let batch_size = self.connection.config.batch_size;
-        let parallel = self.connection.config.pool_size.clamp(1, MAX_IN_FLIGHT);
-        // Transactions in flight, each on a pooled connection of its own, while the next
-        // batches arrive (the records of a run are distinct, so they touch distinct rows).
-        let mut in_flight = futures::stream::FuturesUnordered::new();
-        // Full transactions (at most `batch_size` rows each) not handed over yet.
-        let mut ready: std::collections::VecDeque<Vec<RecordBatch>> = Default::default();
         let mut pending: Vec<RecordBatch> = vec![];
         let mut rows = 0;
-        let mut error: Option<Error> = None;
-        let mut input_done = false;
-        loop {
-            if input_done && !pending.is_empty() {
-                ready.push_back(std::mem::take(&mut pending));
-                rows = 0;
-            }
-            while error.is_none() && in_flight.len() < parallel {
-                let Some(batches) = ready.pop_front() else {
+        let mut error = None;
+        while let Some(batch) = data.next().await {
+            let batch = match batch {
+                Ok(b) => b,
+                Err(e) => {
+                    error = Some(Error::from(e));
                     break;
-                };
-                match writer.rows(&batches) {
-                    Ok(Some((changes, all))) => in_flight.push(send(self, batches, changes, all)),
-                    Ok(None) => {}
-                    Err(e) => error = Some(e),
+                }
+            };
+            // At most `batch_size` rows per transaction: a large batch is cut into slices.
+            let mut offset = 0;
+            while offset < batch.num_rows() {
+                let take = (batch_size - rows).min(batch.num_rows() - offset);
+                pending.push(batch.slice(offset, take));
+                offset += take;
+                rows += take;
+                if rows >= batch_size {
+                    if let Err(e) = writer.flush(std::mem::take(&mut pending)).await {
+                        error = Some(e);
+                        break;
+                    }
+                    rows = 0;
                 }
             }
             if error.is_some() {
-                // Nothing more is handed over; what is in flight finishes.
-                ready.clear();
-                pending.clear();
-                input_done = true;
-            }
-            if input_done && ready.is_empty() && in_flight.is_empty() {
                 break;
             }
-            // Read on while at most one transaction waits its turn.
-            let reading = !input_done && ready.len() < parallel;
-            tokio::select! {
-                sent = in_flight.next(), if !in_flight.is_empty() => match sent {
-                    Some(Ok(sent)) => writer.record(sent),
-                    Some(Err(e)) => {
-                        error.get_or_insert(e);
-                    }
-                    None => {}
-                },
-                batch = data.next(), if reading => match batch {
-                    Some(Ok(batch)) => {
-                        let mut offset = 0;
-                        while offset < batch.num_rows() {
-                            let take = (batch_size - rows).min(batch.num_rows() - offset);
-                            pending.push(batch.slice(offset, take));
-                            offset += take;
-                            rows += take;
-                            if rows >= batch_size {
-                                ready.push_back(std::mem::take(&mut pending));
-                                rows = 0;
-                            }
-                        }
-                    }
-                    Some(Err(e)) => {
-                        error.get_or_insert(Error::from(e));
-                    }
-                    None => input_done = true,
-                },
-                // (Not reached: with nothing in flight and no reading, the loop has ended.)
-                else => break,
-            }
+        }
+        if error.is_none()
+            && !pending.is_empty()
+            && let Err(e) = writer.flush(pending).await
+        {
+            error = Some(e);
         }
         drop(progress);
         let Writer {
@@ -328,25 +293,9 @@ struct Writer<'a> {
     dry_run: Option<DryRun>,
 }
 
-/// What one transaction did: acknowledged change ids, rejects, bytes sent, how long it took.
-type Sent = (Vec<u32>, Vec<Rejected>, usize, std::time::Duration);
-
-/// Writes the changes `rows` of `batches` in one transaction on a pooled connection of its own.
-async fn send(sink: &PgSink, batches: Vec<RecordBatch>, rows: Vec<Row>, all: u64) -> Result<Sent> {
-    let started = Instant::now();
-    let mut client = sink.connection.client().await?;
-    let result = sink.transaction(&mut client, &batches, rows, all).await;
-    if result.is_err() {
-        let _ = client.batch_execute("ROLLBACK").await;
-    }
-    let (acked, rejected, bytes) = result?;
-    Ok((acked, rejected, bytes, started.elapsed()))
-}
-
 impl Writer<'_> {
-    /// The changes of `batches` as rows to write, with the mask of "every field"; `None` for a
-    /// dry run, which only records what it would write.
-    fn rows(&mut self, batches: &[RecordBatch]) -> Result<Option<(Vec<Row>, u64)>> {
+    /// Writes the changes of `batches` in one transaction.
+    async fn flush(&mut self, batches: Vec<RecordBatch>) -> Result<()> {
         let sink = self.sink;
         let n = sink.change_at;
         let all = if n >= 64 { u64::MAX } else { (1u64 << n) - 1 };
@@ -377,15 +326,17 @@ impl Writer<'_> {
             }
         }
         if let Some(dry_run) = &mut self.dry_run {
-            add_dry_run(dry_run, batches, &rows, sink.fields.len())?;
-            return Ok(None);
+            add_dry_run(dry_run, &batches, &rows, n)?;
+            return Ok(());
         }
-        Ok(Some((rows, all)))
-    }
-
-    /// Takes in what one transaction did.
-    fn record(&mut self, (acked, rejected, bytes, elapsed): Sent) {
-        self.metrics.record_request(bytes, elapsed);
+        let started = Instant::now();
+        let mut client = self.sink.connection.client().await?;
+        let result = self.transaction(&mut client, &batches, rows, all).await;
+        if result.is_err() {
+            let _ = client.batch_execute("ROLLBACK").await;
+        }
+        let (acked, rejected, bytes) = result?;
+        self.metrics.record_request(bytes, started.elapsed());
         DeliveryMetrics::add(&self.metrics.accepted, acked.len() as u64);
         DeliveryMetrics::add(&self.metrics.rejected, rejected.len() as u64);
         self.outcome.accepted += acked.len() as u64;
@@ -393,18 +344,17 @@ impl Writer<'_> {
             .acked
             .extend(acked.into_iter().map(|id| (id, None)));
         self.outcome.rejected.extend(rejected);
+        Ok(())
     }
-}
 
-impl PgSink {
     async fn transaction(
-        &self,
+        &mut self,
         client: &mut deadpool_postgres::Object,
         batches: &[RecordBatch],
         rows: Vec<Row>,
         all: u64,
     ) -> Result<(Vec<u32>, Vec<Rejected>, usize)> {
-        let sink = self;
+        let sink = self.sink;
         let pg = |e: tokio_postgres::Error| sink.pg_error(e);
         let mut acked: Vec<u32> = vec![];
         let mut rejected: Vec<Rejected> = vec![];
@@ -543,7 +493,7 @@ impl PgSink {
 
     /// The staging table on this pooled connection (temporary, emptied at each commit).
     async fn stage_table(&self, client: &deadpool_postgres::Object) -> Result<String> {
-        let sink = self;
+        let sink = self.sink;
         let columns: Vec<String> = sink
             .fields
             .iter()
