@@ -690,11 +690,6 @@ impl Differ {
         }
     }
 
-    /// The changes so far (ids are indexes).
-    pub fn changes(&self) -> &[Change] {
-        &self.changes
-    }
-
     /// Ends the scan: adds the deletes and returns every change with the counts. Fails on
     /// duplicate keys unless the spec keeps the last row.
     pub fn finish(mut self) -> Result<(Vec<Change>, DiffCounts)> {

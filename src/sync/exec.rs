@@ -15,23 +15,21 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::compute::{cast, filter_record_batch, take_record_batch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
-use datafusion::common::tree_node::{TreeNode, TreeNodeRecursion};
+use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
-use datafusion::physical_plan::execution_plan::reset_plan_states;
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricBuilder, MetricsSet};
-use datafusion::physical_plan::stream::{RecordBatchReceiverStream, RecordBatchStreamAdapter};
+use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     ChildrenPropertiesMode, DisplayAs, DisplayFormatType, Distribution, ExecutionPlan,
     Partitioning, PlanProperties, ReplaceChildrenOptions, SendableRecordBatchStream,
 };
 use futures::{StreamExt, TryStreamExt};
-use hashbrown::HashTable;
 
-use super::diff::{Change, DiffCounts, Differ, duplicate_keys_error, key_array};
-use super::hash::{Key, normalize_key, split_composite_key};
+use super::diff::{Change, DiffCounts, Differ, key_array};
+use super::hash::split_composite_key;
 use super::{Op, SyncRun};
 use crate::delivery::Rejected;
 use crate::delivery::encode::json_lines;
@@ -188,26 +186,10 @@ impl ExecutionPlan for DiffExec {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
+        let input = self.input.execute(partition, context)?;
         let run = Arc::clone(&self.run);
         let schema = Arc::clone(&self.schema);
         let output_rows = MetricBuilder::new(&self.metrics).output_rows(partition);
-        if streams(&run, &self.input) {
-            let mut builder = RecordBatchReceiverStream::builder(Arc::clone(&schema), 2);
-            let tx = builder.tx();
-            builder.spawn(first_run(
-                Arc::clone(&self.input),
-                partition,
-                context,
-                run,
-                Arc::clone(&schema),
-                tx,
-            ));
-            let stream = builder
-                .build()
-                .inspect_ok(move |b: &RecordBatch| output_rows.add(b.num_rows()));
-            return Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)));
-        }
-        let input = self.input.execute(partition, context)?;
         let diff = diff_stream(input, run, Arc::clone(&schema));
         let stream = futures::stream::once(diff)
             .map_ok(|batches| futures::stream::iter(batches.into_iter().map(Ok)))
@@ -218,124 +200,6 @@ impl ExecutionPlan for DiffExec {
             stream,
         )))
     }
-}
-
-/// Operators a model may consist of for [`first_run`] to read it twice: DataFusion can reset
-/// their state for a second execution, and none of them carries dynamic filters (joins and
-/// top-k sorts do, which a reset does not clear: a second pass could then miss rows).
-const REREADABLE: &[&str] = &[
-    "DataSourceExec",
-    "PostgresScanExec",
-    "ProjectionExec",
-    "FilterExec",
-    "CoalesceBatchesExec",
-    "CoalescePartitionsExec",
-    "RepartitionExec",
-    "CooperativeExec",
-    "UnionExec",
-    "EmptyExec",
-    "PlaceholderRowExec",
-];
-
-/// Whether this run streams its changes as it classifies them (see [`first_run`]): a keyed sync
-/// with no state yet, so that no safety rail can refuse it (nothing to delete) and only
-/// duplicate keys could stop it, over a model that can be read twice.
-fn streams(run: &SyncRun, input: &Arc<dyn ExecutionPlan>) -> bool {
-    let d = &run.spec.diff;
-    !run.dry_run
-        && d.key.is_some()
-        && !d.listed_deletes
-        && !d.keep_last
-        && run.spec.remote.is_none()
-        && run.snapshot().is_ok_and(|s| s.is_empty())
-        && !input
-            .exists(|p| Ok(!REREADABLE.contains(&p.name())))
-            .unwrap_or(true)
-}
-
-/// The first run of a keyed sync: every row is new, so holding every change until the model is
-/// read (to refuse before sending) would hold the whole model. Instead the model is read twice:
-/// a first pass checks its keys (duplicates stop the run before anything is sent) and records
-/// them as the run's intent; the second classifies and sends batch by batch, so the destination
-/// writes while the model is still being read.
-async fn first_run(
-    input: Arc<dyn ExecutionPlan>,
-    partition: usize,
-    context: Arc<TaskContext>,
-    run: Arc<SyncRun>,
-    schema: SchemaRef,
-    tx: tokio::sync::mpsc::Sender<Result<RecordBatch>>,
-) -> Result<()> {
-    let spec = run.spec.diff.clone();
-    let k = spec.key.expect("streams() requires a key");
-    tracing::debug!("DiffExec: a first run; reading the keys, then streaming the changes");
-    // 1. The keys.
-    let mut keys: Vec<Key> = vec![];
-    let mut index: HashTable<u32> = HashTable::new();
-    let (mut duplicates, mut samples) = (0u64, vec![]);
-    let mut first =
-        reset_plan_states(Arc::clone(&input))?.execute(partition, Arc::clone(&context))?;
-    while let Some(batch) = first.next().await {
-        let column = normalize_key(batch?.column(k), &spec.fields[k])?;
-        for row in 0..column.len() {
-            let Some(key) = Key::at(&column, row) else {
-                continue;
-            };
-            let hash = key.index_hash();
-            if index.find(hash, |i| keys[*i as usize] == key).is_some() {
-                duplicates += 1;
-                if samples.len() < 5 {
-                    samples.push(key.to_string());
-                }
-                continue;
-            }
-            index.insert_unique(hash, keys.len() as u32, |i| keys[*i as usize].index_hash());
-            keys.push(key);
-        }
-    }
-    drop(index);
-    if duplicates > 0 {
-        return Err(duplicate_keys_error(&spec.fields[k], duplicates, &samples).into());
-    }
-    // Write-ahead: the keys of new records are recorded before any of them is sent.
-    run.write_intent_keys(&keys.iter().collect::<Vec<_>>())
-        .await?;
-    drop(keys);
-    // 2. Classify and send.
-    let mut differ = Differ::new(spec, run.snapshot()?)?;
-    let mut key_rejects = vec![];
-    let mut second = reset_plan_states(input)?.execute(partition, context)?;
-    while let Some(batch) = second.next().await {
-        let batch = batch?;
-        let d = differ.push(&batch)?;
-        if !d.null_key_rows.is_empty() {
-            key_rejects.extend(null_key_rejects(&batch, &d.null_key_rows, &run)?);
-        }
-        let rows: Vec<u32> = (0..batch.num_rows() as u32)
-            .filter(|r| d.change_of_row[*r as usize].is_some())
-            .collect();
-        if rows.is_empty() {
-            continue;
-        }
-        let ids: Vec<u32> = rows
-            .iter()
-            .map(|r| d.change_of_row[*r as usize].expect("filtered"))
-            .collect();
-        let taken = if rows.len() == batch.num_rows() {
-            batch
-        } else {
-            take_record_batch(&batch, &UInt32Array::from(rows))?
-        };
-        let out = with_change_columns(&schema, taken.columns().to_vec(), &ids, differ.changes())?;
-        if tx.send(Ok(out)).await.is_err() {
-            // The statement was dropped (cancelled).
-            return Ok(());
-        }
-    }
-    // (Duplicates here mean the model changed between the passes.)
-    let (changes, counts) = differ.finish()?;
-    run.set_changes(changes, counts, key_rejects);
-    Ok(())
 }
 
 async fn diff_stream(

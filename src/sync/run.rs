@@ -300,23 +300,14 @@ impl SyncRun {
             .filter(|c| c.live && c.row.is_none() && c.op != Op::Delete)
             .map(|c| &c.key)
             .collect();
-        self.write_intent_keys(&keys).await
-    }
-
-    /// Writes `keys` (of records new to the sync) as this run's intent, before they are sent.
-    pub async fn write_intent_keys(&self, keys: &[&Key]) -> Result<()> {
-        if self.dry_run
-            || self.spec.diff.key.is_none()
-            || self.spec.diff.listed_deletes
-            || keys.is_empty()
-        {
+        if keys.is_empty() {
             return Ok(());
         }
         if let Some(remote) = &self.spec.remote {
-            return remote.write_intent(keys).await;
+            return remote.write_intent(&keys).await;
         }
         self.state
-            .put_intent(&self.spec.id, &self.run_id, key_array(keys))
+            .put_intent(&self.spec.id, &self.run_id, key_array(&keys))
             .await?;
         self.inner()
             .intents
