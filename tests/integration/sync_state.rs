@@ -423,3 +423,49 @@ async fn a_cancelled_run_is_recorded_as_interrupted_and_the_next_run_completes()
         .collect();
     assert_eq!(held, (0..200).collect(), "every record arrives");
 }
+
+/// A duplicate key in the model's very last rows stops a first run before anything is sent
+/// (the diff reads the whole model before it emits); without it, every record arrives once and
+/// a rerun sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_run_refuses_a_late_duplicate_before_sending_anything() {
+    let fake = FakeWebhook::start(Script::default()).await;
+    let engine = super::support::engine();
+    engine
+        .run_sql(&format!(
+            "CREATE CONNECTION hooks TYPE webhook OPTIONS (url '{}', key 'id', batch_size '100');
+             CREATE TABLE model AS SELECT value AS id, 'u' || value AS email FROM range(50000);
+             CREATE TABLE late AS SELECT * FROM model UNION ALL SELECT 7 AS id, 'again' AS email;",
+            fake.url
+        ))
+        .await
+        .unwrap();
+    let err = engine
+        .run_sql("INSERT INTO hooks.users SELECT id, email FROM late")
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("1 duplicate value(s) of the key 'id' (e.g. '7')"),
+        "{err}"
+    );
+    assert_eq!(fake.observed(|o| o.requests.len()), 0, "something was sent");
+
+    let done = engine
+        .run_sql("INSERT INTO hooks.users SELECT id, email FROM model")
+        .await
+        .unwrap();
+    let Some(sluice::Outcome::Write(summary)) = done.last() else {
+        panic!("{done:?}")
+    };
+    assert_eq!(summary.rows_written, 50_000);
+    assert_eq!(fake.observed(|o| o.state.len()), 50_000);
+    let again = engine
+        .run_sql("INSERT INTO hooks.users SELECT id, email FROM model")
+        .await
+        .unwrap();
+    let Some(sluice::Outcome::Write(summary)) = again.last() else {
+        panic!("{again:?}")
+    };
+    assert_eq!(summary.rows_written, 0);
+}
