@@ -377,6 +377,27 @@ pub struct DiffSpec {
     pub key_parts: Vec<String>,
 }
 
+impl DiffSpec {
+    /// The operation for a record the destination is not known to have (`None`: not sent).
+    pub fn new_op(&self) -> Option<Op> {
+        match (self.key, self.insert, self.update) {
+            (None, _, _) => Some(Op::Insert),
+            (_, true, true) => Some(Op::Upsert),
+            (_, true, false) => Some(Op::Insert),
+            (_, false, true) => Some(Op::Update),
+            (_, false, false) => None,
+        }
+    }
+
+    /// The mask of every mapped field.
+    pub fn all_fields(&self) -> u64 {
+        match self.fields.len() {
+            64.. => u64::MAX,
+            n => (1u64 << n) - 1,
+        }
+    }
+}
+
 /// One record to send.
 #[derive(Debug, Clone)]
 pub struct Change {
@@ -404,6 +425,19 @@ pub struct DiffCounts {
     pub skipped: u64,
     pub null_keys: u64,
     pub duplicates: u64,
+}
+
+impl DiffCounts {
+    /// Counts the live changes as inserts (new records), updates and deletes.
+    pub fn count_changes(&mut self, changes: &[Change]) {
+        for c in changes.iter().filter(|c| c.live) {
+            match (c.op, c.row) {
+                (Op::Delete, _) => self.deletes += 1,
+                (_, None) => self.inserts += 1,
+                (_, Some(_)) => self.updates += 1,
+            }
+        }
+    }
 }
 
 /// The classification of one model batch.
@@ -446,11 +480,7 @@ impl Differ {
             .iter()
             .map(|f| snapshot.fields.iter().position(|s| s == f))
             .collect();
-        let all_fields = if spec.fields.len() == 64 {
-            u64::MAX
-        } else {
-            (1u64 << spec.fields.len()) - 1
-        };
+        let all_fields = spec.all_fields();
         Ok(Self {
             locator: Locator::new(Arc::clone(&snapshot.keys)),
             seen: vec![0; snapshot.len().div_ceil(64)],
@@ -644,13 +674,7 @@ impl Differ {
 
     /// The operation for a record the destination is not known to have.
     fn new_op(&self) -> Option<Op> {
-        match (self.spec.key, self.spec.insert, self.spec.update) {
-            (None, _, _) => Some(Op::Insert),
-            (_, true, true) => Some(Op::Upsert),
-            (_, true, false) => Some(Op::Insert),
-            (_, false, true) => Some(Op::Update),
-            (_, false, false) => None,
-        }
+        self.spec.new_op()
     }
 
     /// Integer keys in the model against a snapshot of text keys (or the reverse, after the
@@ -713,13 +737,7 @@ impl Differ {
                 }
             }
         }
-        for c in self.changes.iter().filter(|c| c.live) {
-            match (c.op, c.row) {
-                (Op::Delete, _) => self.counts.deletes += 1,
-                (_, None) => self.counts.inserts += 1,
-                (_, Some(_)) => self.counts.updates += 1,
-            }
-        }
+        self.counts.count_changes(&self.changes);
         Ok((self.changes, self.counts))
     }
 }

@@ -709,15 +709,9 @@ impl WarehouseDiff {
         };
         let n = spec.fields.len();
         let stored: Vec<usize> = (0..n).filter(|i| *i != self.state.key).collect();
-        let all_fields = if n == 64 { u64::MAX } else { (1u64 << n) - 1 };
+        let all_fields = spec.all_fields();
         let key_bit = 1u64 << self.state.key;
-        // The operation for a record the destination is not known to have.
-        let new_op = match (spec.insert, spec.update) {
-            (true, true) => Some(Op::Upsert),
-            (true, false) => Some(Op::Insert),
-            (false, true) => Some(Op::Update),
-            (false, false) => None,
-        };
+        let new_op = spec.new_op();
         // Model rows the diff returned that have a key (the rest of the keyed rows are unchanged).
         let mut returned = 0u64;
         let mut changes: Vec<Change> = vec![];
@@ -826,13 +820,7 @@ impl WarehouseDiff {
             }
         }
         counts.unchanged += rows - null_keys - returned.min(rows - null_keys);
-        for c in &changes {
-            match (c.op, c.row) {
-                (Op::Delete, _) => counts.deletes += 1,
-                (_, None) => counts.inserts += 1,
-                (_, Some(_)) => counts.updates += 1,
-            }
-        }
+        counts.count_changes(&changes);
         emit_changes(
             &self.run,
             &self.schema,
