@@ -820,6 +820,35 @@ async fn warehouse_diff_gives_the_same_results_as_the_local_diff() {
         .to_string();
     assert!(err.contains("not a Postgres table"), "{err}");
 
+    // A join or an aggregate is refused (the unparser does not write them back faithfully);
+    // the same model as a Postgres view syncs.
+    let joined = "SELECT u.id, count(*) AS n FROM wh.users u JOIN wh.users v ON v.plan = u.plan GROUP BY u.id";
+    pg.sql(
+        "CREATE TABLE $S.counts (id bigint PRIMARY KEY, n bigint);
+         CREATE VIEW $S.plan_peers AS
+           SELECT u.id, count(*) AS n FROM $S.users u JOIN $S.users v ON v.plan = u.plan GROUP BY u.id;",
+    )
+    .await;
+    let err = engine
+        .run_sql(&format!(
+            "CREATE OR REPLACE SYNC {remote} OPTIONS (diff 'warehouse') AS INSERT INTO wh.counts {joined}"
+        ))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("Create a view in Postgres"), "{err}");
+    engine
+        .run_sql(&format!(
+            "CREATE OR REPLACE SYNC {remote} OPTIONS (diff 'warehouse') AS INSERT INTO wh.counts SELECT id, n FROM wh.plan_peers;
+             RUN SYNC {remote}"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        pg.rows("SELECT id, n FROM $S.counts ORDER BY id").await,
+        pg.rows("SELECT id, n FROM $S.plan_peers ORDER BY id").await
+    );
+
     pg.sql(&format!("DROP TABLE IF EXISTS sluice_state.\"{remote}\""))
         .await;
 }

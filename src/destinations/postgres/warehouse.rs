@@ -87,6 +87,7 @@ pub fn plan(
         );
     }
     let (connection, sql) = model_sql(mapped)?;
+    tracing::debug!(model = %sql, "diff 'warehouse': the model as Postgres SQL");
     let schema = mapped.schema().as_arrow();
     let mut types = Vec::with_capacity(schema.fields().len());
     for field in schema.fields() {
@@ -124,8 +125,21 @@ fn model_sql(mapped: &LogicalPlan) -> Result<(Arc<PgConnection>, String)> {
     let mut problem: Option<String> = None;
     mapped
         .apply_with_subqueries(|node| {
-            let LogicalPlan::TableScan(scan) = node else {
-                return Ok(TreeNodeRecursion::Continue);
+            let scan = match node {
+                LogicalPlan::TableScan(scan) => scan,
+                // What DataFusion's unparser writes back faithfully.
+                LogicalPlan::Projection(_)
+                | LogicalPlan::Filter(_)
+                | LogicalPlan::SubqueryAlias(_)
+                | LogicalPlan::Sort(_)
+                | LogicalPlan::Limit(_) => return Ok(TreeNodeRecursion::Continue),
+                other => {
+                    problem = Some(format!(
+                        "diff 'warehouse' runs models that select, filter and compute columns of one Postgres table or view; this model has `{}` (a join, aggregate, union, window or subquery), which sluice does not yet translate to Postgres SQL reliably. Create a view in Postgres for that part and select from the view",
+                        other.display().to_string().split(':').next().unwrap_or("step")
+                    ));
+                    return Ok(TreeNodeRecursion::Stop);
+                }
             };
             let name = scan.table_name.to_string();
             let pg = source_as_provider(&scan.source).ok().and_then(|p| {
