@@ -80,6 +80,12 @@ pub trait Destination: Debug + Send + Sync + 'static {
         None
     }
 
+    /// The fields of object `name` as the destination already knows them, without a lookup (REPL
+    /// completion runs after every statement); `None` when it would have to ask.
+    fn known_fields(&self, _name: &str) -> Option<SchemaRef> {
+        None
+    }
+
     /// Whether records can be matched by several fields at once (`MERGE … ON t.a = … AND t.b =
     /// …`, composite primary keys). The sink then receives the composite key as a last field
     /// named [`crate::sync::hash::COMPOSITE_KEY`], which it does not write.

@@ -28,6 +28,12 @@ impl DestinationSchema {
         }
     }
 
+    /// The fields of `object` as the destination already knows them (see
+    /// [`super::Destination::known_fields`]).
+    pub fn known_fields(&self, object: &str) -> Option<SchemaRef> {
+        self.destination.known_fields(object)
+    }
+
     /// Records (for `sluice check`) that a planned, unexecuted insert would write `fields` to
     /// `object`.
     pub fn plan_object(&self, object: &str, fields: SchemaRef) {

@@ -575,8 +575,19 @@ impl Engine {
                 } else {
                     format!("{schema_name}.{table}")
                 });
-                if let Ok(Some(provider)) = schema.table(&table).await {
-                    words.extend(provider.schema().fields().iter().map(|f| f.name().clone()));
+                // What a database connection already knows, else a lookup.
+                let known = schema
+                    .downcast_ref::<DestinationSchema>()
+                    .and_then(|s| s.known_fields(&table));
+                let fields = match known {
+                    Some(fields) => Some(fields),
+                    None => match schema.table(&table).await {
+                        Ok(Some(provider)) => Some(provider.schema()),
+                        _ => None,
+                    },
+                };
+                if let Some(fields) = fields {
+                    words.extend(fields.fields().iter().map(|f| f.name().clone()));
                 }
             }
         }

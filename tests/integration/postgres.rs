@@ -635,6 +635,16 @@ async fn completion_sees_every_schema() {
     ] {
         assert!(words.contains(&word), "{word} missing from {words:?}");
     }
+
+    // Completion (after every REPL statement) answers from what the connection knows, without a
+    // query per table: a column renamed behind sluice's back shows up once sluice looks again.
+    pg.sql("ALTER TABLE $S.leads RENAME COLUMN lead_id TO lead_key")
+        .await;
+    let words = engine.completion_words().await;
+    assert!(words.contains(&"lead_id".to_string()) && !words.contains(&"lead_key".to_string()));
+    query(&engine, "SELECT count(*) AS n FROM wh.leads").await;
+    let words = engine.completion_words().await;
+    assert!(words.contains(&"lead_key".to_string()), "{words:?}");
 }
 
 /// The latest run of `sync` as `rows_read/inserted/updated/deleted/unchanged/rejected`.

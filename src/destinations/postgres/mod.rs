@@ -296,6 +296,10 @@ impl Destination for PgDestination {
         true
     }
 
+    fn known_fields(&self, name: &str) -> Option<SchemaRef> {
+        self.cached(name).map(|r| r.arrow_schema())
+    }
+
     fn concurrency(&self) -> Option<usize> {
         Some(1)
     }
