@@ -9,7 +9,8 @@
 //!    an `INSERT INTO pg.t SELECT * FROM 'model.parquet'` sync (plan, diff against no state,
 //!    binary COPY, state commit), against DuckDB's postgres extension loading the same file into
 //!    an identical table in the same run (benches/peers/duckdb_postgres.py).
-//!    Target: sluice / DuckDB <= 1.0.
+//!    Target: sluice / DuckDB <= 1.0. Also printed: Postgres's own binary COPY of the same rows
+//!    from a file (`psql \copy`), the floor both tools pay.
 //! 2. rerun: the same sync with 1% of the rows changed: <= 1.5 s end to end (reads the 1M-row
 //!    model, diffs it, writes the 10k changed rows).
 //! 3. extract: every column of the 1M rows read through the Postgres source (an aggregate over
@@ -77,7 +78,8 @@ fn main() {
     ));
     let s = &schema.0;
     psql(&format!(
-        "CREATE SCHEMA {s}; CREATE TABLE {s}.t_sluice {COLUMNS}; CREATE TABLE {s}.t_duckdb {COLUMNS};"
+        "CREATE SCHEMA {s}; CREATE TABLE {s}.t_sluice {COLUMNS}; CREATE TABLE {s}.t_duckdb {COLUMNS};
+         CREATE TABLE {s}.t_copy {COLUMNS};"
     ))
     .expect("bench tables");
     let dir = tempfile::tempdir().expect("tempdir");
@@ -126,6 +128,35 @@ fn main() {
             );
         }
     }
+
+    // The floor both pay: Postgres's own binary COPY of the same rows into the same kind of table.
+    let file = dir.path().join("rows.bin");
+    psql(&format!(
+        "\\copy {s}.t_sluice TO '{}' (FORMAT binary)",
+        file.display()
+    ))
+    .expect("export the rows");
+    let mut cmd = Command::new("psql");
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-U",
+        "postgres",
+        "-d",
+        "test",
+        "-X",
+        "-q",
+        "-c",
+    ])
+    .arg(format!(
+        "\\copy {s}.t_copy FROM '{}' (FORMAT binary)",
+        file.display()
+    ));
+    let (copy, _) = common::measure(cmd);
+    println!(
+        "postgres first: for reference, Postgres's own binary COPY of the same rows into a table with a primary key (psql \\copy from a file): {:.2} s",
+        copy.wall.as_secs_f64()
+    );
 
     // 2. Rerun with 1% of the rows changed.
     change_one_percent(dir.path());
