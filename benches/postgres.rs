@@ -30,10 +30,25 @@ use std::process::Command;
 const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 const COLUMNS: &str = "(id bigint PRIMARY KEY, email text, name text, plan text, score double precision, updated_at timestamp)";
 
+/// `psql` on the local server, quiet and without the user's psqlrc.
+fn psql_command() -> Command {
+    let mut cmd = Command::new("psql");
+    cmd.args([
+        "-h",
+        "127.0.0.1",
+        "-U",
+        "postgres",
+        "-d",
+        "test",
+        "-X",
+        "-q",
+    ]);
+    cmd
+}
+
 fn psql(sql: &str) -> Result<String, String> {
-    let out = Command::new("psql")
-        .args(["-h", "127.0.0.1", "-U", "postgres", "-d", "test"])
-        .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-c", sql])
+    let out = psql_command()
+        .args(["-A", "-t", "-v", "ON_ERROR_STOP=1", "-c", sql])
         .output()
         .map_err(|e| format!("psql: {e}"))?;
     if !out.status.success() {
@@ -136,19 +151,8 @@ fn main() {
         file.display()
     ))
     .expect("export the rows");
-    let mut cmd = Command::new("psql");
-    cmd.args([
-        "-h",
-        "127.0.0.1",
-        "-U",
-        "postgres",
-        "-d",
-        "test",
-        "-X",
-        "-q",
-        "-c",
-    ])
-    .arg(format!(
+    let mut cmd = psql_command();
+    cmd.arg("-c").arg(format!(
         "\\copy {s}.t_copy FROM '{}' (FORMAT binary)",
         file.display()
     ));
@@ -188,19 +192,8 @@ fn main() {
         out.lines().any(|l| l.starts_with(&format!("{rows},"))),
         "sluice read every row:\n{out}"
     );
-    let mut cmd = Command::new("psql");
-    cmd.args([
-        "-h",
-        "127.0.0.1",
-        "-U",
-        "postgres",
-        "-d",
-        "test",
-        "-X",
-        "-q",
-        "-c",
-    ])
-    .arg(format!(
+    let mut cmd = psql_command();
+    cmd.arg("-c").arg(format!(
         "\\copy (SELECT * FROM {s}.t_sluice) TO '/dev/null'"
     ));
     let (psql_copy, _) = common::measure(cmd);

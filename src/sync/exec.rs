@@ -112,18 +112,35 @@ pub fn mode_name(run: &SyncRun) -> &'static str {
     }
 }
 
+/// What a diff operator shows in EXPLAIN: `sync=… mode=… key=… fields=[…] state=…`.
+pub fn describe_diff(run: &SyncRun) -> String {
+    let spec = &run.spec;
+    format!(
+        "sync={} mode={} key={} fields=[{}] state={}",
+        spec.label(),
+        mode_name(run),
+        key_label(spec),
+        spec.diff.fields.join(", "),
+        run.state_location()
+    )
+}
+
+/// A diff's batches, produced all at once by `diff`, as the operator's output stream.
+pub fn diff_output(
+    schema: SchemaRef,
+    diff: impl std::future::Future<Output = Result<Vec<RecordBatch>>> + Send + 'static,
+    output_rows: datafusion::physical_plan::metrics::Count,
+) -> SendableRecordBatchStream {
+    let stream = futures::stream::once(diff)
+        .map_ok(|batches| futures::stream::iter(batches.into_iter().map(Ok)))
+        .try_flatten()
+        .inspect_ok(move |b: &RecordBatch| output_rows.add(b.num_rows()));
+    Box::pin(RecordBatchStreamAdapter::new(schema, stream))
+}
+
 impl DisplayAs for DiffExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let spec = &self.run.spec;
-        write!(
-            f,
-            "DiffExec: sync={} mode={} key={} fields=[{}] state={}",
-            spec.label(),
-            mode_name(&self.run),
-            key_label(spec),
-            spec.diff.fields.join(", "),
-            self.run.state_location()
-        )
+        write!(f, "DiffExec: {}", describe_diff(&self.run))
     }
 }
 
@@ -191,14 +208,7 @@ impl ExecutionPlan for DiffExec {
         let schema = Arc::clone(&self.schema);
         let output_rows = MetricBuilder::new(&self.metrics).output_rows(partition);
         let diff = diff_stream(input, run, Arc::clone(&schema));
-        let stream = futures::stream::once(diff)
-            .map_ok(|batches| futures::stream::iter(batches.into_iter().map(Ok)))
-            .try_flatten()
-            .inspect_ok(move |b: &RecordBatch| output_rows.add(b.num_rows()));
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
-            self.schema.clone(),
-            stream,
-        )))
+        Ok(diff_output(schema, diff, output_rows))
     }
 }
 

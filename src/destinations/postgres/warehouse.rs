@@ -29,7 +29,6 @@ use datafusion::logical_expr::LogicalPlan;
 use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
 use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
 use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricBuilder, MetricsSet};
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
 use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
     ReplaceChildrenOptions, SendableRecordBatchStream,
@@ -37,7 +36,7 @@ use datafusion::physical_plan::{
 use datafusion::sql::sqlparser::ast::{Ident, ObjectName, visit_relations_mut};
 use datafusion::sql::unparser::Unparser;
 use datafusion::sql::unparser::dialect::PostgreSqlDialect;
-use futures::{StreamExt, TryStreamExt};
+use futures::StreamExt;
 
 use super::metadata::quote_ident;
 use super::source::{PgTable, PostgresScanExec};
@@ -46,7 +45,9 @@ use super::{PgConnection, pg_message};
 use crate::destinations::table::DestinationTable;
 use crate::error::{Error, Result};
 use crate::sync::diff::{Change, DiffCounts, DiffSpec, duplicate_keys_error};
-use crate::sync::exec::{change_schema, emit_changes, key_label, mode_name, null_key_rejects};
+use crate::sync::exec::{
+    change_schema, describe_diff, diff_output, emit_changes, null_key_rejects,
+};
 use crate::sync::hash::{Key, POSTGRES_HASH_VERSION};
 use crate::sync::remote::{RemoteCommit, RemoteState};
 use crate::sync::{Op, SyncRun};
@@ -619,16 +620,7 @@ impl WarehouseDiffExec {
 
 impl DisplayAs for WarehouseDiffExec {
     fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let spec = &self.run.spec;
-        write!(
-            f,
-            "WarehouseDiffExec: sync={} mode={} key={} fields=[{}] state={}",
-            spec.label(),
-            mode_name(&self.run),
-            key_label(spec),
-            spec.diff.fields.join(", "),
-            self.state.location()
-        )
+        write!(f, "WarehouseDiffExec: {}", describe_diff(&self.run))
     }
 }
 
@@ -686,14 +678,11 @@ impl ExecutionPlan for WarehouseDiffExec {
             context,
         };
         let output_rows = MetricBuilder::new(&self.metrics).output_rows(partition);
-        let stream = futures::stream::once(diff.run())
-            .map_ok(|batches| futures::stream::iter(batches.into_iter().map(Ok)))
-            .try_flatten()
-            .inspect_ok(move |b: &RecordBatch| output_rows.add(b.num_rows()));
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
+        Ok(diff_output(
             Arc::clone(&self.schema),
-            stream,
-        )))
+            diff.run(),
+            output_rows,
+        ))
     }
 }
 
