@@ -66,6 +66,7 @@ pub fn kinds() -> Vec<Arc<dyn ConnectorKind>> {
     vec![
         Arc::new(destinations::file::FileConnector),
         Arc::new(destinations::webhook::WebhookConnector),
+        Arc::new(destinations::hubspot::HubspotConnector),
         Arc::new(destinations::postgres::PostgresConnector),
     ]
 }

@@ -1,6 +1,8 @@
 //! Records and batches: records are pre-encoded JSON objects; batches close on a record count
 //! or a byte budget, whichever comes first.
 
+use std::collections::HashSet;
+
 use bytes::Bytes;
 
 pub use crate::sync::Op;
@@ -83,6 +85,16 @@ pub struct Batcher {
     max_bytes: usize,
     seq: u64,
     pending: [(Vec<Record>, usize); 4],
+    /// Destinations that fail a request holding one key twice (HubSpot, Salesforce): how a key
+    /// compares there, and the keys of each pending batch.
+    unique_keys: Option<UniqueKeys>,
+}
+
+/// How keys compare at the destination, and the keys of each operation's pending batch.
+#[derive(Debug)]
+struct UniqueKeys {
+    normalize: fn(&str) -> String,
+    seen: [HashSet<String>; 4],
 }
 
 impl Batcher {
@@ -93,7 +105,18 @@ impl Batcher {
             max_bytes: max_bytes.max(1),
             seq: 0,
             pending: Default::default(),
+            unique_keys: None,
         }
+    }
+
+    /// Never puts two records whose keys compare equal under `normalize` in one batch: the
+    /// second closes the batch and starts the next (both are sent, in order).
+    pub fn with_unique_keys(mut self, normalize: fn(&str) -> String) -> Self {
+        self.unique_keys = Some(UniqueKeys {
+            normalize,
+            seen: Default::default(),
+        });
+        self
     }
 
     /// Adds a record; returns a full batch when this record closes one. A record larger than
@@ -102,9 +125,17 @@ impl Batcher {
         let op = record.op;
         let size = record.json.len() + 1;
         let mut full = None;
-        let (records, bytes) = &self.pending[op.code() as usize];
-        if !records.is_empty() && bytes + size > self.max_bytes {
+        let slot = op.code() as usize;
+        let repeated = match (&mut self.unique_keys, &record.key) {
+            (Some(u), Some(key)) => !u.seen[slot].insert((u.normalize)(key)),
+            _ => false,
+        };
+        let (records, bytes) = &self.pending[slot];
+        if !records.is_empty() && (repeated || bytes + size > self.max_bytes) {
             full = self.take(op);
+            if let (Some(u), Some(key)) = (&mut self.unique_keys, &record.key) {
+                u.seen[slot].insert((u.normalize)(key));
+            }
         }
         let (records, bytes) = &mut self.pending[op.code() as usize];
         *bytes += size;
@@ -125,6 +156,9 @@ impl Batcher {
         let (records, bytes) = &mut self.pending[op.code() as usize];
         if records.is_empty() {
             return None;
+        }
+        if let Some(u) = &mut self.unique_keys {
+            u.seen[op.code() as usize].clear();
         }
         self.seq += 1;
         let records = std::mem::take(records);
@@ -188,6 +222,26 @@ mod tests {
             (rest.len(), rest[0].op, rest[0].records.len()),
             (1, Op::Upsert, 1)
         );
+    }
+
+    #[test]
+    fn a_repeated_key_starts_the_next_batch() {
+        let keyed = |k: &str| Record::new(Some(k.to_string()), Bytes::from_static(b"{}"));
+        let mut b = Batcher::new("run", 10, 1000).with_unique_keys(|k| k.to_lowercase());
+        assert!(b.push(keyed("a@x.com")).is_none());
+        assert!(b.push(keyed("b@x.com")).is_none());
+        let first = b
+            .push(keyed("A@x.com"))
+            .expect("the repeated key closes the batch");
+        assert_eq!(first.records.len(), 2);
+        assert!(b.push(keyed("b@x.com")).is_none(), "b is new in this batch");
+        let rest = b.finish();
+        let keys: Vec<_> = rest[0]
+            .records
+            .iter()
+            .map(|r| r.key.clone().unwrap())
+            .collect();
+        assert_eq!(keys, ["A@x.com", "b@x.com"]);
     }
 
     #[test]

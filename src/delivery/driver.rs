@@ -15,7 +15,7 @@ use super::batch::Record;
 use super::batch::{Batch, Batcher};
 use super::limiter::AdaptiveLimiter;
 use super::metrics::DeliveryMetrics;
-use super::retry::{RetryPolicy, rate_window, retry_after};
+use super::retry::{RetryPolicy, retry_after};
 use super::{HttpResponse, HttpService, Rejection, ResponseClass};
 use crate::error::{Error, Result};
 
@@ -227,14 +227,18 @@ impl<S: HttpService> Driver<S> {
                     self.accept(&mut outcome, &pending, &[], &ids);
                     return Ok(outcome);
                 }
-                ResponseClass::Partial { retry, rejected } => {
+                ResponseClass::Partial {
+                    retry,
+                    rejected,
+                    ids,
+                } => {
                     self.limiter.on_success();
                     let unsettled: Vec<usize> = retry
                         .iter()
                         .copied()
                         .chain(rejected.iter().map(|(i, _)| *i))
                         .collect();
-                    self.accept(&mut outcome, &pending, &unsettled, &[]);
+                    self.accept(&mut outcome, &pending, &unsettled, &ids);
                     for (i, why) in rejected {
                         self.reject(&mut outcome, &pending, i, why, attempts);
                     }
@@ -263,7 +267,18 @@ impl<S: HttpService> Driver<S> {
                     pending = pending.subset(&retry, part);
                     Some(self.policy.backoff(failures))
                 }
-                ResponseClass::RejectAll(why) => {
+                ResponseClass::Split(_) if pending.records.len() > 1 => {
+                    self.limiter.on_success();
+                    let half = pending.records.len() / 2;
+                    let (left, right): (Vec<usize>, Vec<usize>) =
+                        (0..pending.records.len()).partition(|i| *i < half);
+                    for (n, indexes) in [left, right].into_iter().enumerate() {
+                        let next = pending.subset(&indexes, part * 2 + 1 + n as u32);
+                        outcome.merge(Box::pin(self.deliver(next)).await?);
+                    }
+                    return Ok(outcome);
+                }
+                ResponseClass::RejectAll(why) | ResponseClass::Split(why) => {
                     self.limiter.on_success();
                     for i in 0..pending.records.len() {
                         self.reject(&mut outcome, &pending, i, why.clone(), attempts);
@@ -352,7 +367,7 @@ impl<S: HttpService> Driver<S> {
         self.metrics.record_request(batch.bytes, t0.elapsed());
         let out = match response {
             Ok(response) => {
-                let window = rate_window(&response.headers);
+                let window = self.service.rate_window(&response.headers);
                 if let Some(w) = window {
                     self.limiter.observe_window(ticket, w);
                 }
@@ -465,7 +480,7 @@ fn join(
 }
 
 /// The innermost cause of an error (reqwest wraps hyper wraps io).
-fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     let mut cause = e;
     while let Some(next) = cause.source() {
         cause = next;

@@ -14,6 +14,7 @@ pub mod limiter;
 pub mod metrics;
 pub mod progress;
 pub mod retry;
+pub mod settings;
 
 use std::time::Duration;
 
@@ -57,6 +58,8 @@ pub enum ResponseClass {
     Partial {
         retry: Vec<usize>,
         rejected: Vec<(usize, Rejection)>,
+        /// Record ids in request order where the API returns them (may be empty).
+        ids: Vec<Option<String>>,
     },
     /// Send the whole request again (5xx, 408, timeouts, connection resets, 429).
     Retry {
@@ -68,6 +71,10 @@ pub enum ResponseClass {
     },
     /// Every record of the request is rejected for good (a 4xx for the whole request).
     RejectAll(Rejection),
+    /// The request was refused as a whole for a reason one of its records causes, without
+    /// saying which (HubSpot's 400 and 409 for a batch): send each half on its own until the
+    /// records at fault are alone; a single record gets this rejection.
+    Split(Rejection),
     /// The statement cannot go on (bad credentials, quota exhausted, endpoint gone).
     Fatal(String),
     /// 401: refresh credentials once, then try again.
@@ -91,6 +98,11 @@ pub trait HttpService: Send + Sync + 'static {
     /// Refreshes credentials after a 401; `Ok(false)` when this destination cannot.
     async fn refresh_credentials(&self) -> Result<bool> {
         Ok(false)
+    }
+
+    /// What a response's rate-limit headers say about the current window.
+    fn rate_window(&self, headers: &HeaderMap) -> Option<retry::RateWindow> {
+        retry::rate_window(headers)
     }
 
     /// What is being called, for messages (never containing secrets).

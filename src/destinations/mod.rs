@@ -11,6 +11,7 @@
 //! `sink.rs` (the `DataSink`), `encoder.rs` (records to bytes), `mod.rs` (docs and wiring).
 
 pub mod file;
+pub mod hubspot;
 pub mod postgres;
 mod schema;
 mod table;
@@ -32,6 +33,19 @@ use crate::sync::SyncRun;
 pub use schema::DestinationSchema;
 pub use table::DestinationTable;
 
+/// Field metadata a destination's declared fields may carry: planning refuses read-only
+/// fields, and DESCRIBE shows them all.
+pub mod field_meta {
+    /// The destination's own name for the field's type (`enumeration`, `datetime`, …).
+    pub const TYPE: &str = "sluice.type";
+    /// The destination does not accept writes to this field.
+    pub const READ_ONLY: &str = "sluice.read_only";
+    /// Values are unique across records: usable as a match key.
+    pub const UNIQUE: &str = "sluice.unique";
+    /// The allowed values, as a JSON array.
+    pub const OPTIONS: &str = "sluice.options";
+}
+
 /// What a destination says about one of its objects.
 #[derive(Debug, Clone)]
 pub struct ObjectSpec {
@@ -45,6 +59,9 @@ pub struct ObjectSpec {
     pub key: Option<String>,
     /// The columns of a key made of several (a composite primary key); `key` is then `None`.
     pub composite_key: Vec<String>,
+    /// Other fields a statement may match records by (`MERGE … ON t.field = …`), such as a
+    /// CRM's unique properties.
+    pub match_keys: Vec<String>,
 }
 
 /// One destination connection.
@@ -146,6 +163,14 @@ impl WriteReport {
     /// The rejected records, leaving the report's list empty.
     pub fn take_rejects(&self) -> Vec<Rejected> {
         std::mem::take(&mut *self.rejects.lock().expect("report lock"))
+    }
+
+    /// Records changes as done without a request (a delete of a record the destination no
+    /// longer has).
+    pub fn ack(&self, changes: Vec<(u32, Option<String>)>) {
+        if !changes.is_empty() {
+            self.acked.lock().expect("report lock").extend(changes);
+        }
     }
 
     /// The changes the destination acknowledged, leaving the report's list empty.

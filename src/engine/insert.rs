@@ -393,6 +393,22 @@ pub(super) fn map_fields(
                     name.clone(),
                 ));
             };
+            if target_field
+                .metadata()
+                .contains_key(crate::destinations::field_meta::READ_ONLY)
+            {
+                let writable = declared.fields().iter().filter(|f| {
+                    !f.metadata()
+                        .contains_key(crate::destinations::field_meta::READ_ONLY)
+                });
+                return Err(Error::plan(
+                    format!(
+                        "{target}.{name} is read-only in the destination and cannot be written{}; remove it from the SELECT",
+                        did_you_mean(name, writable.map(|f| f.name().as_str()))
+                    ),
+                    name.clone(),
+                ));
+            }
             if target_field.data_type() != field.data_type() {
                 if !can_cast_types(field.data_type(), target_field.data_type()) {
                     return Err(Error::plan(

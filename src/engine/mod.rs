@@ -449,6 +449,14 @@ impl Engine {
             }
             return Ok(Outcome::Checked);
         }
+        if let LogicalPlan::DescribeTable(d) = &plan
+            && let Some(batch) = describe_destination_fields(&d.schema)?
+        {
+            return Ok(Outcome::Rows {
+                schema: batch.schema(),
+                batches: vec![batch],
+            });
+        }
         if session_change {
             let message = describe_session_change(&plan);
             self.ctx.execute_logical_plan(plan).await?.collect().await?;
@@ -648,4 +656,50 @@ fn describe_session_change(plan: &LogicalPlan) -> String {
         LogicalPlan::Statement(s) => s.name().to_uppercase(),
         other => other.display().to_string(),
     }
+}
+
+/// `DESCRIBE conn.object` of a destination whose fields carry what the destination says about
+/// them (its type, read-only, unique, allowed values): DataFusion's three columns and those.
+fn describe_destination_fields(schema: &Schema) -> Result<Option<RecordBatch>> {
+    use crate::destinations::field_meta;
+    use datafusion::arrow::array::BooleanArray;
+    let fields = schema.fields();
+    if !fields
+        .iter()
+        .any(|f| f.metadata().contains_key(field_meta::TYPE))
+    {
+        return Ok(None);
+    }
+    let text = |f: &dyn Fn(&Field) -> Option<String>| -> ArrayRef {
+        Arc::new(fields.iter().map(|x| f(x)).collect::<StringArray>())
+    };
+    let flag = |key: &'static str| -> ArrayRef {
+        Arc::new(
+            fields
+                .iter()
+                .map(|f| Some(f.metadata().contains_key(key)))
+                .collect::<BooleanArray>(),
+        )
+    };
+    let out = Arc::new(Schema::new(vec![
+        Field::new("column_name", DataType::Utf8, false),
+        Field::new("data_type", DataType::Utf8, false),
+        Field::new("destination_type", DataType::Utf8, true),
+        Field::new("read_only", DataType::Boolean, false),
+        Field::new("unique", DataType::Boolean, false),
+        Field::new("options", DataType::Utf8, true),
+    ]));
+    let columns = vec![
+        text(&|f| Some(f.name().clone())),
+        text(&|f| Some(f.data_type().to_string())),
+        text(&|f| f.metadata().get(field_meta::TYPE).cloned()),
+        flag(field_meta::READ_ONLY),
+        flag(field_meta::UNIQUE),
+        text(&|f| {
+            let values: Vec<String> =
+                serde_json::from_str(f.metadata().get(field_meta::OPTIONS)?).ok()?;
+            Some(values.join(", "))
+        }),
+    ];
+    Ok(Some(RecordBatch::try_new(out, columns)?))
 }

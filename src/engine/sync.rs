@@ -143,9 +143,14 @@ impl Engine {
         let keys: Vec<String> = on.iter().map(|(k, _)| k.clone()).collect();
         if let Some(object_key) = &table.object().key
             && keys != [object_key.clone()]
+            && !(keys.len() == 1 && table.object().match_keys.contains(&keys[0]))
         {
             return refuse(format!(
-                "MERGE INTO {target}: records of {target} are matched by '{object_key}', not {}; write ON t.{object_key} = …",
+                "MERGE INTO {target}: records of {target} are matched by '{object_key}'{}, not {}; write ON t.{object_key} = …",
+                match &table.object().match_keys {
+                    others if others.is_empty() => String::new(),
+                    others => format!(" or by one of {}", others.join(", ")),
+                },
                 keys.iter()
                     .map(|k| format!("'{k}'"))
                     .collect::<Vec<_>>()

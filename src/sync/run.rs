@@ -315,6 +315,20 @@ impl SyncRun {
         Ok(())
     }
 
+    /// The destination's record ids of the given changes, as the committed state knows them.
+    pub fn record_ids(&self, changes: &[u32]) -> Vec<Option<String>> {
+        let inner = self.inner();
+        let ids = inner.snapshot.as_ref().and_then(|s| s.record_ids.as_ref());
+        changes
+            .iter()
+            .map(|c| {
+                let row = inner.changes.get(*c as usize)?.row? as usize;
+                let ids = ids?;
+                (row < ids.len() && ids.is_valid(row)).then(|| ids.value(row).to_string())
+            })
+            .collect()
+    }
+
     /// A dry run found that a real run would refuse (a safety rail).
     pub fn set_refusal(&self, message: String) {
         self.inner().refusal = Some(message);

@@ -140,6 +140,7 @@ impl Destination for Capture {
             fields: Some(crm_fields()),
             key: None,
             composite_key: vec![],
+            match_keys: vec![],
         }))
     }
     /// This test is about the mapping the sink receives, not about sync state.

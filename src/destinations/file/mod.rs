@@ -135,6 +135,7 @@ impl Destination for FileDestination {
             fields: None,
             key: None,
             composite_key: vec![],
+            match_keys: vec![],
         }))
     }
 

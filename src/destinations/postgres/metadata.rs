@@ -63,6 +63,7 @@ impl Relation {
             } else {
                 vec![]
             },
+            match_keys: vec![],
         }
     }
 

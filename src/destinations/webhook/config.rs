@@ -5,8 +5,9 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 
 use crate::delivery::RetryPolicy;
-use crate::error::{Error, Result};
-use crate::options::{OptionSpec, Options, Secret, parse_duration};
+use crate::delivery::settings::{Defaults, HttpSettings, invalid, positive};
+use crate::error::Result;
+use crate::options::{OptionSpec, Options, Secret};
 
 /// Records per request unless `batch_size` says otherwise.
 pub const DEFAULT_BATCH_SIZE: usize = 1000;
@@ -97,6 +98,7 @@ pub struct WebhookConfig {
     pub timeout: Duration,
     pub signing_secret: Option<Secret>,
     pub retry: RetryPolicy,
+    pub settings: HttpSettings,
 }
 
 /// A header value that may be a credential: never printed.
@@ -106,13 +108,6 @@ pub struct SecretHeader(pub HeaderValue);
 impl std::fmt::Debug for SecretHeader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("***")
-    }
-}
-
-fn invalid(key: &str, message: String) -> Error {
-    Error::Option {
-        key: key.to_string(),
-        message,
     }
 }
 
@@ -159,68 +154,29 @@ impl WebhookConfig {
             })?;
             headers.push((header, SecretHeader(value)));
         }
-        let batch_size = options
-            .parse::<usize>("batch_size")?
-            .unwrap_or(DEFAULT_BATCH_SIZE);
-        if !(1..=MAX_BATCH_SIZE).contains(&batch_size) {
-            return Err(invalid(
-                "batch_size",
-                format!(
-                    "option 'batch_size' = {batch_size} is out of range: use 1 to {MAX_BATCH_SIZE}"
-                ),
-            ));
-        }
-        let positive = |key: &str, v: Option<usize>, default: usize| -> Result<usize> {
-            match v {
-                Some(0) => Err(invalid(key, format!("option '{key}' must be at least 1"))),
-                Some(v) => Ok(v),
-                None => Ok(default),
-            }
-        };
-        let max_bytes = positive("max_bytes", options.parse("max_bytes")?, DEFAULT_MAX_BYTES)?;
-        let concurrency = positive(
-            "concurrency",
-            options.parse("concurrency")?,
-            DEFAULT_CONCURRENCY,
+        let settings = HttpSettings::from_options(
+            options,
+            Defaults {
+                batch_size: DEFAULT_BATCH_SIZE,
+                max_batch_size: MAX_BATCH_SIZE,
+                concurrency: DEFAULT_CONCURRENCY,
+                rate_limit: None,
+                timeout: DEFAULT_TIMEOUT,
+            },
         )?;
-        let rate_limit = options.parse::<f64>("rate_limit")?;
-        if let Some(r) = rate_limit
-            && !(r > 0.0 && r.is_finite())
-        {
-            return Err(invalid(
-                "rate_limit",
-                "option 'rate_limit' must be a positive number of requests per second".into(),
-            ));
-        }
-        let duration = |key: &str| -> Result<Option<Duration>> {
-            options
-                .string(key)?
-                .map(|s| {
-                    parse_duration(&s).map_err(|e| {
-                        invalid(key, format!("option '{key}' = '{s}' is not valid: {e}"))
-                    })
-                })
-                .transpose()
-        };
-        let mut retry = RetryPolicy::default();
-        if let Some(n) = options.parse::<u32>("max_attempts")? {
-            retry.max_attempts = n.max(1);
-        }
-        if let Some(d) = duration("max_retry_time")? {
-            retry.max_elapsed = d;
-        }
         Ok(Self {
             url,
             key: options.string("key")?,
             method,
             headers,
-            batch_size,
-            max_bytes,
-            concurrency,
-            rate_limit,
-            timeout: duration("timeout")?.unwrap_or(DEFAULT_TIMEOUT),
+            batch_size: settings.batch_size,
+            max_bytes: positive(options, "max_bytes", DEFAULT_MAX_BYTES)?,
+            concurrency: settings.concurrency,
+            rate_limit: settings.rate_limit,
+            timeout: settings.timeout,
             signing_secret: options.secret("signing_secret")?,
-            retry,
+            retry: settings.retry,
+            settings,
         })
     }
 }

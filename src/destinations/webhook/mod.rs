@@ -30,7 +30,7 @@ pub use sink::{WebhookConnection, WebhookSink};
 use crate::connections::{ConnectContext, Connected, ConnectorKind};
 use crate::delivery::AdaptiveLimiter;
 use crate::destinations::{Destination, DestinationSchema, ObjectSpec, WriteReport, key_index};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::options::{OptionSpec, Options};
 use crate::sync::SyncRun;
 
@@ -53,15 +53,7 @@ impl ConnectorKind for WebhookConnector {
         _context: &ConnectContext,
     ) -> Result<Connected> {
         let config = WebhookConfig::from_options(options)?;
-        let client = reqwest::Client::builder()
-            .timeout(config.timeout)
-            .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")))
-            .pool_max_idle_per_host(config.concurrency.max(1) * 2)
-            .build()
-            .map_err(|e| Error::Option {
-                key: "url".into(),
-                message: format!("cannot build an HTTP client: {e}"),
-            })?;
+        let client = config.settings.client("url")?;
         let destination = WebhookDestination(Arc::new(WebhookConnection {
             name: name.to_string(),
             limiter: Arc::new(AdaptiveLimiter::new(config.rate_limit)),
@@ -103,6 +95,7 @@ impl Destination for WebhookDestination {
             fields: None,
             key: self.0.config.key.clone(),
             composite_key: vec![],
+            match_keys: vec![],
         }))
     }
 

@@ -76,7 +76,11 @@ impl WebhookRetryLogic {
                     }
                     retry.sort_unstable();
                     retry.dedup();
-                    ResponseClass::Partial { retry, rejected }
+                    ResponseClass::Partial {
+                        retry,
+                        rejected,
+                        ids: vec![],
+                    }
                 }
                 _ => ResponseClass::Accepted {
                     ids: vec![None; batch.records.len()],
@@ -143,7 +147,9 @@ mod tests {
     fn per_record_errors_in_a_2xx() {
         let body = r#"{"errors":[{"index":1,"code":"invalid_email","message":"bad"},{"index":2,"retryable":true}]}"#;
         match WebhookRetryLogic::classify(&batch(3), &response(200, body)) {
-            ResponseClass::Partial { retry, rejected } => {
+            ResponseClass::Partial {
+                retry, rejected, ..
+            } => {
                 assert_eq!(retry, vec![2]);
                 assert_eq!(rejected[0].0, 1);
                 assert_eq!(rejected[0].1.code, "invalid_email");

@@ -1,3 +1,4 @@
 //! Fake destination servers that speak the real wire formats (see ../shared/api/).
 
+pub mod hubspot;
 pub mod webhook;

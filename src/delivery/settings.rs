@@ -1,0 +1,106 @@
+//! The delivery options every HTTP destination accepts (`batch_size`, `concurrency`,
+//! `rate_limit`, `timeout`, `max_attempts`, `max_retry_time`), parsed once, with each
+//! destination's own defaults and limits.
+
+use std::time::Duration;
+
+use super::RetryPolicy;
+use crate::error::{Error, Result};
+use crate::options::{Options, parse_duration};
+
+/// A destination's defaults and limits for the shared options.
+#[derive(Debug, Clone, Copy)]
+pub struct Defaults {
+    pub batch_size: usize,
+    pub max_batch_size: usize,
+    pub concurrency: usize,
+    pub rate_limit: Option<f64>,
+    pub timeout: Duration,
+}
+
+/// The shared options of one connection.
+#[derive(Debug, Clone, Copy)]
+pub struct HttpSettings {
+    pub batch_size: usize,
+    pub concurrency: usize,
+    pub rate_limit: Option<f64>,
+    pub timeout: Duration,
+    pub retry: RetryPolicy,
+}
+
+pub fn invalid(key: &str, message: String) -> Error {
+    Error::Option {
+        key: key.to_string(),
+        message,
+    }
+}
+
+/// A duration option (`'30s'`, `'5m'`).
+pub fn duration(options: &Options, key: &str) -> Result<Option<Duration>> {
+    options
+        .string(key)?
+        .map(|s| {
+            parse_duration(&s)
+                .map_err(|e| invalid(key, format!("option '{key}' = '{s}' is not valid: {e}")))
+        })
+        .transpose()
+}
+
+/// A count option that must be at least 1.
+pub fn positive(options: &Options, key: &str, default: usize) -> Result<usize> {
+    match options.parse::<usize>(key)? {
+        Some(0) => Err(invalid(key, format!("option '{key}' must be at least 1"))),
+        Some(v) => Ok(v),
+        None => Ok(default),
+    }
+}
+
+impl HttpSettings {
+    pub fn from_options(options: &Options, defaults: Defaults) -> Result<Self> {
+        let batch_size = options
+            .parse::<usize>("batch_size")?
+            .unwrap_or(defaults.batch_size);
+        if !(1..=defaults.max_batch_size).contains(&batch_size) {
+            return Err(invalid(
+                "batch_size",
+                format!(
+                    "option 'batch_size' = {batch_size} is out of range: use 1 to {}",
+                    defaults.max_batch_size
+                ),
+            ));
+        }
+        let rate_limit = options.parse::<f64>("rate_limit")?;
+        if let Some(r) = rate_limit
+            && !(r > 0.0 && r.is_finite())
+        {
+            return Err(invalid(
+                "rate_limit",
+                "option 'rate_limit' must be a positive number of requests per second".into(),
+            ));
+        }
+        let mut retry = RetryPolicy::default();
+        if let Some(n) = options.parse::<u32>("max_attempts")? {
+            retry.max_attempts = n.max(1);
+        }
+        if let Some(d) = duration(options, "max_retry_time")? {
+            retry.max_elapsed = d;
+        }
+        Ok(Self {
+            batch_size,
+            concurrency: positive(options, "concurrency", defaults.concurrency)?,
+            rate_limit: rate_limit.or(defaults.rate_limit),
+            timeout: duration(options, "timeout")?.unwrap_or(defaults.timeout),
+            retry,
+        })
+    }
+
+    /// The HTTP client of one connection (its connection pool).
+    pub fn client(&self, option: &str) -> Result<reqwest::Client> {
+        reqwest::Client::builder()
+            .timeout(self.timeout)
+            .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")))
+            .pool_max_idle_per_host(self.concurrency.max(1) * 2)
+            .build()
+            .map_err(|e| invalid(option, format!("cannot build an HTTP client: {e}")))
+    }
+}

@@ -1,0 +1,300 @@
+//! Rows to HubSpot batch inputs. Property values travel as strings, as HubSpot expects: numbers
+//! as written, bool as `true`/`false`, date as midnight UTC in epoch milliseconds, datetime as
+//! ISO 8601 UTC; a null clears the property (`""`), or is left out under `null_policy 'skip'`.
+//! Enumeration values are checked against the property's options before anything is sent.
+
+use std::collections::HashSet;
+use std::io::Write;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray};
+use datafusion::arrow::compute::cast;
+use datafusion::arrow::datatypes::{
+    DataType, Date32Type, Float32Type, Float64Type, TimeUnit, TimestampMillisecondType, UInt8Type,
+    UInt32Type, UInt64Type,
+};
+use datafusion::arrow::record_batch::RecordBatch;
+
+use crate::delivery::{Record, Rejected};
+use crate::error::Result;
+use crate::sync::Op;
+
+/// What one batch of rows became.
+#[derive(Debug, Default)]
+pub struct Encoded {
+    pub records: Vec<Record>,
+    /// Rows refused before sending (an enumeration value that is not an option).
+    pub rejects: Vec<Rejected>,
+    /// Deletes of records HubSpot does not have (nothing to archive): done.
+    pub gone: Vec<u32>,
+}
+
+/// Encodes the changes of one HubSpot sync.
+#[derive(Debug)]
+pub struct Encoder {
+    /// The mapped fields, in order (the change columns follow them in a sync's rows).
+    pub fields: Vec<String>,
+    pub key: Option<usize>,
+    /// The key is a property to send (not `hs_object_id`, which is the record id itself).
+    pub send_key: bool,
+    pub skip_nulls: bool,
+    /// Per field: the options of an enumeration property.
+    pub options: Vec<Option<Arc<HashSet<String>>>>,
+    /// Whether the rows carry a sync's change columns.
+    pub changes: bool,
+}
+
+impl Encoder {
+    /// `record_id(change)`: a delete's record id, `Some(None)` when HubSpot has no such record.
+    pub fn encode(
+        &self,
+        batch: &RecordBatch,
+        record_id: &dyn Fn(u32) -> Option<Option<String>>,
+    ) -> Result<Encoded> {
+        let n = self.fields.len();
+        let values: Vec<StringArray> = (0..n)
+            .map(|i| hubspot_strings(batch.column(i)))
+            .collect::<Result<_>>()?;
+        let (ops, masks, ids) = if self.changes {
+            (
+                Some(batch.column(n).as_primitive::<UInt8Type>()),
+                Some(batch.column(n + 1).as_primitive::<UInt64Type>()),
+                Some(batch.column(n + 2).as_primitive::<UInt32Type>()),
+            )
+        } else {
+            (None, None, None)
+        };
+        let mut out = Encoded::default();
+        for row in 0..batch.num_rows() {
+            let op = ops.map_or(Op::Upsert, |o| Op::from_code(o.value(row)));
+            let mask = masks.map_or(u64::MAX, |m| m.value(row));
+            let change = ids.map(|c| c.value(row));
+            let key = self.key.and_then(|k| {
+                values[k]
+                    .is_valid(row)
+                    .then(|| values[k].value(row).to_string())
+            });
+            let mut json = Vec::with_capacity(64 + 24 * n);
+            if op == Op::Delete {
+                match change.and_then(record_id) {
+                    Some(Some(id)) => {
+                        json.extend_from_slice(b"{\"id\":");
+                        json_str(&mut json, &id);
+                        json.push(b'}');
+                    }
+                    Some(None) => {
+                        out.gone.extend(change);
+                        continue;
+                    }
+                    None => {
+                        // A dry run does not look ids up.
+                        json.extend_from_slice(b"{\"id\":\"(looked up at run time)\"}");
+                    }
+                }
+                out.records.push(Record {
+                    key,
+                    json: Bytes::from(json),
+                    op,
+                    change,
+                });
+                continue;
+            }
+            let mut invalid = None;
+            json.push(b'{');
+            let mut first = true;
+            for (i, name) in self.fields.iter().enumerate() {
+                let is_key = Some(i) == self.key;
+                if (is_key && !self.send_key) || (!is_key && mask & (1 << i) == 0) {
+                    continue;
+                }
+                let column = &values[i];
+                let value = column.is_valid(row).then(|| column.value(row));
+                if value.is_none() && self.skip_nulls {
+                    continue;
+                }
+                let value = value.unwrap_or("");
+                if let Some(options) = &self.options[i]
+                    && !value.is_empty()
+                    && !options.contains(value)
+                {
+                    invalid = Some((name, value));
+                    break;
+                }
+                if !first {
+                    json.push(b',');
+                }
+                first = false;
+                json_str(&mut json, name);
+                json.push(b':');
+                json_str(&mut json, value);
+            }
+            json.push(b'}');
+            if let Some((name, value)) = invalid {
+                let mut choices: Vec<&str> = self.options
+                    [self.fields.iter().position(|f| f == name).unwrap_or(0)]
+                .iter()
+                .flat_map(|o| o.iter().map(String::as_str))
+                .collect();
+                choices.sort_unstable();
+                let shown = choices
+                    .iter()
+                    .take(20)
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                out.rejects.push(Rejected {
+                    key,
+                    code: "INVALID_OPTION".into(),
+                    message: format!(
+                        "'{value}' is not an option of the enumeration property '{name}' (its options: {shown}{}); not sent",
+                        if choices.len() > 20 { ", …" } else { "" }
+                    ),
+                    payload: Bytes::from(json),
+                    attempts: 0,
+                    change,
+                });
+                continue;
+            }
+            out.records.push(Record {
+                key,
+                json: Bytes::from(json),
+                op,
+                change,
+            });
+        }
+        Ok(out)
+    }
+}
+
+/// Appends `s` as a JSON string.
+pub fn json_str(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(out, s).expect("writing JSON into memory does not fail");
+}
+
+/// A column as the strings HubSpot expects (nulls stay null).
+pub fn hubspot_strings(array: &ArrayRef) -> Result<StringArray> {
+    let strings: StringArray = match array.data_type() {
+        DataType::Float64 => array
+            .as_primitive::<Float64Type>()
+            .iter()
+            .map(|v| v.map(|v| v.to_string()))
+            .collect(),
+        DataType::Float32 => array
+            .as_primitive::<Float32Type>()
+            .iter()
+            .map(|v| v.map(|v| v.to_string()))
+            .collect(),
+        DataType::Date32 => array
+            .as_primitive::<Date32Type>()
+            .iter()
+            .map(|v| v.map(|days| (i64::from(days) * 86_400_000).to_string()))
+            .collect(),
+        DataType::Timestamp(_, _) => {
+            let ms = cast(array, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
+            ms.as_primitive::<TimestampMillisecondType>()
+                .iter()
+                .map(|v| {
+                    v.and_then(chrono::DateTime::from_timestamp_millis)
+                        .map(|t| {
+                            let mut s = Vec::with_capacity(24);
+                            let _ = write!(s, "{}", t.format("%Y-%m-%dT%H:%M:%S%.3fZ"));
+                            String::from_utf8(s).unwrap_or_default()
+                        })
+                })
+                .collect()
+        }
+        DataType::Utf8 => array.as_string::<i32>().clone(),
+        _ => cast(array, &DataType::Utf8)?.as_string::<i32>().clone(),
+    };
+    Ok(strings)
+}
+
+#[cfg(test)]
+mod tests {
+    use datafusion::arrow::array::{
+        BooleanArray, Date32Array, Float64Array, TimestampMillisecondArray,
+    };
+
+    use super::*;
+
+    #[test]
+    fn values_as_hubspot_expects() {
+        let col = |a: ArrayRef| {
+            hubspot_strings(&a)
+                .unwrap()
+                .iter()
+                .map(|v| v.map(str::to_string))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            col(Arc::new(Float64Array::from(vec![
+                Some(42.0),
+                Some(0.5),
+                None
+            ]))),
+            [Some("42".into()), Some("0.5".into()), None]
+        );
+        assert_eq!(
+            col(Arc::new(Date32Array::from(vec![19737]))),
+            [Some("1705276800000".into())]
+        );
+        assert_eq!(
+            col(Arc::new(
+                TimestampMillisecondArray::from(vec![1_705_312_800_123]).with_timezone("UTC")
+            )),
+            [Some("2024-01-15T10:00:00.123Z".into())]
+        );
+        assert_eq!(
+            col(Arc::new(BooleanArray::from(vec![true, false]))),
+            [Some("true".into()), Some("false".into())]
+        );
+    }
+
+    #[test]
+    fn enumeration_values_are_checked_before_sending() {
+        let schema = Arc::new(datafusion::arrow::datatypes::Schema::new(vec![
+            datafusion::arrow::datatypes::Field::new("email", DataType::Utf8, true),
+            datafusion::arrow::datatypes::Field::new("tier", DataType::Utf8, true),
+        ]));
+        let batch = RecordBatch::try_new(
+            schema,
+            vec![
+                Arc::new(StringArray::from(vec!["a@x.com", "b@x.com", "c@x.com"])),
+                Arc::new(StringArray::from(vec![
+                    Some("gold"),
+                    Some("platinum"),
+                    None,
+                ])),
+            ],
+        )
+        .unwrap();
+        let encoder = Encoder {
+            fields: vec!["email".into(), "tier".into()],
+            key: Some(0),
+            send_key: true,
+            skip_nulls: false,
+            options: vec![None, Some(Arc::new(HashSet::from(["gold".to_string()])))],
+            changes: false,
+        };
+        let out = encoder.encode(&batch, &|_| None).unwrap();
+        assert_eq!(out.records.len(), 2);
+        assert_eq!(
+            &out.records[0].json[..],
+            br#"{"email":"a@x.com","tier":"gold"}"#
+        );
+        assert_eq!(
+            &out.records[1].json[..],
+            br#"{"email":"c@x.com","tier":""}"#,
+            "a null clears"
+        );
+        assert_eq!(out.rejects.len(), 1);
+        assert_eq!(out.rejects[0].key.as_deref(), Some("b@x.com"));
+        assert_eq!(out.rejects[0].code, "INVALID_OPTION");
+        assert!(
+            out.rejects[0].message.contains("'platinum'"),
+            "{}",
+            out.rejects[0].message
+        );
+    }
+}

@@ -1,0 +1,444 @@
+//! The HubSpot destination against the fake HubSpot API (faithful to
+//! ../shared/api/destinations.md §2): every mode across consecutive runs, partial failures,
+//! rate-limit storms, a rejected token, quota exhaustion and the next day's resume.
+
+use std::time::Duration;
+
+use datafusion::arrow::util::pretty::pretty_format_batches;
+use serde_json::json;
+use sluice::{Engine, Outcome, WriteSummary};
+
+use super::fakes::hubspot::{FakeHubspot, Fault, Script};
+
+const TOKEN: &str = "pat-na1-test-token";
+
+async fn connect(fake: &FakeHubspot, extra: &str) -> Engine {
+    let engine = super::support::engine();
+    engine
+        .run_sql(&format!(
+            "CREATE CONNECTION crm TYPE hubspot OPTIONS (token '{TOKEN}', base_url '{}'{extra})",
+            fake.url
+        ))
+        .await
+        .unwrap();
+    engine
+}
+
+/// Replaces the model: `rows` as `(email, firstname, churn_score, lifecyclestage)` tuples.
+async fn model(engine: &Engine, rows: &str) {
+    engine
+        .run_sql(&format!(
+            "CREATE OR REPLACE TABLE people AS SELECT * FROM (VALUES {rows}) AS v(email, firstname, churn_score, stage)"
+        ))
+        .await
+        .unwrap();
+}
+
+async fn write(engine: &Engine, sql: &str) -> WriteSummary {
+    let mut outcomes = engine.run_sql(sql).await.unwrap();
+    match outcomes.pop() {
+        Some(Outcome::Write(w)) => *w,
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn query(engine: &Engine, sql: &str) -> String {
+    let mut outcomes = engine.run_sql(sql).await.unwrap();
+    match outcomes.pop() {
+        Some(Outcome::Rows { batches, .. }) => pretty_format_batches(&batches).unwrap().to_string(),
+        other => panic!("{other:?}"),
+    }
+}
+
+const UPSERT: &str = "INSERT INTO crm.contacts SELECT email, firstname, churn_score, stage AS lifecyclestage FROM people";
+
+fn people(n: usize) -> String {
+    (0..n)
+        .map(|i| format!("('user{i}@example.com', 'User{i}', {i}.5, 'lead')"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upserts_only_what_changed_across_runs() {
+    let fake = FakeHubspot::start(Script::default()).await;
+    let engine = connect(&fake, "").await;
+    model(&engine, &people(250)).await;
+
+    let first = write(&engine, UPSERT).await;
+    assert_eq!((first.rows_written, first.rows_rejected), (250, 0));
+    assert_eq!(fake.calls("upsert"), 3, "250 records in batches of 100");
+    assert_eq!(fake.records("contacts").len(), 250);
+    assert_eq!(
+        fake.property("contacts", "email", "user7@example.com", "churn_score")
+            .as_deref(),
+        Some("7.5"),
+        "numbers travel as strings"
+    );
+
+    // One changed field of one record: one call, one input, carrying only that field.
+    model(&engine, &people(250).replace("'User7'", "'Seven'")).await;
+    let second = write(&engine, UPSERT).await;
+    assert_eq!(second.rows_written, 1);
+    assert_eq!(fake.calls("upsert"), 4);
+    fake.observed(|o| {
+        let last = o.requests.last().unwrap();
+        assert_eq!(
+            (last.inputs, last.ids[0].as_str()),
+            (1, "user7@example.com")
+        );
+    });
+    assert_eq!(
+        fake.property("contacts", "email", "user7@example.com", "firstname")
+            .as_deref(),
+        Some("Seven")
+    );
+
+    // Nothing changed: nothing sent.
+    let third = write(&engine, UPSERT).await;
+    assert_eq!(third.rows_written, 0);
+    assert_eq!(fake.calls("upsert"), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn values_are_encoded_as_hubspot_expects() {
+    let fake = FakeHubspot::start(Script::default()).await;
+    let engine = connect(&fake, "").await;
+    let summary = write(
+        &engine,
+        "INSERT INTO crm.contacts SELECT 'A@Example.com' AS email, true AS vip, DATE '2024-01-15' AS signup_date,
+            TIMESTAMP '2024-01-15 10:00:00.123' AS last_seen, 42 AS churn_score, CAST(NULL AS VARCHAR) AS lastname",
+    )
+    .await;
+    assert_eq!((summary.rows_written, summary.rows_rejected), (1, 0));
+    let (_, props) = fake.records("contacts").pop().unwrap();
+    assert_eq!(props["email"], json!("a@example.com"));
+    assert_eq!(props["vip"], json!("true"));
+    assert_eq!(
+        props["signup_date"],
+        json!("1705276800000"),
+        "date: midnight UTC in epoch ms"
+    );
+    assert_eq!(props["last_seen"], json!("2024-01-15T10:00:00.123Z"));
+    assert_eq!(props["churn_score"], json!("42"));
+    assert_eq!(props["lastname"], json!(""), "a null clears the property");
+    // HubSpot lowercases the email; the result is still matched to the record and its id kept.
+    let again = write(
+        &engine,
+        "INSERT INTO crm.contacts SELECT 'A@Example.com' AS email, true AS vip, DATE '2024-01-15' AS signup_date,
+            TIMESTAMP '2024-01-15 10:00:00.123' AS last_seen, 42 AS churn_score, CAST(NULL AS VARCHAR) AS lastname",
+    )
+    .await;
+    assert_eq!(again.rows_written, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partial_failures_are_rejects_kept_and_retried_when_fixed() {
+    let fake = FakeHubspot::start(Script::default()).await;
+    let engine = connect(&fake, "").await;
+    let rows = people(150)
+        .replace("'user3@example.com'", "'not-an-email'")
+        .replace("'User9', 9.5, 'lead'", "'User9', 9.5, 'platinum'");
+    model(&engine, &rows).await;
+    let first = write(&engine, UPSERT).await;
+    assert_eq!((first.rows_written, first.rows_rejected), (148, 2));
+    assert_eq!(fake.records("contacts").len(), 148);
+    let rejects = query(
+        &engine,
+        "SELECT key, operation, error_code FROM sluice.rejects ORDER BY key",
+    )
+    .await;
+    let line = |key: &str, code: &str| {
+        rejects
+            .lines()
+            .any(|l| l.contains(key) && l.contains("upsert") && l.contains(code))
+    };
+    assert!(line("not-an-email", "INVALID_EMAIL"), "{rejects}");
+    assert!(line("user9@example.com", "INVALID_OPTION"), "{rejects}");
+    assert_eq!(
+        fake.calls("upsert"),
+        2,
+        "207 per input: nothing re-sent for a bad record"
+    );
+
+    // Fixed in the model: only the two are sent; the rejects clear.
+    model(&engine, &people(150)).await;
+    let fixed = write(&engine, UPSERT).await;
+    assert_eq!((fixed.rows_written, fixed.rows_rejected), (2, 0));
+    assert_eq!(fake.records("contacts").len(), 150);
+    let left = query(&engine, "SELECT count(*) AS n FROM sluice.rejects WHERE run_id = (SELECT max(run_id) FROM sluice.runs)").await;
+    assert!(left.contains("| 0 "), "{left}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_only_create_only_and_mirror() {
+    let fake = FakeHubspot::start(Script::default()).await;
+    let existing = fake.seed(
+        "contacts",
+        json!({"email": "user1@example.com", "firstname": "Old"}),
+    );
+    let engine = connect(&fake, "").await;
+    model(&engine, &people(4)).await;
+
+    // Update-only: the existing record is updated; the others are not found and rejected.
+    let update = "MERGE INTO crm.contacts AS t USING people AS s ON t.email = s.email
+        WHEN MATCHED THEN UPDATE SET firstname = s.firstname";
+    let updated = write(&engine, update).await;
+    assert_eq!((updated.rows_written, updated.rows_rejected), (1, 3));
+    assert!(updated.rejects.iter().all(|r| r.code == "OBJECT_NOT_FOUND"));
+    assert_eq!(
+        fake.property("contacts", "email", "user1@example.com", "firstname")
+            .as_deref(),
+        Some("User1")
+    );
+    assert_eq!(
+        fake.records("contacts").len(),
+        1,
+        "update-only creates nothing"
+    );
+
+    // Create-only: the batch's 409 is split until the existing record is alone; it is a reject
+    // carrying the existing id, and the other three are created.
+    let create = "MERGE INTO crm.contacts AS t USING people AS s ON t.email = s.email
+        WHEN NOT MATCHED THEN INSERT (email, firstname) VALUES (s.email, s.firstname)";
+    let created = write(&engine, create).await;
+    assert_eq!((created.rows_written, created.rows_rejected), (3, 1));
+    let conflict = &created.rejects[0];
+    assert_eq!(
+        (conflict.key.as_deref(), conflict.code.as_str()),
+        (Some("user1@example.com"), "CONFLICT")
+    );
+    assert!(
+        conflict
+            .message
+            .contains(&format!("Existing ID: {existing}")),
+        "{}",
+        conflict.message
+    );
+    assert_eq!(fake.records("contacts").len(), 4);
+
+    // Mirror: upsert everything, then a record that leaves the model is archived by the id the
+    // state holds (no lookup).
+    let mirror = "MERGE INTO crm.contacts AS t USING people AS s ON t.email = s.email
+        WHEN MATCHED THEN UPDATE SET firstname = s.firstname
+        WHEN NOT MATCHED THEN INSERT (email, firstname) VALUES (s.email, s.firstname)
+        WHEN NOT MATCHED BY SOURCE THEN DELETE";
+    let synced = write(&engine, mirror).await;
+    assert_eq!(synced.rows_written, 4);
+    model(&engine, &people(3)).await;
+    let shrunk = write(&engine, mirror).await;
+    assert_eq!(shrunk.sync.as_ref().unwrap().counts.deletes, 1);
+    assert_eq!(fake.calls("archive"), 1);
+    assert_eq!(fake.calls("read"), 0, "the record id came from the state");
+    assert!(
+        fake.property("contacts", "email", "user3@example.com", "email")
+            .is_none()
+    );
+
+    // DELETE FROM by key: the id is looked up with batch/read, then archived.
+    let deleted = write(
+        &engine,
+        "DELETE FROM crm.contacts WHERE email IN (SELECT email FROM people WHERE firstname = 'User0')",
+    )
+    .await;
+    assert_eq!(deleted.rows_written, 1);
+    assert_eq!(fake.calls("read"), 1);
+    assert!(
+        fake.property("contacts", "email", "user0@example.com", "email")
+            .is_none()
+    );
+    assert_eq!(fake.records("contacts").len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_names_fail_at_plan_time_with_the_closest_name() {
+    let fake = FakeHubspot::start(Script::default()).await;
+    let engine = connect(&fake, "").await;
+    let error = |sql: &'static str| {
+        let engine = &engine;
+        async move { engine.run_sql(sql).await.unwrap_err().to_string() }
+    };
+    let e = error("INSERT INTO crm.contacts SELECT 'a@x.com' AS email, 'A' AS firstnam").await;
+    assert!(
+        e.contains("no field 'firstnam'") && e.contains("did you mean 'firstname'"),
+        "{e}"
+    );
+    let e = error("INSERT INTO crm.contacts SELECT 'a@x.com' AS email, TIMESTAMP '2024-01-01 00:00:00' AS createdate").await;
+    assert!(e.contains("createdate is read-only"), "{e}");
+    let e = error(
+        "MERGE INTO crm.contacts AS t USING (SELECT 'A' AS firstname) AS s ON t.firstname = s.firstname WHEN MATCHED THEN UPDATE SET firstname = s.firstname",
+    )
+    .await;
+    assert!(
+        e.contains("not 'firstname'") && e.contains("external_id"),
+        "{e}"
+    );
+    let e = error("INSERT INTO crm.widgets SELECT 1 AS x").await;
+    assert!(e.to_lowercase().contains("widgets"), "{e}");
+    assert_eq!(
+        fake.observed(|o| o.requests.len()),
+        0,
+        "no batch call was made"
+    );
+
+    let described = query(&engine, "DESCRIBE crm.contacts").await;
+    assert!(described.contains("lifecyclestage"), "{described}");
+    assert!(
+        described.contains("subscriber, lead, customer, evangelist"),
+        "{described}"
+    );
+    assert!(described.contains("external_id"), "{described}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rate_limit_storm_loses_nothing() {
+    let fake = FakeHubspot::start(Script {
+        limit: Some((5, Duration::from_millis(500))),
+        ..Script::default()
+    })
+    .await;
+    // Paced far faster than the fake allows: the 429s and headers must slow it down.
+    let engine = connect(&fake, ", rate_limit '100', batch_size '10'").await;
+    model(&engine, &people(300)).await;
+    let summary = write(&engine, UPSERT).await;
+    assert_eq!((summary.rows_written, summary.rows_rejected), (300, 0));
+    assert_eq!(fake.records("contacts").len(), 300);
+    assert!(fake.max_requests_in(Duration::from_millis(500)) <= 5);
+    let delivery = summary.delivery.unwrap();
+    assert_eq!(delivery.requests - delivery.throttled, 30, "{delivery:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_token_stops_at_once_and_is_never_printed() {
+    let fake = FakeHubspot::start(Script::default()).await;
+    let engine = super::support::engine();
+    engine
+        .run_sql(&format!(
+            "CREATE CONNECTION crm TYPE hubspot OPTIONS (token 'pat-na1-WRONG-secret', base_url '{}')",
+            fake.url
+        ))
+        .await
+        .unwrap();
+    let e = engine.run_sql(UPSERT).await.unwrap_err().to_string();
+    assert!(
+        e.contains("rejected the token") && e.contains("INVALID_AUTHENTICATION"),
+        "{e}"
+    );
+    assert!(!e.contains("WRONG-secret"), "{e}");
+
+    // Token revoked between planning and writing: one batch call, no retry storm.
+    let engine = connect(&fake, "").await;
+    model(&engine, &people(300)).await;
+    engine
+        .run_sql("SELECT * FROM crm.contacts LIMIT 0")
+        .await
+        .ok();
+    fake.script(|s| s.token = "rotated".into());
+    let e = engine.run_sql(UPSERT).await.unwrap_err().to_string();
+    assert!(e.contains("rejected the token"), "{e}");
+    assert!(
+        fake.calls("upsert") <= 3,
+        "one call per batch at most, none retried: {}",
+        fake.calls("upsert")
+    );
+    let explain = query(&engine, &format!("EXPLAIN {UPSERT}")).await;
+    assert!(
+        explain.contains("HubspotSink") && !explain.contains(TOKEN),
+        "{explain}"
+    );
+    let shown = query(&engine, "SHOW CONNECTIONS").await;
+    assert!(!shown.contains(TOKEN), "{shown}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daily_quota_stops_cleanly_and_the_next_day_resumes() {
+    let fake = FakeHubspot::start(Script {
+        // The properties call and two batch calls, then the day is used up.
+        daily: Some(3),
+        ..Script::default()
+    })
+    .await;
+    let engine = connect(&fake, ", concurrency '1'").await;
+    model(&engine, &people(450)).await;
+    let e = engine.run_sql(UPSERT).await.unwrap_err().to_string();
+    assert!(
+        e.contains("daily API limit") && e.contains("committed"),
+        "{e}"
+    );
+    assert_eq!(fake.records("contacts").len(), 200);
+    let runs = query(&engine, "SELECT status, inserted FROM sluice.runs").await;
+    assert!(runs.contains("200"), "{runs}");
+
+    fake.new_day();
+    let resumed = write(&engine, UPSERT).await;
+    assert_eq!((resumed.rows_written, resumed.rows_rejected), (250, 0));
+    assert_eq!(fake.records("contacts").len(), 450);
+    assert_eq!(
+        fake.calls("upsert"),
+        2 + 3,
+        "2 accepted, then the other 250 the next day"
+    );
+    assert_eq!(
+        fake.observed(|o| o.throttled),
+        1,
+        "one call refused with DAILY, none retried"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_faults_are_retried_and_merged_records_reported() {
+    let fake = FakeHubspot::start(Script {
+        faults: [
+            Fault::Status(502, None),
+            Fault::Status(423, None),
+            Fault::SilentEmpty,
+            Fault::Status(477, Some(0)),
+        ]
+        .into(),
+        merged: vec!["user5@example.com".into()],
+        ..Script::default()
+    })
+    .await;
+    let engine = connect(&fake, ", concurrency '1'").await;
+    model(&engine, &people(120)).await;
+    let summary = write(&engine, UPSERT).await;
+    assert_eq!((summary.rows_written, summary.rows_rejected), (119, 1));
+    assert_eq!(summary.rejects[0].code, "MISSING_FROM_RESULTS");
+    assert_eq!(summary.delivery.unwrap().retries, 4);
+    assert_eq!(fake.records("contacts").len(), 120);
+
+    // A missing scope stops the sync and names the scope.
+    fake.script(|s| {
+        s.merged.clear();
+        s.missing_scope = true;
+    });
+    model(&engine, &people(121)).await;
+    let e = engine.run_sql(UPSERT).await.unwrap_err().to_string();
+    assert!(e.contains("crm.objects.contacts.write"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn matches_by_a_unique_property_of_a_custom_key() {
+    let fake = FakeHubspot::start(Script::default()).await;
+    let engine = connect(&fake, "").await;
+    let merge = |name: &str| {
+        format!(
+            "MERGE INTO crm.companies AS t
+               USING (SELECT * FROM (VALUES ('A-1', 'Acme'), ('A-2', '{name}')) AS v(ref, name)) AS s
+               ON t.account_ref = s.ref
+             WHEN MATCHED THEN UPDATE SET name = s.name
+             WHEN NOT MATCHED THEN INSERT (account_ref, name) VALUES (s.ref, s.name)"
+        )
+    };
+    let first = write(&engine, &merge("Globex")).await;
+    assert_eq!(first.rows_written, 2);
+    let second = write(&engine, &merge("Globex Corp")).await;
+    assert_eq!(second.rows_written, 1);
+    assert_eq!(
+        fake.property("companies", "account_ref", "A-2", "name")
+            .as_deref(),
+        Some("Globex Corp")
+    );
+    assert_eq!(fake.records("companies").len(), 2);
+    assert_eq!(fake.calls("upsert"), 2, "upserts by idProperty account_ref");
+}
