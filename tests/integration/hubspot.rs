@@ -442,3 +442,38 @@ async fn matches_by_a_unique_property_of_a_custom_key() {
     assert_eq!(fake.records("companies").len(), 2);
     assert_eq!(fake.calls("upsert"), 2, "upserts by idProperty account_ref");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn explain_sync_counts_the_calls_and_sends_nothing() {
+    let fake = FakeHubspot::start(Script::default()).await;
+    let engine = connect(&fake, ", tier 'pro'").await;
+    model(&engine, &people(250)).await;
+    engine
+        .run_sql(&format!("CREATE SYNC contacts_sync AS {UPSERT}"))
+        .await
+        .unwrap();
+    let report = match engine
+        .run_sql("EXPLAIN SYNC contacts_sync")
+        .await
+        .unwrap()
+        .pop()
+    {
+        Some(Outcome::DryRun(r)) => r,
+        other => panic!("{other:?}"),
+    };
+    assert_eq!((report.counts.inserts, report.plan.requests()), (250, 3));
+    assert!(
+        report.rate_limit.is_some_and(|r| (r - 18.43).abs() < 0.01),
+        "{:?}",
+        report.rate_limit
+    );
+    let sample = &report.plan.ops[0].samples[0];
+    assert!(sample.contains("\"churn_score\":\"0.5\""), "{sample}");
+    assert_eq!(
+        fake.observed(|o| o.requests.len()),
+        0,
+        "a dry run sends nothing"
+    );
+    let run = write(&engine, "RUN SYNC contacts_sync").await;
+    assert_eq!(run.rows_written, 250);
+}
