@@ -124,7 +124,12 @@ impl AdaptiveLimiter {
                 }
                 if until <= now {
                     if let Some(rate) = s.rate {
-                        s.next_slot = s.next_slot.max(now) + Duration::from_secs_f64(1.0 / rate);
+                        // A grant that comes late (timer granularity, a busy runtime) may be
+                        // made up by the next one, never more: at most one interval's worth of
+                        // slack, so the pace holds over a window without bursting.
+                        let interval = Duration::from_secs_f64(1.0 / rate);
+                        let earliest = now.checked_sub(interval).unwrap_or(now);
+                        s.next_slot = s.next_slot.max(earliest) + interval;
                     }
                     if let Some(w) = &mut s.window {
                         w.granted += 1;
@@ -237,6 +242,30 @@ mod tests {
         let elapsed = start.elapsed();
         assert!(elapsed >= Duration::from_millis(999), "{elapsed:?}");
         assert!(elapsed < Duration::from_millis(1100), "{elapsed:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_late_grant_is_made_up_once_but_never_bursts() {
+        let limiter = AdaptiveLimiter::new(Some(10.0));
+        limiter.acquire().await;
+        limiter.finish();
+        // The next caller arrives 30 ms after its slot: the one after it keeps the pace.
+        tokio::time::advance(Duration::from_millis(130)).await;
+        let start = Instant::now();
+        limiter.acquire().await;
+        limiter.acquire().await;
+        assert_eq!(
+            start.elapsed(),
+            Duration::from_millis(70),
+            "the third grant is due 200 ms after the first"
+        );
+        // After a long idle, at most one grant of slack: two go at once, then the pace.
+        tokio::time::advance(Duration::from_secs(5)).await;
+        let start = Instant::now();
+        for _ in 0..4 {
+            limiter.acquire().await;
+        }
+        assert_eq!(start.elapsed(), Duration::from_millis(200));
     }
 
     #[tokio::test(start_paused = true)]

@@ -170,6 +170,8 @@ pub struct Observed {
     /// object → records by id.
     pub records: BTreeMap<String, BTreeMap<u64, Stored>>,
     next_id: u64,
+    /// (object, property) → normalized value → record id, for lookups by property.
+    index: HashMap<(String, String), HashMap<String, u64>>,
     window: VecDeque<Instant>,
     day_count: u64,
 }
@@ -264,16 +266,9 @@ impl FakeHubspot {
         let mut o = self.shared.observed.lock().unwrap();
         let id = o.next_id;
         o.next_id += 1;
-        let mut props = properties.as_object().cloned().unwrap_or_default();
-        props.insert("hs_object_id".into(), json!(id.to_string()));
-        o.records.entry(object.to_string()).or_default().insert(
-            id,
-            Stored {
-                id,
-                properties: props,
-                archived: false,
-            },
-        );
+        for (k, v) in properties.as_object().cloned().unwrap_or_default() {
+            o.set(object, id, &k, v);
+        }
         id
     }
 
@@ -477,6 +472,63 @@ fn route(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Response 
     }
 }
 
+impl Observed {
+    /// Sets a property of a record (creating the record), keeping the lookup index current.
+    fn set(&mut self, object: &str, id: u64, property: &str, value: Value) {
+        let record = self
+            .records
+            .entry(object.to_string())
+            .or_default()
+            .entry(id)
+            .or_insert_with(|| Stored {
+                id,
+                properties: Map::from_iter([("hs_object_id".to_string(), json!(id.to_string()))]),
+                archived: false,
+            });
+        let old = record
+            .properties
+            .insert(property.to_string(), value.clone());
+        let index = self
+            .index
+            .entry((object.to_string(), property.to_string()))
+            .or_default();
+        if let Some(old) = old.as_ref().and_then(Value::as_str) {
+            index.remove(&norm(property, old));
+        }
+        if let Some(v) = value.as_str() {
+            index.insert(norm(property, v), id);
+        }
+    }
+
+    fn archive(&mut self, object: &str, id: u64) {
+        let Some(record) = self.records.get_mut(object).and_then(|r| r.get_mut(&id)) else {
+            return;
+        };
+        record.archived = true;
+        for (k, v) in &record.properties {
+            if let (Some(index), Some(v)) = (
+                self.index.get_mut(&(object.to_string(), k.clone())),
+                v.as_str(),
+            ) {
+                index.remove(&norm(k, v));
+            }
+        }
+    }
+
+    /// A live record by (property, value).
+    fn find(&self, object: &str, property: &str, value: &str) -> Option<u64> {
+        if property == "hs_object_id" {
+            let id = value.parse::<u64>().ok()?;
+            let records = self.records.get(object)?;
+            return records.get(&id).filter(|r| !r.archived).map(|r| r.id);
+        }
+        self.index
+            .get(&(object.to_string(), property.to_string()))?
+            .get(&norm(property, value))
+            .copied()
+    }
+}
+
 fn text(v: &Value) -> String {
     match v {
         Value::String(s) => s.clone(),
@@ -668,38 +720,18 @@ fn batch(shared: &Shared, object: &str, action: &str, body: &[u8]) -> Response {
     let mut o = shared.observed.lock().unwrap();
     let traced = !inputs.is_empty() && inputs.iter().all(|i| i.get("objectWriteTraceId").is_some());
     if action == "archive" {
-        let records = o.records.entry(object.to_string()).or_default();
         for input in &inputs {
             if let Some(id) = input
                 .get("id")
                 .map(text)
                 .and_then(|s| s.parse::<u64>().ok())
-                && let Some(r) = records.get_mut(&id)
             {
-                r.archived = true;
+                o.archive(object, id);
             }
         }
         return StatusCode::NO_CONTENT.into_response();
     }
-    // Finds a live record by (property, value).
-    let find = |o: &Observed, property: &str, value: &str| -> Option<u64> {
-        let records = o.records.get(object)?;
-        if property == "hs_object_id" {
-            let id = value.parse::<u64>().ok()?;
-            return records.get(&id).filter(|r| !r.archived).map(|r| r.id);
-        }
-        let want = norm(property, value);
-        records
-            .values()
-            .find(|r| {
-                !r.archived
-                    && r.properties
-                        .get(property)
-                        .and_then(Value::as_str)
-                        .is_some_and(|v| norm(property, v) == want)
-            })
-            .map(|r| r.id)
-    };
+    let find = |o: &Observed, property: &str, value: &str| o.find(object, property, value);
     if action == "read" {
         let property = id_property(&Value::Null).unwrap_or_else(|| "hs_object_id".into());
         let mut results = vec![];
@@ -813,19 +845,17 @@ fn batch(shared: &Shared, object: &str, action: &str, body: &[u8]) -> Response {
                 (rid, true)
             }
         };
-        let records = o.records.entry(object.to_string()).or_default();
-        let record = records.entry(rid).or_insert_with(|| Stored {
-            id: rid,
-            properties: Map::from_iter([("hs_object_id".to_string(), json!(rid.to_string()))]),
-            archived: false,
-        });
+        if new {
+            o.set(object, rid, "hs_object_id", json!(rid.to_string()));
+        }
         for (k, v) in properties {
             let v = match (k.as_str(), v) {
                 ("email", Value::String(s)) => Value::String(s.to_lowercase()),
                 (_, v) => v,
             };
-            record.properties.insert(k, v);
+            o.set(object, rid, &k, v);
         }
+        let record = &o.records[object][&rid];
         let key_value = record
             .properties
             .get("email")
