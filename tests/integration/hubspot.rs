@@ -477,3 +477,52 @@ async fn explain_sync_counts_the_calls_and_sends_nothing() {
     let run = write(&engine, "RUN SYNC contacts_sync").await;
     assert_eq!(run.rows_written, 250);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_memberships_follow_the_model() {
+    let fake = FakeHubspot::start(Script::default()).await;
+    fake.seed_list("VIP");
+    let engine = connect(&fake, "").await;
+    model(&engine, &people(4)).await;
+    let mirror = "MERGE INTO crm.list_members AS t
+          USING (SELECT CASE WHEN churn_score > 2 THEN 'Churn risk' ELSE 'VIP' END AS list, email, firstname FROM people) AS s
+          ON t.list = s.list AND t.email = s.email
+        WHEN MATCHED THEN UPDATE SET firstname = s.firstname
+        WHEN NOT MATCHED THEN INSERT (list, email, firstname) VALUES (s.list, s.email, s.firstname)
+        WHEN NOT MATCHED BY SOURCE THEN DELETE";
+    let first = write(&engine, mirror).await;
+    assert_eq!((first.rows_written, first.rows_rejected), (4, 0));
+    assert_eq!(
+        fake.list_emails("VIP"),
+        ["user0@example.com", "user1@example.com"]
+    );
+    assert_eq!(
+        fake.list_emails("Churn risk"),
+        ["user2@example.com", "user3@example.com"],
+        "a MANUAL list is created when missing"
+    );
+    assert_eq!(
+        fake.records("contacts").len(),
+        4,
+        "the contacts were upserted first"
+    );
+    assert_eq!(fake.observed(|o| o.lists.len()), 2);
+
+    // One member leaves the model: removed from its list by the record id the state holds.
+    model(&engine, &people(3)).await;
+    let second = write(&engine, mirror).await;
+    assert_eq!(second.sync.as_ref().unwrap().counts.deletes, 1);
+    assert_eq!(fake.list_emails("Churn risk"), ["user2@example.com"]);
+    assert_eq!(
+        fake.records("contacts").len(),
+        4,
+        "leaving a list does not delete the contact"
+    );
+    assert_eq!(fake.calls("read"), 0);
+
+    // Nothing changed: no call at all.
+    let before = fake.observed(|o| o.requests.len());
+    let third = write(&engine, mirror).await;
+    assert_eq!(third.rows_written, 0);
+    assert_eq!(fake.observed(|o| o.requests.len()), before);
+}

@@ -18,6 +18,7 @@
 pub mod api;
 mod config;
 pub mod encode;
+mod lists;
 pub mod retry;
 mod sink;
 
@@ -80,6 +81,7 @@ impl Destination for HubspotDestination {
             .iter()
             .map(|(n, _)| n.to_string())
             .collect();
+        names.push(lists::LIST_MEMBERS.to_string());
         for name in self.0.cached_names() {
             if !names.contains(&name) {
                 names.push(name);
@@ -97,10 +99,29 @@ impl Destination for HubspotDestination {
     }
 
     fn known_fields(&self, name: &str) -> Option<SchemaRef> {
+        if name == lists::LIST_MEMBERS {
+            return self.0.cached("contacts").map(|c| list_member_fields(&c));
+        }
         self.0.cached(name).map(|o| Arc::clone(&o.fields))
     }
 
+    fn composite_keys(&self) -> bool {
+        true
+    }
+
     async fn object(&self, name: &str) -> Result<Option<ObjectSpec>> {
+        if name.eq_ignore_ascii_case(lists::LIST_MEMBERS) {
+            let Some(contacts) = self.0.object_schema("contacts").await? else {
+                return Ok(None);
+            };
+            return Ok(Some(ObjectSpec {
+                name: lists::LIST_MEMBERS.into(),
+                fields: Some(list_member_fields(&contacts)),
+                key: None,
+                composite_key: vec!["list".into(), "email".into()],
+                match_keys: vec![],
+            }));
+        }
         Ok(self.0.object_schema(name).await?.map(|o| ObjectSpec {
             name: o.name.clone(),
             fields: Some(Arc::clone(&o.fields)),
@@ -117,6 +138,24 @@ impl Destination for HubspotDestination {
         report: Arc<WriteReport>,
         sync: Option<Arc<SyncRun>>,
     ) -> Result<Arc<dyn DataSink>> {
+        if object.name == lists::LIST_MEMBERS {
+            let (Some(contacts), Some(run)) = (self.0.cached("contacts"), sync) else {
+                return Err(Error::plan(
+                    format!("{}.{} is written by syncs only", self.0.name, object.name),
+                    object.name.clone(),
+                ));
+            };
+            for needed in ["list", "email"] {
+                key_index(&schema, needed, &self.0.name, &object.name)?;
+            }
+            return Ok(Arc::new(lists::ListMembersSink::new(
+                Arc::clone(&self.0),
+                contacts,
+                schema,
+                report,
+                run,
+            )));
+        }
         let described = self.0.cached(&object.name).ok_or_else(|| {
             Error::plan(
                 format!("{}.{} is not known", self.0.name, object.name),
@@ -148,4 +187,12 @@ impl Destination for HubspotDestination {
             sync,
         )))
     }
+}
+
+/// `list_members`: the list (name or id), then the contact properties.
+fn list_member_fields(contacts: &api::ObjectSchema) -> SchemaRef {
+    use datafusion::arrow::datatypes::{DataType, Field, Schema};
+    let mut fields = vec![Arc::new(Field::new("list", DataType::Utf8, true))];
+    fields.extend(contacts.fields.fields().iter().cloned());
+    Arc::new(Schema::new(fields))
 }

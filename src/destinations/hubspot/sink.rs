@@ -48,7 +48,7 @@ impl Matching {
         }
     }
 
-    fn key(&self) -> &str {
+    pub fn key(&self) -> &str {
         match self {
             Matching::Property(p) => p,
             Matching::RecordId => "hs_object_id",
@@ -57,10 +57,10 @@ impl Matching {
 }
 
 /// What the driver calls for HubSpot: request building and response reading.
-struct HubspotService {
-    connection: Arc<HubspotConnection>,
-    object: String,
-    matching: Matching,
+pub(super) struct HubspotService {
+    pub connection: Arc<HubspotConnection>,
+    pub object: String,
+    pub matching: Matching,
 }
 
 impl HubspotService {

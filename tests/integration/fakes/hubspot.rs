@@ -170,6 +170,8 @@ pub struct Observed {
     /// object → records by id.
     pub records: BTreeMap<String, BTreeMap<u64, Stored>>,
     next_id: u64,
+    /// Lists by id: (name, members' record ids).
+    pub lists: BTreeMap<String, (String, std::collections::BTreeSet<u64>)>,
     /// (object, property) → normalized value → record id, for lookups by property.
     index: HashMap<(String, String), HashMap<String, u64>>,
     window: VecDeque<Instant>,
@@ -270,6 +272,38 @@ impl FakeHubspot {
             o.set(object, id, &k, v);
         }
         id
+    }
+
+    /// Creates a static list directly; returns its id.
+    pub fn seed_list(&self, name: &str) -> String {
+        let mut o = self.shared.observed.lock().unwrap();
+        let id = (o.lists.len() + 1).to_string();
+        o.lists
+            .insert(id.clone(), (name.to_string(), Default::default()));
+        id
+    }
+
+    /// The emails of the members of the list named `name`, sorted.
+    pub fn list_emails(&self, name: &str) -> Vec<String> {
+        self.observed(|o| {
+            let Some((_, (_, members))) = o.lists.iter().find(|(_, (n, _))| n == name) else {
+                return vec![];
+            };
+            let mut emails: Vec<String> = members
+                .iter()
+                .filter_map(|id| {
+                    o.records
+                        .get("contacts")?
+                        .get(id)?
+                        .properties
+                        .get("email")?
+                        .as_str()
+                        .map(str::to_string)
+                })
+                .collect();
+            emails.sort();
+            emails
+        })
     }
 
     /// Batch calls by action (`upsert`, `create`, …).
@@ -463,6 +497,94 @@ fn route(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Response 
             });
             response
         }
+        (
+            "GET",
+            [
+                "crm",
+                "v3",
+                "lists",
+                "object-type-id",
+                type_id,
+                "name",
+                name,
+            ],
+        ) => {
+            let name = percent_decode(name);
+            let o = shared.observed.lock().unwrap();
+            match o.lists.iter().find(|(_, (n, _))| *n == name) {
+                Some((id, _)) => axum::Json(json!({"list": {"listId": id, "name": name, "objectTypeId": type_id, "processingType": "MANUAL"}})).into_response(),
+                None => error_body(
+                    StatusCode::NOT_FOUND,
+                    &format!("List does not exist with name {name}."),
+                    "OBJECT_NOT_FOUND",
+                    json!({}),
+                ),
+            }
+        }
+        ("POST", ["crm", "v3", "lists"]) => {
+            let request: Value = serde_json::from_slice(body).unwrap_or_default();
+            let name = request
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string();
+            let mut o = shared.observed.lock().unwrap();
+            if name.is_empty() || o.lists.values().any(|(n, _)| *n == name) {
+                return error_body(
+                    StatusCode::BAD_REQUEST,
+                    "A list with this name already exists",
+                    "VALIDATION_ERROR",
+                    json!({}),
+                );
+            }
+            let id = (o.lists.len() + 1).to_string();
+            o.lists
+                .insert(id.clone(), (name.clone(), Default::default()));
+            axum::Json(json!({"list": {"listId": id, "name": name, "objectTypeId": request.get("objectTypeId"), "processingType": request.get("processingType")}})).into_response()
+        }
+        ("PUT", ["crm", "v3", "lists", id, "memberships", action]) => {
+            let ids: Vec<String> = serde_json::from_slice(body).unwrap_or_default();
+            let mut o = shared.observed.lock().unwrap();
+            let existing: Vec<bool> = ids
+                .iter()
+                .map(|i| {
+                    i.parse::<u64>().ok().is_some_and(|n| {
+                        o.find("contacts", "hs_object_id", &n.to_string()).is_some()
+                    })
+                })
+                .collect();
+            let Some((_, members)) = o.lists.get_mut(*id) else {
+                return error_body(
+                    StatusCode::NOT_FOUND,
+                    &format!("List {id} does not exist."),
+                    "OBJECT_NOT_FOUND",
+                    json!({}),
+                );
+            };
+            let (mut changed, mut missing) = (vec![], vec![]);
+            for (i, ok) in ids.iter().zip(existing) {
+                let n: u64 = i.parse().unwrap_or(0);
+                match (*action, ok) {
+                    (_, false) => missing.push(i.clone()),
+                    ("add", true) => {
+                        if members.insert(n) {
+                            changed.push(i.clone());
+                        }
+                    }
+                    (_, true) => {
+                        if members.remove(&n) {
+                            changed.push(i.clone());
+                        }
+                    }
+                }
+            }
+            let body = if *action == "add" {
+                json!({"recordIdsMissing": missing, "recordsIdsAdded": changed})
+            } else {
+                json!({"recordIdsMissing": missing, "recordIdsRemoved": changed})
+            };
+            axum::Json(body).into_response()
+        }
         _ => error_body(
             StatusCode::NOT_FOUND,
             &format!("no route for {method} {path}"),
@@ -527,6 +649,26 @@ impl Observed {
             .get(&norm(property, value))
             .copied()
     }
+}
+
+/// `%XX` escapes of a path segment.
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let Ok(b) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn text(v: &Value) -> String {
