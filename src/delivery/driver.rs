@@ -194,6 +194,12 @@ impl<S: HttpService> Driver<S> {
         }
         if done.error.is_none() {
             for batch in batcher.finish() {
+                while tasks.len() >= concurrency && done.error.is_none() {
+                    settle(&mut done, join(tasks.join_next().await));
+                }
+                if done.error.is_some() {
+                    break;
+                }
                 send(&mut tasks, batch, &mut dry_run);
             }
         }

@@ -526,3 +526,29 @@ async fn list_memberships_follow_the_model() {
     assert_eq!(third.rows_written, 0);
     assert_eq!(fake.observed(|o| o.requests.len()), before);
 }
+
+/// Two model rows whose emails differ only in case are one record to HubSpot, which refuses a
+/// batch holding an id twice: they go in separate calls, in order, and nothing is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_hubspot_sees_as_equal_never_share_a_batch() {
+    let fake = FakeHubspot::start(Script::default()).await;
+    let engine = connect(&fake, ", concurrency '1'").await;
+    model(
+        &engine,
+        "('Dup@example.com', 'First', 1.0, 'lead'), ('x@example.com', 'X', 1.0, 'lead'), ('dup@example.com', 'Second', 2.0, 'lead')",
+    )
+    .await;
+    let summary = write(&engine, UPSERT).await;
+    assert_eq!((summary.rows_written, summary.rows_rejected), (3, 0));
+    fake.observed(|o| {
+        assert_eq!(o.requests.len(), 2, "the repeated key starts a second call");
+        assert!(o.requests.iter().all(|r| r.status == 200));
+    });
+    assert_eq!(fake.records("contacts").len(), 2);
+    assert_eq!(
+        fake.property("contacts", "email", "dup@example.com", "firstname")
+            .as_deref(),
+        Some("Second"),
+        "the later row wins"
+    );
+}
