@@ -357,19 +357,7 @@ impl<S: HttpService> Driver<S> {
             }
         };
         let t0 = Instant::now();
-        let result = request.send().await;
-        let response = match result {
-            Ok(r) => {
-                let status = r.status();
-                let headers = r.headers().clone();
-                r.bytes().await.map(|body| HttpResponse {
-                    status,
-                    headers,
-                    body,
-                })
-            }
-            Err(e) => Err(e),
-        };
+        let response = send(request).await;
         self.metrics.record_request(batch.bytes, t0.elapsed());
         let out = match response {
             Ok(response) => {
@@ -483,6 +471,19 @@ fn join(
         }),
         None => Ok(DeliveryOutcome::default()),
     }
+}
+
+/// Sends a request and reads its whole answer.
+pub(crate) async fn send(request: reqwest::RequestBuilder) -> reqwest::Result<HttpResponse> {
+    let response = request.send().await?;
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.bytes().await?;
+    Ok(HttpResponse {
+        status,
+        headers,
+        body,
+    })
 }
 
 /// The innermost cause of an error (reqwest wraps hyper wraps io).

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use super::config::HubspotConfig;
 use super::retry::{self, HubspotRetryLogic};
-use crate::delivery::driver::root_cause;
+use crate::delivery::driver::{root_cause, send};
 use crate::delivery::{AdaptiveLimiter, HttpResponse, ResponseClass};
 use crate::destinations::field_meta;
 use crate::error::{Error, Result};
@@ -278,19 +278,7 @@ impl HubspotConnection {
                     .header(http::header::CONTENT_TYPE, "application/json")
                     .body(serde_json::to_vec(body).map_err(|e| self.error(e.to_string()))?);
             }
-            let sent = request.send().await;
-            let response = match sent {
-                Ok(r) => {
-                    let status = r.status();
-                    let headers = r.headers().clone();
-                    r.bytes().await.map(|body| HttpResponse {
-                        status,
-                        headers,
-                        body,
-                    })
-                }
-                Err(e) => Err(e),
-            };
+            let response = send(request).await;
             let class = match &response {
                 Ok(r) => {
                     if let Some(w) = retry::rate_window(&r.headers) {
