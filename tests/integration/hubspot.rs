@@ -481,7 +481,7 @@ async fn explain_sync_counts_the_calls_and_sends_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_memberships_follow_the_model() {
     let fake = FakeHubspot::start(Script::default()).await;
-    fake.seed_list("VIP");
+    let vip = fake.seed_list("VIP");
     let engine = connect(&fake, "").await;
     model(&engine, &people(4)).await;
     let mirror = "MERGE INTO crm.list_members AS t
@@ -525,6 +525,19 @@ async fn list_memberships_follow_the_model() {
     let third = write(&engine, mirror).await;
     assert_eq!(third.rows_written, 0);
     assert_eq!(fake.observed(|o| o.requests.len()), before);
+
+    // A list named by its id.
+    let by_id = write(
+        &engine,
+        &format!("INSERT INTO crm.list_members SELECT '{vip}' AS list, 'new@example.com' AS email"),
+    )
+    .await;
+    assert_eq!(by_id.rows_written, 1);
+    assert_eq!(
+        fake.list_emails("VIP"),
+        ["new@example.com", "user0@example.com", "user1@example.com"]
+    );
+    assert_eq!(fake.observed(|o| o.lists.len()), 2, "no list was created");
 }
 
 /// Two model rows whose emails differ only in case are one record to HubSpot, which refuses a

@@ -16,9 +16,10 @@ use datafusion::arrow::datatypes::{
 };
 use datafusion::arrow::record_batch::RecordBatch;
 
+use super::api::ObjectSchema;
 use crate::delivery::{Record, Rejected};
 use crate::error::Result;
-use crate::sync::Op;
+use crate::sync::{NullPolicy, Op, SyncRun};
 
 /// What one batch of rows became.
 #[derive(Debug, Default)]
@@ -46,6 +47,28 @@ pub struct Encoder {
 }
 
 impl Encoder {
+    /// An encoder of `fields` of `object`, matched by field `key`; in a sync (`sync` set) the
+    /// rows carry its change columns and its null policy applies.
+    pub fn new(
+        object: &ObjectSchema,
+        fields: Vec<String>,
+        key: usize,
+        send_key: bool,
+        sync: Option<&SyncRun>,
+    ) -> Self {
+        Self {
+            options: fields
+                .iter()
+                .map(|f| object.options.get(f).cloned())
+                .collect(),
+            fields,
+            key: Some(key),
+            send_key,
+            skip_nulls: sync.is_some_and(|r| r.spec.options.null_policy == NullPolicy::Skip),
+            changes: sync.is_some(),
+        }
+    }
+
     /// `record_id(change)`: a delete's record id, `Some(None)` when HubSpot has no such record.
     pub fn encode(
         &self,

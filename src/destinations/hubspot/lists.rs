@@ -37,13 +37,11 @@ use super::api::{HubspotConnection, ObjectSchema, normalize};
 use super::encode::{Encoder, hubspot_strings};
 use super::sink::{HubspotService, Matching};
 use crate::delivery::progress::Progress;
-use crate::delivery::{
-    Batcher, Delivered, DeliveryMetrics, DeliveryOutcome, Driver, DryRun, DryRunOp, Rejected,
-};
+use crate::delivery::{Delivered, DeliveryMetrics, DeliveryOutcome, DryRun, DryRunOp, Rejected};
 use crate::destinations::WriteReport;
 use crate::error::Error;
 use crate::sync::hash::COMPOSITE_KEY;
-use crate::sync::{NullPolicy, Op, SyncRun};
+use crate::sync::{Op, SyncRun};
 
 /// The object name of memberships.
 pub const LIST_MEMBERS: &str = "list_members";
@@ -262,32 +260,18 @@ impl DataSink for ListMembersSink {
             .ok_or_else(|| Error::Write {
                 message: "list members need their 'email'".into(),
             })?;
-        let encoder = Encoder {
-            options: names
-                .iter()
-                .map(|f| self.contacts.options.get(f).cloned())
-                .collect(),
-            fields: names,
-            key: Some(key),
-            send_key: true,
-            skip_nulls: self.sync.spec.options.null_policy == NullPolicy::Skip,
-            changes: true,
-        };
+        let encoder = Encoder::new(&self.contacts, names, key, true, Some(&self.sync));
         let metrics = Arc::new(DeliveryMetrics::default());
         let progress = Progress::start(
             &format!("{}.{LIST_MEMBERS}", connection.name),
             Arc::clone(&metrics),
         );
-        let driver = Driver::new(
-            Arc::new(HubspotService {
-                connection: Arc::clone(connection),
-                object: "contacts".into(),
-                matching: Matching::Property("email".into()),
-            }),
-            connection.client.clone(),
-            Arc::clone(&connection.limiter),
-            config.http.retry,
-            Arc::clone(&metrics),
+        let (driver, batcher) = HubspotService::delivery(
+            connection,
+            "contacts",
+            Matching::Property("email".into()),
+            &self.sync.run_id,
+            &metrics,
         );
         let mut dry_run = self.sync.dry_run.then(DryRun::default);
         let schema = upserts
@@ -304,8 +288,6 @@ impl DataSink for ListMembersSink {
             encode_rejects.extend(out.rejects);
             Ok(out.records)
         };
-        let batcher = Batcher::new(&self.sync.run_id, config.http.batch_size, usize::MAX)
-            .with_unique_keys(|k| k.trim().to_lowercase());
         let Delivered {
             outcome: upserted,
             mut error,

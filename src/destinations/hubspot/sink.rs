@@ -30,7 +30,7 @@ use crate::delivery::{
     Batch, Batcher, DeliveryMetrics, Driver, DryRun, HttpResponse, HttpService, ResponseClass,
 };
 use crate::destinations::WriteReport;
-use crate::sync::{NullPolicy, Op, SyncRun};
+use crate::sync::{Op, SyncRun};
 
 /// How records are matched: by a property (`idProperty`), or by HubSpot's record id.
 #[derive(Debug, Clone)]
@@ -64,6 +64,37 @@ pub(super) struct HubspotService {
 }
 
 impl HubspotService {
+    /// Batch calls on `object`: a driver over the connection's client, limiter and retry
+    /// policy, and a batcher that never puts two records HubSpot sees as one in a call.
+    pub(super) fn delivery(
+        connection: &Arc<HubspotConnection>,
+        object: &str,
+        matching: Matching,
+        run_id: &str,
+        metrics: &Arc<DeliveryMetrics>,
+    ) -> (Driver<Self>, Batcher) {
+        let normalize_key: fn(&str) -> String = match &matching {
+            Matching::Property(p) if p == "email" => |k| normalize("email", k),
+            _ => |k| k.to_string(),
+        };
+        let config = &connection.config;
+        let batcher = Batcher::new(run_id, config.http.batch_size, usize::MAX)
+            .with_unique_keys(normalize_key);
+        let service = Arc::new(HubspotService {
+            connection: Arc::clone(connection),
+            object: object.to_string(),
+            matching,
+        });
+        let driver = Driver::new(
+            service,
+            connection.client.clone(),
+            Arc::clone(&connection.limiter),
+            config.http.retry,
+            Arc::clone(metrics),
+        );
+        (driver, batcher)
+    }
+
     fn path(&self, op: Op) -> String {
         let action = match (op, &self.matching) {
             (Op::Upsert, Matching::Property(_)) => "upsert",
@@ -298,38 +329,25 @@ impl DataSink for HubspotSink {
             Some(run) => run.run_id.clone(),
             None => uuid::Uuid::new_v4().simple().to_string()[..16].to_string(),
         };
-        let service = Arc::new(HubspotService {
-            connection: Arc::clone(connection),
-            object: self.object.name.clone(),
-            matching: self.matching.clone(),
-        });
         let delivery_metrics = Arc::new(DeliveryMetrics::default());
         let progress = Progress::start(
             &format!("{}.{}", connection.name, self.object.name),
             Arc::clone(&delivery_metrics),
         );
-        let driver = Driver::new(
-            service,
-            connection.client.clone(),
-            Arc::clone(&connection.limiter),
-            config.http.retry,
-            Arc::clone(&delivery_metrics),
+        let (driver, batcher) = HubspotService::delivery(
+            connection,
+            &self.object.name,
+            self.matching.clone(),
+            &run_id,
+            &delivery_metrics,
         );
-        let fields = self.mapped_fields();
-        let encoder = Encoder {
-            options: fields
-                .iter()
-                .map(|f| self.object.options.get(f).cloned())
-                .collect(),
-            fields,
-            key: Some(self.key),
-            send_key: matches!(self.matching, Matching::Property(_)),
-            skip_nulls: self
-                .sync
-                .as_ref()
-                .is_some_and(|r| r.spec.options.null_policy == NullPolicy::Skip),
-            changes: self.sync.is_some(),
-        };
+        let encoder = Encoder::new(
+            &self.object,
+            self.mapped_fields(),
+            self.key,
+            matches!(self.matching, Matching::Property(_)),
+            self.sync.as_deref(),
+        );
         // Deletes need record ids: looked up (asynchronously) before their rows are encoded.
         let resolver = Resolver {
             connection: Arc::clone(connection),
@@ -359,12 +377,6 @@ impl DataSink for HubspotSink {
             report.ack(out.gone.into_iter().map(|c| (c, None)).collect());
             Ok(out.records)
         };
-        let normalize_key: fn(&str) -> String = match &self.matching {
-            Matching::Property(p) if p == "email" => |k| k.trim().to_lowercase(),
-            _ => |k| k.to_string(),
-        };
-        let batcher = Batcher::new(&run_id, config.http.batch_size, usize::MAX)
-            .with_unique_keys(normalize_key);
         let mut dry_run = self
             .sync
             .as_ref()
