@@ -62,6 +62,8 @@ pub struct Delivered {
 #[derive(Debug, Default, Clone)]
 pub struct DryRun {
     pub ops: Vec<DryRunOp>,
+    /// What else the destination wants said (its quota, how it would send).
+    pub notes: Vec<String>,
 }
 
 /// One operation's share of a dry run.
@@ -150,12 +152,26 @@ impl<S: HttpService> Driver<S> {
     /// settled before it. With `dry_run`, batches are counted and sampled but nothing is sent.
     pub async fn deliver_stream(
         &self,
-        mut input: SendableRecordBatchStream,
+        input: SendableRecordBatchStream,
         mut encode: impl FnMut(&RecordBatch) -> Result<Vec<Record>>,
+        batcher: Batcher,
+        concurrency: usize,
+        dry_run: Option<&mut DryRun>,
+    ) -> Delivered {
+        let records = input.map(move |rows| rows.map_err(Error::from).and_then(|b| encode(&b)));
+        self.deliver_records(records, batcher, concurrency, dry_run)
+            .await
+    }
+
+    /// As [`Self::deliver_stream`], for records already encoded (a stream of chunks).
+    pub async fn deliver_records(
+        &self,
+        input: impl futures::Stream<Item = Result<Vec<Record>>>,
         mut batcher: Batcher,
         concurrency: usize,
         mut dry_run: Option<&mut DryRun>,
     ) -> Delivered {
+        let mut input = std::pin::pin!(input);
         let concurrency = concurrency.max(1);
         let mut done = Delivered::default();
         let mut tasks: JoinSet<Result<DeliveryOutcome>> = JoinSet::new();
@@ -173,7 +189,7 @@ impl<S: HttpService> Driver<S> {
             }
         };
         'input: while let Some(rows) = input.next().await {
-            let records = match rows.map_err(Error::from).and_then(|b| encode(&b)) {
+            let records = match rows {
                 Ok(r) => r,
                 Err(e) => {
                     done.error = Some(e);
@@ -319,7 +335,7 @@ impl<S: HttpService> Driver<S> {
                         .then(|| retry_after.unwrap_or_else(|| self.policy.backoff(failures)))
                 }
                 ResponseClass::Unauthorized(message) => {
-                    if !refreshed && self.service.refresh_credentials().await? {
+                    if !refreshed && self.service.refresh_credentials(&pending).await? {
                         refreshed = true;
                         None
                     } else {

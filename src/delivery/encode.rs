@@ -5,9 +5,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use datafusion::arrow::array::{AsArray, UInt32Array};
-use datafusion::arrow::compute::take_record_batch;
-use datafusion::arrow::datatypes::{Schema, UInt8Type, UInt32Type, UInt64Type};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray, UInt32Array};
+use datafusion::arrow::compute::{cast, take_record_batch};
+use datafusion::arrow::datatypes::{
+    DataType, Date32Type, Float32Type, Float64Type, Schema, TimeUnit, TimestampMillisecondType,
+    UInt8Type, UInt32Type, UInt64Type,
+};
 use datafusion::arrow::json::WriterBuilder;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
@@ -134,6 +137,58 @@ fn memchr_newline(buf: &[u8], from: usize) -> Option<usize> {
         .iter()
         .position(|&b| b == b'\n')
         .map(|i| from + i)
+}
+
+/// How a date travels as text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DateStyle {
+    /// Midnight UTC in epoch milliseconds (HubSpot).
+    EpochMillis,
+    /// `2024-01-15` (Salesforce, CSV).
+    Iso,
+}
+
+/// A column as text values, the way JSON-string and CSV APIs take them (nulls stay null):
+/// numbers as written, booleans as `true`/`false`, dates per `dates`, timestamps as ISO 8601
+/// UTC with milliseconds.
+pub fn text_values(array: &ArrayRef, dates: DateStyle) -> Result<StringArray> {
+    let strings: StringArray = match array.data_type() {
+        DataType::Float64 => array
+            .as_primitive::<Float64Type>()
+            .iter()
+            .map(|v| v.map(|v| v.to_string()))
+            .collect(),
+        DataType::Float32 => array
+            .as_primitive::<Float32Type>()
+            .iter()
+            .map(|v| v.map(|v| v.to_string()))
+            .collect(),
+        DataType::Date32 => array
+            .as_primitive::<Date32Type>()
+            .iter()
+            .map(|v| {
+                v.map(|days| match dates {
+                    DateStyle::EpochMillis => (i64::from(days) * 86_400_000).to_string(),
+                    DateStyle::Iso => chrono::DateTime::from_timestamp(i64::from(days) * 86_400, 0)
+                        .map(|t| t.format("%Y-%m-%d").to_string())
+                        .unwrap_or_default(),
+                })
+            })
+            .collect(),
+        DataType::Timestamp(_, _) => {
+            let ms = cast(array, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
+            ms.as_primitive::<TimestampMillisecondType>()
+                .iter()
+                .map(|v| {
+                    v.and_then(chrono::DateTime::from_timestamp_millis)
+                        .map(|t| t.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string())
+                })
+                .collect()
+        }
+        DataType::Utf8 => array.as_string::<i32>().clone(),
+        _ => cast(array, &DataType::Utf8)?.as_string::<i32>().clone(),
+    };
+    Ok(strings)
 }
 
 #[cfg(test)]

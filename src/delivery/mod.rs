@@ -95,8 +95,9 @@ pub trait HttpService: Send + Sync + 'static {
     /// Reads a response.
     fn classify(&self, batch: &Batch, response: &HttpResponse) -> ResponseClass;
 
-    /// Refreshes credentials after a 401; `Ok(false)` when this destination cannot.
-    async fn refresh_credentials(&self) -> Result<bool> {
+    /// Refreshes credentials after a 401 answered `batch`'s request; `Ok(false)` when this
+    /// destination cannot.
+    async fn refresh_credentials(&self, _batch: &Batch) -> Result<bool> {
         Ok(false)
     }
 

@@ -118,6 +118,9 @@ impl fmt::Display for DryRunReport {
                 write!(f, "\n      e.g. {sample}")?;
             }
         }
+        for note in &self.plan.notes {
+            write!(f, "\n  {note}")?;
+        }
         match self.rate_limit {
             Some(rate) if rate > 0.0 => write!(
                 f,

@@ -506,7 +506,7 @@ async fn a_401_refreshes_credentials_once() {
         fn classify(&self, batch: &Batch, response: &HttpResponse) -> ResponseClass {
             sluice::destinations::webhook::retry::WebhookRetryLogic::classify(batch, response)
         }
-        async fn refresh_credentials(&self) -> sluice::Result<bool> {
+        async fn refresh_credentials(&self, _batch: &Batch) -> sluice::Result<bool> {
             self.refreshes.fetch_add(1, Ordering::SeqCst);
             if self.fixes {
                 self.fake.script(|s| s.unauthorized = false);

@@ -4,19 +4,15 @@
 //! Enumeration values are checked against the property's options before anything is sent.
 
 use std::collections::HashSet;
-use std::io::Write;
 use std::sync::Arc;
 
 use bytes::Bytes;
-use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray};
-use datafusion::arrow::compute::cast;
-use datafusion::arrow::datatypes::{
-    DataType, Date32Type, Float32Type, Float64Type, TimeUnit, TimestampMillisecondType, UInt8Type,
-    UInt32Type, UInt64Type,
-};
+use datafusion::arrow::array::{Array, AsArray, StringArray};
+use datafusion::arrow::datatypes::{UInt8Type, UInt32Type, UInt64Type};
 use datafusion::arrow::record_batch::RecordBatch;
 
 use super::api::ObjectSchema;
+use crate::delivery::encode::{DateStyle, text_values};
 use crate::delivery::{Record, Rejected};
 use crate::error::Result;
 use crate::sync::{NullPolicy, Op, SyncRun};
@@ -77,7 +73,7 @@ impl Encoder {
     ) -> Result<Encoded> {
         let n = self.fields.len();
         let values: Vec<StringArray> = (0..n)
-            .map(|i| hubspot_strings(batch.column(i)))
+            .map(|i| text_values(batch.column(i), DateStyle::EpochMillis))
             .collect::<Result<_>>()?;
         let (ops, masks, ids) = if self.changes {
             (
@@ -195,56 +191,19 @@ pub fn json_str(out: &mut Vec<u8>, s: &str) {
     serde_json::to_writer(out, s).expect("writing JSON into memory does not fail");
 }
 
-/// A column as the strings HubSpot expects (nulls stay null).
-pub fn hubspot_strings(array: &ArrayRef) -> Result<StringArray> {
-    let strings: StringArray = match array.data_type() {
-        DataType::Float64 => array
-            .as_primitive::<Float64Type>()
-            .iter()
-            .map(|v| v.map(|v| v.to_string()))
-            .collect(),
-        DataType::Float32 => array
-            .as_primitive::<Float32Type>()
-            .iter()
-            .map(|v| v.map(|v| v.to_string()))
-            .collect(),
-        DataType::Date32 => array
-            .as_primitive::<Date32Type>()
-            .iter()
-            .map(|v| v.map(|days| (i64::from(days) * 86_400_000).to_string()))
-            .collect(),
-        DataType::Timestamp(_, _) => {
-            let ms = cast(array, &DataType::Timestamp(TimeUnit::Millisecond, None))?;
-            ms.as_primitive::<TimestampMillisecondType>()
-                .iter()
-                .map(|v| {
-                    v.and_then(chrono::DateTime::from_timestamp_millis)
-                        .map(|t| {
-                            let mut s = Vec::with_capacity(24);
-                            let _ = write!(s, "{}", t.format("%Y-%m-%dT%H:%M:%S%.3fZ"));
-                            String::from_utf8(s).unwrap_or_default()
-                        })
-                })
-                .collect()
-        }
-        DataType::Utf8 => array.as_string::<i32>().clone(),
-        _ => cast(array, &DataType::Utf8)?.as_string::<i32>().clone(),
-    };
-    Ok(strings)
-}
-
 #[cfg(test)]
 mod tests {
     use datafusion::arrow::array::{
-        BooleanArray, Date32Array, Float64Array, TimestampMillisecondArray,
+        ArrayRef, BooleanArray, Date32Array, Float64Array, TimestampMillisecondArray,
     };
+    use datafusion::arrow::datatypes::DataType;
 
     use super::*;
 
     #[test]
     fn values_as_hubspot_expects() {
         let col = |a: ArrayRef| {
-            hubspot_strings(&a)
+            text_values(&a, DateStyle::EpochMillis)
                 .unwrap()
                 .iter()
                 .map(|v| v.map(str::to_string))

@@ -34,8 +34,9 @@ use http::Method;
 use serde_json::{Value, json};
 
 use super::api::{HubspotConnection, ObjectSchema, normalize};
-use super::encode::{Encoder, hubspot_strings};
+use super::encode::Encoder;
 use super::sink::{HubspotService, Matching};
+use crate::delivery::encode::{DateStyle, text_values};
 use crate::delivery::progress::Progress;
 use crate::delivery::{Delivered, DeliveryMetrics, DeliveryOutcome, DryRun, DryRunOp, Rejected};
 use crate::destinations::WriteReport;
@@ -140,8 +141,8 @@ impl ListMembersSink {
         let email = self.schema.index_of("email")?;
         let mut out = vec![];
         for batch in batches {
-            let lists = hubspot_strings(batch.column(list))?;
-            let emails = hubspot_strings(batch.column(email))?;
+            let lists = text_values(batch.column(list), DateStyle::EpochMillis)?;
+            let emails = text_values(batch.column(email), DateStyle::EpochMillis)?;
             let ops = batch.column(n).as_primitive::<UInt8Type>();
             let changes = batch.column(n + 2).as_primitive::<UInt32Type>();
             for r in 0..batch.num_rows() {

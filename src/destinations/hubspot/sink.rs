@@ -246,7 +246,10 @@ impl Resolver {
         if deletes.is_empty() {
             return Ok(());
         }
-        let keys = super::encode::hubspot_strings(batch.column(self.key))?;
+        let keys = crate::delivery::encode::text_values(
+            batch.column(self.key),
+            crate::delivery::encode::DateStyle::EpochMillis,
+        )?;
         let known = run.record_ids(&deletes.iter().map(|(_, c)| *c).collect::<Vec<_>>());
         let mut ask: Vec<(u32, String)> = vec![];
         let mut found: HashMap<u32, Option<String>> = HashMap::new();
