@@ -13,6 +13,7 @@
 pub mod file;
 pub mod hubspot;
 pub mod postgres;
+pub mod salesforce;
 mod schema;
 mod table;
 pub mod webhook;
@@ -44,6 +45,14 @@ pub mod field_meta {
     pub const UNIQUE: &str = "sluice.unique";
     /// The allowed values, as a JSON array.
     pub const OPTIONS: &str = "sluice.options";
+    /// `true` / `false`: whether the field may be empty (Salesforce's `nillable`).
+    pub const NILLABLE: &str = "sluice.nillable";
+    /// `true` / `false`: whether a new record may set the field.
+    pub const CREATEABLE: &str = "sluice.createable";
+    /// `true` / `false`: whether an existing record's field may change.
+    pub const UPDATEABLE: &str = "sluice.updateable";
+    /// The longest text the field holds.
+    pub const LENGTH: &str = "sluice.length";
 }
 
 /// What a destination says about one of its objects.
@@ -62,6 +71,42 @@ pub struct ObjectSpec {
     /// Other fields a statement may match records by (`MERGE … ON t.field = …`), such as a
     /// CRM's unique properties.
     pub match_keys: Vec<String>,
+}
+
+impl ObjectSpec {
+    /// `name` as the object declares it: the declared field of that name, else the one field
+    /// whose name differs only in case (SQL folds unquoted names to lower case; Salesforce
+    /// spells `LastName`). Undeclared names come back as given.
+    pub fn canonical_field(&self, name: &str) -> String {
+        let Some(fields) = &self.fields else {
+            return name.to_string();
+        };
+        if fields.field_with_name(name).is_ok() {
+            return name.to_string();
+        }
+        let mut same = fields
+            .fields()
+            .iter()
+            .filter(|f| f.name().eq_ignore_ascii_case(name));
+        match (same.next(), same.next()) {
+            (Some(one), None) => one.name().clone(),
+            _ => name.to_string(),
+        }
+    }
+
+    /// The key a statement that does not name one matches records by: the object's key when
+    /// `mapped` holds it, else the one other match key that `mapped` holds.
+    pub fn default_key(&self, mapped: &[String]) -> Option<String> {
+        let key = self.key.clone()?;
+        if mapped.contains(&key) {
+            return Some(key);
+        }
+        let mut others = self.match_keys.iter().filter(|k| mapped.contains(k));
+        match (others.next(), others.next()) {
+            (Some(one), None) => Some(one.clone()),
+            _ => Some(key),
+        }
+    }
 }
 
 /// One destination connection.

@@ -174,7 +174,10 @@ impl Engine {
         let report = Arc::new(WriteReport::default());
         let run = if table.stateful() {
             let key = if key_parts.is_empty() {
-                write.key.clone().or_else(|| table.object().key.clone())
+                write
+                    .key
+                    .clone()
+                    .or_else(|| table.object().default_key(&names))
             } else {
                 Some(COMPOSITE_KEY.to_string())
             };
@@ -361,8 +364,12 @@ pub(super) fn map_fields(
     names: &[String],
 ) -> Result<LogicalPlan> {
     let query_schema = Arc::clone(query.schema());
+    let names: Vec<String> = names
+        .iter()
+        .map(|n| table.object().canonical_field(n))
+        .collect();
     let mut seen = HashSet::new();
-    for name in names {
+    for name in &names {
         if !seen.insert(name.as_str()) {
             return Err(Error::plan(
                 format!(
@@ -376,7 +383,7 @@ pub(super) fn map_fields(
     // Check against the object's declared fields and cast to their types.
     let declared = table.object().fields.clone();
     let mut exprs: Vec<Expr> = Vec::with_capacity(names.len());
-    for ((qualifier, field), name) in query_schema.iter().zip(names) {
+    for ((qualifier, field), name) in query_schema.iter().zip(&names) {
         let mut expr = Expr::Column(Column::new(qualifier.cloned(), field.name()));
         if let Some(declared) = &declared {
             let Ok(target_field) = declared.field_with_name(name) else {

@@ -681,15 +681,15 @@ fn describe_destination_fields(schema: &Schema) -> Result<Option<RecordBatch>> {
                 .collect::<BooleanArray>(),
         )
     };
-    let out = Arc::new(Schema::new(vec![
+    let mut out = vec![
         Field::new("column_name", DataType::Utf8, false),
         Field::new("data_type", DataType::Utf8, false),
         Field::new("destination_type", DataType::Utf8, true),
         Field::new("read_only", DataType::Boolean, false),
         Field::new("unique", DataType::Boolean, false),
         Field::new("options", DataType::Utf8, true),
-    ]));
-    let columns = vec![
+    ];
+    let mut columns = vec![
         text(&|f| Some(f.name().clone())),
         text(&|f| Some(f.data_type().to_string())),
         text(&|f| f.metadata().get(field_meta::TYPE).cloned()),
@@ -701,5 +701,34 @@ fn describe_destination_fields(schema: &Schema) -> Result<Option<RecordBatch>> {
             Some(values.join(", "))
         }),
     ];
-    Ok(Some(RecordBatch::try_new(out, columns)?))
+    // Destinations that say more about a field (Salesforce's describe) get more columns.
+    if fields
+        .iter()
+        .any(|f| f.metadata().contains_key(field_meta::CREATEABLE))
+    {
+        for (name, key) in [
+            ("nillable", field_meta::NILLABLE),
+            ("createable", field_meta::CREATEABLE),
+            ("updateable", field_meta::UPDATEABLE),
+        ] {
+            out.push(Field::new(name, DataType::Boolean, true));
+            columns.push(Arc::new(
+                fields
+                    .iter()
+                    .map(|f| f.metadata().get(key).map(|v| v == "true"))
+                    .collect::<BooleanArray>(),
+            ));
+        }
+        out.push(Field::new("length", DataType::Int64, true));
+        columns.push(Arc::new(
+            fields
+                .iter()
+                .map(|f| f.metadata().get(field_meta::LENGTH)?.parse::<i64>().ok())
+                .collect::<datafusion::arrow::array::Int64Array>(),
+        ));
+    }
+    Ok(Some(RecordBatch::try_new(
+        Arc::new(Schema::new(out)),
+        columns,
+    )?))
 }

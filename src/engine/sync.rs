@@ -140,6 +140,9 @@ impl Engine {
                 "MERGE INTO {target}: ON must compare the record key with the source, e.g. ON t.id = s.id, or each column of a key made of several with AND (found {found})"
             ));
         }
+        for (k, _) in on.iter_mut() {
+            *k = table.object().canonical_field(k);
+        }
         let keys: Vec<String> = on.iter().map(|(k, _)| k.clone()).collect();
         if let Some(object_key) = &table.object().key
             && keys != [object_key.clone()]
@@ -208,7 +211,10 @@ impl Engine {
                                 "MERGE INTO {target}: set one field per assignment"
                             ));
                         };
-                        add_field(last_ident(column), a.value.to_string())?;
+                        add_field(
+                            table.object().canonical_field(&last_ident(column)),
+                            a.value.to_string(),
+                        )?;
                     }
                 }
                 (
@@ -232,7 +238,10 @@ impl Engine {
                         ));
                     }
                     for (column, value) in insert.columns.iter().zip(row.iter()) {
-                        add_field(last_ident(column), value.to_string())?;
+                        add_field(
+                            table.object().canonical_field(&last_ident(column)),
+                            value.to_string(),
+                        )?;
                     }
                 }
                 (MergeClauseKind::NotMatchedBySource, MergeAction::Delete { .. }) => {
@@ -351,8 +360,9 @@ impl Engine {
                 object,
             ));
         };
+        let key = table.object().canonical_field(&key);
         match &table.object().key {
-            Some(k) if *k == key => {}
+            Some(k) if *k == key || table.object().match_keys.contains(&key) => {}
             Some(k) => {
                 return Err(Error::plan(
                     format!(
