@@ -67,6 +67,7 @@ pub fn kinds() -> Vec<Arc<dyn ConnectorKind>> {
         Arc::new(destinations::file::FileConnector),
         Arc::new(destinations::webhook::WebhookConnector),
         Arc::new(destinations::hubspot::HubspotConnector),
+        Arc::new(destinations::salesforce::SalesforceConnector),
         Arc::new(destinations::postgres::PostgresConnector),
     ]
 }

@@ -6,6 +6,7 @@ mod file_destination;
 mod hubspot;
 mod postgres;
 mod repl;
+mod salesforce;
 mod slt;
 mod sources;
 mod sql_examples;

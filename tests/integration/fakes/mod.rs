@@ -1,4 +1,5 @@
 //! Fake destination servers that speak the real wire formats (see ../shared/api/).
 
 pub mod hubspot;
+pub mod salesforce;
 pub mod webhook;
