@@ -243,6 +243,8 @@ pub struct Observed {
     pub grants: Vec<String>,
     used: u64,
     jobs: BTreeMap<String, Job>,
+    /// (object, External ID field) → lowercase value → Ids, for lookups by external id.
+    index: HashMap<(String, String), HashMap<String, std::collections::BTreeSet<String>>>,
 }
 
 struct Shared {
@@ -274,6 +276,15 @@ impl FakeSalesforce {
             observed: Mutex::new(Observed {
                 next_id: 1,
                 used,
+                index: default_objects()
+                    .iter()
+                    .flat_map(|(name, _, fields)| {
+                        fields
+                            .iter()
+                            .filter(|f| f.external_id)
+                            .map(|f| ((name.to_string(), f.name.to_string()), HashMap::new()))
+                    })
+                    .collect(),
                 ..Default::default()
             }),
             url: Mutex::default(),
@@ -385,10 +396,7 @@ impl FakeSalesforce {
             .1;
         let mut o = self.shared.observed.lock().unwrap();
         let id = o.new_id(prefix);
-        o.records
-            .entry(object.to_string())
-            .or_default()
-            .insert(id.clone(), fields.as_object().cloned().unwrap_or_default());
+        o.put(object, &id, fields.as_object().cloned().unwrap_or_default());
         id
     }
 }
@@ -399,7 +407,46 @@ impl Observed {
         format!("{prefix}R{:014}", self.next_id)
     }
 
+    /// Stores a record (replacing the one with that Id), keeping the index.
+    fn put(&mut self, object: &str, id: &str, fields: Map<String, Value>) {
+        self.take(object, id);
+        for ((o, f), values) in self.index.iter_mut() {
+            if o == object
+                && let Some(v) = fields.get(f).filter(|v| !v.is_null())
+            {
+                values
+                    .entry(text(v).to_lowercase())
+                    .or_default()
+                    .insert(id.to_string());
+            }
+        }
+        self.records
+            .entry(object.to_string())
+            .or_default()
+            .insert(id.to_string(), fields);
+    }
+
+    /// Removes a record, keeping the index.
+    fn take(&mut self, object: &str, id: &str) -> Option<Map<String, Value>> {
+        let old = self.records.get_mut(object)?.remove(id)?;
+        for ((o, f), values) in self.index.iter_mut() {
+            if o == object
+                && let Some(v) = old.get(f).filter(|v| !v.is_null())
+                && let Some(ids) = values.get_mut(&text(v).to_lowercase())
+            {
+                ids.remove(id);
+            }
+        }
+        Some(old)
+    }
+
     fn find_by(&self, object: &str, field: &str, value: &str) -> Vec<String> {
+        if let Some(values) = self.index.get(&(object.to_string(), field.to_string())) {
+            return values
+                .get(&value.to_lowercase())
+                .map(|ids| ids.iter().cloned().collect())
+                .unwrap_or_default();
+        }
         self.records
             .get(object)
             .map(|r| {
@@ -1043,10 +1090,7 @@ fn write_one(
                 return Err(e);
             }
             let id = o.new_id(prefix);
-            o.records
-                .entry(name.to_string())
-                .or_default()
-                .insert(id.clone(), clean(record));
+            o.put(name, &id, clean(record));
             Ok((id, true))
         }
         "update" => {
@@ -1076,10 +1120,11 @@ fn write_one(
             if let Some(e) = unique_clash(o, record, Some(&id)) {
                 return Err(e);
             }
-            let stored = o.records.get_mut(*name).unwrap().get_mut(&id).unwrap();
+            let mut stored = existing;
             for (k, v) in clean(record) {
                 stored.insert(k, v);
             }
+            o.put(name, &id, stored);
             Ok((id, false))
         }
         "upsert" => {
@@ -1118,7 +1163,7 @@ fn write_one(
             if o.deleted.contains(&id) {
                 return Err(sf_error("ENTITY_IS_DELETED", "entity is deleted", &[]));
             }
-            match o.records.get_mut(*name).and_then(|r| r.remove(&id)) {
+            match o.take(name, &id) {
                 Some(_) => {
                     o.deleted.insert(id.clone());
                     Ok((id, false))
@@ -1254,7 +1299,7 @@ fn collections(
     let mut o = shared.observed.lock().unwrap();
     let mut script = shared.script.lock().unwrap();
     // allOrNone: work on a copy, kept only if every record succeeds.
-    let saved = all_or_none.then(|| (o.records.clone(), o.deleted.clone()));
+    let saved = all_or_none.then(|| (o.records.clone(), o.deleted.clone(), o.index.clone()));
     // Duplicate external ids in one upsert fail both rows.
     let mut counts: HashMap<String, usize> = HashMap::new();
     if let Some(f) = external_id {
@@ -1285,11 +1330,12 @@ fn collections(
         };
         results.push(result);
     }
-    if let Some((records, deleted)) = saved
+    if let Some((records, deleted, index)) = saved
         && results.iter().any(Result::is_err)
     {
         o.records = records;
         o.deleted = deleted;
+        o.index = index;
         let out: Vec<Value> = results
             .into_iter()
             .map(|r| match r {
