@@ -275,58 +275,85 @@ async fn transient_failures_are_retried_on_both_apis() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn update_only_create_only_and_delete() {
-    let fake = FakeSalesforce::start(Script::default()).await;
-    fake.seed(
-        "Contact",
-        serde_json::json!({"External_Id__c": "C-1", "LastName": "Old", "HasOptedOutOfEmail": false}),
-    );
-    let engine = connect(&fake, "").await;
-    model(&engine, 4, |r| r).await;
+async fn update_only_create_only_and_delete_on_both_apis() {
+    for api in ["rest", "bulk"] {
+        let fake = FakeSalesforce::start(Script::default()).await;
+        fake.seed(
+            "Contact",
+            serde_json::json!({"External_Id__c": "C-1", "LastName": "Old", "HasOptedOutOfEmail": false}),
+        );
+        let engine = connect(&fake, &format!(", api '{api}'")).await;
+        model(&engine, 4, |r| r).await;
+        // Calls that wrote: collections calls of a kind (REST), or Bulk jobs (each kind).
+        let calls = |kind: &str| {
+            if api == "rest" {
+                fake.calls(&format!("collections:{kind}"))
+            } else {
+                fake.calls("jobs:create")
+            }
+        };
 
-    // Update-only: the existing record is found by a query on the external id and updated;
-    // the others are not in Salesforce and are rejected.
-    let update = "MERGE INTO sf.contact t USING leads s ON t.External_Id__c = s.id
-        WHEN MATCHED THEN UPDATE SET LastName = s.last_name";
-    let updated = write(&engine, update).await;
-    assert_eq!((updated.rows_written, updated.rows_rejected), (1, 3));
-    assert!(
-        updated.rejects.iter().all(|r| r.code == "NOT_FOUND"),
-        "{:?}",
-        updated.rejects
-    );
-    assert_eq!(fake.calls("query"), 1);
-    assert_eq!(fake.calls("collections:update"), 1);
-    assert_eq!(
-        fake.value("Contact", "External_Id__c", "C-1", "LastName")
-            .as_deref(),
-        Some("Last1")
-    );
-    assert_eq!(
-        fake.records("Contact").len(),
-        1,
-        "update-only creates nothing"
-    );
+        // Update-only: the existing record is found by a query on the external id and
+        // updated; the others are not in Salesforce and are rejected.
+        let update = "MERGE INTO sf.contact t USING leads s ON t.External_Id__c = s.id
+            WHEN MATCHED THEN UPDATE SET LastName = s.last_name";
+        let updated = write(&engine, update).await;
+        assert_eq!(
+            (updated.rows_written, updated.rows_rejected),
+            (1, 3),
+            "{api}"
+        );
+        assert!(
+            updated.rejects.iter().all(|r| r.code == "NOT_FOUND"),
+            "{api}: {:?}",
+            updated.rejects
+        );
+        assert_eq!(fake.calls("query"), 1, "{api}");
+        assert_eq!(calls("update"), 1, "{api}");
+        assert_eq!(
+            fake.value("Contact", "External_Id__c", "C-1", "LastName")
+                .as_deref(),
+            Some("Last1"),
+            "{api}"
+        );
+        assert_eq!(
+            fake.records("Contact").len(),
+            1,
+            "{api}: update-only creates nothing"
+        );
 
-    // Create-only: the existing record's external id is unique in Salesforce: DUPLICATE_VALUE.
-    let create = "MERGE INTO sf.contact t USING leads s ON t.External_Id__c = s.id
-        WHEN NOT MATCHED THEN INSERT (External_Id__c, LastName) VALUES (s.id, s.last_name)";
-    let created = write(&engine, create).await;
-    assert_eq!((created.rows_written, created.rows_rejected), (3, 1));
-    assert_eq!(created.rejects[0].code, "DUPLICATE_VALUE");
-    assert_eq!(fake.calls("collections:create"), 1);
-    assert_eq!(fake.records("Contact").len(), 4);
+        // Create-only: the existing record's external id is unique in Salesforce.
+        let create = "MERGE INTO sf.contact t USING leads s ON t.External_Id__c = s.id
+            WHEN NOT MATCHED THEN INSERT (External_Id__c, LastName) VALUES (s.id, s.last_name)";
+        let created = write(&engine, create).await;
+        assert_eq!(
+            (created.rows_written, created.rows_rejected),
+            (3, 1),
+            "{api}"
+        );
+        assert_eq!(created.rejects[0].code, "DUPLICATE_VALUE", "{api}");
+        assert_eq!(calls("create"), if api == "rest" { 1 } else { 2 }, "{api}");
+        assert_eq!(fake.records("Contact").len(), 4, "{api}");
 
-    // DELETE by external id: Ids looked up, records deleted; a key Salesforce lacks is done.
-    let deleted = write(
-        &engine,
-        "DELETE FROM sf.contact WHERE External_Id__c IN ('C-0', 'C-2', 'C-99')",
-    )
-    .await;
-    assert_eq!(deleted.rows_rejected, 0);
-    assert_eq!(fake.records("Contact").len(), 2);
-    assert_eq!(fake.calls("collections:delete"), 1);
-    assert!(fake.find("Contact", "External_Id__c", "C-0").is_none());
+        // DELETE by external id: Ids looked up, records deleted; a key Salesforce lacks is done.
+        let deleted = write(
+            &engine,
+            "DELETE FROM sf.contact WHERE External_Id__c IN ('C-0', 'C-2', 'C-99')",
+        )
+        .await;
+        assert_eq!(deleted.rows_rejected, 0, "{api}");
+        assert_eq!(fake.records("Contact").len(), 2, "{api}");
+        assert!(
+            fake.find("Contact", "External_Id__c", "C-0").is_none(),
+            "{api}"
+        );
+        if api == "rest" {
+            assert_eq!(fake.calls("collections:delete"), 1);
+        } else {
+            assert_eq!(fake.calls("jobs:create"), 3);
+            assert_eq!(fake.calls("collections:"), 0, "bulk only");
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -385,6 +412,16 @@ async fn the_three_oauth_flows_and_clear_token_errors() {
     assert!(
         !shown.contains("wrong-s3cret-value") && !shown.contains(CLIENT_SECRET),
         "{shown}"
+    );
+
+    // Nor in EXPLAIN of a planned sync.
+    let engine = connect(&fake, "").await;
+    model(&engine, 2, |r| r).await;
+    let plan = query(&engine, &format!("EXPLAIN {UPSERT}")).await;
+    assert!(plan.contains("SalesforceSink"), "{plan}");
+    assert!(
+        !plan.contains(CLIENT_SECRET) && !plan.contains("00DFAKE"),
+        "{plan}"
     );
 }
 
