@@ -574,11 +574,13 @@ fn sobject(describe: Describe) -> SObject {
     }
 }
 
-/// How long to wait before the `n`-th poll of a Bulk job (1-based): `first`, doubling, at most
-/// ten times `first`.
+/// How long to wait before the `n`-th poll of a Bulk job (1-based): `first`, growing by half
+/// each time, at most ten times `first`. Gentle growth keeps the lag between a job ending and
+/// sluice seeing it small (a job of a few seconds is seen within about a second); the cap keeps
+/// a job of many minutes to a few polls a minute.
 pub fn poll_wait(first: Duration, n: u32) -> Duration {
-    let factor = 2u32.saturating_pow(n.saturating_sub(1)).min(10);
-    first * factor
+    let factor = 1.5f64.powi(n.saturating_sub(1).min(16) as i32).min(10.0);
+    first.mul_f64(factor)
 }
 
 #[cfg(test)]
@@ -635,7 +637,10 @@ mod tests {
     #[test]
     fn polls_back_off() {
         let s = Duration::from_secs(1);
-        let waits: Vec<u64> = (1..=6).map(|n| poll_wait(s, n).as_secs()).collect();
-        assert_eq!(waits, [1, 2, 4, 8, 10, 10]);
+        let waits: Vec<u128> = [1, 2, 3, 4, 7, 30]
+            .iter()
+            .map(|n| poll_wait(s, *n).as_millis())
+            .collect();
+        assert_eq!(waits, [1000, 1500, 2250, 3375, 10000, 10000]);
     }
 }

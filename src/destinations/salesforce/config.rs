@@ -76,7 +76,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     },
     OptionSpec {
         key: "poll_interval",
-        doc: "first wait between Bulk job status polls; it doubles up to 10x (default 1s)",
+        doc: "first wait between Bulk job status polls; it grows by half each poll, up to 10x (default 1s)",
         secret: false,
     },
     OptionSpec {
