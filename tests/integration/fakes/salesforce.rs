@@ -289,8 +289,10 @@ impl FakeSalesforce {
             }),
             url: Mutex::default(),
         });
+        // Bulk uploads may be 150 MB (axum's default limit is 2 MB).
         let app = Router::new()
             .fallback(handle)
+            .layer(axum::extract::DefaultBodyLimit::max(150 * 1024 * 1024))
             .with_state(Arc::clone(&shared));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
