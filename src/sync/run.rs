@@ -715,3 +715,9 @@ fn remote_commit<'a>(
 fn new_run_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..16].to_string()
 }
+
+/// The run id a write goes under: its sync's, or a new one for a write outside a sync (the
+/// basis of its requests' idempotency keys).
+pub fn run_id(sync: Option<&SyncRun>) -> String {
+    sync.map_or_else(new_run_id, |run| run.run_id.clone())
+}

@@ -328,10 +328,7 @@ impl DataSink for HubspotSink {
     ) -> Result<u64> {
         let connection = &self.connection;
         let config = &connection.config;
-        let run_id = match &self.sync {
-            Some(run) => run.run_id.clone(),
-            None => uuid::Uuid::new_v4().simple().to_string()[..16].to_string(),
-        };
+        let run_id = crate::sync::run::run_id(self.sync.as_deref());
         let delivery_metrics = Arc::new(DeliveryMetrics::default());
         let progress = Progress::start(
             &format!("{}.{}", connection.name, self.object.name),

@@ -518,10 +518,7 @@ impl DataSink for SalesforceSink {
         let session = c.session().await?;
         c.refresh_usage().await?;
         let dry_run = self.sync.as_ref().is_some_and(|r| r.dry_run);
-        let run_id = match &self.sync {
-            Some(run) => run.run_id.clone(),
-            None => uuid::Uuid::new_v4().simple().to_string()[..16].to_string(),
-        };
+        let run_id = crate::sync::run::run_id(self.sync.as_deref());
         let calls_before = c.calls.load(Ordering::Relaxed);
         let metrics = Arc::new(DeliveryMetrics::default());
         let progress = Progress::start(

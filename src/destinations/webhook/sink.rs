@@ -163,10 +163,7 @@ impl DataSink for WebhookSink {
         data: SendableRecordBatchStream,
         _context: &Arc<TaskContext>,
     ) -> Result<u64> {
-        let run_id = match &self.sync {
-            Some(run) => run.run_id.clone(),
-            None => uuid::Uuid::new_v4().simple().to_string()[..16].to_string(),
-        };
+        let run_id = crate::sync::run::run_id(self.sync.as_deref());
         let connection = &self.connection;
         let config = self.config();
         let describe = format!(
