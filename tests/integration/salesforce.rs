@@ -649,3 +649,36 @@ async fn explain_sync_reports_calls_and_the_remaining_allocation() {
     );
     assert!(fake.records("Contact").is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_bulk_job_keeps_what_it_settled_and_the_rerun_sends_the_rest() {
+    let fake = FakeSalesforce::start(Script {
+        bulk_fail: Some("InvalidBatch : Failed to process the batch".into()),
+        ..Script::default()
+    })
+    .await;
+    let engine = connect(&fake, ", api 'bulk'").await;
+    model(&engine, 40, |r| r).await;
+    let e = error(&engine, UPSERT).await;
+    assert!(
+        e.contains("ended Failed")
+            && e.contains("20 never attempted")
+            && e.contains("InvalidBatch"),
+        "{e}"
+    );
+    assert_eq!(
+        fake.records("Contact").len(),
+        20,
+        "half the job was processed"
+    );
+    assert_eq!(fake.calls("jobs:unprocessedrecords"), 1);
+    let runs = query(&engine, "SELECT status, inserted FROM sluice.runs").await;
+    assert!(
+        runs.contains("| 20 "),
+        "the processed half is committed: {runs}"
+    );
+
+    let rerun = write(&engine, UPSERT).await;
+    assert_eq!((rerun.rows_written, rerun.rows_rejected), (20, 0));
+    same(&fake, 40);
+}
