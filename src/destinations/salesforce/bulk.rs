@@ -92,10 +92,25 @@ impl Job {
         self.bytes() >= MAX_JOB_BYTES - 64 * 1024
     }
 
-    fn into_csv(self) -> (Vec<u8>, Index) {
+    /// The CSV, and what its results are read against.
+    fn into_parts(self) -> (Vec<u8>, Sent) {
         let csv = self.csv.into_inner().unwrap_or_default();
-        (csv, self.index)
+        let sent = Sent {
+            op: self.op,
+            header: self.header,
+            correlation: self.correlation,
+            index: self.index,
+        };
+        (csv, sent)
     }
+}
+
+/// What a job's results are read against (the same for the jobs that retry its rows).
+struct Sent {
+    op: Op,
+    header: Vec<String>,
+    correlation: usize,
+    index: Index,
 }
 
 #[derive(Debug, Deserialize)]
@@ -130,23 +145,10 @@ impl BulkRunner {
     pub async fn run(self, job: Job) -> (DeliveryOutcome, Option<Error>) {
         let mut outcome = DeliveryOutcome::default();
         let attempts = self.connection.config.http.retry.max_attempts.max(1);
-        let (op, header, correlation) = (job.op, job.header.clone(), job.correlation);
-        let (mut csv, index) = job.into_csv();
+        let (mut csv, sent) = job.into_parts();
         for attempt in 1..=attempts {
             let last = attempt == attempts;
-            match self
-                .once(
-                    op,
-                    &header,
-                    correlation,
-                    csv,
-                    &index,
-                    attempt,
-                    last,
-                    &mut outcome,
-                )
-                .await
-            {
+            match self.once(&sent, csv, attempt, last, &mut outcome).await {
                 Ok(None) => return (outcome, None),
                 Ok(Some(again)) => {
                     csv = again;
@@ -160,18 +162,21 @@ impl BulkRunner {
     }
 
     /// One job: returns the CSV of rows to try again, if some failed transiently.
-    #[allow(clippy::too_many_arguments)]
     async fn once(
         &self,
-        op: Op,
-        header: &[String],
-        correlation: usize,
+        sent: &Sent,
         csv: Vec<u8>,
-        index: &Index,
         attempt: u32,
         last: bool,
         outcome: &mut DeliveryOutcome,
     ) -> Result<Option<Vec<u8>>> {
+        let Sent {
+            op,
+            header,
+            correlation,
+            index,
+        } = sent;
+        let (op, correlation) = (*op, *correlation);
         let c = &self.connection;
         let m = Some(self.metrics.as_ref());
         let base = format!("{}/jobs/ingest", c.config.data_path());
@@ -471,7 +476,7 @@ mod tests {
             .unwrap();
         assert!(!job.admits("a-1"));
         assert!(job.admits("A-2"));
-        let (csv, _) = job.into_csv();
+        let (csv, _) = job.into_parts();
         assert_eq!(
             String::from_utf8(csv).unwrap(),
             "Ext__c,Name\nA-1,\"x,\"\"y\"\"\nz\"\n"
