@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use datafusion::arrow::util::pretty::pretty_format_batches;
 use serde_json::json;
-use sluice::{Engine, Outcome, WriteSummary};
+use sluice::{Engine, Outcome};
 
 use super::fakes::hubspot::{FakeHubspot, Fault, Script};
+use super::support::{query, write};
 
 const TOKEN: &str = "pat-na1-test-token";
 
@@ -32,22 +32,6 @@ async fn model(engine: &Engine, rows: &str) {
         ))
         .await
         .unwrap();
-}
-
-async fn write(engine: &Engine, sql: &str) -> WriteSummary {
-    let mut outcomes = engine.run_sql(sql).await.unwrap();
-    match outcomes.pop() {
-        Some(Outcome::Write(w)) => *w,
-        other => panic!("{other:?}"),
-    }
-}
-
-async fn query(engine: &Engine, sql: &str) -> String {
-    let mut outcomes = engine.run_sql(sql).await.unwrap();
-    match outcomes.pop() {
-        Some(Outcome::Rows { batches, .. }) => pretty_format_batches(&batches).unwrap().to_string(),
-        other => panic!("{other:?}"),
-    }
 }
 
 const UPSERT: &str = "INSERT INTO crm.contacts SELECT email, firstname, churn_score, stage AS lifecyclestage FROM people";

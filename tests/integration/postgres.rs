@@ -4,8 +4,7 @@
 //! Without a reachable server these tests say so and pass, unless `SLUICE_REQUIRE_SERVICES=1`
 //! (set by `.ci/run`), where they fail.
 
-use datafusion::arrow::util::pretty::pretty_format_batches;
-use sluice::Outcome;
+use super::support::query;
 
 const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
@@ -110,18 +109,6 @@ async fn engine(schema: &PgSchema) -> sluice::Engine {
         .await
         .expect("connection");
     engine
-}
-
-/// The last statement's rows as a pretty table.
-async fn query(engine: &sluice::Engine, sql: &str) -> String {
-    let outcomes = engine
-        .run_sql(sql)
-        .await
-        .unwrap_or_else(|e| panic!("{sql}: {e}"));
-    match outcomes.last() {
-        Some(Outcome::Rows { batches, .. }) => pretty_format_batches(batches).unwrap().to_string(),
-        other => panic!("{sql}: {other:?}"),
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

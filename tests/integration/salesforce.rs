@@ -6,8 +6,9 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use datafusion::arrow::util::pretty::pretty_format_batches;
-use sluice::{Engine, Outcome, WriteSummary};
+use sluice::{Engine, Outcome};
+
+use super::support::{error, query, write};
 
 use super::fakes::salesforce::{
     CLIENT_ID, CLIENT_SECRET, FakeSalesforce, JWT_PRIVATE_KEY, REFRESH_TOKEN, Script, USERNAME,
@@ -39,29 +40,6 @@ async fn model(engine: &Engine, n: usize, edit: impl Fn(String) -> String) {
         ))
         .await
         .unwrap();
-}
-
-async fn write(engine: &Engine, sql: &str) -> WriteSummary {
-    let mut outcomes = engine.run_sql(sql).await.unwrap();
-    match outcomes.pop() {
-        Some(Outcome::Write(w)) => *w,
-        other => panic!("{other:?}"),
-    }
-}
-
-async fn error(engine: &Engine, sql: &str) -> String {
-    match engine.run_sql(sql).await {
-        Ok(o) => panic!("expected an error, got {o:?}"),
-        Err(e) => e.to_string(),
-    }
-}
-
-async fn query(engine: &Engine, sql: &str) -> String {
-    let mut outcomes = engine.run_sql(sql).await.unwrap();
-    match outcomes.pop() {
-        Some(Outcome::Rows { batches, .. }) => pretty_format_batches(&batches).unwrap().to_string(),
-        other => panic!("{other:?}"),
-    }
 }
 
 const UPSERT: &str = "INSERT INTO sf.contact SELECT id AS External_Id__c, last_name AS LastName, email AS Email, score AS Lead_Score__c FROM leads";

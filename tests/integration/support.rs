@@ -90,3 +90,39 @@ pub fn engine() -> sluice::Engine {
         .expect("state");
     engine
 }
+
+/// Runs `sql` and returns its last statement's write summary.
+pub async fn write(engine: &sluice::Engine, sql: &str) -> sluice::WriteSummary {
+    let mut outcomes = engine
+        .run_sql(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    match outcomes.pop() {
+        Some(sluice::Outcome::Write(w)) => *w,
+        other => panic!("{sql}: {other:?}"),
+    }
+}
+
+/// Runs `sql` and returns its last statement's rows as a pretty table.
+pub async fn query(engine: &sluice::Engine, sql: &str) -> String {
+    let mut outcomes = engine
+        .run_sql(sql)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+    match outcomes.pop() {
+        Some(sluice::Outcome::Rows { batches, .. }) => {
+            datafusion::arrow::util::pretty::pretty_format_batches(&batches)
+                .unwrap()
+                .to_string()
+        }
+        other => panic!("{sql}: {other:?}"),
+    }
+}
+
+/// Runs `sql`, which must fail, and returns the error's text.
+pub async fn error(engine: &sluice::Engine, sql: &str) -> String {
+    match engine.run_sql(sql).await {
+        Ok(o) => panic!("{sql}: expected an error, got {o:?}"),
+        Err(e) => e.to_string(),
+    }
+}

@@ -5,9 +5,10 @@
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use sluice::{Engine, Outcome, WriteSummary};
+use sluice::{Engine, Outcome};
 
 use super::fakes::webhook::{FakeWebhook, Fault, Script};
+use super::support::write;
 
 async fn connect(fake_url: &str, extra: &str) -> Engine {
     let engine = super::support::engine();
@@ -25,14 +26,6 @@ fn users(n: usize) -> String {
     format!(
         "INSERT INTO hooks.users SELECT value AS id, 'user' || value || '@example.com' AS email FROM range({n})"
     )
-}
-
-async fn write(engine: &Engine, sql: &str) -> WriteSummary {
-    let mut outcomes = engine.run_sql(sql).await.unwrap();
-    match outcomes.pop() {
-        Some(Outcome::Write(w)) => *w,
-        other => panic!("{other:?}"),
-    }
 }
 
 fn ids(records: &[serde_json::Value]) -> Vec<i64> {
