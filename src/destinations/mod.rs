@@ -247,6 +247,23 @@ impl WriteReport {
     }
 }
 
+/// The mapped fields of a write's rows: all of `schema`, less the change columns a sync's
+/// `DiffExec` appends after them (`sync`).
+pub fn mapped_fields(schema: &SchemaRef, sync: bool) -> Vec<String> {
+    let n = schema.fields().len()
+        - if sync {
+            crate::sync::exec::CHANGE_COLUMNS
+        } else {
+            0
+        };
+    schema
+        .fields()
+        .iter()
+        .take(n)
+        .map(|f| f.name().clone())
+        .collect()
+}
+
 /// The index of `key` among the mapped fields, or an error saying to map it.
 pub fn key_index(schema: &SchemaRef, key: &str, connection: &str, object: &str) -> Result<usize> {
     schema.index_of(key).map_err(|_| {

@@ -35,6 +35,8 @@ use crate::delivery::Rejected;
 use crate::delivery::encode::json_lines;
 use crate::error::Error;
 
+/// The columns a `DiffExec` appends to the mapped fields (`__op`, `__changed`, `__change`).
+pub const CHANGE_COLUMNS: usize = 3;
 /// The operation column.
 pub const OP_COLUMN: &str = "__op";
 /// The changed-fields bitmask column.

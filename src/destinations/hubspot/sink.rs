@@ -203,13 +203,7 @@ impl HubspotSink {
 
     /// The mapped fields (a sync's rows carry its change columns after them).
     fn mapped_fields(&self) -> Vec<String> {
-        let n = self.schema.fields().len() - if self.sync.is_some() { 3 } else { 0 };
-        self.schema
-            .fields()
-            .iter()
-            .take(n)
-            .map(|f| f.name().clone())
-            .collect()
+        crate::destinations::mapped_fields(&self.schema, self.sync.is_some())
     }
 }
 

@@ -152,13 +152,11 @@ impl Destination for SalesforceDestination {
                 key_name,
             ));
         }
-        let n = schema.fields().len() - if sync.is_some() { 3 } else { 0 };
-        for field in schema.fields().iter().take(n) {
-            let name = field.name();
-            let Some(info) = described.info.get(name) else {
+        for name in crate::destinations::mapped_fields(&schema, sync.is_some()) {
+            let Some(info) = described.info.get(&name) else {
                 continue;
             };
-            let is_key = *name == key_name;
+            let is_key = name == key_name;
             let refusal = if creates && !info.createable && !(is_key && key_name == "Id") {
                 Some("creates records, and Salesforce does not let a new record set it")
             } else if updates && !info.updateable && !is_key {
@@ -173,7 +171,7 @@ impl Destination for SalesforceDestination {
                     format!(
                         "{target}.{name} cannot be written by this statement: it {why}; or remove it from the mapping"
                     ),
-                    name.clone(),
+                    name,
                 ));
             }
         }
