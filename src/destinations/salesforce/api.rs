@@ -148,8 +148,6 @@ pub struct SalesforceConnection {
 
     /// The last `Sforce-Limit-Info: api-usage=n/m`.
     usage: Mutex<Option<(u64, u64)>>,
-    /// API calls this connection made.
-    pub calls: AtomicU64,
     /// The org's object API names (global describe), once read.
     objects: Mutex<Option<Vec<String>>>,
     described: Mutex<HashMap<String, Arc<SObject>>>,
@@ -166,7 +164,6 @@ impl SalesforceConnection {
             current: RwLock::default(),
             logins: AtomicU64::new(0),
             usage: Mutex::default(),
-            calls: AtomicU64::new(0),
             objects: Mutex::default(),
             described: Mutex::default(),
         }
@@ -302,9 +299,6 @@ impl SalesforceConnection {
             let t0 = tokio::time::Instant::now();
             let response = send(request).await;
             self.limiter.finish();
-            if counted {
-                self.calls.fetch_add(1, Ordering::Relaxed);
-            }
             if let Some(m) = metrics {
                 m.record_request(sent, t0.elapsed());
             }

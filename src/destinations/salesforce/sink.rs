@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
@@ -78,7 +77,6 @@ impl HttpService for SalesforceService {
         let c = &self.connection;
         c.check_quota()?;
         let session = c.current_session()?;
-        c.calls.fetch_add(1, Ordering::Relaxed);
         self.sent_with
             .lock()
             .expect("sessions lock")
@@ -513,7 +511,6 @@ impl DataSink for SalesforceSink {
         c.refresh_usage().await?;
         let dry_run = self.sync.as_ref().is_some_and(|r| r.dry_run);
         let run_id = crate::sync::run::run_id(self.sync.as_deref());
-        let calls_before = c.calls.load(Ordering::Relaxed);
         let metrics = Arc::new(DeliveryMetrics::default());
         let progress = Progress::start(
             &format!("{}.{}", c.name, self.object.name),
@@ -593,10 +590,6 @@ impl DataSink for SalesforceSink {
             config.data_path(),
             self.object.name
         ));
-        tracing::debug!(
-            calls = c.calls.load(Ordering::Relaxed) - calls_before,
-            "Salesforce calls made by this statement."
-        );
         let mut outcome = rest.outcome;
         outcome.accepted += bulk.accepted;
         outcome.acked.extend(bulk.acked);

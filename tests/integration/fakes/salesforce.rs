@@ -354,11 +354,6 @@ impl FakeSalesforce {
         self.shared.observed.lock().unwrap().used = used;
     }
 
-    /// Every issued token stops working (as when a session times out).
-    pub fn expire_sessions(&self) {
-        self.shared.observed.lock().unwrap().tokens.clear();
-    }
-
     /// Live records of `object`: (Id, fields) ordered by Id.
     pub fn records(&self, object: &str) -> Vec<(String, Map<String, Value>)> {
         self.observed(|o| {
