@@ -32,7 +32,7 @@ use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use fake::{FakeWebhook, Script};
 use sluice::sync::diff::Snapshot;
 use sluice::sync::hash::{HASH_VERSION, hash_array, normalize_key};
-use sluice::sync::state::{Manifest, StateStore, now};
+use sluice::sync::state::{FORMAT, Manifest, StateStore, now};
 
 const FIELDS: [&str; 5] = ["email", "name", "plan", "score", "updated_at"];
 
@@ -107,24 +107,25 @@ async fn commit_previous_snapshot(dir: &Path) {
         }
     }
     let keys: Vec<&dyn datafusion::arrow::array::Array> = keys.iter().map(|k| k.as_ref()).collect();
-    let snapshot = Snapshot {
-        keys: datafusion::arrow::compute::concat(&keys).expect("concat"),
-        fields: FIELDS.iter().map(|f| f.to_string()).collect(),
-        hashes: hashes.into_iter().map(UInt64Array::from).collect(),
-        record_ids: None,
-    }
+    let snapshot = Snapshot::new(
+        datafusion::arrow::compute::concat(&keys).expect("concat"),
+        FIELDS.iter().map(|f| f.to_string()).collect(),
+        hashes.into_iter().map(UInt64Array::from).collect(),
+        None,
+    )
     // As commits write them.
     .sorted()
     .expect("sort the snapshot");
     let state = StateStore::local(&dir.join(".sluice")).expect("state");
     let manifest = Manifest {
-        format: 1,
+        format: FORMAT,
         hash: HASH_VERSION.into(),
         sync: "bench".into(),
         target: "hooks.users".into(),
         key: Some("id".into()),
         fields: FIELDS.iter().map(|f| f.to_string()).collect(),
         snapshot: String::new(),
+        hash_files: vec![],
         rows: 0,
         rejects: None,
         run_id: "setup".into(),

@@ -14,7 +14,8 @@ use datafusion::arrow::record_batch::RecordBatch;
 use hashbrown::HashTable;
 
 use super::Op;
-use super::hash::{Key, combine, hash_array, normalize_key};
+use super::hash::{Key, ROW_SEED, RowHashes, combine, fold_row, hash_array, normalize_key};
+use super::state::StoredHashes;
 use crate::error::{Error, Result};
 
 /// The state of a sync after its last commit: one row per record the destination acknowledged.
@@ -24,23 +25,53 @@ pub struct Snapshot {
     pub keys: ArrayRef,
     /// The mapped fields whose hashes are kept, in order.
     pub fields: Vec<String>,
-    /// One column per field; null = unknown (the field was mapped after this record was sent).
-    pub hashes: Vec<UInt64Array>,
+    /// Per record, its field hashes folded into one ([`super::hash::fold_row`]); null for a
+    /// record sent without an answer (every field hash unknown). The diff compares these, and
+    /// reads the field hashes only for the records whose row hash changed.
+    pub rows: UInt64Array,
+    /// One hash per field and record; null = unknown (the field was mapped after this record
+    /// was sent).
+    pub hashes: FieldHashes,
     /// The destination's id for each record, where it gave one (`None`: none did).
     pub record_ids: Option<StringArray>,
 }
 
+/// Where a snapshot's field hashes are.
+#[derive(Debug, Clone)]
+pub enum FieldHashes {
+    /// In memory, one column per field.
+    Loaded(Vec<UInt64Array>),
+    /// In the state store, one file per field, read one at a time when needed.
+    Stored(StoredHashes),
+}
+
 impl Snapshot {
-    pub fn empty(fields: Vec<String>) -> Self {
-        Self {
-            keys: Arc::new(NullArray::new(0)),
-            hashes: fields
-                .iter()
-                .map(|_| UInt64Array::from(vec![0u64; 0]))
-                .collect(),
-            fields,
-            record_ids: None,
+    /// A snapshot from in-memory columns (its row hashes are computed here).
+    pub fn new(
+        keys: ArrayRef,
+        fields: Vec<String>,
+        hashes: Vec<UInt64Array>,
+        record_ids: Option<StringArray>,
+    ) -> Self {
+        let mut rows = RowHashes::new(keys.len());
+        for h in &hashes {
+            rows.add(h);
         }
+        Self {
+            keys,
+            fields,
+            rows: rows.finish(),
+            hashes: FieldHashes::Loaded(hashes),
+            record_ids,
+        }
+    }
+
+    pub fn empty(fields: Vec<String>) -> Self {
+        let hashes = fields
+            .iter()
+            .map(|_| UInt64Array::from(vec![0u64; 0]))
+            .collect();
+        Self::new(Arc::new(NullArray::new(0)), fields, hashes, None)
     }
 
     pub fn len(&self) -> usize {
@@ -60,22 +91,49 @@ impl Snapshot {
         keys_sorted(&self.keys)
     }
 
+    /// The hashes of field `i`, one per record (read from the state store if they are there).
+    pub async fn field_column(&self, i: usize) -> Result<UInt64Array> {
+        match &self.hashes {
+            FieldHashes::Loaded(columns) => Ok(columns[i].clone()),
+            FieldHashes::Stored(stored) => stored.column(i, self.len()).await,
+        }
+    }
+
+    /// This snapshot with every field hash in memory.
+    pub async fn loaded(self) -> Result<Self> {
+        if let FieldHashes::Loaded(_) = self.hashes {
+            return Ok(self);
+        }
+        let mut columns = Vec::with_capacity(self.fields.len());
+        for i in 0..self.fields.len() {
+            columns.push(self.field_column(i).await?);
+        }
+        Ok(Self {
+            hashes: FieldHashes::Loaded(columns),
+            ..self
+        })
+    }
+
     /// This snapshot sorted by key, as commits write them, so that a model read in key order
-    /// is diffed by a sequential walk (see `Locator`). Usually it already is (new keys arrive
-    /// in order after the old ones); otherwise it is sorted here, once per commit.
+    /// is diffed by a sequential walk (see `Locator`). Its field hashes must be in memory.
     pub fn sorted(self) -> Result<Self> {
         if self.is_sorted() {
             return Ok(self);
         }
+        let FieldHashes::Loaded(hashes) = &self.hashes else {
+            return Err(Error::State {
+                message: "internal: a snapshot is reordered with its field hashes in memory".into(),
+            });
+        };
         let order = datafusion::arrow::compute::sort_to_indices(&self.keys, None, None)?;
         let take = |a: &dyn Array| datafusion::arrow::compute::take(a, &order, None);
+        let take_hashes = |h: &UInt64Array| -> Result<UInt64Array> {
+            Ok(take(h)?.as_primitive::<UInt64Type>().clone())
+        };
         Ok(Snapshot {
             keys: take(self.keys.as_ref())?,
-            hashes: self
-                .hashes
-                .iter()
-                .map(|h| Ok(take(h)?.as_primitive::<UInt64Type>().clone()))
-                .collect::<Result<_>>()?,
+            rows: take_hashes(&self.rows)?,
+            hashes: FieldHashes::Loaded(hashes.iter().map(take_hashes).collect::<Result<_>>()?),
             record_ids: self
                 .record_ids
                 .as_ref()
@@ -88,11 +146,12 @@ impl Snapshot {
     /// A record a run sent without committing (its hashes are unknown): it may or may not be at
     /// the destination.
     pub fn unknown(&self, row: usize) -> bool {
-        !self.hashes.is_empty() && self.hashes.iter().all(|h| h.is_null(row))
+        self.rows.is_null(row)
     }
 
-    /// Adds `keys` not already present as unknown records (see [`Snapshot::unknown`]).
-    pub fn with_unknown(mut self, keys: &[Key]) -> Result<Self> {
+    /// Adds `keys` not already present as unknown records (see [`Snapshot::unknown`]). The field
+    /// hashes must be in memory.
+    pub fn with_unknown(self, keys: &[Key]) -> Result<Self> {
         if keys.is_empty() {
             return Ok(self);
         }
@@ -105,8 +164,14 @@ impl Snapshot {
         if new.is_empty() {
             return Ok(self);
         }
+        let FieldHashes::Loaded(mut hashes) = self.hashes else {
+            return Err(Error::State {
+                message: "internal: unknown records are added with the field hashes in memory"
+                    .into(),
+            });
+        };
         let added = key_array(&new);
-        self.keys = if self.keys.is_empty() {
+        let keys = if self.keys.is_empty() {
             added
         } else if added.data_type() == self.keys.data_type() {
             datafusion::arrow::compute::concat(&[self.keys.as_ref(), added.as_ref()])?
@@ -117,24 +182,26 @@ impl Snapshot {
                 datafusion::arrow::compute::cast(&added, &text)?.as_ref(),
             ])?
         };
-        if self.hashes.is_empty() && self.fields.is_empty() {
+        let mut fields = self.fields;
+        if hashes.is_empty() && fields.is_empty() {
             // A snapshot that never committed fields: an unknown marker needs one column.
-            self.fields.push(String::new());
-            self.hashes.push(UInt64Array::from(vec![0u64; 0]));
+            fields.push(String::new());
+            hashes.push(UInt64Array::from(vec![0u64; self.keys.len()]));
         }
-        for h in &mut self.hashes {
+        let with_nulls = |h: &UInt64Array| {
             let mut b = UInt64Array::builder(h.len() + new.len());
             b.extend(h.iter());
             b.append_nulls(new.len());
-            *h = b.finish();
-        }
-        if let Some(record_ids) = &self.record_ids {
+            b.finish()
+        };
+        let hashes: Vec<UInt64Array> = hashes.iter().map(with_nulls).collect();
+        let record_ids = self.record_ids.as_ref().map(|record_ids| {
             let mut ids: Vec<Option<&str>> = record_ids.iter().collect();
             ids.extend(std::iter::repeat_n(None, new.len()));
-            self.record_ids = Some(StringArray::from(ids));
-        }
+            StringArray::from(ids)
+        });
         // Keep the snapshot sorted, so that the diff can still walk it.
-        self.sorted()
+        Snapshot::new(keys, fields, hashes, record_ids).sorted()
     }
 }
 
@@ -256,7 +323,7 @@ struct Locator {
 }
 
 /// Whether normalized keys are in strictly increasing order.
-fn keys_sorted(keys: &ArrayRef) -> bool {
+pub(crate) fn keys_sorted(keys: &ArrayRef) -> bool {
     match keys.data_type() {
         DataType::Int64 => keys
             .as_primitive::<Int64Type>()
@@ -455,6 +522,16 @@ pub struct Differ {
     locator: Locator,
     /// Model field i -> snapshot hash column.
     field_map: Vec<Option<usize>>,
+    /// Snapshot hash column f -> the model field whose hash it holds (`None`: the key-only
+    /// marker column, whose known hashes are 0). `None` as a whole if the model no longer maps
+    /// some stored field: row hashes cannot be compared, and every field hash is read up front.
+    row_map: Option<Vec<Option<usize>>>,
+    /// Mapped fields the snapshot has no hash of: changed for every record.
+    unstored: u64,
+    /// Changes whose row hash differed: which fields changed is settled by [`Differ::resolve`].
+    pending: Vec<u32>,
+    /// Snapshot hash columns already resolved.
+    resolved: Vec<bool>,
     seen: Vec<u64>,
     /// Keys with a live change (or, for new keys, seen at all): their change ids, found by key.
     live: HashTable<u32>,
@@ -475,16 +552,32 @@ impl Differ {
                 spec.fields[64].clone(),
             ));
         }
-        let field_map = spec
+        let field_map: Vec<Option<usize>> = spec
             .fields
             .iter()
             .map(|f| snapshot.fields.iter().position(|s| s == f))
             .collect();
         let all_fields = spec.all_fields();
+        let row_map = row_map(&spec, &snapshot);
+        if row_map.is_none() && matches!(snapshot.hashes, FieldHashes::Stored(_)) {
+            return Err(Error::State {
+                message: "internal: this diff reads every field hash; load them first".into(),
+            });
+        }
+        let mut unstored = 0u64;
+        for (i, f) in field_map.iter().enumerate() {
+            if f.is_none() && Some(i) != spec.key {
+                unstored |= 1 << i;
+            }
+        }
         Ok(Self {
             locator: Locator::new(Arc::clone(&snapshot.keys)),
             seen: vec![0; snapshot.len().div_ceil(64)],
             field_map,
+            row_map,
+            unstored,
+            pending: vec![],
+            resolved: vec![false; snapshot.fields.len()],
             live: HashTable::new(),
             changes: vec![],
             counts: DiffCounts::default(),
@@ -579,20 +672,34 @@ impl Differ {
                         out.change_of_row[row] = Some(id);
                         continue;
                     }
-                    let mut changed = 0u64;
-                    for (i, h) in hashes.iter().enumerate() {
-                        if Some(i) == key_index {
-                            continue;
-                        }
-                        let same = self.field_map[i].is_some_and(|f| {
-                            let old = &self.snapshot.hashes[f];
-                            old.is_valid(j as usize) && old.value(j as usize) == h[row]
+                    // Same row hash: every stored field is unchanged. Otherwise which ones changed
+                    // is read from the field hashes, now if they are in memory, else at the end.
+                    let mut changed = self.unstored;
+                    let mut pending = false;
+                    let same_row = self.row_map.as_ref().is_some_and(|map| {
+                        let model = map.iter().fold(ROW_SEED, |acc, i| {
+                            fold_row(acc, Some(i.map_or(0, |i| hashes[i][row])))
                         });
-                        if !same {
-                            changed |= 1 << i;
+                        self.snapshot.rows.value(j as usize) == model
+                    });
+                    if !same_row {
+                        match &self.snapshot.hashes {
+                            FieldHashes::Loaded(old) => {
+                                changed |= changed_fields(
+                                    &self.field_map,
+                                    key_index,
+                                    |i| hashes[i][row],
+                                    |f| {
+                                        old[f]
+                                            .is_valid(j as usize)
+                                            .then(|| old[f].value(j as usize))
+                                    },
+                                );
+                            }
+                            FieldHashes::Stored(_) => pending = true,
                         }
                     }
-                    if changed == 0 {
+                    if changed == 0 && !pending {
                         self.counts.unchanged += 1;
                     } else if !self.spec.update {
                         self.counts.skipped += 1;
@@ -610,6 +717,9 @@ impl Differ {
                             row_hashes(row),
                             changed | key_bit,
                         );
+                        if pending {
+                            self.pending.push(id);
+                        }
                         self.live_put(id);
                         out.change_of_row[row] = Some(id);
                     }
@@ -714,9 +824,53 @@ impl Differ {
         }
     }
 
+    /// The snapshot's hash columns to pass to [`Differ::resolve`] once the model is read: every
+    /// one not yet resolved, if this diff changes anything. They tell which fields the records
+    /// whose row hash changed changed, and the commit will read them, so reading them now also
+    /// proves them whole before anything is sent.
+    pub fn fields_to_read(&self) -> Vec<usize> {
+        let seen = self
+            .seen
+            .iter()
+            .map(|w| w.count_ones() as usize)
+            .sum::<usize>();
+        let deletes = self.spec.delete && !self.spec.listed_deletes && seen < self.snapshot.len();
+        if self.changes.is_empty() && !deletes {
+            return vec![];
+        }
+        (0..self.resolved.len())
+            .filter(|f| !self.resolved[*f])
+            .collect()
+    }
+
+    /// Settles, for every pending update, whether the field stored in snapshot column `f`
+    /// changed (`old`: that column's hashes).
+    pub fn resolve(&mut self, f: usize, old: &UInt64Array) {
+        self.resolved[f] = true;
+        let Some(Some(i)) = self.row_map.as_ref().map(|m| m[f]) else {
+            return;
+        };
+        if Some(i) == self.spec.key {
+            return;
+        }
+        for id in &self.pending {
+            let c = &mut self.changes[*id as usize];
+            let j = c.row.expect("a pending update has a snapshot row") as usize;
+            if !old.is_valid(j) || old.value(j) != c.hashes[i] {
+                c.changed |= 1 << i;
+            }
+        }
+    }
+
     /// Ends the scan: adds the deletes and returns every change with the counts. Fails on
-    /// duplicate keys unless the spec keeps the last row.
+    /// duplicate keys unless the spec keeps the last row. With pending updates, every field of
+    /// [`Differ::fields_to_read`] must have been resolved.
     pub fn finish(mut self) -> Result<(Vec<Change>, DiffCounts)> {
+        if !self.pending.is_empty() && self.resolved.iter().any(|r| !r) {
+            return Err(Error::State {
+                message: "internal: the diff ended before its updates' fields were resolved".into(),
+            });
+        }
         if self.counts.duplicates > 0 && !self.spec.keep_last && !self.spec.listed_deletes {
             let key = self
                 .spec
@@ -740,6 +894,42 @@ impl Differ {
         self.counts.count_changes(&self.changes);
         Ok((self.changes, self.counts))
     }
+}
+
+/// The mapping of snapshot hash columns to model fields, if the model maps every stored field.
+fn row_map(spec: &DiffSpec, snapshot: &Snapshot) -> Option<Vec<Option<usize>>> {
+    snapshot
+        .fields
+        .iter()
+        .map(|f| {
+            if f.is_empty() {
+                return Some(None);
+            }
+            spec.fields.iter().position(|m| m == f).map(Some)
+        })
+        .collect()
+}
+
+/// Whether a diff of `spec` against `snapshot` needs every field hash in memory: when the model
+/// no longer maps some stored field, row hashes cannot be compared.
+pub fn needs_field_hashes(spec: &DiffSpec, snapshot: &Snapshot) -> bool {
+    spec.key.is_some() && !spec.listed_deletes && row_map(spec, snapshot).is_none()
+}
+
+/// Bit i set: model field i (not the key) differs from its stored hash, or has none.
+fn changed_fields(
+    field_map: &[Option<usize>],
+    key: Option<usize>,
+    model: impl Fn(usize) -> u64,
+    old: impl Fn(usize) -> Option<u64>,
+) -> u64 {
+    let mut changed = 0;
+    for (i, f) in field_map.iter().enumerate() {
+        if Some(i) != key && f.and_then(&old) != Some(model(i)) {
+            changed |= 1 << i;
+        }
+    }
+    changed
 }
 
 /// The model repeats keys: nothing is sent.
@@ -783,6 +973,8 @@ mod tests {
     use datafusion::arrow::datatypes::{Field, Schema};
 
     use super::*;
+    use crate::sync::hash::HASH_VERSION;
+    use crate::sync::state::{FORMAT, Manifest, StateStore, now};
 
     fn batch(rows: &[(i64, &str, Option<&str>)]) -> RecordBatch {
         let schema = Arc::new(Schema::new(vec![
@@ -825,12 +1017,12 @@ mod tests {
             hash_array(c.as_ref(), &mut h).unwrap();
             hashes.push(UInt64Array::from(h));
         }
-        Arc::new(Snapshot {
-            keys: b.column(0).clone(),
-            fields: vec!["id".into(), "email".into(), "plan".into()],
+        Arc::new(Snapshot::new(
+            b.column(0).clone(),
+            vec!["id".into(), "email".into(), "plan".into()],
             hashes,
-            record_ids: None,
-        })
+            None,
+        ))
     }
 
     fn run(
@@ -838,8 +1030,53 @@ mod tests {
         snap: Arc<Snapshot>,
         rows: &[(i64, &str, Option<&str>)],
     ) -> Vec<(Op, String, u64)> {
-        let mut d = Differ::new(spec, snap).unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let in_memory = runtime.block_on(diff(&spec, Arc::clone(&snap), rows));
+        // The same snapshot committed and read back: its field hashes stay in the store, and the
+        // fields of changed records are resolved after the scan.
+        let dir = tempfile::tempdir().unwrap();
+        let stored = runtime.block_on(async {
+            let state = StateStore::local(dir.path()).unwrap();
+            let manifest = Manifest {
+                format: FORMAT,
+                hash: HASH_VERSION.into(),
+                sync: "s".into(),
+                target: "t.o".into(),
+                key: None,
+                fields: vec![],
+                snapshot: String::new(),
+                hash_files: vec![],
+                rows: 0,
+                rejects: None,
+                run_id: "r".into(),
+                committed_at: now(),
+            };
+            state.commit(manifest, &snap, &[], None).await.unwrap();
+            let manifest = state.manifest("s").await.unwrap().unwrap();
+            let loaded = state.snapshot("s", &manifest).await.unwrap();
+            assert!(snap.is_empty() || matches!(loaded.hashes, FieldHashes::Stored(_)));
+            diff(&spec, Arc::new(loaded), rows).await
+        });
+        assert_eq!(in_memory, stored, "stored field hashes change nothing");
+        in_memory
+    }
+
+    /// The diff as `DiffExec` runs it.
+    async fn diff(
+        spec: &DiffSpec,
+        mut snap: Arc<Snapshot>,
+        rows: &[(i64, &str, Option<&str>)],
+    ) -> Vec<(Op, String, u64)> {
+        if needs_field_hashes(spec, &snap) {
+            snap = Arc::new((*snap).clone().loaded().await.unwrap());
+        }
+        let mut d = Differ::new(spec.clone(), Arc::clone(&snap)).unwrap();
         d.push(&batch(rows)).unwrap();
+        for f in d.fields_to_read() {
+            d.resolve(f, &snap.field_column(f).await.unwrap());
+        }
         let (changes, _) = d.finish().unwrap();
         changes
             .into_iter()
@@ -904,13 +1141,43 @@ mod tests {
     fn a_newly_mapped_field_is_sent_alone() {
         // The snapshot only knew id and email; plan is newly mapped.
         let full = snapshot_of(&[(1, "a", Some("pro"))]);
-        let snap = Arc::new(Snapshot {
-            fields: vec!["id".into(), "email".into()],
-            hashes: full.hashes[..2].to_vec(),
-            ..(*full).clone()
-        });
+        let FieldHashes::Loaded(hashes) = &full.hashes else {
+            unreachable!("built in memory")
+        };
+        let snap = Arc::new(Snapshot::new(
+            full.keys.clone(),
+            vec!["id".into(), "email".into()],
+            hashes[..2].to_vec(),
+            None,
+        ));
         let out = run(spec(true, true, false), snap, &[(1, "a", Some("pro"))]);
         assert_eq!(out, vec![(Op::Upsert, "1".into(), 0b101)]);
+    }
+
+    #[test]
+    fn a_field_no_longer_mapped_changes_nothing() {
+        // The snapshot knows id, email and plan; the model now maps id and email only.
+        let snap = snapshot_of(&[(1, "a", Some("pro")), (2, "b", Some("free"))]);
+        let mut s = spec(true, true, false);
+        s.fields.truncate(2);
+        assert!(needs_field_hashes(&s, &snap));
+        let model = RecordBatch::try_new(
+            Arc::new(Schema::new(vec![
+                Field::new("id", DataType::Int64, true),
+                Field::new("email", DataType::Utf8, true),
+            ])),
+            vec![
+                Arc::new(Int64Array::from(vec![1, 2])),
+                Arc::new(StringArray::from(vec!["a", "c"])),
+            ],
+        )
+        .unwrap();
+        let mut d = Differ::new(s, snap).unwrap();
+        d.push(&model).unwrap();
+        let (changes, counts) = d.finish().unwrap();
+        assert_eq!((counts.unchanged, counts.updates), (1, 1));
+        assert_eq!(changes[0].key.to_string(), "2");
+        assert_eq!(changes[0].changed, 0b11, "email and the key");
     }
 
     #[test]
@@ -1022,12 +1289,12 @@ mod tests {
         let (changes, counts) = d.finish().unwrap();
         assert_eq!(counts.inserts, 2, "identical rows are one event");
         let keys: Vec<Key> = changes.iter().map(|c| c.key.clone()).collect();
-        let snap = Arc::new(Snapshot {
-            keys: key_array(&keys.iter().collect::<Vec<_>>()),
-            fields: vec![],
-            hashes: vec![],
-            record_ids: None,
-        });
+        let snap = Arc::new(Snapshot::new(
+            key_array(&keys.iter().collect::<Vec<_>>()),
+            vec![],
+            vec![],
+            None,
+        ));
         let again = run(s, snap, &[(1, "a", None), (2, "b", None), (3, "c", None)]);
         assert_eq!(again.len(), 1, "only the new event");
         assert_eq!(again[0].0, Op::Insert);

@@ -28,7 +28,7 @@ use datafusion::physical_plan::{
 };
 use futures::{StreamExt, TryStreamExt};
 
-use super::diff::{Change, DiffCounts, Differ, key_array};
+use super::diff::{Change, DiffCounts, Differ, key_array, needs_field_hashes};
 use super::hash::split_composite_key;
 use super::{Op, SyncRun};
 use crate::delivery::Rejected;
@@ -221,7 +221,12 @@ async fn diff_stream(
 ) -> Result<Vec<RecordBatch>> {
     let spec = run.spec.diff.clone();
     let started = std::time::Instant::now();
-    let mut differ = Differ::new(spec.clone(), run.snapshot()?)?;
+    let mut snapshot = run.snapshot()?;
+    if needs_field_hashes(&spec, &snapshot) {
+        // The model no longer maps some stored field: compare field by field.
+        snapshot = Arc::new((*snapshot).clone().loaded().await?);
+    }
+    let mut differ = Differ::new(spec.clone(), Arc::clone(&snapshot))?;
     tracing::debug!(
         ms = started.elapsed().as_millis() as u64,
         "DiffExec: snapshot index built"
@@ -256,6 +261,10 @@ async fn diff_stream(
         rss_mb = crate::sync::rss_mb(),
         "DiffExec: model classified"
     );
+    // Which fields the changed records changed: one stored hash column at a time.
+    for f in differ.fields_to_read() {
+        differ.resolve(f, &snapshot.field_column(f).await?);
+    }
     let (changes, counts) = differ.finish()?;
     emit_changes(
         &run,

@@ -166,6 +166,71 @@ pub fn combine(field_hashes: impl IntoIterator<Item = u64>) -> u64 {
     xxh3_64(&buf)
 }
 
+/// The start of a record's row hash (see [`fold_row`]).
+pub const ROW_SEED: u64 = 0x2545_f491_4f6c_dd1d;
+
+/// What an unknown field hash (a field mapped after the record was sent) contributes to a row
+/// hash: no model value hashes to it, so such a record always goes on to the field-by-field check.
+const UNKNOWN_FIELD: u64 = 0xd6e8_feb8_6659_fd93;
+
+/// Folds one field hash into a record's row hash: `rotl(acc, 29) ^ field`, over the stored fields
+/// in the snapshot's order from [`ROW_SEED`]. Field hashes are already XXH3 outputs, so this
+/// linear fold keeps their quality: the row hashes of two records are equal exactly when all their
+/// field hashes are, except with probability 2^-64 (29 is odd, so up to 64 fields land on distinct
+/// rotations). Persisted in snapshots: part of [`HASH_VERSION`].
+#[inline]
+pub fn fold_row(acc: u64, field: Option<u64>) -> u64 {
+    acc.rotate_left(29) ^ field.unwrap_or(UNKNOWN_FIELD)
+}
+
+/// Builds the row hashes of a snapshot one field column at a time (so that the field columns
+/// never need to be in memory together). A record whose every field hash is unknown gets a null
+/// row hash: it was sent without an answer.
+pub struct RowHashes {
+    acc: Vec<u64>,
+    known: Vec<bool>,
+    fields: usize,
+}
+
+impl RowHashes {
+    pub fn new(rows: usize) -> Self {
+        Self {
+            acc: vec![ROW_SEED; rows],
+            known: vec![false; rows],
+            fields: 0,
+        }
+    }
+
+    /// Folds in the next field's column (one hash per record, null = unknown).
+    pub fn add(&mut self, column: &UInt64Array) {
+        debug_assert_eq!(column.len(), self.acc.len());
+        self.fields += 1;
+        if column.null_count() == 0 {
+            for (acc, h) in self.acc.iter_mut().zip(column.values()) {
+                *acc = fold_row(*acc, Some(*h));
+            }
+            self.known.fill(true);
+            return;
+        }
+        for (row, acc) in self.acc.iter_mut().enumerate() {
+            let h = column.is_valid(row).then(|| column.value(row));
+            *acc = fold_row(*acc, h);
+            self.known[row] |= h.is_some();
+        }
+    }
+
+    pub fn finish(self) -> UInt64Array {
+        if self.fields == 0 || self.known.iter().all(|k| *k) {
+            return UInt64Array::from(self.acc);
+        }
+        self.acc
+            .into_iter()
+            .zip(self.known)
+            .map(|(h, known)| known.then_some(h))
+            .collect()
+    }
+}
+
 /// The field that carries a key made of several fields (`MERGE … ON t.a = … AND t.b = …`, a
 /// composite primary key). It is added after the mapped fields; sinks match by the parts and do not
 /// write it.
@@ -373,6 +438,38 @@ mod tests {
             )
         );
         assert_eq!(xxh3_64(b""), 0x2d06_8005_38d3_94c2, "XXH3-64 of nothing");
+    }
+
+    #[test]
+    fn row_hashes_are_pinned_and_null_only_when_nothing_is_known() {
+        let a = UInt64Array::from(vec![Some(1), Some(2), None]);
+        let b = UInt64Array::from(vec![Some(3), None, None]);
+        let mut rows = RowHashes::new(3);
+        rows.add(&a);
+        rows.add(&b);
+        let rows = rows.finish();
+        assert_eq!(
+            rows.value(0),
+            ROW_SEED.rotate_left(58) ^ 1u64.rotate_left(29) ^ 3
+        );
+        assert_eq!(
+            rows.value(0),
+            fold_row(fold_row(ROW_SEED, Some(1)), Some(3))
+        );
+        assert_eq!(rows.value(1), fold_row(fold_row(ROW_SEED, Some(2)), None));
+        assert_ne!(
+            rows.value(1),
+            fold_row(fold_row(ROW_SEED, Some(2)), Some(0))
+        );
+        assert!(
+            rows.is_null(2),
+            "every field unknown: sent without an answer"
+        );
+        // Swapped values give another row hash.
+        assert_ne!(
+            fold_row(fold_row(ROW_SEED, Some(5)), Some(9)),
+            fold_row(fold_row(ROW_SEED, Some(9)), Some(5))
+        );
     }
 
     #[test]

@@ -4,13 +4,16 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
-use datafusion::arrow::array::{Array, StringArray, UInt32Array, UInt64Array};
+use datafusion::arrow::array::{
+    Array, ArrayRef, AsArray, StringArray, UInt32Array, UInt64Array, make_array,
+};
 use datafusion::arrow::compute::{cast, concat, take};
+use datafusion::arrow::datatypes::UInt64Type;
 
-use super::diff::{Change, DiffCounts, DiffSpec, Snapshot, key_array};
-use super::hash::{HASH_VERSION, Key};
+use super::diff::{Change, DiffCounts, DiffSpec, FieldHashes, Snapshot, key_array, keys_sorted};
+use super::hash::{HASH_VERSION, Key, RowHashes};
 use super::remote::{RemoteCommit, RemoteState};
-use super::state::{Manifest, RejectEntry, RunRecord, StateStore, SyncLock, now};
+use super::state::{FORMAT, Manifest, RejectEntry, RunRecord, StateStore, SyncLock, now};
 use super::{Op, SyncOptions};
 use crate::delivery::Rejected;
 use crate::delivery::metrics::DeliveryStats;
@@ -248,7 +251,10 @@ impl SyncRun {
                 keys.extend((0..array.len()).filter_map(|i| Key::at(&array, i)));
                 intents.push(name);
             }
-            snapshot = snapshot.with_unknown(&keys)?;
+            if !keys.is_empty() {
+                // (A run that crashed: rare enough to read every field hash for.)
+                snapshot = snapshot.loaded().await?.with_unknown(&keys)?;
+            }
         }
         tracing::debug!(
             ms = started.elapsed().as_millis() as u64,
@@ -442,16 +448,20 @@ impl SyncRun {
                             .await?;
                         Snapshot::empty(self.spec.diff.fields.clone())
                     }
-                    None => self.next_snapshot(&snapshot, &changes, &acked, &settled)?,
+                    None => {
+                        self.next_snapshot(&snapshot, &changes, &acked, &settled)
+                            .await?
+                    }
                 };
                 let new_manifest = Manifest {
-                    format: 1,
+                    format: FORMAT,
                     hash: self.hash_version().into(),
                     sync: self.spec.id.clone(),
                     target: self.spec.target.clone(),
                     key: self.spec.key_name().map(str::to_string),
                     fields: next.fields.clone(),
                     snapshot: String::new(),
+                    hash_files: vec![],
                     rows: 0,
                     rejects: None,
                     run_id: self.run_id.clone(),
@@ -539,8 +549,9 @@ impl SyncRun {
 
     /// The snapshot after this run: the previous one with acknowledged updates and deletes
     /// applied and acknowledged new records appended. Unacknowledged changes keep their old
-    /// state, so they are sent again next run.
-    fn next_snapshot(
+    /// state, so they are sent again next run. The field hashes are built, written to the state
+    /// store and dropped one field at a time.
+    async fn next_snapshot(
         &self,
         old: &Snapshot,
         changes: &[Change],
@@ -564,14 +575,9 @@ impl SyncRun {
         } else {
             stored.iter().map(|i| diff.fields[*i].clone()).collect()
         };
-        let old_column: Vec<Option<&UInt64Array>> = fields
+        let old_column: Vec<Option<usize>> = fields
             .iter()
-            .map(|f| {
-                old.fields
-                    .iter()
-                    .position(|o| o == f)
-                    .map(|i| &old.hashes[i])
-            })
+            .map(|f| old.fields.iter().position(|o| o == f))
             .collect();
         let mut row_change: Vec<u32> = vec![u32::MAX; old.len()];
         // (change, record id, known): unknown = sent without an answer.
@@ -628,33 +634,6 @@ impl SyncRun {
                 ])?
             }
         };
-        let mut hashes = Vec::with_capacity(fields.len());
-        for (n, old_col) in old_column.iter().enumerate() {
-            // The change's hash of this field (0 for the marker column).
-            let hash_of = |c: &Change| if marker { 0 } else { c.hashes[stored[n]] };
-            let mut b = UInt64Array::builder(kept.len() + new_rows.len());
-            for &j in &kept {
-                let id = row_change[j as usize];
-                if id != u32::MAX {
-                    b.append_value(hash_of(&changes[id as usize]));
-                } else {
-                    match old_col {
-                        Some(col) if col.is_valid(j as usize) => {
-                            b.append_value(col.value(j as usize))
-                        }
-                        _ => b.append_null(),
-                    }
-                }
-            }
-            for (id, _, known) in &new_rows {
-                if *known {
-                    b.append_value(hash_of(&changes[*id as usize]));
-                } else {
-                    b.append_null();
-                }
-            }
-            hashes.push(b.finish());
-        }
         let record_ids = (old.record_ids.is_some() || !ids.is_empty()).then(|| {
             kept.iter()
                 .map(|&j| {
@@ -669,13 +648,66 @@ impl SyncRun {
                 .chain(new_rows.iter().map(|(_, r, _)| r.map(|s| s.as_str())))
                 .collect::<StringArray>()
         });
-        Snapshot {
+        // Sorted by key, as the diff walks it.
+        let order = (!keys_sorted(&keys))
+            .then(|| datafusion::arrow::compute::sort_to_indices(&keys, None, None))
+            .transpose()?;
+        let ordered = |a: &dyn Array| -> Result<ArrayRef> {
+            Ok(match &order {
+                Some(order) => take(a, order, None)?,
+                None => make_array(a.to_data()),
+            })
+        };
+        let keys = ordered(keys.as_ref())?;
+        let record_ids = record_ids
+            .map(|r| Ok::<_, Error>(ordered(&r)?.as_string::<i32>().clone()))
+            .transpose()?;
+        let mut rows = RowHashes::new(keys.len());
+        let mut files = Vec::with_capacity(fields.len());
+        for (n, old_col) in old_column.iter().enumerate() {
+            let old_col = match old_col {
+                Some(f) => Some(old.field_column(*f).await?),
+                None => None,
+            };
+            // The change's hash of this field (0 for the marker column).
+            let hash_of = |c: &Change| if marker { 0 } else { c.hashes[stored[n]] };
+            let mut b = UInt64Array::builder(kept.len() + new_rows.len());
+            for &j in &kept {
+                let id = row_change[j as usize];
+                if id != u32::MAX {
+                    b.append_value(hash_of(&changes[id as usize]));
+                } else {
+                    match &old_col {
+                        Some(col) if col.is_valid(j as usize) => {
+                            b.append_value(col.value(j as usize))
+                        }
+                        _ => b.append_null(),
+                    }
+                }
+            }
+            drop(old_col);
+            for (id, _, known) in &new_rows {
+                if *known {
+                    b.append_value(hash_of(&changes[*id as usize]));
+                } else {
+                    b.append_null();
+                }
+            }
+            let column = ordered(&b.finish())?.as_primitive::<UInt64Type>().clone();
+            rows.add(&column);
+            files.push(
+                self.state
+                    .put_hashes(&self.spec.id, &self.run_id, n, &column)
+                    .await?,
+            );
+        }
+        Ok(Snapshot {
             keys,
             fields,
-            hashes,
+            rows: rows.finish(),
+            hashes: FieldHashes::Stored(self.state.stored_hashes(&self.spec.id, files)),
             record_ids,
-        }
-        .sorted()
+        })
     }
 }
 

@@ -2,7 +2,8 @@
 //!
 //! ```text
 //! <state>/syncs/<sync>/manifest.json          which snapshot and rejects are committed
-//! <state>/syncs/<sync>/snapshot-<run>.arrow   key, record id and one hash per mapped field
+//! <state>/syncs/<sync>/snapshot-<run>.arrow   key, record id and row hash per record
+//! <state>/syncs/<sync>/snapshot-<run>.h<n>.arrow  the hashes of mapped field n, per record
 //! <state>/syncs/<sync>/rejects-<run>.jsonl    records the destination refused, until they succeed
 //! <state>/syncs/<sync>/lock                   held while a run of the sync is in progress
 //! <state>/runs/<sync>/<started>-<run>.json    one record per run
@@ -25,12 +26,13 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
-use super::diff::Snapshot;
+use super::diff::{FieldHashes, Snapshot};
 use super::hash::{HASH_VERSION, POSTGRES_HASH_VERSION};
 use crate::error::{Error, Result};
 
-/// The manifest format this version writes and reads.
-const FORMAT: u32 = 1;
+/// The manifest format this version writes. Format 1 kept every field's hashes in the snapshot
+/// file itself; it is still read (its row hashes are computed on load).
+pub const FORMAT: u32 = 2;
 
 /// Where state lives.
 #[derive(Debug, Clone)]
@@ -51,6 +53,9 @@ pub struct Manifest {
     pub key: Option<String>,
     pub fields: Vec<String>,
     pub snapshot: String,
+    /// The files of the snapshot's field hashes, one per field of `fields` (format 2).
+    #[serde(default)]
+    pub hash_files: Vec<String>,
     pub rows: u64,
     pub rejects: Option<String>,
     pub run_id: String,
@@ -257,7 +262,7 @@ impl StateStore {
                 self.shown(&path)
             ),
         })?;
-        if manifest.format != FORMAT
+        if !(1..=FORMAT).contains(&manifest.format)
             || (manifest.hash != HASH_VERSION && manifest.hash != POSTGRES_HASH_VERSION)
         {
             return Err(Error::State {
@@ -272,15 +277,12 @@ impl StateStore {
         Ok(Some(manifest))
     }
 
-    /// The snapshot a manifest names.
+    /// The snapshot a manifest names. Its field hashes stay in the store (format 2) until the
+    /// diff needs them; each file is checked to exist now, so that a missing one fails before
+    /// anything is sent.
     pub async fn snapshot(&self, sync: &str, manifest: &Manifest) -> Result<Snapshot> {
         let path = self.path(&["syncs", sync, &manifest.snapshot]);
-        let corrupt = |what: String| Error::State {
-            message: format!(
-                "the state snapshot {} {what}; nothing was sent. Restore it, or RESET SYNC {sync} to forget this sync's state (its next run resends every record)",
-                self.shown(&path)
-            ),
-        };
+        let corrupt = |what: String| corrupt_state(&self.shown(&path), sync, &what);
         let Some(bytes) = self.read(&path).await? else {
             return Err(corrupt("is named by the manifest but missing".into()));
         };
@@ -309,25 +311,83 @@ impl StateStore {
                     .ok_or_else(|| corrupt("has no record id column".into()))?,
             ),
         };
-        let mut fields = vec![];
-        let mut hashes = vec![];
-        for (field, column) in schema.fields().iter().zip(batch.columns()).skip(2) {
-            let name = field.name().strip_prefix("h:").unwrap_or(field.name());
-            fields.push(name.to_string());
-            hashes.push(
-                column
-                    .as_any()
-                    .downcast_ref::<UInt64Array>()
-                    .cloned()
-                    .ok_or_else(|| corrupt(format!("has a bad hash column {name}")))?,
-            );
+        let hash_column = |i: usize, name: &str| {
+            batch
+                .column(i)
+                .as_any()
+                .downcast_ref::<UInt64Array>()
+                .cloned()
+                .ok_or_else(|| corrupt(format!("has a bad hash column {name}")))
+        };
+        if manifest.format == 1 {
+            let mut fields = vec![];
+            let mut hashes = vec![];
+            for (i, field) in schema.fields().iter().enumerate().skip(2) {
+                let name = field.name().strip_prefix("h:").unwrap_or(field.name());
+                fields.push(name.to_string());
+                hashes.push(hash_column(i, name)?);
+            }
+            return Ok(Snapshot::new(
+                batch.column(0).clone(),
+                fields,
+                hashes,
+                record_ids,
+            ));
+        }
+        if batch.num_columns() != 3 || manifest.hash_files.len() != manifest.fields.len() {
+            return Err(corrupt(format!(
+                "does not match its manifest ({} columns, {} hash files for {} fields)",
+                batch.num_columns(),
+                manifest.hash_files.len(),
+                manifest.fields.len()
+            )));
+        }
+        for name in &manifest.hash_files {
+            let file = self.path(&["syncs", sync, name]);
+            match self.store.head(&file).await {
+                Ok(_) => {}
+                Err(object_store::Error::NotFound { .. }) => {
+                    return Err(corrupt_state(
+                        &self.shown(&file),
+                        sync,
+                        "is named by the manifest but missing",
+                    ));
+                }
+                Err(e) => return Err(self.io(&file, "read", e)),
+            }
         }
         Ok(Snapshot {
             keys: batch.column(0).clone(),
-            fields,
-            hashes,
+            fields: manifest.fields.clone(),
+            rows: hash_column(2, "row")?,
+            hashes: FieldHashes::Stored(self.stored_hashes(sync, manifest.hash_files.clone())),
             record_ids,
         })
+    }
+
+    /// A snapshot's field hashes in `files` (of `sync`'s directory).
+    pub fn stored_hashes(&self, sync: &str, files: Vec<String>) -> StoredHashes {
+        StoredHashes {
+            state: self.clone(),
+            sync: sync.to_string(),
+            files,
+        }
+    }
+
+    /// Writes the hashes of a new snapshot's field `n` for run `run_id`; returns the file name.
+    pub async fn put_hashes(
+        &self,
+        sync: &str,
+        run_id: &str,
+        n: usize,
+        hashes: &UInt64Array,
+    ) -> Result<String> {
+        let name = format!("snapshot-{run_id}.h{n}.arrow");
+        let schema = Arc::new(Schema::new(vec![Field::new("h", DataType::UInt64, true)]));
+        let batch = RecordBatch::try_new(schema, vec![Arc::new(hashes.clone())])?;
+        self.write(&self.path(&["syncs", sync, &name]), ipc_file(&batch)?)
+            .await?;
+        Ok(name)
     }
 
     /// The rejects a manifest names.
@@ -368,6 +428,19 @@ impl StateStore {
         previous: Option<&Manifest>,
     ) -> Result<()> {
         let sync = manifest.sync.clone();
+        manifest.format = FORMAT;
+        manifest.fields = snapshot.fields.clone();
+        manifest.hash_files = match &snapshot.hashes {
+            FieldHashes::Loaded(columns) => {
+                let mut files = Vec::with_capacity(columns.len());
+                for (n, column) in columns.iter().enumerate() {
+                    files.push(self.put_hashes(&sync, &manifest.run_id, n, column).await?);
+                }
+                files
+            }
+            // Written by this run as it built them (see `SyncRun::next_snapshot`).
+            FieldHashes::Stored(stored) => stored.files.clone(),
+        };
         manifest.snapshot = format!("snapshot-{}.arrow", manifest.run_id);
         manifest.rows = snapshot.len() as u64;
         let snapshot_path = self.path(&["syncs", &sync, &manifest.snapshot]);
@@ -390,11 +463,17 @@ impl StateStore {
         let body = serde_json::to_vec_pretty(&manifest).expect("serializing to memory");
         self.write(&path, body).await?;
         if let Some(previous) = previous {
+            let current: HashSet<&String> = [Some(&manifest.snapshot), manifest.rejects.as_ref()]
+                .into_iter()
+                .flatten()
+                .chain(&manifest.hash_files)
+                .collect();
             for old in [Some(&previous.snapshot), previous.rejects.as_ref()]
                 .into_iter()
                 .flatten()
+                .chain(&previous.hash_files)
             {
-                if Some(old) != Some(&manifest.snapshot) && Some(old) != manifest.rejects.as_ref() {
+                if !current.contains(old) {
                     let _ = self.store.delete(&self.path(&["syncs", &sync, old])).await;
                 }
             }
@@ -641,7 +720,7 @@ impl StateStore {
     }
 }
 
-/// A snapshot as one Arrow IPC file: `key`, `record_id`, then `h:<field>` per field.
+/// A snapshot's main file: `key`, `record_id` and `row` (the row hashes) per record.
 fn encode_snapshot(snapshot: &Snapshot) -> Result<Bytes> {
     let key_type = match snapshot.keys.data_type() {
         DataType::Null => DataType::Int64,
@@ -659,17 +738,59 @@ fn encode_snapshot(snapshot: &Snapshot) -> Result<Bytes> {
             Arc::new(datafusion::arrow::array::NullArray::new(keys.len())),
         ),
     };
-    let mut fields = vec![
+    let schema = Schema::new(vec![
         Field::new("key", key_type, false),
         Field::new("record_id", id_type, true),
-    ];
-    let mut columns: Vec<ArrayRef> = vec![keys, ids];
-    for (name, h) in snapshot.fields.iter().zip(&snapshot.hashes) {
-        fields.push(Field::new(format!("h:{name}"), DataType::UInt64, true));
-        columns.push(Arc::new(h.clone()));
+        Field::new("row", DataType::UInt64, true),
+    ]);
+    let columns: Vec<ArrayRef> = vec![keys, ids, Arc::new(snapshot.rows.clone())];
+    ipc_file(&RecordBatch::try_new(Arc::new(schema), columns)?)
+}
+
+/// The error for a state file that cannot be used.
+fn corrupt_state(path: &str, sync: &str, what: &str) -> Error {
+    Error::State {
+        message: format!(
+            "the state snapshot {path} {what}; nothing was sent. Restore it, or RESET SYNC {sync} to forget this sync's state (its next run resends every record)"
+        ),
     }
-    let batch = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns)?;
-    ipc_file(&batch)
+}
+
+/// A snapshot's field hashes, left in the state store: one file per field.
+#[derive(Debug, Clone)]
+pub struct StoredHashes {
+    state: StateStore,
+    sync: String,
+    files: Vec<String>,
+}
+
+impl StoredHashes {
+    /// Field `i`'s hashes; `rows` is the snapshot's length.
+    pub async fn column(&self, i: usize, rows: usize) -> Result<UInt64Array> {
+        let path = self.state.path(&["syncs", &self.sync, &self.files[i]]);
+        let shown = self.state.shown(&path);
+        let corrupt = |what: String| corrupt_state(&shown, &self.sync, &what);
+        let Some(bytes) = self.state.read(&path).await? else {
+            return Err(corrupt("is named by the manifest but missing".into()));
+        };
+        let (_, batches) = read_ipc(bytes).map_err(|e| corrupt(format!("is corrupt ({e})")))?;
+        let column = match batches.as_slice() {
+            [batch] if batch.num_columns() == 1 => batch
+                .column(0)
+                .as_any()
+                .downcast_ref::<UInt64Array>()
+                .cloned(),
+            _ => None,
+        };
+        match column {
+            Some(c) if c.len() == rows => Ok(c),
+            Some(c) => Err(corrupt(format!(
+                "holds {} hashes for a snapshot of {rows} records",
+                c.len()
+            ))),
+            None => Err(corrupt("is not a column of hashes".into())),
+        }
+    }
 }
 
 /// One batch as an Arrow IPC file.

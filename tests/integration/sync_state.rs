@@ -257,14 +257,48 @@ async fn corrupt_or_missing_state_is_a_clear_error_never_a_full_resend() {
         "{stderr}"
     );
 
-    // The manifest names a snapshot that is gone.
+    // The manifest names a snapshot (or one of its field-hash files) that is gone.
     std::fs::write(&manifest, &good).unwrap();
-    let snapshot = std::fs::read_dir(&state)
-        .unwrap()
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().starts_with("snapshot-"))
-        .unwrap()
-        .path();
+    let state_file = |hashes: bool| {
+        std::fs::read_dir(&state)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| {
+                let name = p.file_name().unwrap().to_string_lossy().to_string();
+                name.starts_with("snapshot-") && name.contains(".h") == hashes
+            })
+            .unwrap()
+    };
+    let hash_file = state_file(true);
+    let hash_bytes = std::fs::read(&hash_file).unwrap();
+    std::fs::remove_file(&hash_file).unwrap();
+    let out = start(dir).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("is named by the manifest but missing")
+            && stderr.contains(&hash_file.file_name().unwrap().to_string_lossy().to_string()),
+        "{stderr}"
+    );
+    // A truncated field-hash file is found before anything is sent by a run that changes a record.
+    std::fs::write(&hash_file, &hash_bytes[..hash_bytes.len() / 2]).unwrap();
+    let mut changed = model.clone();
+    changed.get_mut(&7).unwrap().1 = "pro".into();
+    write_model(dir, &changed);
+    let out = start(dir).wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("is corrupt")
+            && stderr.contains(&hash_file.file_name().unwrap().to_string_lossy().to_string()),
+        "{stderr}"
+    );
+    assert_eq!(fake.observed(|o| o.record_count), sent, "nothing was sent");
+    std::fs::write(&hash_file, &hash_bytes).unwrap();
+    write_model(dir, &model);
+
+    let snapshot = state_file(false);
     let bytes = std::fs::read(&snapshot).unwrap();
     std::fs::remove_file(&snapshot).unwrap();
     let out = start(dir).wait_with_output().unwrap();
