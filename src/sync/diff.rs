@@ -310,13 +310,15 @@ impl<'a> TypedKeys<'a> {
 }
 
 /// Finds model keys in the snapshot. Commits write snapshots sorted by key, so a model read in
-/// key order is matched by walking a cursor, with sequential memory access and no index at all.
+/// key order is matched by walking a cursor, with sequential memory access and no index at all;
+/// each input stream (a scan's partition, in key order of its own) walks a cursor of its own.
 /// Keys out of order fall back to binary search; once they are common, to a hash index (built
 /// then, once).
 struct Locator {
     keys: ArrayRef,
     sorted: bool,
-    cursor: usize,
+    /// One per input stream.
+    cursors: Vec<usize>,
     lookups: u64,
     misses: u64,
     index: Option<KeyIndex>,
@@ -348,7 +350,7 @@ impl Locator {
             index: (!sorted).then(|| KeyIndex::build(&keys)),
             keys,
             sorted,
-            cursor: 0,
+            cursors: vec![],
             lookups: 0,
             misses: 0,
         }
@@ -362,7 +364,8 @@ impl Locator {
         }
     }
 
-    fn find(&mut self, key: KeyRef<'_>) -> Option<u32> {
+    /// The snapshot row of `key`, read from input stream `stream`.
+    fn find(&mut self, key: KeyRef<'_>, stream: usize) -> Option<u32> {
         let n = self.keys.len();
         if n == 0 {
             return None;
@@ -371,11 +374,14 @@ impl Locator {
             return self.index.as_ref().and_then(|i| i.find(&self.keys, key));
         }
         self.lookups += 1;
-        let c = self.cursor;
+        if self.cursors.len() <= stream {
+            self.cursors.resize(stream + 1, 0);
+        }
+        let c = self.cursors[stream];
         use std::cmp::Ordering::*;
         let at_cursor = if c < n { self.cmp(c, key) } else { Less };
         if at_cursor == Equal {
-            self.cursor = c + 1;
+            self.cursors[stream] = c + 1;
             return Some(c as u32);
         }
         // Between the previous key and the cursor's: not in a sorted snapshot.
@@ -407,13 +413,13 @@ impl Locator {
                     }
                 }
                 if self.index.is_none() && lo < n && self.cmp(lo, key) == Equal {
-                    self.cursor = lo + 1;
+                    self.cursors[stream] = lo + 1;
                     return Some(lo as u32);
                 }
                 lo
             }
         };
-        self.cursor = position;
+        self.cursors[stream] = position;
         found
     }
 }
@@ -590,6 +596,11 @@ impl Differ {
 
     /// Classifies every row of `batch` (whose columns are the spec's fields, in order).
     pub fn push(&mut self, batch: &RecordBatch) -> Result<BatchDiff> {
+        self.push_from(batch, 0)
+    }
+
+    /// Classifies every row of `batch`, read from input stream `stream` (see `Locator`).
+    pub fn push_from(&mut self, batch: &RecordBatch, stream: usize) -> Result<BatchDiff> {
         let rows = batch.num_rows();
         self.counts.rows += rows as u64;
         let hashed = !self.spec.listed_deletes;
@@ -633,13 +644,13 @@ impl Differ {
                 if self.live_find(key_ref).is_some() {
                     continue;
                 }
-                let row_in = self.locator.find(key_ref);
+                let row_in = self.locator.find(key_ref, stream);
                 let id = self.add(Op::Delete, key_ref.to_owned(), row_in, Box::new([]), 0);
                 self.live_put(id);
                 out.change_of_row[row] = Some(id);
                 continue;
             }
-            match self.locator.find(key_ref) {
+            match self.locator.find(key_ref, stream) {
                 Some(j) => {
                     let (word, bit) = (j as usize / 64, 1u64 << (j % 64));
                     if self.seen[word] & bit != 0 {

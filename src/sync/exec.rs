@@ -155,8 +155,10 @@ impl ExecutionPlan for DiffExec {
         &self.properties
     }
 
+    /// Every input partition is read here, each through a cursor of its own over the sorted
+    /// snapshot: a scan's partitions are each in key order, their interleaving is not.
     fn required_input_distribution(&self) -> Vec<Distribution> {
-        vec![Distribution::SinglePartition]
+        vec![Distribution::UnspecifiedDistribution]
     }
 
     fn benefits_from_input_partitioning(&self) -> Vec<bool> {
@@ -205,7 +207,21 @@ impl ExecutionPlan for DiffExec {
         partition: usize,
         context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
-        let input = self.input.execute(partition, context)?;
+        if partition != 0 {
+            return Err(DataFusionError::Internal(format!(
+                "DiffExec has one output partition, not {partition}"
+            )));
+        }
+        let inputs = (0..self.input.properties().partitioning.partition_count())
+            .map(|p| {
+                let stream = self.input.execute(p, Arc::clone(&context))?;
+                Ok(stream.map(move |batch| batch.map(|b| (p, b))))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let input = Tagged {
+            schema: self.input.schema(),
+            batches: Box::pin(futures::stream::select_all(inputs)),
+        };
         let run = Arc::clone(&self.run);
         let schema = Arc::clone(&self.schema);
         let output_rows = MetricBuilder::new(&self.metrics).output_rows(partition);
@@ -214,8 +230,14 @@ impl ExecutionPlan for DiffExec {
     }
 }
 
+/// The model's batches, each with the input partition it came from.
+struct Tagged {
+    schema: SchemaRef,
+    batches: futures::stream::BoxStream<'static, Result<(usize, RecordBatch)>>,
+}
+
 async fn diff_stream(
-    mut input: SendableRecordBatchStream,
+    mut input: Tagged,
     run: Arc<SyncRun>,
     schema: SchemaRef,
 ) -> Result<Vec<RecordBatch>> {
@@ -233,10 +255,10 @@ async fn diff_stream(
     );
     let mut kept: Vec<(RecordBatch, Vec<u32>)> = vec![];
     let mut key_rejects = vec![];
-    let model_schema = input.schema();
-    while let Some(batch) = input.next().await {
-        let batch = batch?;
-        let d = differ.push(&batch)?;
+    let model_schema = input.schema;
+    while let Some(batch) = input.batches.next().await {
+        let (stream, batch) = batch?;
+        let d = differ.push_from(&batch, stream)?;
         let rows: Vec<u32> = (0..batch.num_rows() as u32)
             .filter(|r| d.change_of_row[*r as usize].is_some())
             .collect();
