@@ -114,7 +114,7 @@ impl std::fmt::Debug for SyncRun {
 }
 
 /// A run dropped after it started but before it finished (Ctrl-C cancels the statement's future)
-/// records itself as interrupted, then releases its lock.
+/// releases its lock, then records itself as interrupted.
 impl Drop for SyncRun {
     fn drop(&mut self) {
         let inner = self.inner.get_mut().expect("sync run lock");
@@ -130,8 +130,9 @@ impl Drop for SyncRun {
         let state = self.state.clone();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                let _ = state.put_run(&record).await;
+                // The lock first: once the record says interrupted, the sync is free to run.
                 drop(lock);
+                let _ = state.put_run(&record).await;
             });
         }
     }

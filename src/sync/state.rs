@@ -22,6 +22,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 use datafusion::arrow::ipc::writer::FileWriter;
 use datafusion::arrow::record_batch::RecordBatch;
 use futures::TryStreamExt;
+use object_store::local::LocalFileSystem;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
@@ -38,6 +39,8 @@ pub const FORMAT: u32 = 2;
 #[derive(Debug, Clone)]
 pub struct StateStore {
     store: Arc<dyn ObjectStore>,
+    /// The same store when it is the local file system: files are then mapped, not copied.
+    local: Option<Arc<LocalFileSystem>>,
     root: Path,
     /// The location as the user gave it (for messages; never holds credentials).
     display: String,
@@ -141,6 +144,7 @@ impl StateStore {
     pub fn new(store: Arc<dyn ObjectStore>, root: Path, display: String) -> Self {
         Self {
             store,
+            local: None,
             root,
             display,
         }
@@ -155,11 +159,11 @@ impl StateStore {
         let root = Path::from_absolute_path(&dir).map_err(|e| Error::State {
             message: format!("cannot use {} for sync state: {e}", dir.display()),
         })?;
-        Ok(Self::new(
-            Arc::new(object_store::local::LocalFileSystem::new()),
-            root,
-            dir.display().to_string(),
-        ))
+        let local = Arc::new(LocalFileSystem::new());
+        Ok(Self {
+            local: Some(Arc::clone(&local)),
+            ..Self::new(local, root, dir.display().to_string())
+        })
     }
 
     /// State at `location`: a local directory, `file://…`, or any object store URL
@@ -226,11 +230,37 @@ impl StateStore {
 
     /// An object's bytes; `None` if it does not exist.
     async fn read(&self, path: &Path) -> Result<Option<Bytes>> {
+        if let Some(local) = &self.local {
+            return self.map_local(local, path);
+        }
         match self.store.get(path).await {
             Ok(r) => Ok(Some(r.bytes().await.map_err(|e| self.io(path, "read", e))?)),
             Err(object_store::Error::NotFound { .. }) => Ok(None),
             Err(e) => Err(self.io(path, "read", e)),
         }
+    }
+
+    /// A local file's bytes, mapped rather than read: a snapshot's files are hundreds of MB, and
+    /// mapping them costs neither a copy nor fresh zeroed memory. Sound because state files are
+    /// never changed once written (a put writes a new file and renames it into place, and
+    /// deleting a file leaves an existing mapping intact).
+    fn map_local(&self, local: &LocalFileSystem, path: &Path) -> Result<Option<Bytes>> {
+        let file = local
+            .path_to_filesystem(path)
+            .map_err(|e| self.io(path, "read", e))?;
+        let file = match std::fs::File::open(&file) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(self.io(path, "read", e)),
+        };
+        let len = file.metadata().map_err(|e| self.io(path, "read", e))?.len();
+        if len == 0 {
+            return Ok(Some(Bytes::new()));
+        }
+        // SAFETY: see above; the file is not modified while the mapping lives.
+        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
+            .map_err(|e| self.io(path, "read", e))?;
+        Ok(Some(Bytes::from_owner(map)))
     }
 
     async fn write(&self, path: &Path, bytes: impl Into<PutPayload>) -> Result<()> {
