@@ -261,6 +261,26 @@ pub enum KeyRef<'a> {
     Str(&'a str),
 }
 
+/// An entry of the live-change table: the change and 32 bits of its key's hash, from which the
+/// table hash is rebuilt when the table grows (without reading the change back).
+#[derive(Debug, Clone, Copy)]
+struct LiveEntry {
+    id: u32,
+    short: u32,
+}
+
+/// The live-change table's hash of a key, and the 32 bits it is made from.
+fn live_hash(key: KeyRef<'_>) -> (u64, u32) {
+    let short = key_hash(key) as u32;
+    (spread(short), short)
+}
+
+/// 32 hash bits spread over 64 (the table takes its bucket from the low bits and a tag from the
+/// high ones).
+fn spread(short: u32) -> u64 {
+    (short as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
 /// The in-memory index hash of a key (as [`Key::index_hash`]).
 fn key_hash(key: KeyRef<'_>) -> u64 {
     match key {
@@ -559,7 +579,7 @@ pub struct Differ {
     resolved: Vec<bool>,
     seen: Vec<u64>,
     /// Keys with a live change (or, for new keys, seen at all): their change ids, found by key.
-    live: HashTable<u32>,
+    live: HashTable<LiveEntry>,
     changes: Vec<Change>,
     counts: DiffCounts,
     duplicate_samples: Vec<String>,
@@ -786,30 +806,29 @@ impl Differ {
     /// The live change of `key`, if any.
     fn live_find(&self, key: KeyRef<'_>) -> Option<u32> {
         let changes = &self.changes;
+        let (hash, short) = live_hash(key);
         self.live
-            .find(key_hash(key), |id| {
-                changes[*id as usize].key.as_ref() == key
-            })
-            .copied()
+            .find(hash, |e| e.short == short && changes[e.id as usize].key.as_ref() == key)
+            .map(|e| e.id)
     }
 
     /// Removes the live change of `key` and returns it.
     fn live_take(&mut self, key: KeyRef<'_>) -> Option<u32> {
         let changes = &self.changes;
+        let (hash, short) = live_hash(key);
         self.live
-            .find_entry(key_hash(key), |id| {
-                changes[*id as usize].key.as_ref() == key
+            .find_entry(hash, |e| {
+                e.short == short && changes[e.id as usize].key.as_ref() == key
             })
             .ok()
-            .map(|entry| entry.remove().0)
+            .map(|entry| entry.remove().0.id)
     }
 
     /// Makes change `id` the live change of its key.
     fn live_put(&mut self, id: u32) {
-        let changes = &self.changes;
-        let hash = key_hash(changes[id as usize].key.as_ref());
+        let (hash, short) = live_hash(self.changes[id as usize].key.as_ref());
         self.live
-            .insert_unique(hash, id, |i| key_hash(changes[*i as usize].key.as_ref()));
+            .insert_unique(hash, LiveEntry { id, short }, |e| spread(e.short));
     }
 
     /// The operation for a record the destination is not known to have.
