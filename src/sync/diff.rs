@@ -1,8 +1,10 @@
 //! The diff kernel: classifies model rows against the last committed snapshot. Plain Arrow code;
 //! [`super::exec::DiffExec`] wraps it in a DataFusion operator.
 //!
-//! Memory is the snapshot (keys, one u64 per mapped field, record ids), a 4-byte-per-slot index
-//! over its keys, one bit per snapshot row, and one entry per change.
+//! Memory is the snapshot's keys, record ids and one row hash per record (the field hashes stay
+//! in the state store until the scan ends, and are then read one field at a time to tell which
+//! fields the changed records changed), one bit per snapshot row, and one entry per change; a
+//! 4-byte-per-slot index over the keys only if the model arrives out of key order.
 
 use std::sync::Arc;
 
@@ -552,6 +554,34 @@ impl DiffCounts {
     }
 }
 
+/// A model batch's field hashes and normalized keys: the part of the diff that needs no
+/// snapshot, computed where the batch is read (in parallel, one task per input partition).
+pub struct Hashed {
+    rows: usize,
+    /// Per field, one hash per row (none for a DELETE's listed keys).
+    hashes: Vec<Vec<u64>>,
+    keys: Option<ArrayRef>,
+}
+
+impl Hashed {
+    pub fn of(spec: &DiffSpec, batch: &RecordBatch) -> Result<Self> {
+        let rows = batch.num_rows();
+        let mut hashes: Vec<Vec<u64>> = Vec::with_capacity(batch.num_columns());
+        if !spec.listed_deletes {
+            for column in batch.columns() {
+                let mut h = Vec::with_capacity(rows);
+                hash_array(column.as_ref(), &mut h)?;
+                hashes.push(h);
+            }
+        }
+        let keys = match spec.key {
+            Some(k) => Some(normalize_key(batch.column(k), &spec.fields[k])?),
+            None => None,
+        };
+        Ok(Self { rows, hashes, keys })
+    }
+}
+
 /// The classification of one model batch.
 pub struct BatchDiff {
     /// Per row: the change it became, if any.
@@ -635,24 +665,16 @@ impl Differ {
 
     /// Classifies every row of `batch` (whose columns are the spec's fields, in order).
     pub fn push(&mut self, batch: &RecordBatch) -> Result<BatchDiff> {
-        self.push_from(batch, 0)
+        self.push_from(&Hashed::of(&self.spec, batch)?, 0)
     }
 
-    /// Classifies every row of `batch`, read from input stream `stream` (see `Locator`).
-    pub fn push_from(&mut self, batch: &RecordBatch, stream: usize) -> Result<BatchDiff> {
-        let rows = batch.num_rows();
+    /// Classifies every row of a hashed batch, read from input stream `stream` (see `Locator`).
+    pub fn push_from(&mut self, batch: &Hashed, stream: usize) -> Result<BatchDiff> {
+        let rows = batch.rows;
         self.counts.rows += rows as u64;
-        let hashed = !self.spec.listed_deletes;
-        let mut hashes: Vec<Vec<u64>> = Vec::with_capacity(batch.num_columns());
-        if hashed {
-            for column in batch.columns() {
-                let mut h = Vec::with_capacity(rows);
-                hash_array(column.as_ref(), &mut h)?;
-                hashes.push(h);
-            }
-        }
-        let keys = match self.spec.key {
-            Some(k) => Some(self.align(normalize_key(batch.column(k), &self.spec.fields[k])?)?),
+        let hashes = &batch.hashes;
+        let keys = match &batch.keys {
+            Some(k) => Some(self.align(Arc::clone(k))?),
             None => None,
         };
         let mut out = BatchDiff {
@@ -808,7 +830,9 @@ impl Differ {
         let changes = &self.changes;
         let (hash, short) = live_hash(key);
         self.live
-            .find(hash, |e| e.short == short && changes[e.id as usize].key.as_ref() == key)
+            .find(hash, |e| {
+                e.short == short && changes[e.id as usize].key.as_ref() == key
+            })
             .map(|e| e.id)
     }
 
@@ -1280,12 +1304,17 @@ mod tests {
         let snap = snapshot_of(&rows);
         let mut d = Differ::new(spec(true, true, true), snap).unwrap();
         let kept = |range: std::ops::Range<i64>| -> Vec<(i64, &str, Option<&str>)> {
-            range.filter(|k| k % 7 != 0).map(|k| (k, "a", None)).collect()
+            range
+                .filter(|k| k % 7 != 0)
+                .map(|k| (k, "a", None))
+                .collect()
         };
         let (low, high) = (kept(0..10_000), kept(10_000..20_000));
         for (a, b) in low.chunks(100).zip(high.chunks(100)) {
-            d.push_from(&batch(a), 0).unwrap();
-            d.push_from(&batch(b), 1).unwrap();
+            d.push_from(&Hashed::of(&d.spec, &batch(a)).unwrap(), 0)
+                .unwrap();
+            d.push_from(&Hashed::of(&d.spec, &batch(b)).unwrap(), 1)
+                .unwrap();
         }
         assert!(d.locator.index.is_none(), "no hash index");
         assert!(d.locator.misses <= 2, "{} misses", d.locator.misses);

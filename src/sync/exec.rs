@@ -28,12 +28,13 @@ use datafusion::physical_plan::{
 };
 use futures::{StreamExt, TryStreamExt};
 
-use super::diff::{Change, DiffCounts, Differ, key_array, needs_field_hashes};
+use super::diff::{Change, DiffCounts, Differ, Hashed, key_array, needs_field_hashes};
 use super::hash::split_composite_key;
 use super::{Op, SyncRun};
 use crate::delivery::Rejected;
 use crate::delivery::encode::json_lines;
 use crate::error::Error;
+use datafusion::common::runtime::SpawnedTask;
 
 /// The columns a `DiffExec` appends to the mapped fields (`__op`, `__changed`, `__change`).
 pub const CHANGE_COLUMNS: usize = 3;
@@ -212,15 +213,33 @@ impl ExecutionPlan for DiffExec {
                 "DiffExec has one output partition, not {partition}"
             )));
         }
-        let inputs = (0..self.input.properties().partitioning.partition_count())
-            .map(|p| {
-                let stream = self.input.execute(p, Arc::clone(&context))?;
-                Ok(stream.map(move |batch| batch.map(|b| (p, b))))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        // One task per input partition reads its batches and hashes them (the part of the diff
+        // that needs no snapshot), so that partitions decode and hash in parallel.
+        let (tx, rx) = tokio::sync::mpsc::channel(2 * HASHED_AHEAD);
+        let mut tasks = vec![];
+        for p in 0..self.input.properties().partitioning.partition_count() {
+            let mut stream = self.input.execute(p, Arc::clone(&context))?;
+            let spec = self.run.spec.diff.clone();
+            let tx = tx.clone();
+            tasks.push(SpawnedTask::spawn(async move {
+                while let Some(batch) = stream.next().await {
+                    let hashed = batch.and_then(|b| {
+                        let h = Hashed::of(&spec, &b).map_err(DataFusionError::from)?;
+                        Ok((p, b, h))
+                    });
+                    let failed = hashed.is_err();
+                    if tx.send(hashed).await.is_err() || failed {
+                        break;
+                    }
+                }
+            }));
+        }
         let input = Tagged {
             schema: self.input.schema(),
-            batches: Box::pin(futures::stream::select_all(inputs)),
+            batches: Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|hashed| (hashed, rx))
+            })),
+            _tasks: tasks,
         };
         let run = Arc::clone(&self.run);
         let schema = Arc::clone(&self.schema);
@@ -230,10 +249,15 @@ impl ExecutionPlan for DiffExec {
     }
 }
 
-/// The model's batches, each with the input partition it came from.
+/// Batches each input partition task reads ahead.
+const HASHED_AHEAD: usize = 2;
+
+/// The model's batches, each with the input partition it came from and its hashes.
 struct Tagged {
     schema: SchemaRef,
-    batches: futures::stream::BoxStream<'static, Result<(usize, RecordBatch)>>,
+    batches: futures::stream::BoxStream<'static, Result<(usize, RecordBatch, Hashed)>>,
+    /// The tasks reading the partitions (stopped when this is dropped).
+    _tasks: Vec<SpawnedTask<()>>,
 }
 
 async fn diff_stream(
@@ -257,8 +281,8 @@ async fn diff_stream(
     let mut key_rejects = vec![];
     let model_schema = input.schema;
     while let Some(batch) = input.batches.next().await {
-        let (stream, batch) = batch?;
-        let d = differ.push_from(&batch, stream)?;
+        let (stream, batch, hashed) = batch?;
+        let d = differ.push_from(&hashed, stream)?;
         let rows: Vec<u32> = (0..batch.num_rows() as u32)
             .filter(|r| d.change_of_row[*r as usize].is_some())
             .collect();
