@@ -231,7 +231,7 @@ impl StateStore {
     /// An object's bytes; `None` if it does not exist.
     async fn read(&self, path: &Path) -> Result<Option<Bytes>> {
         if let Some(local) = &self.local {
-            return self.map_local(local, path);
+            return self.map_local(local, path).await;
         }
         match self.store.get(path).await {
             Ok(r) => Ok(Some(r.bytes().await.map_err(|e| self.io(path, "read", e))?)),
@@ -244,23 +244,27 @@ impl StateStore {
     /// mapping them costs neither a copy nor fresh zeroed memory. Sound because state files are
     /// never changed once written (a put writes a new file and renames it into place, and
     /// deleting a file leaves an existing mapping intact).
-    fn map_local(&self, local: &LocalFileSystem, path: &Path) -> Result<Option<Bytes>> {
+    async fn map_local(&self, local: &LocalFileSystem, path: &Path) -> Result<Option<Bytes>> {
         let file = local
             .path_to_filesystem(path)
             .map_err(|e| self.io(path, "read", e))?;
-        let file = match std::fs::File::open(&file) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(self.io(path, "read", e)),
-        };
-        let len = file.metadata().map_err(|e| self.io(path, "read", e))?.len();
-        if len == 0 {
-            return Ok(Some(Bytes::new()));
-        }
-        // SAFETY: see above; the file is not modified while the mapping lives.
-        let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }
-            .map_err(|e| self.io(path, "read", e))?;
-        Ok(Some(Bytes::from_owner(map)))
+        // (Opening and populating the mapping reads the disk: off the async workers.)
+        let mapped = tokio::task::spawn_blocking(move || -> std::io::Result<Option<Bytes>> {
+            let file = match std::fs::File::open(&file) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            if file.metadata()?.len() == 0 {
+                return Ok(Some(Bytes::new()));
+            }
+            // SAFETY: see above; the file is not modified while the mapping lives.
+            let map = unsafe { memmap2::MmapOptions::new().populate().map(&file) }?;
+            Ok(Some(Bytes::from_owner(map)))
+        })
+        .await
+        .map_err(|e| self.io(path, "read", e))?;
+        mapped.map_err(|e| self.io(path, "read", e))
     }
 
     async fn write(&self, path: &Path, bytes: impl Into<PutPayload>) -> Result<()> {
@@ -908,6 +912,76 @@ fn process_alive(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A snapshot written by format 1 (every field's hashes in the snapshot file) still loads,
+    /// with the same row hashes a format-2 commit of it stores.
+    #[tokio::test]
+    async fn format_1_snapshots_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateStore::local(dir.path()).unwrap();
+        let email = UInt64Array::from(vec![Some(11), Some(12), None]);
+        let plan = UInt64Array::from(vec![Some(21), None, None]);
+        let schema = Schema::new(vec![
+            Field::new("key", DataType::Int64, false),
+            Field::new("record_id", DataType::Null, true),
+            Field::new("h:email", DataType::UInt64, true),
+            Field::new("h:plan", DataType::UInt64, true),
+        ]);
+        let batch = RecordBatch::try_new(
+            Arc::new(schema),
+            vec![
+                Arc::new(datafusion::arrow::array::Int64Array::from(vec![1, 2, 3])),
+                Arc::new(datafusion::arrow::array::NullArray::new(3)),
+                Arc::new(email.clone()),
+                Arc::new(plan.clone()),
+            ],
+        )
+        .unwrap();
+        let path = state.path(&["syncs", "s", "snapshot-old.arrow"]);
+        state.write(&path, ipc_file(&batch).unwrap()).await.unwrap();
+        let manifest = r#"{"format":1,"hash":"xxh3_64/v1","sync":"s","target":"t.o","key":"id",
+            "fields":["email","plan"],"snapshot":"snapshot-old.arrow","rows":3,"rejects":null,
+            "run_id":"old","committed_at":"2026-11-01T00:00:00Z"}"#;
+        let path = state.path(&["syncs", "s", "manifest.json"]);
+        state
+            .write(&path, manifest.as_bytes().to_vec())
+            .await
+            .unwrap();
+
+        let m = state.manifest("s").await.unwrap().unwrap();
+        let old = state.snapshot("s", &m).await.unwrap();
+        assert_eq!(old.fields, vec!["email", "plan"]);
+        assert!(matches!(old.hashes, FieldHashes::Loaded(_)));
+        assert!(old.unknown(2) && !old.unknown(1));
+        assert_eq!(old.field_column(1).await.unwrap(), plan);
+        let expected = Snapshot::new(
+            old.keys.clone(),
+            old.fields.clone(),
+            vec![email, plan],
+            None,
+        );
+        assert_eq!(old.rows, expected.rows);
+
+        // Committed again, it is format 2 and reads back the same.
+        let mut next = m.clone();
+        next.run_id = "new".into();
+        state.commit(next, &old, &[], Some(&m)).await.unwrap();
+        let m2 = state.manifest("s").await.unwrap().unwrap();
+        assert_eq!((m2.format, m2.hash_files.len()), (FORMAT, 2));
+        let new = state.snapshot("s", &m2).await.unwrap();
+        assert!(matches!(new.hashes, FieldHashes::Stored(_)));
+        assert_eq!(new.rows, old.rows);
+        for f in 0..2 {
+            assert_eq!(
+                new.field_column(f).await.unwrap(),
+                old.field_column(f).await.unwrap()
+            );
+        }
+        assert!(
+            !dir.path().join("syncs/s/snapshot-old.arrow").exists(),
+            "the old snapshot is removed"
+        );
+    }
 
     #[tokio::test]
     async fn lock_refuses_a_second_holder_and_frees_on_drop() {
