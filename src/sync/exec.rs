@@ -15,6 +15,7 @@ use datafusion::arrow::array::{
 };
 use datafusion::arrow::compute::{cast, filter_record_batch, take_record_batch};
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::common::runtime::SpawnedTask;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
@@ -34,7 +35,6 @@ use super::{Op, SyncRun};
 use crate::delivery::Rejected;
 use crate::delivery::encode::json_lines;
 use crate::error::Error;
-use datafusion::common::runtime::SpawnedTask;
 
 /// The columns a `DiffExec` appends to the mapped fields (`__op`, `__changed`, `__change`).
 pub const CHANGE_COLUMNS: usize = 3;
@@ -215,9 +215,10 @@ impl ExecutionPlan for DiffExec {
         }
         // One task per input partition reads its batches and hashes them (the part of the diff
         // that needs no snapshot), so that partitions decode and hash in parallel.
-        let (tx, rx) = tokio::sync::mpsc::channel(2 * HASHED_AHEAD);
+        let partitions = self.input.properties().partitioning.partition_count();
+        let (tx, rx) = tokio::sync::mpsc::channel(HASHED_AHEAD * partitions.max(1));
         let mut tasks = vec![];
-        for p in 0..self.input.properties().partitioning.partition_count() {
+        for p in 0..partitions {
             let mut stream = self.input.execute(p, Arc::clone(&context))?;
             let spec = self.run.spec.diff.clone();
             let tx = tx.clone();

@@ -245,17 +245,23 @@ async fn corrupt_or_missing_state_is_a_clear_error_never_a_full_resend() {
     let sent = fake.observed(|o| o.record_count);
     assert_eq!(sent, 50);
 
+    // A run that must refuse: exit code 2, and stderr holding every one of `words`.
+    let refused = |words: &[&str]| {
+        let out = start(dir).wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            words.iter().all(|w| stderr.contains(w)),
+            "{words:?} in {stderr}"
+        );
+    };
+    let name = |p: &Path| p.file_name().unwrap().to_string_lossy().to_string();
+
     let state = dir.join(".sluice/syncs/users_sync");
     let manifest = state.join("manifest.json");
     let good = std::fs::read(&manifest).unwrap();
     std::fs::write(&manifest, b"{ not json").unwrap();
-    let out = start(dir).wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("manifest.json is corrupt") && stderr.contains("RESET SYNC users_sync"),
-        "{stderr}"
-    );
+    refused(&["manifest.json is corrupt", "RESET SYNC users_sync"]);
 
     // The manifest names a snapshot (or one of its field-hash files) that is gone.
     std::fs::write(&manifest, &good).unwrap();
@@ -264,36 +270,19 @@ async fn corrupt_or_missing_state_is_a_clear_error_never_a_full_resend() {
             .unwrap()
             .flatten()
             .map(|e| e.path())
-            .find(|p| {
-                let name = p.file_name().unwrap().to_string_lossy().to_string();
-                name.starts_with("snapshot-") && name.contains(".h") == hashes
-            })
+            .find(|p| name(p).starts_with("snapshot-") && name(p).contains(".h") == hashes)
             .unwrap()
     };
     let hash_file = state_file(true);
     let hash_bytes = std::fs::read(&hash_file).unwrap();
     std::fs::remove_file(&hash_file).unwrap();
-    let out = start(dir).wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("is named by the manifest but missing")
-            && stderr.contains(&hash_file.file_name().unwrap().to_string_lossy().to_string()),
-        "{stderr}"
-    );
+    refused(&["is named by the manifest but missing", &name(&hash_file)]);
     // A truncated field-hash file is found before anything is sent by a run that changes a record.
     std::fs::write(&hash_file, &hash_bytes[..hash_bytes.len() / 2]).unwrap();
     let mut changed = model.clone();
     changed.get_mut(&7).unwrap().1 = "pro".into();
     write_model(dir, &changed);
-    let out = start(dir).wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("is corrupt")
-            && stderr.contains(&hash_file.file_name().unwrap().to_string_lossy().to_string()),
-        "{stderr}"
-    );
+    refused(&["is corrupt", &name(&hash_file)]);
     assert_eq!(fake.observed(|o| o.record_count), sent, "nothing was sent");
     std::fs::write(&hash_file, &hash_bytes).unwrap();
     write_model(dir, &model);
@@ -301,21 +290,11 @@ async fn corrupt_or_missing_state_is_a_clear_error_never_a_full_resend() {
     let snapshot = state_file(false);
     let bytes = std::fs::read(&snapshot).unwrap();
     std::fs::remove_file(&snapshot).unwrap();
-    let out = start(dir).wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(
-        stderr.contains("is named by the manifest but missing")
-            && stderr.contains(&snapshot.file_name().unwrap().to_string_lossy().to_string()),
-        "{stderr}"
-    );
+    refused(&["is named by the manifest but missing", &name(&snapshot)]);
 
     // A truncated snapshot.
     std::fs::write(&snapshot, &bytes[..bytes.len() / 2]).unwrap();
-    let out = start(dir).wait_with_output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("is corrupt"), "{stderr}");
+    refused(&["is corrupt"]);
     assert_eq!(
         fake.observed(|o| o.record_count),
         sent,
