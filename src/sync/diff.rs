@@ -119,15 +119,14 @@ impl Snapshot {
     /// This snapshot sorted by key, as commits write them, so that a model read in key order
     /// is diffed by a sequential walk (see `Locator`). Its field hashes must be in memory.
     pub fn sorted(self) -> Result<Self> {
-        if self.is_sorted() {
+        let Some(order) = key_order(&self.keys)? else {
             return Ok(self);
-        }
+        };
         let FieldHashes::Loaded(hashes) = &self.hashes else {
             return Err(Error::State {
                 message: "internal: a snapshot is reordered with its field hashes in memory".into(),
             });
         };
-        let order = datafusion::arrow::compute::sort_to_indices(&self.keys, None, None)?;
         let take = |a: &dyn Array| datafusion::arrow::compute::take(a, &order, None);
         let take_hashes = |h: &UInt64Array| -> Result<UInt64Array> {
             Ok(take(h)?.as_primitive::<UInt64Type>().clone())
@@ -346,8 +345,18 @@ struct Locator {
     index: Option<KeyIndex>,
 }
 
+/// The order that sorts normalized keys; `None` if they already are.
+pub(crate) fn key_order(keys: &ArrayRef) -> Result<Option<datafusion::arrow::array::UInt32Array>> {
+    if keys_sorted(keys) {
+        return Ok(None);
+    }
+    Ok(Some(datafusion::arrow::compute::sort_to_indices(
+        keys, None, None,
+    )?))
+}
+
 /// Whether normalized keys are in strictly increasing order.
-pub(crate) fn keys_sorted(keys: &ArrayRef) -> bool {
+fn keys_sorted(keys: &ArrayRef) -> bool {
     match keys.data_type() {
         DataType::Int64 => keys
             .as_primitive::<Int64Type>()
@@ -744,31 +753,32 @@ impl Differ {
                         out.change_of_row[row] = Some(id);
                         continue;
                     }
-                    // Same row hash: every stored field is unchanged. Otherwise which ones changed
-                    // is read from the field hashes, now if they are in memory, else at the end.
+                    // Same row hash: every stored field is unchanged. A different one: an update,
+                    // whose changed fields `resolve` reads from the field hashes at the end.
                     let mut changed = self.unstored;
                     let mut pending = false;
-                    let same_row = self.row_map.as_ref().is_some_and(|map| {
-                        let model = map.iter().fold(ROW_SEED, |acc, i| {
-                            fold_row(acc, Some(i.map_or(0, |i| hashes[i][row])))
-                        });
-                        self.snapshot.rows.value(j as usize) == model
-                    });
-                    if !same_row {
-                        match &self.snapshot.hashes {
-                            FieldHashes::Loaded(old) => {
-                                changed |= changed_fields(
-                                    &self.field_map,
-                                    key_index,
-                                    |i| hashes[i][row],
-                                    |f| {
-                                        old[f]
-                                            .is_valid(j as usize)
-                                            .then(|| old[f].value(j as usize))
-                                    },
-                                );
+                    match &self.row_map {
+                        Some(map) => {
+                            let model = map.iter().fold(ROW_SEED, |acc, i| {
+                                fold_row(acc, Some(i.map_or(0, |i| hashes[i][row])))
+                            });
+                            pending = self.snapshot.rows.value(j as usize) != model;
+                        }
+                        // (No row hash to compare: every field hash is in memory.)
+                        None => {
+                            let FieldHashes::Loaded(old) = &self.snapshot.hashes else {
+                                unreachable!("checked by Differ::new")
+                            };
+                            for (i, f) in self.field_map.iter().enumerate() {
+                                let old = f.and_then(|f| {
+                                    old[f]
+                                        .is_valid(j as usize)
+                                        .then(|| old[f].value(j as usize))
+                                });
+                                if Some(i) != key_index && old != Some(hashes[i][row]) {
+                                    changed |= 1 << i;
+                                }
                             }
-                            FieldHashes::Stored(_) => pending = true,
                         }
                     }
                     if changed == 0 && !pending {
@@ -939,11 +949,6 @@ impl Differ {
     /// duplicate keys unless the spec keeps the last row. With pending updates, every field of
     /// [`Differ::fields_to_read`] must have been resolved.
     pub fn finish(mut self) -> Result<(Vec<Change>, DiffCounts)> {
-        if !self.pending.is_empty() && self.resolved.iter().any(|r| !r) {
-            return Err(Error::State {
-                message: "internal: the diff ended before its updates' fields were resolved".into(),
-            });
-        }
         if self.counts.duplicates > 0 && !self.spec.keep_last && !self.spec.listed_deletes {
             let key = self
                 .spec
@@ -955,6 +960,11 @@ impl Differ {
                 self.counts.duplicates,
                 &self.duplicate_samples,
             ));
+        }
+        if !self.pending.is_empty() && self.resolved.iter().any(|r| !r) {
+            return Err(Error::State {
+                message: "internal: the diff ended before its updates' fields were resolved".into(),
+            });
         }
         if self.spec.delete && !self.spec.listed_deletes {
             for j in 0..self.snapshot.len() {
@@ -987,22 +997,6 @@ fn row_map(spec: &DiffSpec, snapshot: &Snapshot) -> Option<Vec<Option<usize>>> {
 /// no longer maps some stored field, row hashes cannot be compared.
 pub fn needs_field_hashes(spec: &DiffSpec, snapshot: &Snapshot) -> bool {
     spec.key.is_some() && !spec.listed_deletes && row_map(spec, snapshot).is_none()
-}
-
-/// Bit i set: model field i (not the key) differs from its stored hash, or has none.
-fn changed_fields(
-    field_map: &[Option<usize>],
-    key: Option<usize>,
-    model: impl Fn(usize) -> u64,
-    old: impl Fn(usize) -> Option<u64>,
-) -> u64 {
-    let mut changed = 0;
-    for (i, f) in field_map.iter().enumerate() {
-        if Some(i) != key && f.and_then(&old) != Some(model(i)) {
-            changed |= 1 << i;
-        }
-    }
-    changed
 }
 
 /// The model repeats keys: nothing is sent.

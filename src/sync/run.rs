@@ -10,7 +10,7 @@ use datafusion::arrow::array::{
 use datafusion::arrow::compute::{cast, concat, take};
 use datafusion::arrow::datatypes::UInt64Type;
 
-use super::diff::{Change, DiffCounts, DiffSpec, FieldHashes, Snapshot, key_array, keys_sorted};
+use super::diff::{Change, DiffCounts, DiffSpec, FieldHashes, Snapshot, key_array, key_order};
 use super::hash::{HASH_VERSION, Key, RowHashes};
 use super::remote::{RemoteCommit, RemoteState};
 use super::state::{FORMAT, Manifest, RejectEntry, RunRecord, StateStore, SyncLock, now};
@@ -650,9 +650,7 @@ impl SyncRun {
                 .collect::<StringArray>()
         });
         // Sorted by key, as the diff walks it.
-        let order = (!keys_sorted(&keys))
-            .then(|| datafusion::arrow::compute::sort_to_indices(&keys, None, None))
-            .transpose()?;
+        let order = key_order(&keys)?;
         let ordered = |a: &dyn Array| -> Result<ArrayRef> {
             Ok(match &order {
                 Some(order) => take(a, order, None)?,
