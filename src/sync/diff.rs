@@ -150,20 +150,22 @@ impl Snapshot {
         self.rows.is_null(row)
     }
 
-    /// Adds `keys` not already present as unknown records (see [`Snapshot::unknown`]). The field
-    /// hashes must be in memory.
+    /// Makes the records of `keys` unknown (see [`Snapshot::unknown`]): those present lose their
+    /// field hashes, and those not present are added. The field hashes must be in memory.
     pub fn with_unknown(self, keys: &[Key]) -> Result<Self> {
         if keys.is_empty() {
             return Ok(self);
         }
         let index = KeyIndex::build(&self.keys);
         let mut seen = std::collections::HashSet::new();
-        let new: Vec<&Key> = keys
-            .iter()
-            .filter(|k| index.find(&self.keys, k.as_ref()).is_none() && seen.insert(*k))
-            .collect();
-        if new.is_empty() {
-            return Ok(self);
+        let mut present = vec![false; self.keys.len()];
+        let mut new: Vec<&Key> = vec![];
+        for k in keys {
+            match index.find(&self.keys, k.as_ref()) {
+                Some(j) => present[j as usize] = true,
+                None if seen.insert(k) => new.push(k),
+                None => {}
+            }
         }
         let FieldHashes::Loaded(mut hashes) = self.hashes else {
             return Err(Error::State {
@@ -172,7 +174,9 @@ impl Snapshot {
             });
         };
         let added = key_array(&new);
-        let keys = if self.keys.is_empty() {
+        let keys = if new.is_empty() {
+            self.keys
+        } else if self.keys.is_empty() {
             added
         } else if added.data_type() == self.keys.data_type() {
             datafusion::arrow::compute::concat(&[self.keys.as_ref(), added.as_ref()])?
@@ -187,22 +191,28 @@ impl Snapshot {
         if hashes.is_empty() && fields.is_empty() {
             // A snapshot that never committed fields: an unknown marker needs one column.
             fields.push(String::new());
-            hashes.push(UInt64Array::from(vec![0u64; self.keys.len()]));
+            hashes.push(UInt64Array::from(vec![0u64; present.len()]));
         }
-        let with_nulls = |h: &UInt64Array| {
+        let unknown = |h: &UInt64Array| {
             let mut b = UInt64Array::builder(h.len() + new.len());
-            b.extend(h.iter());
+            for (j, v) in h.iter().enumerate() {
+                b.append_option(v.filter(|_| !present[j]));
+            }
             b.append_nulls(new.len());
             b.finish()
         };
-        let hashes: Vec<UInt64Array> = hashes.iter().map(with_nulls).collect();
+        let hashes: Vec<UInt64Array> = hashes.iter().map(unknown).collect();
         let record_ids = self.record_ids.as_ref().map(|record_ids| {
             let mut ids: Vec<Option<&str>> = record_ids.iter().collect();
             ids.extend(std::iter::repeat_n(None, new.len()));
             StringArray::from(ids)
         });
+        let snapshot = Snapshot::new(keys, fields, hashes, record_ids);
+        if new.is_empty() {
+            return Ok(snapshot);
+        }
         // Keep the snapshot sorted, so that the diff can still walk it.
-        Snapshot::new(keys, fields, hashes, record_ids).sorted()
+        snapshot.sorted()
     }
 }
 
@@ -1272,21 +1282,28 @@ mod tests {
 
     #[test]
     fn records_sent_without_a_commit_are_resent_or_deleted() {
-        // 1 is known; 7 and 8 were sent by a run that stopped before its commit.
-        let snap = (*snapshot_of(&[(1, "a", None)]))
+        // 1 is known. A run that stopped before its commit sent 7 and 8 as new records and
+        // changed 2 (the destination may hold that change, whatever the snapshot says).
+        let snap = (*snapshot_of(&[(1, "a", None), (2, "b", None)]))
             .clone()
-            .with_unknown(&[Key::Int(7), Key::Int(8), Key::Int(1)])
+            .with_unknown(&[Key::Int(7), Key::Int(8), Key::Int(2)])
             .unwrap();
-        assert_eq!(snap.len(), 3);
-        assert!(!snap.unknown(0) && snap.unknown(1) && snap.unknown(2));
+        assert_eq!(snap.len(), 4);
+        let unknown: Vec<bool> = (0..4).map(|j| snap.unknown(j)).collect();
+        assert_eq!(unknown, [false, true, true, true]);
+        // The model still holds 2's committed values: it is sent again all the same.
         let out = run(
             spec(true, true, true),
             Arc::new(snap),
-            &[(1, "a", None), (7, "g", None)],
+            &[(1, "a", None), (2, "b", None), (7, "g", None)],
         );
         assert_eq!(
             out,
-            vec![(Op::Upsert, "7".into(), 0b111), (Op::Delete, "8".into(), 0)]
+            vec![
+                (Op::Upsert, "2".into(), 0b111),
+                (Op::Upsert, "7".into(), 0b111),
+                (Op::Delete, "8".into(), 0)
+            ]
         );
     }
 

@@ -43,7 +43,8 @@ pub trait RemoteState: Send + Sync + fmt::Debug {
     /// The diff as an operator: emits what `DiffExec` emits for the model `model`.
     fn diff_exec(&self, run: Arc<SyncRun>, model: SchemaRef) -> Arc<dyn ExecutionPlan>;
 
-    /// Records the keys of new records before they are sent.
+    /// Records the keys of the records about to be sent, before they are sent: until a commit
+    /// settles them, each is sent again (or deleted) whatever the model then holds.
     async fn write_intent(&self, keys: &[&Key]) -> Result<()>;
 
     /// Applies what the destination acknowledged, atomically.

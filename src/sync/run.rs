@@ -297,16 +297,16 @@ impl SyncRun {
         inner.key_rejects = key_rejects;
     }
 
-    /// Writes the keys of the new records this run is about to send, before it sends them.
+    /// Writes the keys of the records this run is about to send, before it sends them. A run
+    /// that stops before its commit leaves them behind: the next run treats those records as sent
+    /// without an answer (new ones may exist, changed and deleted ones may or may not have
+    /// changed), so it sends each again whatever the model then holds, and deletes what the model
+    /// no longer has.
     pub async fn write_intent(&self, changes: &[Change]) -> Result<()> {
         if self.dry_run || self.spec.diff.key.is_none() || self.spec.diff.listed_deletes {
             return Ok(());
         }
-        let keys: Vec<&Key> = changes
-            .iter()
-            .filter(|c| c.live && c.row.is_none() && c.op != Op::Delete)
-            .map(|c| &c.key)
-            .collect();
+        let keys: Vec<&Key> = changes.iter().filter(|c| c.live).map(|c| &c.key).collect();
         if keys.is_empty() {
             return Ok(());
         }
@@ -581,6 +581,16 @@ impl SyncRun {
             .map(|f| old.fields.iter().position(|o| o == f))
             .collect();
         let mut row_change: Vec<u32> = vec![u32::MAX; old.len()];
+        // Records whose change got no answer (or was never sent: the run stopped). The destination
+        // may hold the change or not, so every field hash becomes unknown and the next run sends
+        // the record again whatever the model then holds (were the old hashes kept, a model that
+        // went back to the old values would leave the unanswered change in the destination).
+        let mut unanswered = vec![false; old.len()];
+        for (id, c) in changes.iter().enumerate() {
+            if let Some(j) = c.row.filter(|_| c.live && !settled[id]) {
+                unanswered[j as usize] = true;
+            }
+        }
         // (change, record id, known): unknown = sent without an answer.
         let mut new_rows: Vec<(u32, Option<&String>, bool)> = vec![];
         let mut ids: HashMap<u32, &String> = HashMap::new();
@@ -675,6 +685,8 @@ impl SyncRun {
                 let id = row_change[j as usize];
                 if id != u32::MAX {
                     b.append_value(hash_of(&changes[id as usize]));
+                } else if unanswered[j as usize] {
+                    b.append_null();
                 } else {
                     match &old_col {
                         Some(col) if col.is_valid(j as usize) => {

@@ -4,6 +4,7 @@
 //! Without a reachable server these tests say so and pass, unless `SLUICE_REQUIRE_SERVICES=1`
 //! (set by `.ci/run`), where they fail.
 
+use super::fakes::webhook::{FakeWebhook, Script};
 use super::support::query;
 
 const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -970,6 +971,38 @@ async fn composite_keys_match_by_every_column() {
             .await,
         ["1|3:b,1:c|z", "2|a|q"]
     );
+    pg.sql(&format!("DROP TABLE IF EXISTS sluice_state.\"{sync}\""))
+        .await;
+}
+
+/// With the diff in the warehouse as with the local diff: a change the destination applied but
+/// never answered is sent again even when the model has gone back to the committed values.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warehouse_diff_sends_an_unanswered_change_again_even_when_the_model_goes_back() {
+    let Some(pg) = PgSchema::new("sluice_whunanswered").await else {
+        return;
+    };
+    pg.sql("CREATE TABLE $S.m (id bigint PRIMARY KEY, plan text)")
+        .await;
+    let engine = engine(&pg).await;
+    let fake = FakeWebhook::start(Script::default()).await;
+    let sync = format!("unanswered_{}", &pg.name[pg.name.len() - 8..]);
+    let set_model = |rows: &'static str| {
+        let pg = &pg;
+        async move {
+            pg.sql(&format!("TRUNCATE $S.m; INSERT INTO $S.m VALUES {rows}"))
+                .await
+        }
+    };
+    super::sync_state::unanswered_change_is_sent_again(
+        &engine,
+        &fake,
+        &sync,
+        "wh.m",
+        ", diff 'warehouse'",
+        set_model,
+    )
+    .await;
     pg.sql(&format!("DROP TABLE IF EXISTS sluice_state.\"{sync}\""))
         .await;
 }

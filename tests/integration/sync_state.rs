@@ -482,3 +482,128 @@ async fn a_first_run_refuses_a_late_duplicate_before_sending_anything() {
     };
     assert_eq!(summary.rows_written, 0);
 }
+
+/// A change the destination applied but never answered (the connection dropped after the
+/// receiver processed it) is sent again by the next run even when the model has gone back to the
+/// committed values: the snapshot cannot know which of the two the destination holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_change_is_sent_again_even_when_the_model_goes_back() {
+    let fake = FakeWebhook::start(Script::default()).await;
+    let engine = super::support::engine();
+    let set_model = |rows: &'static str| {
+        let engine = &engine;
+        async move {
+            let sql = format!(
+                "CREATE OR REPLACE TABLE m AS SELECT * FROM (VALUES {rows}) AS v(id, plan)"
+            );
+            engine.run_sql(&sql).await.unwrap();
+        }
+    };
+    unanswered_change_is_sent_again(&engine, &fake, "s", "m", "", set_model).await;
+}
+
+/// The scenario of [`an_unanswered_change_is_sent_again_even_when_the_model_goes_back`], for a
+/// sync named `sync` with extra `options`, whose model `table` (id, plan) `set_model` fills with
+/// SQL VALUES rows.
+pub async fn unanswered_change_is_sent_again<F, Fut>(
+    engine: &sluice::Engine,
+    fake: &FakeWebhook,
+    sync: &str,
+    table: &str,
+    options: &str,
+    set_model: F,
+) where
+    F: Fn(&'static str) -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    use super::fakes::webhook::Fault;
+    let committed = "(1, 'free'), (2, 'free'), (3, 'free')";
+    set_model(committed).await;
+    engine
+        .run_sql(&format!(
+            "CREATE CONNECTION hooks TYPE webhook OPTIONS (url '{}', key 'id', max_attempts '1');
+             CREATE SYNC {sync} OPTIONS (max_delete_pct '100'{options}) AS MERGE INTO hooks.users AS t
+               USING (SELECT id, plan FROM {table}) AS m ON t.id = m.id
+               WHEN MATCHED THEN UPDATE SET plan = m.plan
+               WHEN NOT MATCHED THEN INSERT (id, plan) VALUES (m.id, m.plan)
+               WHEN NOT MATCHED BY SOURCE THEN DELETE;
+             RUN SYNC {sync}",
+            fake.url
+        ))
+        .await
+        .unwrap();
+    let held = || {
+        let mut rows: Vec<String> = fake.state_rows().into_iter().map(|r| r.2).collect();
+        rows.sort();
+        rows
+    };
+    let expected = vec![
+        r#"{"id":1,"plan":"free"}"#.to_string(),
+        r#"{"id":2,"plan":"free"}"#.to_string(),
+        r#"{"id":3,"plan":"free"}"#.to_string(),
+    ];
+    assert_eq!(held(), expected);
+
+    // 1 changes and 3 goes; the receiver applies both and drops each connection unanswered.
+    fake.script(|s| s.faults = [Fault::DropAfter, Fault::DropAfter].into());
+    set_model("(1, 'pro'), (2, 'free')").await;
+    let run_sync = format!("RUN SYNC {sync}");
+    let err = super::support::error(engine, &run_sync).await;
+    assert!(err.contains("gave up"), "{err}");
+    assert_eq!(
+        held(),
+        [r#"{"id":1,"plan":"pro"}"#, r#"{"id":2,"plan":"free"}"#]
+    );
+
+    // The model goes back to what the last commit holds: 1 and 3 are sent again.
+    fake.script(|s| s.faults.clear());
+    set_model(committed).await;
+    let run = super::support::write(engine, &run_sync).await;
+    assert_eq!((run.rows_written, run.rows_rejected), (2, 0));
+    assert_eq!(held(), expected);
+    // Settled: the next run sends nothing.
+    let run = super::support::write(engine, &run_sync).await;
+    assert_eq!(run.rows_written, 0);
+}
+
+/// The same through the binary, killed with -9 after the receiver applied a change and before
+/// the run could learn it: the run's intent makes the next run send the record again, although
+/// the model has gone back to the values of the last commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_sent_by_a_killed_run_is_sent_again_even_when_the_model_goes_back() {
+    use super::fakes::webhook::Fault;
+    let (fake, dir) = setup(Duration::ZERO).await;
+    let dir = dir.path();
+    let committed = model(3, "example.com");
+    write_model(dir, &committed);
+    assert!(start(dir).wait().unwrap().success());
+    receiver_matches(&fake, &committed).unwrap();
+
+    // The receiver applies the change and drops the connection, then holds the retry: the
+    // process is killed while it waits.
+    let mut changed = committed.clone();
+    changed.get_mut(&1).unwrap().1 = "pro".into();
+    write_model(dir, &changed);
+    fake.script(|s| s.faults = [Fault::DropAfter, Fault::Hang(Duration::from_secs(60))].into());
+    let mut child = start(dir);
+    let waited = Instant::now();
+    while receiver_matches(&fake, &changed).is_err() {
+        assert!(
+            waited.elapsed() < Duration::from_secs(60),
+            "the change never arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    fake.script(|s| s.faults.clear());
+    write_model(dir, &committed);
+    let out = start(dir).wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    receiver_matches(&fake, &committed).unwrap();
+}

@@ -4,8 +4,9 @@
 //!
 //! The state table holds, per synced record, its key as text, the destination's record id, one
 //! 64-bit hash per mapped field except the key (`hashtextextended(value::text, 0)`, a fixed
-//! value for null), and `pending` for records sent by a run that stopped before its commit
-//! (their hashes are null: they are sent again, as with the local diff's intents). A field
+//! value for null), and `pending` for records a run announced before sending them and no commit
+//! has settled since (the destination may or may not hold what was sent, so they are sent again,
+//! or deleted, whatever their hashes say, as with the local diff's intents). A field
 //! mapped later gets a new column whose null hashes mark it changed on every record, so a
 //! mapping change sends only that field.
 //!
@@ -500,7 +501,7 @@ impl RemoteState for PgState {
         client
             .execute(
                 format!(
-                    "INSERT INTO {} (key, pending) SELECT unnest($1::text[]), true ON CONFLICT (key) DO NOTHING",
+                    "INSERT INTO {} (key, pending) SELECT unnest($1::text[]), true ON CONFLICT (key) DO UPDATE SET pending = true",
                     self.qualified()
                 )
                 .as_str(),
