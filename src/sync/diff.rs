@@ -955,6 +955,11 @@ impl Differ {
         }
     }
 
+    /// The changes found so far, by id.
+    pub fn changes(&self) -> &[Change] {
+        &self.changes
+    }
+
     /// Ends the scan: adds the deletes and returns every change with the counts. Fails on
     /// duplicate keys unless the spec keeps the last row. With pending updates, every field of
     /// [`Differ::fields_to_read`] must have been resolved.

@@ -1,7 +1,9 @@
 //! `DiffExec`: the diff kernel as a DataFusion operator between the model and the sink.
 //!
 //! It reads the whole model (streaming; only changed rows are kept), so that duplicate keys and
-//! the safety rails can stop a run before anything is sent, then emits the changes: the mapped
+//! the safety rails can stop a run before anything is sent, then emits the changes. (A first run
+//! into a sink that commits only at the end of the stream emits them as it reads instead: see
+//! [`SyncRun::stream_first_run`].) The changes are the mapped
 //! fields plus `__op` (the operation), `__changed` (bit i: field i is sent) and `__change` (the
 //! change's id, by which the sink reports what the destination acknowledged). Deletes carry only
 //! the key.
@@ -245,10 +247,33 @@ impl ExecutionPlan for DiffExec {
         let run = Arc::clone(&self.run);
         let schema = Arc::clone(&self.schema);
         let output_rows = MetricBuilder::new(&self.metrics).output_rows(partition);
-        let diff = diff_stream(input, run, Arc::clone(&schema));
-        Ok(diff_output(schema, diff, output_rows))
+        // The diff runs as a task of its own, sending its batches here: during the scan when it
+        // streams, else at the end.
+        let (out, rx) = tokio::sync::mpsc::channel(STREAMED_AHEAD);
+        let task = SpawnedTask::spawn({
+            let schema = Arc::clone(&schema);
+            async move {
+                let batches = match diff_stream(input, run, schema, &out).await {
+                    Ok(batches) => batches.into_iter().map(Ok).collect(),
+                    Err(e) => vec![Err(e)],
+                };
+                for batch in batches {
+                    if out.send(batch).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let stream = futures::stream::unfold((rx, task), |(mut rx, task)| async move {
+            rx.recv().await.map(|batch| (batch, (rx, task)))
+        })
+        .inspect_ok(move |b: &RecordBatch| output_rows.add(b.num_rows()));
+        Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
     }
 }
+
+/// Change batches a streaming diff sends ahead of the sink.
+const STREAMED_AHEAD: usize = 2;
 
 /// Batches each input partition task reads ahead.
 const HASHED_AHEAD: usize = 2;
@@ -265,6 +290,7 @@ async fn diff_stream(
     mut input: Tagged,
     run: Arc<SyncRun>,
     schema: SchemaRef,
+    out: &tokio::sync::mpsc::Sender<Result<RecordBatch>>,
 ) -> Result<Vec<RecordBatch>> {
     let spec = run.spec.diff.clone();
     let started = std::time::Instant::now();
@@ -278,6 +304,7 @@ async fn diff_stream(
         ms = started.elapsed().as_millis() as u64,
         "DiffExec: snapshot index built"
     );
+    let streaming = run.stream_first_run();
     let mut kept: Vec<(RecordBatch, Vec<u32>)> = vec![];
     let mut key_rejects = vec![];
     let model_schema = input.schema;
@@ -288,7 +315,7 @@ async fn diff_stream(
             .filter(|r| d.change_of_row[*r as usize].is_some())
             .collect();
         if !rows.is_empty() {
-            let ids = rows
+            let ids: Vec<u32> = rows
                 .iter()
                 .map(|r| d.change_of_row[*r as usize].expect("filtered"))
                 .collect();
@@ -297,7 +324,17 @@ async fn diff_stream(
             } else {
                 compact(take_record_batch(&batch, &UInt32Array::from(rows))?)?
             };
-            kept.push((taken, ids));
+            if streaming {
+                let changes =
+                    with_change_columns(&schema, taken.columns().to_vec(), &ids, differ.changes())?;
+                if out.send(Ok(changes)).await.is_err() {
+                    return Err(DataFusionError::Execution(
+                        "the sink stopped reading the changes".into(),
+                    ));
+                }
+            } else {
+                kept.push((taken, ids));
+            }
         }
         if !d.null_key_rows.is_empty() {
             key_rejects.extend(null_key_rejects(&batch, &d.null_key_rows, &run)?);

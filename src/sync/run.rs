@@ -93,6 +93,10 @@ struct Inner {
     intents: Vec<String>,
     /// Records in a remote state (`diff 'warehouse'`), for delete caps.
     remote_rows: u64,
+    /// The sink holds the run's writes in one transaction until the change stream ends.
+    atomic_sink: bool,
+    /// The diff sends changes while it reads the model (see [`SyncRun::stream_first_run`]).
+    streaming: bool,
 }
 
 /// One run, shared by the engine, `DiffExec` and the sink.
@@ -346,6 +350,35 @@ impl SyncRun {
     }
 
     /// The committed snapshot's size (for delete caps).
+    /// Called by a sink that writes everything a run sends in one transaction, committed only
+    /// once the change stream has ended without an error (and rolled back otherwise).
+    pub fn set_atomic_sink(&self) {
+        self.inner().atomic_sink = true;
+    }
+
+    /// Called by the diff as it starts: whether it sends changes while it reads the model instead
+    /// of after. Only a first run (nothing synced, nothing sent by a stopped run) into an atomic
+    /// sink streams: a duplicate key found late, or any other error, then rolls back everything
+    /// sent, so "nothing is written before the whole model is checked" still holds; and the
+    /// intent (every key) is written at the end of the diff, before the sink's commit.
+    pub fn stream_first_run(&self) -> bool {
+        let d = &self.spec.diff;
+        let mut inner = self.inner();
+        inner.streaming = inner.atomic_sink
+            && !self.dry_run
+            && self.spec.remote.is_none()
+            && d.key.is_some()
+            && !d.listed_deletes
+            && !d.keep_last
+            && inner.snapshot.as_ref().is_some_and(|s| s.is_empty());
+        inner.streaming
+    }
+
+    /// Whether this run's diff streams (see [`SyncRun::stream_first_run`]).
+    pub fn streaming(&self) -> bool {
+        self.inner().streaming
+    }
+
     pub fn snapshot_rows(&self) -> usize {
         let inner = self.inner();
         match &self.spec.remote {

@@ -547,6 +547,30 @@ async fn kill_9_during_a_sync_then_rerun_ends_equal_to_the_model() {
     let timed = std::time::Instant::now();
     assert!(start().wait().unwrap().success(), "the first run failed");
     let run_ms = timed.elapsed().as_millis().max(20) as u64;
+    // Killed mid-way, a run ends with the table and the state in whatever state it left them.
+    let run_and_kill = |kill_after: std::time::Duration| async move {
+        let mut child = start();
+        let started = std::time::Instant::now();
+        let mut killed = false;
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                break;
+            }
+            if started.elapsed() >= kill_after {
+                child.kill().unwrap(); // SIGKILL
+                killed = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        child.wait().unwrap();
+        killed
+    };
+    // A first run streams into one transaction: start from nothing again and kill one.
+    pg.sql("TRUNCATE $S.accounts").await;
+    std::fs::remove_dir_all(dir.join(".sluice")).unwrap();
+    let first_killed = run_and_kill(std::time::Duration::from_millis(5 + below(run_ms))).await;
+    eprintln!("first run killed: {first_killed}");
     for _ in 0..8 {
         for _ in 0..3000 {
             if let Some(row) = model.get_mut(&(below(next_id as u64) as i64)) {
@@ -561,21 +585,8 @@ async fn kill_9_during_a_sync_then_rerun_ends_equal_to_the_model() {
             next_id += 1;
         }
         write_model(dir, &model);
-        let mut child = start();
         let kill_after = std::time::Duration::from_millis(5 + below(run_ms * 9 / 10));
-        let started = std::time::Instant::now();
-        loop {
-            if child.try_wait().unwrap().is_some() {
-                break;
-            }
-            if started.elapsed() >= kill_after {
-                child.kill().unwrap(); // SIGKILL
-                killed += 1;
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
-        }
-        child.wait().unwrap();
+        killed += u32::from(run_and_kill(kill_after).await);
     }
     eprintln!("killed {killed} of 8 runs");
     assert!(killed >= 4, "only {killed} of 8 runs were killed mid-way");
@@ -1005,4 +1016,68 @@ async fn warehouse_diff_sends_an_unanswered_change_again_even_when_the_model_goe
     .await;
     pg.sql(&format!("DROP TABLE IF EXISTS sluice_state.\"{sync}\""))
         .await;
+}
+
+/// A first run streams its batches into one transaction while it reads the model: a duplicate
+/// key found after batches were written rolls every one of them back, and once the model is
+/// fixed the next run writes everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_streaming_first_run_rolls_everything_back_on_a_late_duplicate() {
+    let Some(pg) = PgSchema::new("sluice_stream").await else {
+        return;
+    };
+    pg.sql("CREATE TABLE $S.accounts (id bigint PRIMARY KEY, email text NOT NULL)")
+        .await;
+    let engine = engine(&pg).await;
+    engine
+        .run_sql(&format!(
+            "CREATE CONNECTION app TYPE postgres OPTIONS (url env('SLUICE_TEST_WH_URL'), schema '{}', batch_size '10')",
+            pg.name
+        ))
+        .await
+        .unwrap();
+    let model = |duplicate: &str| {
+        let rows: Vec<String> = (0..200).map(|i| format!("({i}, 'u{i}@x')")).collect();
+        format!(
+            "CREATE OR REPLACE TABLE model AS SELECT * FROM (VALUES {}{duplicate}) AS v(id, email)",
+            rows.join(", ")
+        )
+    };
+    let sync = format!("stream_{}", &pg.name[pg.name.len() - 8..]);
+    engine
+        .run_sql(&format!(
+            "{}; CREATE SYNC {sync} AS INSERT INTO app.accounts SELECT id, email FROM model",
+            model(", (3, 'again@x')")
+        ))
+        .await
+        .unwrap();
+    let err = super::support::error(&engine, &format!("RUN SYNC {sync}")).await;
+    assert!(err.contains("duplicate value(s) of the key 'id'"), "{err}");
+    // Batches were written before the duplicate was found (the run made requests), and none
+    // of them stayed.
+    let requests = query(
+        &engine,
+        &format!("SELECT requests, status FROM sluice.runs WHERE sync = '{sync}'"),
+    )
+    .await;
+    let written: u64 = requests
+        .lines()
+        .nth(3)
+        .and_then(|l| l.split('|').nth(1))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{requests}"));
+    assert!(written >= 10, "{requests}");
+    assert!(requests.contains("failed"), "{requests}");
+    assert_eq!(pg.rows("SELECT count(*) FROM $S.accounts").await, ["0"]);
+
+    engine.run_sql(&model("")).await.unwrap();
+    engine.run_sql(&format!("RUN SYNC {sync}")).await.unwrap();
+    assert_eq!(last_run(&engine, &sync).await, "200/200/0/0/0/0");
+    assert_eq!(
+        pg.rows("SELECT count(*), sum(id), min(email) FROM $S.accounts")
+            .await,
+        ["200|19900|u0@x"]
+    );
+    engine.run_sql(&format!("RUN SYNC {sync}")).await.unwrap();
+    assert_eq!(last_run(&engine, &sync).await, "200/0/0/0/200/0");
 }

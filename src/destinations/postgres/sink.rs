@@ -13,6 +13,10 @@
 //!    written.
 //!
 //! Records are acknowledged to the sync only after their transaction commits.
+//!
+//! A sync's first run streams ([`crate::sync::SyncRun::stream_first_run`]): its batches are
+//! written while the model is still being read, all in one transaction that commits only when the
+//! change stream ends cleanly. A late duplicate key (or any error) rolls back everything.
 
 use std::collections::HashSet;
 use std::fmt;
@@ -84,6 +88,10 @@ impl PgSink {
             ));
         }
         let key = sync.as_ref().and_then(|r| r.spec.diff.key);
+        if let Some(run) = &sync {
+            // Everything a streaming first run sends is held in one transaction (see `Writer`).
+            run.set_atomic_sink();
+        }
         let mut fields = vec![];
         let mut change_at = schema.fields().len();
         for (i, field) in schema.fields().iter().enumerate() {
@@ -218,6 +226,8 @@ impl DataSink for PgSink {
             metrics: Arc::clone(&metrics),
             outcome: DeliveryOutcome::default(),
             dry_run: dry_run.then(DryRun::default),
+            held: None,
+            uncommitted: vec![],
         };
         let batch_size = self.connection.config.batch_size;
         let mut pending: Vec<RecordBatch> = vec![];
@@ -256,6 +266,9 @@ impl DataSink for PgSink {
         {
             error = Some(e);
         }
+        if let Err(e) = writer.end(error.is_none()).await {
+            error = Some(e);
+        }
         drop(progress);
         let Writer {
             outcome, dry_run, ..
@@ -291,9 +304,41 @@ struct Writer<'a> {
     metrics: Arc<DeliveryMetrics>,
     outcome: DeliveryOutcome,
     dry_run: Option<DryRun>,
+    /// A streaming first run's connection, in the one transaction that holds all its batches
+    /// until the change stream ends ([`crate::sync::SyncRun::stream_first_run`]).
+    held: Option<deadpool_postgres::Object>,
+    /// The changes written in that transaction, acknowledged once it commits.
+    uncommitted: Vec<u32>,
 }
 
 impl Writer<'_> {
+    /// Ends the write: a held transaction commits if the change stream ended cleanly (its records
+    /// are then acknowledged) and is rolled back otherwise (nothing of the run is written).
+    async fn end(&mut self, clean: bool) -> Result<()> {
+        let Some(client) = self.held.take() else {
+            return Ok(());
+        };
+        if !clean {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Ok(());
+        }
+        client
+            .batch_execute("COMMIT")
+            .await
+            .map_err(|e| self.sink.pg_error(e))?;
+        let acked = std::mem::take(&mut self.uncommitted);
+        self.acknowledge(acked);
+        Ok(())
+    }
+
+    fn acknowledge(&mut self, acked: Vec<u32>) {
+        DeliveryMetrics::add(&self.metrics.accepted, acked.len() as u64);
+        self.outcome.accepted += acked.len() as u64;
+        self.outcome
+            .acked
+            .extend(acked.into_iter().map(|id| (id, None)));
+    }
+
     /// Writes the changes of `batches` in one transaction.
     async fn flush(&mut self, batches: Vec<RecordBatch>) -> Result<()> {
         let sink = self.sink;
@@ -330,20 +375,38 @@ impl Writer<'_> {
             return Ok(());
         }
         let started = Instant::now();
-        let mut client = self.sink.connection.client().await?;
-        let result = self.transaction(&mut client, &batches, rows, all).await;
+        let held = self.sink.sync.as_ref().is_some_and(|r| r.streaming());
+        let mut client = match self.held.take() {
+            Some(client) => client,
+            None => {
+                let client = self.sink.connection.client().await?;
+                if held {
+                    client
+                        .batch_execute("BEGIN")
+                        .await
+                        .map_err(|e| self.sink.pg_error(e))?;
+                }
+                client
+            }
+        };
+        let result = self
+            .transaction(&mut client, &batches, rows, all, !held)
+            .await;
         if result.is_err() {
             let _ = client.batch_execute("ROLLBACK").await;
+            self.uncommitted.clear();
+            return result.map(|_| ());
         }
         let (acked, rejected, bytes) = result?;
         self.metrics.record_request(bytes, started.elapsed());
-        DeliveryMetrics::add(&self.metrics.accepted, acked.len() as u64);
         DeliveryMetrics::add(&self.metrics.rejected, rejected.len() as u64);
-        self.outcome.accepted += acked.len() as u64;
-        self.outcome
-            .acked
-            .extend(acked.into_iter().map(|id| (id, None)));
         self.outcome.rejected.extend(rejected);
+        if held {
+            self.uncommitted.extend(acked);
+            self.held = Some(client);
+        } else {
+            self.acknowledge(acked);
+        }
         Ok(())
     }
 
@@ -353,13 +416,16 @@ impl Writer<'_> {
         batches: &[RecordBatch],
         rows: Vec<Row>,
         all: u64,
+        own: bool,
     ) -> Result<(Vec<u32>, Vec<Rejected>, usize)> {
         let sink = self.sink;
         let pg = |e: tokio_postgres::Error| sink.pg_error(e);
         let mut acked: Vec<u32> = vec![];
         let mut rejected: Vec<Rejected> = vec![];
         let mut bytes = 0;
-        client.batch_execute("BEGIN").await.map_err(pg)?;
+        if own {
+            client.batch_execute("BEGIN").await.map_err(pg)?;
+        }
 
         // 1. New records straight into the table.
         let (direct, mut staged): (Vec<Row>, Vec<Row>) = rows
@@ -407,6 +473,13 @@ impl Writer<'_> {
         if !staged.is_empty() {
             staged.sort_by_key(|r| r.change);
             let stage = self.stage_table(client).await?;
+            if !own {
+                // (Emptied at each commit, and this transaction goes on.)
+                client
+                    .batch_execute(&format!("TRUNCATE {stage}"))
+                    .await
+                    .map_err(pg)?;
+            }
             let copy = format!(
                 "COPY {stage} ({}, __op, __changed, __change) FROM STDIN (FORMAT binary)",
                 (0..sink.fields.len())
@@ -487,7 +560,9 @@ impl Writer<'_> {
                 }
             }
         }
-        client.batch_execute("COMMIT").await.map_err(pg)?;
+        if own {
+            client.batch_execute("COMMIT").await.map_err(pg)?;
+        }
         Ok((acked, rejected, bytes))
     }
 
