@@ -235,10 +235,14 @@ impl WriteReport {
     /// accepted records, or the error that stopped it.
     pub fn settle(&self, delivered: Delivered) -> Result<u64> {
         let Delivered { outcome, error } = delivered;
-        self.acked
-            .lock()
-            .expect("report lock")
-            .extend(outcome.acked);
+        let mut acked = self.acked.lock().expect("report lock");
+        if acked.is_empty() {
+            // (Moved, not copied: a first run acknowledges every record.)
+            *acked = outcome.acked;
+        } else {
+            acked.extend(outcome.acked);
+        }
+        drop(acked);
         self.add_rejects(outcome.rejected);
         match error {
             Some(e) => Err(e),

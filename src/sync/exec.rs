@@ -272,8 +272,10 @@ impl ExecutionPlan for DiffExec {
     }
 }
 
-/// Change batches a streaming diff sends ahead of the sink.
-const STREAMED_AHEAD: usize = 2;
+/// Change batches a streaming diff sends ahead of the sink: enough for the sink's next
+/// transaction-sized batch to be ready by the time its current one is written (32 batches of
+/// 8,192 rows), so that reading the model and the destination's ingest overlap.
+const STREAMED_AHEAD: usize = 32;
 
 /// Batches each input partition task reads ahead.
 const HASHED_AHEAD: usize = 2;

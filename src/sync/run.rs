@@ -323,6 +323,7 @@ impl SyncRun {
         self.inner()
             .intents
             .push(format!("intent-{}.arrow", self.run_id));
+        tracing::debug!(keys = keys.len(), "Intent written.");
         Ok(())
     }
 
@@ -464,6 +465,7 @@ impl SyncRun {
                 !rejects.is_empty() || manifest.as_ref().is_some_and(|m| m.rejects.is_some());
             // Nothing acknowledged and nothing to remember: the committed state stays as is.
             if acked_any || rejects_changed || manifest.is_none() || !intents.is_empty() {
+                tracing::debug!(acked = acked.len(), "Committing the sync state.");
                 // Per change: the destination answered it (acknowledged or rejected).
                 let mut settled = vec![false; changes.len()];
                 for id in acked
@@ -504,6 +506,7 @@ impl SyncRun {
                 self.state
                     .commit(new_manifest, &next, &rejects, manifest.as_ref())
                     .await?;
+                tracing::debug!(rows = next.len(), "Sync state committed.");
                 // Folded into the committed snapshot: the intents have served.
                 self.state.delete_intents(&self.spec.id, &intents).await;
             }

@@ -544,23 +544,36 @@ pub async fn unanswered_change_is_sent_again<F, Fut>(
     ];
     assert_eq!(held(), expected);
 
-    // 1 changes and 3 goes; the receiver applies both and drops each connection unanswered.
-    fake.script(|s| s.faults = [Fault::DropAfter, Fault::DropAfter].into());
-    set_model("(1, 'pro'), (2, 'free')").await;
+    // An update, then a delete: each applied by the receiver, which drops the connection
+    // unanswered; then the model goes back to what the last commit holds, and the record is
+    // sent again.
     let run_sync = format!("RUN SYNC {sync}");
-    let err = super::support::error(engine, &run_sync).await;
-    assert!(err.contains("gave up"), "{err}");
-    assert_eq!(
-        held(),
-        [r#"{"id":1,"plan":"pro"}"#, r#"{"id":2,"plan":"free"}"#]
-    );
+    for (model, applied) in [
+        (
+            "(1, 'pro'), (2, 'free'), (3, 'free')",
+            vec![
+                r#"{"id":1,"plan":"pro"}"#,
+                r#"{"id":2,"plan":"free"}"#,
+                r#"{"id":3,"plan":"free"}"#,
+            ],
+        ),
+        (
+            "(1, 'free'), (2, 'free')",
+            vec![r#"{"id":1,"plan":"free"}"#, r#"{"id":2,"plan":"free"}"#],
+        ),
+    ] {
+        fake.script(|s| s.faults = [Fault::DropAfter].into());
+        set_model(model).await;
+        let err = super::support::error(engine, &run_sync).await;
+        assert!(err.contains("gave up"), "{err}");
+        assert_eq!(held(), applied);
 
-    // The model goes back to what the last commit holds: 1 and 3 are sent again.
-    fake.script(|s| s.faults.clear());
-    set_model(committed).await;
-    let run = super::support::write(engine, &run_sync).await;
-    assert_eq!((run.rows_written, run.rows_rejected), (2, 0));
-    assert_eq!(held(), expected);
+        fake.script(|s| s.faults.clear());
+        set_model(committed).await;
+        let run = super::support::write(engine, &run_sync).await;
+        assert_eq!((run.rows_written, run.rows_rejected), (1, 0), "{model}");
+        assert_eq!(held(), expected);
+    }
     // Settled: the next run sends nothing.
     let run = super::support::write(engine, &run_sync).await;
     assert_eq!(run.rows_written, 0);

@@ -232,6 +232,8 @@ impl DataSink for PgSink {
         let batch_size = self.connection.config.batch_size;
         let mut pending: Vec<RecordBatch> = vec![];
         let mut rows = 0;
+        // Rows of the next flush (set when the first batch arrives).
+        let mut limit = 0;
         let mut error = None;
         while let Some(batch) = data.next().await {
             let batch = match batch {
@@ -241,19 +243,29 @@ impl DataSink for PgSink {
                     break;
                 }
             };
+            if limit == 0 {
+                // A streaming first run writes its first batch as soon as it arrives, so that
+                // Postgres starts its ingest while the rest of the model is read.
+                let streaming = self.sync.as_ref().is_some_and(|r| r.streaming());
+                limit = match streaming {
+                    true => batch.num_rows().clamp(1, batch_size),
+                    false => batch_size,
+                };
+            }
             // At most `batch_size` rows per transaction: a large batch is cut into slices.
             let mut offset = 0;
             while offset < batch.num_rows() {
-                let take = (batch_size - rows).min(batch.num_rows() - offset);
+                let take = (limit - rows).min(batch.num_rows() - offset);
                 pending.push(batch.slice(offset, take));
                 offset += take;
                 rows += take;
-                if rows >= batch_size {
+                if rows >= limit {
                     if let Err(e) = writer.flush(std::mem::take(&mut pending)).await {
                         error = Some(e);
                         break;
                     }
                     rows = 0;
+                    limit = batch_size;
                 }
             }
             if error.is_some() {
@@ -326,6 +338,10 @@ impl Writer<'_> {
             .batch_execute("COMMIT")
             .await
             .map_err(|e| self.sink.pg_error(e))?;
+        tracing::debug!(
+            rows = self.uncommitted.len(),
+            "Postgres: the run's transaction committed."
+        );
         let acked = std::mem::take(&mut self.uncommitted);
         self.acknowledge(acked);
         Ok(())
@@ -398,6 +414,13 @@ impl Writer<'_> {
             return result.map(|_| ());
         }
         let (acked, rejected, bytes) = result?;
+        tracing::debug!(
+            rows = acked.len() + rejected.len(),
+            bytes,
+            ms = started.elapsed().as_millis() as u64,
+            held,
+            "Postgres batch written."
+        );
         self.metrics.record_request(bytes, started.elapsed());
         DeliveryMetrics::add(&self.metrics.rejected, rejected.len() as u64);
         self.outcome.rejected.extend(rejected);
