@@ -108,7 +108,9 @@ fn main() {
     )
     .unwrap();
 
-    // 1. First run, and DuckDB loading the same file.
+    // 1. First run, and DuckDB loading the same file. Each timed load starts with no dirty
+    // pages left by the step before it (generating the model, the previous load).
+    settle();
     let (first, _) = common::run_sluice(dir.path(), &["-q", "run", "sync.sql"]);
     let loaded: u64 = psql(&format!("SELECT count(*) FROM {s}.t_sluice"))
         .unwrap()
@@ -132,6 +134,7 @@ fn main() {
                 .arg("host=127.0.0.1 user=postgres dbname=test")
                 .arg(s)
                 .arg("t_duckdb");
+            settle();
             let (process, out) = common::measure(cmd);
             let json: serde_json::Value = serde_json::from_str(out.trim()).expect("peer output");
             assert_eq!(json["rows"].as_u64(), Some(rows), "DuckDB loaded every row");
@@ -156,6 +159,7 @@ fn main() {
         "\\copy {s}.t_copy FROM '{}' (FORMAT binary)",
         file.display()
     ));
+    settle();
     let (copy, _) = common::measure(cmd);
     println!(
         "postgres first: for reference, Postgres's own binary COPY of the same rows into a table with a primary key (psql \\copy from a file): {:.2} s",
@@ -204,6 +208,14 @@ fn main() {
         psql_copy.wall.as_secs_f64(),
         sluice.wall.as_secs_f64() / psql_copy.wall.as_secs_f64()
     );
+}
+
+/// Writes back every dirty page (of this process's files and Postgres's), so that the next
+/// timed step does not pay for the writes of the one before it.
+fn settle() {
+    // SAFETY: sync(2) takes no arguments and cannot fail.
+    unsafe { libc::sync() };
+    psql("CHECKPOINT").expect("checkpoint");
 }
 
 /// `base.parquet` (the model's first version) and `model.parquet`, a copy the sync reads.
