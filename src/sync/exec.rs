@@ -1,12 +1,11 @@
 //! `DiffExec`: the diff kernel as a DataFusion operator between the model and the sink.
 //!
 //! It reads the whole model (streaming; only changed rows are kept), so that duplicate keys and
-//! the safety rails can stop a run before anything is sent, then emits the changes. (A first run
-//! into a sink that commits only at the end of the stream emits them as it reads instead: see
-//! [`SyncRun::stream_first_run`].) The changes are the mapped
+//! the safety rails can stop a run before anything is sent, then emits the changes: the mapped
 //! fields plus `__op` (the operation), `__changed` (bit i: field i is sent) and `__change` (the
 //! change's id, by which the sink reports what the destination acknowledged). Deletes carry only
-//! the key.
+//! the key. A first run into a sink that commits only when the stream ends emits its changes as
+//! it reads instead ([`SyncRun::stream_first_run`]).
 
 use std::fmt;
 use std::sync::Arc;

@@ -350,7 +350,6 @@ impl SyncRun {
         self.inner().refusal.clone()
     }
 
-    /// The committed snapshot's size (for delete caps).
     /// Called by a sink that writes everything a run sends in one transaction, committed only
     /// once the change stream has ended without an error (and rolled back otherwise).
     pub fn set_atomic_sink(&self) {
@@ -380,6 +379,7 @@ impl SyncRun {
         self.inner().streaming
     }
 
+    /// The committed snapshot's size (for delete caps).
     pub fn snapshot_rows(&self) -> usize {
         let inner = self.inner();
         match &self.spec.remote {

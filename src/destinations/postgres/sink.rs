@@ -355,7 +355,8 @@ impl Writer<'_> {
             .extend(acked.into_iter().map(|id| (id, None)));
     }
 
-    /// Writes the changes of `batches` in one transaction.
+    /// Writes the changes of `batches` in a transaction of their own, or, in a streaming first
+    /// run, in the run's held transaction.
     async fn flush(&mut self, batches: Vec<RecordBatch>) -> Result<()> {
         let sink = self.sink;
         let n = sink.change_at;
@@ -433,6 +434,9 @@ impl Writer<'_> {
         Ok(())
     }
 
+    /// Writes `rows`: new records by direct COPY, the rest through the staging table, refused
+    /// records isolated under savepoints. `own`: in a transaction begun and committed here (else
+    /// the caller's transaction goes on).
     async fn transaction(
         &mut self,
         client: &mut deadpool_postgres::Object,
