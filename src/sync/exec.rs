@@ -383,7 +383,8 @@ pub(crate) async fn emit_changes(
         run.set_refusal(refusal);
         return Ok(vec![]);
     }
-    // Write-ahead: the keys of new records are recorded before any of them is sent.
+    // Write-ahead: the keys of every change are recorded before any of them is sent (a streaming
+    // first run: before any of them is committed).
     run.write_intent(&changes).await?;
     let mut out = Vec::with_capacity(kept.len() + 1);
     for (batch, ids) in kept {

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use super::fakes::webhook::{FakeWebhook, Script};
+use super::fakes::webhook::{FakeWebhook, Fault, Script};
 use super::support::sluice;
 
 /// The model: id → (email, plan).
@@ -516,7 +516,6 @@ pub async fn unanswered_change_is_sent_again<F, Fut>(
     F: Fn(&'static str) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
-    use super::fakes::webhook::Fault;
     let committed = "(1, 'free'), (2, 'free'), (3, 'free')";
     set_model(committed).await;
     engine
@@ -584,7 +583,6 @@ pub async fn unanswered_change_is_sent_again<F, Fut>(
 /// the model has gone back to the values of the last commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_sent_by_a_killed_run_is_sent_again_even_when_the_model_goes_back() {
-    use super::fakes::webhook::Fault;
     let (fake, dir) = setup(Duration::ZERO).await;
     let dir = dir.path();
     let committed = model(3, "example.com");
