@@ -1087,3 +1087,185 @@ async fn a_streaming_first_run_rolls_everything_back_on_a_late_duplicate() {
     engine.run_sql(&format!("RUN SYNC {sync}")).await.unwrap();
     assert_eq!(last_run(&engine, &sync).await, "200/0/0/0/200/0");
 }
+
+/// Every index of a table: (oid, definition, constraint definition), by index name.
+async fn indexes(pg: &PgSchema, table: &str) -> Vec<(String, String)> {
+    pg.rows(&format!(
+        "SELECT i.indexrelid::bigint, pg_get_indexdef(i.indexrelid) || ' / ' || COALESCE(c.conname || ' ' || pg_get_constraintdef(c.oid), '-')
+         FROM pg_index i LEFT JOIN pg_constraint c ON c.conindid = i.indexrelid AND c.conrelid = i.indrelid
+         WHERE i.indrelid = '$S.{table}'::regclass ORDER BY i.indexrelid::regclass::text"
+    ))
+    .await
+    .into_iter()
+    .map(|line| {
+        let (oid, definition) = line.split_once('|').expect("two columns");
+        (oid.to_string(), definition.to_string())
+    })
+    .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_run_builds_the_key_index_after_the_load_exactly_as_it_was() {
+    let Some(pg) = PgSchema::new("sluice_defer").await else {
+        return;
+    };
+    // `plain`: a primary key with a hostile name, INCLUDE and a fill factor, and a second
+    // unique index that is not the key. `referenced`: its key is referenced by a foreign key.
+    // `filled`: not empty. `refusing`: a check refuses one row in the middle of the load.
+    pg.sql(
+        r#"CREATE TABLE $S.plain (id bigint, email text, CONSTRAINT "plain key; ""x""" PRIMARY KEY (id) INCLUDE (email) WITH (fillfactor = 80));
+           CREATE UNIQUE INDEX plain_email ON $S.plain (email);
+           CREATE TABLE $S.referenced (id bigint PRIMARY KEY, email text);
+           CREATE TABLE $S.child (parent bigint REFERENCES $S.referenced (id));
+           CREATE TABLE $S.filled (id bigint PRIMARY KEY, email text);
+           INSERT INTO $S.filled VALUES (7, 'u7@x');
+           CREATE TABLE $S.refusing (id bigint PRIMARY KEY, email text CHECK (email <> 'u150@x'));"#,
+    )
+    .await;
+    let tables = ["plain", "referenced", "filled", "refusing"];
+    let mut before = vec![];
+    for table in tables {
+        before.push(indexes(&pg, table).await);
+    }
+    let engine = engine(&pg).await;
+    engine
+        .run_sql(&format!(
+            "CREATE CONNECTION app TYPE postgres OPTIONS (url env('SLUICE_TEST_WH_URL'), schema '{}', batch_size '10');
+             CREATE TABLE model AS SELECT * FROM (VALUES {}) AS v(id, email)",
+            pg.name,
+            (0..200)
+                .map(|i| format!("({i}, 'u{i}@x')"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+        .await
+        .unwrap();
+    let suffix = &pg.name[pg.name.len() - 8..];
+    for table in tables {
+        let sync = format!("defer_{table}_{suffix}");
+        engine
+            .run_sql(&format!(
+                "CREATE SYNC {sync} AS INSERT INTO app.{table} SELECT id, email FROM model"
+            ))
+            .await
+            .unwrap();
+        engine.run_sql(&format!("RUN SYNC {sync}")).await.unwrap();
+        // (The row already in `filled` counts as inserted: the first run upserts it.)
+        let expected = match table {
+            "refusing" => "200/199/0/0/0/1",
+            _ => "200/200/0/0/0/0",
+        };
+        assert_eq!(last_run(&engine, &sync).await, expected, "{table}");
+        let loaded = if table == "refusing" { "199" } else { "200" };
+        assert_eq!(
+            pg.rows(&format!("SELECT count(*) FROM $S.{table}")).await,
+            [loaded],
+            "{table}"
+        );
+    }
+    for (table, before) in tables.iter().zip(before) {
+        let after = indexes(&pg, table).await;
+        // Every index is defined as it was, constraints included.
+        let definitions =
+            |v: &[(String, String)]| v.iter().map(|(_, d)| d.clone()).collect::<Vec<_>>();
+        assert_eq!(definitions(&after), definitions(&before), "{table}");
+        // Only the key's index of the empty tables was built again (a new index).
+        let rebuilt: Vec<bool> = before.iter().zip(&after).map(|(b, a)| b.0 != a.0).collect();
+        let expected = match *table {
+            "plain" => vec![true, false],
+            "refusing" => vec![true],
+            _ => vec![false],
+        };
+        assert_eq!(rebuilt, expected, "{table}: {before:?} {after:?}");
+    }
+    // The key works as a key again: a second run updates in place.
+    engine
+        .run_sql("CREATE OR REPLACE TABLE model AS SELECT id, CASE WHEN id = 5 THEN 'five@x' ELSE email END AS email FROM model")
+        .await
+        .unwrap();
+    let sync = format!("defer_plain_{suffix}");
+    engine.run_sql(&format!("RUN SYNC {sync}")).await.unwrap();
+    assert_eq!(last_run(&engine, &sync).await, "200/0/1/0/199/0");
+    assert_eq!(
+        pg.rows("SELECT count(*), max(email) FILTER (WHERE id = 5) FROM $S.plain")
+            .await,
+        ["200|five@x"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_only_postgres_sees_as_one_fail_the_first_run_whole() {
+    let Some(pg) = PgSchema::new("sluice_defer_dup").await else {
+        return;
+    };
+    // char(3) pads: 'a' and 'a ' are two keys to the model and one to Postgres, which finds
+    // that only when it builds the index after the load.
+    pg.sql("CREATE TABLE $S.accounts (id char(3) PRIMARY KEY, email text)")
+        .await;
+    let before = indexes(&pg, "accounts").await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut engine = sluice::Engine::new().unwrap();
+    engine
+        .set_state_location(&dir.path().display().to_string())
+        .unwrap();
+    // SAFETY: set before any thread reads it; every test sets the same value.
+    unsafe { std::env::set_var("SLUICE_TEST_WH_URL", URL) };
+    let sync = format!("dup_{}", &pg.name[pg.name.len() - 8..]);
+    engine
+        .run_sql(&format!(
+            "CREATE CONNECTION app TYPE postgres OPTIONS (url env('SLUICE_TEST_WH_URL'), schema '{}', batch_size '2');
+             CREATE TABLE model AS SELECT * FROM (VALUES ('a', 'x@x'), ('b', 'y@x'), ('a ', 'z@x'), ('c', 'w@x')) AS v(id, email);
+             CREATE SYNC {sync} AS INSERT INTO app.accounts SELECT id, email FROM model",
+            pg.name
+        ))
+        .await
+        .unwrap();
+    let err = super::support::error(&engine, &format!("RUN SYNC {sync}")).await;
+    assert!(
+        err.contains("building the index")
+            && err.contains("nothing was written")
+            && err.contains("is duplicated")
+            && err.contains("one key to Postgres"),
+        "{err}"
+    );
+    assert_eq!(pg.rows("SELECT count(*) FROM $S.accounts").await, ["0"]);
+    assert_eq!(
+        indexes(&pg, "accounts").await,
+        before,
+        "the index is as it was"
+    );
+    // Every snapshot file left is one the committed state names (the snapshot prepared while
+    // the index was built was rebuilt from what was acknowledged: nothing).
+    let files = super::support::files_under(dir.path());
+    let manifest = files
+        .iter()
+        .find(|p| p.ends_with("manifest.json"))
+        .expect("a first run commits its state");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(manifest).unwrap()).unwrap();
+    let named: Vec<&str> = std::iter::once(&manifest["snapshot"])
+        .chain(manifest["hash_files"].as_array().unwrap())
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    for file in &files {
+        let name = file.file_name().unwrap().to_string_lossy();
+        if name.starts_with("snapshot-") {
+            assert!(
+                named.contains(&name.as_ref()),
+                "{name} is not named by {manifest}"
+            );
+        }
+    }
+    // With the model fixed, the next run loads it.
+    engine
+        .run_sql(&format!(
+            "CREATE OR REPLACE TABLE model AS SELECT * FROM model WHERE id <> 'a '; RUN SYNC {sync}"
+        ))
+        .await
+        .unwrap();
+    assert_eq!(
+        pg.rows("SELECT string_agg(trim(id), ',' ORDER BY id) FROM $S.accounts")
+            .await,
+        ["a,b,c"]
+    );
+}

@@ -45,6 +45,11 @@ pub const OPTIONS: &[OptionSpec] = &[
         doc: "rows written per transaction (default 100000)",
         secret: false,
     },
+    OptionSpec {
+        key: "defer_key_index",
+        doc: "true (default): a sync's first run into an empty table drops the index of its match key and builds it once when the rows are in, faster than an insertion per row; the table is locked (ACCESS EXCLUSIVE) until the run commits. false keeps the index and a lighter lock",
+        secret: false,
+    },
 ];
 
 /// How to secure the connection.
@@ -65,6 +70,8 @@ pub struct PgConfig {
     pub root_cert: Option<String>,
     pub pool_size: usize,
     pub batch_size: usize,
+    /// Whether a streaming first run into an empty table builds its key's index after the load.
+    pub defer_key_index: bool,
 }
 
 impl PgConfig {
@@ -133,6 +140,7 @@ impl PgConfig {
             root_cert: options.string("tls_root_cert")?,
             pool_size,
             batch_size,
+            defer_key_index: options.parse("defer_key_index")?.unwrap_or(true),
         })
     }
 

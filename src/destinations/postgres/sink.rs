@@ -228,6 +228,7 @@ impl DataSink for PgSink {
             dry_run: dry_run.then(DryRun::default),
             held: None,
             uncommitted: vec![],
+            deferred: None,
         };
         let batch_size = self.connection.config.batch_size;
         let mut pending: Vec<RecordBatch> = vec![];
@@ -321,6 +322,8 @@ struct Writer<'a> {
     held: Option<deadpool_postgres::Object>,
     /// The changes written in that transaction, acknowledged once it commits.
     uncommitted: Vec<u32>,
+    /// The match key's index, dropped in that transaction and built again before it commits.
+    deferred: Option<DeferredIndex>,
 }
 
 impl Writer<'_> {
@@ -333,6 +336,10 @@ impl Writer<'_> {
         if !clean {
             let _ = client.batch_execute("ROLLBACK").await;
             return Ok(());
+        }
+        if let Err(e) = self.rebuild_index(&client).await {
+            let _ = client.batch_execute("ROLLBACK").await;
+            return Err(e);
         }
         client
             .batch_execute("COMMIT")
@@ -402,6 +409,9 @@ impl Writer<'_> {
                         .batch_execute("BEGIN")
                         .await
                         .map_err(|e| self.sink.pg_error(e))?;
+                    if self.sink.connection.config.defer_key_index {
+                        self.deferred = DeferredIndex::drop_if_empty(&client, self.sink).await?;
+                    }
                 }
                 client
             }
@@ -498,6 +508,8 @@ impl Writer<'_> {
 
         // 2. The rest through the staging table.
         if !staged.is_empty() {
+            // Its statements find records by the key's index.
+            self.rebuild_index(client).await?;
             staged.sort_by_key(|r| r.change);
             let stage = self.stage_table(client).await?;
             if !own {
@@ -593,6 +605,40 @@ impl Writer<'_> {
         Ok((acked, rejected, bytes))
     }
 
+    /// Builds the key's index again if this run's transaction dropped it.
+    async fn rebuild_index(&mut self, client: &deadpool_postgres::Object) -> Result<()> {
+        let Some(index) = self.deferred.take() else {
+            return Ok(());
+        };
+        let started = Instant::now();
+        for statement in &index.rebuild {
+            client.batch_execute(statement).await.map_err(|e| {
+                let sink = self.sink;
+                let duplicate = e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION);
+                Error::Write {
+                    message: format!(
+                        "writing to {}: building the index {} of the key {} after the load failed, nothing was written: {}{}",
+                        sink.target(),
+                        index.name,
+                        sink.key_label().unwrap_or_default(),
+                        pg_message(&e),
+                        if duplicate {
+                            "; two of the model's keys are one key to Postgres (a padded char(n), a rounded numeric, a case-insensitive type): make them distinct in the query"
+                        } else {
+                            ""
+                        }
+                    ),
+                }
+            })?;
+        }
+        tracing::debug!(
+            index = %index.name,
+            ms = started.elapsed().as_millis() as u64,
+            "Postgres: the key's index is built."
+        );
+        Ok(())
+    }
+
     /// The staging table on this pooled connection (temporary, emptied at each commit).
     async fn stage_table(&self, client: &deadpool_postgres::Object) -> Result<String> {
         let sink = self.sink;
@@ -617,6 +663,155 @@ impl Writer<'_> {
             .await
             .map_err(|e| sink.pg_error(e))?;
         Ok(name)
+    }
+}
+
+/// The unique index of a sync's match key, dropped while a first run loads an empty table: one
+/// sorted build at the end is much cheaper than an index insertion per row. Dropped and built
+/// again inside the run's transaction, so a failed or killed run leaves the table as it was.
+///
+/// Only an index that can be built again exactly is dropped: a plain b-tree on the key's columns
+/// (a primary key or unique constraint, or a unique index), not partial, not on expressions, in
+/// the default tablespace, without comments, not the replica identity or clustering index, and
+/// referenced by no foreign key (the DROP fails for any other dependent, and is then undone).
+struct DeferredIndex {
+    /// The quoted index name (for messages).
+    name: String,
+    /// The statements that build it again.
+    rebuild: Vec<String>,
+}
+
+/// The key's candidate indexes: (index, CREATE INDEX statement, constraint, constraint kind,
+/// deferrable, initially deferred, key columns). A primary key first.
+const KEY_INDEXES: &str = r#"
+SELECT ic.relname::text, pg_get_indexdef(i.indexrelid), con.conname::text, con.contype::text,
+       COALESCE(con.condeferrable, false), COALESCE(con.condeferred, false),
+       ARRAY(SELECT a.attname::text
+             FROM unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+             WHERE k.n <= i.indnkeyatts)
+FROM pg_index i
+JOIN pg_class ic ON ic.oid = i.indexrelid
+JOIN pg_class tc ON tc.oid = i.indrelid
+LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid
+     AND con.contype IN ('p', 'u')
+WHERE i.indrelid = $1::text::regclass AND tc.relkind = 'r'
+  AND i.indisunique AND i.indisvalid AND i.indpred IS NULL AND i.indexprs IS NULL
+  AND NOT i.indisreplident AND NOT i.indisclustered AND ic.reltablespace = 0
+  AND obj_description(i.indexrelid, 'pg_class') IS NULL
+  AND (con.oid IS NULL OR obj_description(con.oid, 'pg_constraint') IS NULL)
+  AND NOT EXISTS (SELECT 1 FROM pg_constraint f WHERE f.conindid = i.indexrelid AND f.contype = 'f')
+ORDER BY con.contype = 'p' DESC NULLS LAST
+"#;
+
+impl DeferredIndex {
+    /// In the run's transaction: drops the key's index if the table is empty and the index can
+    /// be built again exactly. Anything in the way (rows, a dependent object, a lock another
+    /// session holds for more than a moment) keeps the index, and the load goes on with it.
+    async fn drop_if_empty(
+        client: &deadpool_postgres::Object,
+        sink: &PgSink,
+    ) -> Result<Option<Self>> {
+        let pg = |e: tokio_postgres::Error| sink.pg_error(e);
+        let table = sink.relation.qualified();
+        let mut key: Vec<&str> = sink
+            .matches
+            .iter()
+            .map(|i| sink.fields[*i].0.as_str())
+            .collect();
+        if key.is_empty() {
+            return Ok(None);
+        }
+        key.sort_unstable();
+        let empty = format!("SELECT NOT EXISTS (SELECT 1 FROM {table})");
+        if !client
+            .query_one(&empty, &[])
+            .await
+            .map_err(pg)?
+            .get::<_, bool>(0)
+        {
+            return Ok(None);
+        }
+        let rows = client.query(KEY_INDEXES, &[&table]).await.map_err(pg)?;
+        let Some(row) = rows.iter().find(|row| {
+            let mut columns: Vec<String> = row.get(6);
+            columns.sort_unstable();
+            columns == key
+        }) else {
+            return Ok(None);
+        };
+        let index = quote_ident(row.get::<_, &str>(0));
+        let mut rebuild = vec![row.get::<_, String>(1)];
+        let drop = match row.get::<_, Option<&str>>(2) {
+            Some(constraint) => {
+                let constraint = quote_ident(constraint);
+                let kind = match row.get::<_, &str>(3) {
+                    "p" => "PRIMARY KEY",
+                    _ => "UNIQUE",
+                };
+                let mut add = format!(
+                    "ALTER TABLE {table} ADD CONSTRAINT {constraint} {kind} USING INDEX {index}"
+                );
+                if row.get::<_, bool>(4) {
+                    add.push_str(" DEFERRABLE");
+                }
+                if row.get::<_, bool>(5) {
+                    add.push_str(" INITIALLY DEFERRED");
+                }
+                rebuild.push(add);
+                format!("ALTER TABLE {table} DROP CONSTRAINT {constraint}")
+            }
+            None => format!("DROP INDEX {}.{index}", quote_ident(&sink.relation.schema)),
+        };
+        client
+            .batch_execute("SAVEPOINT sluice_defer")
+            .await
+            .map_err(pg)?;
+        let lock_timeout: String = client
+            .query_one("SHOW lock_timeout", &[])
+            .await
+            .map_err(pg)?
+            .get(0);
+        let dropped = async {
+            client
+                .batch_execute(&format!("SET LOCAL lock_timeout = '2s'; {drop}"))
+                .await?;
+            // (Rows committed between the first look and the lock.)
+            let empty: bool = client.query_one(&empty, &[]).await?.get(0);
+            client
+                .execute(
+                    "SELECT set_config('lock_timeout', $1, true)",
+                    &[&lock_timeout],
+                )
+                .await?;
+            Ok::<_, tokio_postgres::Error>(empty)
+        }
+        .await;
+        match dropped {
+            Ok(true) => {
+                client
+                    .batch_execute("RELEASE SAVEPOINT sluice_defer")
+                    .await
+                    .map_err(pg)?;
+                tracing::debug!(index = %index, "Postgres: the key's index is dropped until the rows are in.");
+                Ok(Some(Self {
+                    name: index,
+                    rebuild,
+                }))
+            }
+            other => {
+                client
+                    .batch_execute("ROLLBACK TO SAVEPOINT sluice_defer")
+                    .await
+                    .map_err(pg)?;
+                tracing::debug!(
+                    index = %index,
+                    reason = ?other.map_err(|e| pg_message(&e)),
+                    "Postgres: the key's index is kept for the load."
+                );
+                Ok(None)
+            }
+        }
     }
 }
 
