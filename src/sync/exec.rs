@@ -351,7 +351,7 @@ async fn diff_stream(
         differ.resolve(f, &snapshot.field_column(f).await?);
     }
     let (changes, counts) = differ.finish()?;
-    emit_changes(
+    let out = emit_changes(
         &run,
         &schema,
         &model_schema,
@@ -360,7 +360,9 @@ async fn diff_stream(
         counts,
         key_rejects,
     )
-    .await
+    .await?;
+    run.prepare_commit();
+    Ok(out)
 }
 
 /// The end of a diff, whichever ran it: checks the safety rails, writes the intent, and returns

@@ -82,7 +82,7 @@ struct Inner {
     manifest: Option<Manifest>,
     snapshot: Option<Arc<Snapshot>>,
     previous_rejects: Vec<RejectEntry>,
-    changes: Vec<Change>,
+    changes: Arc<Vec<Change>>,
     counts: DiffCounts,
     key_rejects: Vec<Rejected>,
     record: RunRecord,
@@ -97,6 +97,9 @@ struct Inner {
     atomic_sink: bool,
     /// The diff sends changes while it reads the model (see [`SyncRun::stream_first_run`]).
     streaming: bool,
+    /// The next snapshot as it will be if every change is acknowledged, being built while the
+    /// sink finishes (see [`SyncRun::prepare_commit`]).
+    prepared: Option<tokio::task::JoinHandle<Option<Snapshot>>>,
 }
 
 /// One run, shared by the engine, `DiffExec` and the sink.
@@ -296,7 +299,7 @@ impl SyncRun {
         key_rejects: Vec<Rejected>,
     ) {
         let mut inner = self.inner();
-        inner.changes = changes;
+        inner.changes = Arc::new(changes);
         inner.counts = counts;
         inner.key_rejects = key_rejects;
     }
@@ -379,6 +382,46 @@ impl SyncRun {
         self.inner().streaming
     }
 
+    /// Starts building a streaming first run's next snapshot as soon as its diff has ended,
+    /// while the sink writes its last batches and commits, assuming that every change will be
+    /// acknowledged: the sink's one transaction commits all or nothing, so it nearly always is.
+    /// [`SyncRun::finish`] uses it only if so, and builds the snapshot itself otherwise. (Its
+    /// files are this run's own, which only a commit makes part of the state.)
+    pub fn prepare_commit(self: &Arc<Self>) {
+        if !self.streaming() || self.dry_run {
+            return;
+        }
+        let run = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            let (snapshot, changes) = {
+                let inner = run.inner();
+                (inner.snapshot.clone()?, Arc::clone(&inner.changes))
+            };
+            let acked: Vec<(u32, Option<String>)> =
+                (0..changes.len() as u32).map(|id| (id, None)).collect();
+            let settled = vec![true; changes.len()];
+            let started = std::time::Instant::now();
+            match run
+                .next_snapshot(&snapshot, &changes, &acked, &settled)
+                .await
+            {
+                Ok(next) => {
+                    tracing::debug!(
+                        ms = started.elapsed().as_millis() as u64,
+                        "Next snapshot prepared."
+                    );
+                    Some(next)
+                }
+                Err(e) => {
+                    // (The commit builds it again, and reports an error that persists.)
+                    tracing::debug!(error = %e, "Preparing the next snapshot failed.");
+                    None
+                }
+            }
+        });
+        self.inner().prepared = Some(task);
+    }
+
     /// The committed snapshot's size (for delete caps).
     pub fn snapshot_rows(&self) -> usize {
         let inner = self.inner();
@@ -397,6 +440,16 @@ impl SyncRun {
         delivery: Option<DeliveryStats>,
         error: Option<&Error>,
     ) -> Result<RunSummary> {
+        let prepared = self.inner().prepared.take();
+        let prepared = match prepared {
+            Some(task) => task.await.ok().flatten(),
+            None => None,
+        };
+        let prepared_files: Vec<String> = match prepared.as_ref().map(|s| &s.hashes) {
+            Some(FieldHashes::Stored(stored)) => stored.files().to_vec(),
+            _ => vec![],
+        };
+        let mut committed = false;
         let (mut record, counts, manifest, snapshot, commit, rejected, intents) = {
             let mut inner = self.inner();
             let mut rejected = rejected;
@@ -485,8 +538,23 @@ impl SyncRun {
                         Snapshot::empty(self.spec.diff.fields.clone())
                     }
                     None => {
-                        self.next_snapshot(&snapshot, &changes, &acked, &settled)
-                            .await?
+                        // Prepared for every change acknowledged without a record id.
+                        let as_prepared = acked.len() == changes.len()
+                            && acked.iter().all(|(_, id)| id.is_none())
+                            && {
+                                let mut once = vec![false; changes.len()];
+                                acked.iter().all(|(id, _)| {
+                                    once.get_mut(*id as usize)
+                                        .is_some_and(|seen| !std::mem::replace(seen, true))
+                                })
+                            };
+                        match prepared.filter(|_| as_prepared) {
+                            Some(next) => next,
+                            None => {
+                                self.next_snapshot(&snapshot, &changes, &acked, &settled)
+                                    .await?
+                            }
+                        }
                     }
                 };
                 let new_manifest = Manifest {
@@ -508,8 +576,14 @@ impl SyncRun {
                     .await?;
                 tracing::debug!(rows = next.len(), "Sync state committed.");
                 // Folded into the committed snapshot: the intents have served.
-                self.state.delete_intents(&self.spec.id, &intents).await;
+                self.state.delete_files(&self.spec.id, &intents).await;
+                committed = true;
             }
+        }
+        if !committed {
+            self.state
+                .delete_files(&self.spec.id, &prepared_files)
+                .await;
         }
         if !self.dry_run {
             self.state.put_run(&record).await?;

@@ -571,8 +571,9 @@ impl StateStore {
         Ok(out)
     }
 
-    /// Removes intent files (after a commit has folded them into the snapshot).
-    pub async fn delete_intents(&self, sync: &str, names: &[String]) {
+    /// Removes files of a sync's state that no manifest names: intents a commit has folded into
+    /// the snapshot, or the files of a snapshot prepared for a commit that did not happen.
+    pub async fn delete_files(&self, sync: &str, names: &[String]) {
         for name in names {
             let _ = self.store.delete(&self.path(&["syncs", sync, name])).await;
         }
@@ -799,6 +800,11 @@ pub struct StoredHashes {
 }
 
 impl StoredHashes {
+    /// The file names, one per field.
+    pub fn files(&self) -> &[String] {
+        &self.files
+    }
+
     /// Field `i`'s hashes; `rows` is the snapshot's length.
     pub async fn column(&self, i: usize, rows: usize) -> Result<UInt64Array> {
         let path = self.state.path(&["syncs", &self.sync, &self.files[i]]);
