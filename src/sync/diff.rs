@@ -272,6 +272,15 @@ pub enum KeyRef<'a> {
     Str(&'a str),
 }
 
+/// Whether `a` sorts after `b` (keys of two types never do: the diff then looks keys up).
+fn key_after(a: KeyRef<'_>, b: KeyRef<'_>) -> bool {
+    match (a, b) {
+        (KeyRef::Int(a), KeyRef::Int(b)) => a > b,
+        (KeyRef::Str(a), KeyRef::Str(b)) => a > b,
+        _ => false,
+    }
+}
+
 /// An entry of the live-change table: the change and 32 bits of its key's hash, from which the
 /// table hash is rebuilt when the table grows (without reading the change back).
 #[derive(Debug, Clone, Copy)]
@@ -629,6 +638,12 @@ pub struct Differ {
     seen: Vec<u64>,
     /// Keys with a live change (or, for new keys, seen at all): their change ids, found by key.
     live: HashTable<LiveEntry>,
+    /// The change of the greatest key new to the snapshot so far. Models are mostly written in
+    /// key order: a new key past it cannot repeat an earlier key, so it needs no lookup, and its
+    /// change is put in `live` only when a key that is not past it needs one.
+    newest: Option<u32>,
+    /// Changes from this id on whose key is new are not in `live` yet (see `newest`).
+    unindexed_from: u32,
     changes: Vec<Change>,
     counts: DiffCounts,
     duplicate_samples: Vec<String>,
@@ -673,6 +688,8 @@ impl Differ {
             pending: vec![],
             resolved: vec![false; snapshot.fields.len()],
             live: HashTable::new(),
+            newest: None,
+            unindexed_from: 0,
             changes: vec![],
             counts: DiffCounts::default(),
             duplicate_samples: vec![],
@@ -817,14 +834,21 @@ impl Differ {
                     }
                 }
                 None => {
-                    if let Some(prev) = self.live_find(key_ref) {
-                        if self.spec.key.is_none() {
-                            // The same event twice: one event.
-                            continue;
+                    let past_newest = self.spec.key.is_some()
+                        && self.newest.is_none_or(|n| {
+                            key_after(key_ref, self.changes[n as usize].key.as_ref())
+                        });
+                    if !past_newest {
+                        self.index_new_keys();
+                        if let Some(prev) = self.live_find(key_ref) {
+                            if self.spec.key.is_none() {
+                                // The same event twice: one event.
+                                continue;
+                            }
+                            self.live_take(key_ref);
+                            self.duplicate(&key_ref.to_owned());
+                            self.changes[prev as usize].live = false;
                         }
-                        self.live_take(key_ref);
-                        self.duplicate(&key_ref.to_owned());
-                        self.changes[prev as usize].live = false;
                     }
                     let Some(op) = self.new_op() else {
                         self.counts.skipped += 1;
@@ -837,12 +861,30 @@ impl Differ {
                         row_hashes(row),
                         self.all_fields,
                     );
-                    self.live_put(id);
+                    if past_newest {
+                        self.newest = Some(id);
+                    } else {
+                        self.live_put(id);
+                        self.unindexed_from = id + 1;
+                    }
                     out.change_of_row[row] = Some(id);
                 }
             }
         }
         Ok(out)
+    }
+
+    /// Puts the changes of new keys past `newest` that are not in `live` yet into it, before a
+    /// key that is not past it is looked up.
+    fn index_new_keys(&mut self) {
+        let from = self.unindexed_from;
+        self.unindexed_from = self.changes.len() as u32;
+        for id in from..self.unindexed_from {
+            // (Changes of keys in the snapshot are put as they are made.)
+            if self.changes[id as usize].row.is_none() {
+                self.live_put(id);
+            }
+        }
     }
 
     /// The live change of `key`, if any.
@@ -1283,6 +1325,44 @@ mod tests {
         let out = run(keep, snap, &rows);
         // Key 1's last row equals the snapshot: nothing to send for it.
         assert_eq!(out, vec![(Op::Upsert, "2".into(), 0b111)]);
+    }
+
+    #[test]
+    fn new_keys_in_order_need_no_lookup_and_repeats_are_still_found() {
+        // New keys in order (looked up by nobody), then 2 and 5 again, out of order, among keys
+        // of the snapshot and further new keys in order.
+        let snap = snapshot_of(&[(3, "c", None)]);
+        let rows = [
+            (1, "a", None),
+            (2, "b", None),
+            (3, "c", None),
+            (4, "d", None),
+            (5, "e", None),
+            (2, "B", None),
+            (6, "f", None),
+            (5, "E", None),
+            (7, "g", None),
+        ];
+        let mut d = Differ::new(spec(true, true, false), snap.clone()).unwrap();
+        d.push(&batch(&rows[..5])).unwrap();
+        assert!(d.live.is_empty(), "new keys in order are not indexed");
+        d.push(&batch(&rows[5..])).unwrap();
+        let err = d.finish().unwrap_err().to_string();
+        assert!(
+            err.contains("2 duplicate") && err.contains("'2', '5'"),
+            "{err}"
+        );
+        let mut keep = spec(true, true, false);
+        keep.keep_last = true;
+        let out = run(keep, snap, &rows);
+        let sent: Vec<String> = out.iter().map(|(_, k, _)| k.clone()).collect();
+        assert_eq!(sent, ["1", "4", "2", "6", "5", "7"]);
+        // Descending keys: each is past nothing, so each is looked up; a repeat is found.
+        let mut d = Differ::new(spec(true, true, false), snapshot_of(&[])).unwrap();
+        d.push(&batch(&[(9, "a", None), (8, "b", None), (9, "c", None)]))
+            .unwrap();
+        let err = d.finish().unwrap_err().to_string();
+        assert!(err.contains("1 duplicate") && err.contains("'9'"), "{err}");
     }
 
     #[test]
