@@ -132,7 +132,7 @@ async fn commit_previous_snapshot(dir: &Path) {
         committed_at: now(),
     };
     state
-        .commit(manifest, &snapshot, &[], None)
+        .commit(manifest, &snapshot, false, &[], None)
         .await
         .expect("commit the snapshot");
 }

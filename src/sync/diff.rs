@@ -1177,7 +1177,10 @@ mod tests {
                 run_id: "r".into(),
                 committed_at: now(),
             };
-            state.commit(manifest, &snap, &[], None).await.unwrap();
+            state
+                .commit(manifest, &snap, false, &[], None)
+                .await
+                .unwrap();
             let manifest = state.manifest("s").await.unwrap().unwrap();
             let loaded = state.snapshot("s", &manifest).await.unwrap();
             assert!(snap.is_empty() || matches!(loaded.hashes, FieldHashes::Stored(_)));

@@ -401,10 +401,18 @@ impl SyncRun {
                 (0..changes.len() as u32).map(|id| (id, None)).collect();
             let settled = vec![true; changes.len()];
             let started = std::time::Instant::now();
-            match run
+            let next = match run
                 .next_snapshot(&snapshot, &changes, &acked, &settled)
                 .await
             {
+                Ok(next) => run
+                    .state
+                    .put_snapshot(&run.spec.id, &run.run_id, &next)
+                    .await
+                    .map(|_| next),
+                Err(e) => Err(e),
+            };
+            match next {
                 Ok(next) => {
                     tracing::debug!(
                         ms = started.elapsed().as_millis() as u64,
@@ -446,7 +454,11 @@ impl SyncRun {
             None => None,
         };
         let prepared_files: Vec<String> = match prepared.as_ref().map(|s| &s.hashes) {
-            Some(FieldHashes::Stored(stored)) => stored.files().to_vec(),
+            Some(FieldHashes::Stored(stored)) => {
+                std::iter::once(format!("snapshot-{}.arrow", self.run_id))
+                    .chain(stored.files().iter().cloned())
+                    .collect()
+            }
             _ => vec![],
         };
         let mut committed = false;
@@ -530,6 +542,8 @@ impl SyncRun {
                         *s = true;
                     }
                 }
+                // Whether the snapshot's main file is written (prepared).
+                let mut written = false;
                 let next = match &self.spec.remote {
                     Some(remote) => {
                         remote
@@ -549,7 +563,10 @@ impl SyncRun {
                                 })
                             };
                         match prepared.filter(|_| as_prepared) {
-                            Some(next) => next,
+                            Some(next) => {
+                                written = true;
+                                next
+                            }
                             None => {
                                 self.next_snapshot(&snapshot, &changes, &acked, &settled)
                                     .await?
@@ -572,7 +589,7 @@ impl SyncRun {
                     committed_at: now(),
                 };
                 self.state
-                    .commit(new_manifest, &next, &rejects, manifest.as_ref())
+                    .commit(new_manifest, &next, written, &rejects, manifest.as_ref())
                     .await?;
                 tracing::debug!(rows = next.len(), "Sync state committed.");
                 // Folded into the committed snapshot: the intents have served.

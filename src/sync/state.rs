@@ -452,12 +452,21 @@ impl StateStore {
             .collect()
     }
 
-    /// Writes `snapshot` and `rejects` for run `run_id`, then swaps the manifest to them and
-    /// removes the files the previous manifest named.
+    /// Writes the main file of a snapshot for run `run_id` (before its commit, which then need
+    /// not write it: see [`StateStore::commit`]).
+    pub async fn put_snapshot(&self, sync: &str, run_id: &str, snapshot: &Snapshot) -> Result<()> {
+        let path = self.path(&["syncs", sync, &format!("snapshot-{run_id}.arrow")]);
+        self.write(&path, encode_snapshot(snapshot)?).await
+    }
+
+    /// Writes `snapshot` (unless `written` says [`StateStore::put_snapshot`] already did) and
+    /// `rejects` for run `run_id`, then swaps the manifest to them and removes the files the
+    /// previous manifest named.
     pub async fn commit(
         &self,
         mut manifest: Manifest,
         snapshot: &Snapshot,
+        written: bool,
         rejects: &[RejectEntry],
         previous: Option<&Manifest>,
     ) -> Result<()> {
@@ -477,9 +486,9 @@ impl StateStore {
         };
         manifest.snapshot = format!("snapshot-{}.arrow", manifest.run_id);
         manifest.rows = snapshot.len() as u64;
-        let snapshot_path = self.path(&["syncs", &sync, &manifest.snapshot]);
-        self.write(&snapshot_path, encode_snapshot(snapshot)?)
-            .await?;
+        if !written {
+            self.put_snapshot(&sync, &manifest.run_id, snapshot).await?;
+        }
         manifest.rejects = if rejects.is_empty() {
             None
         } else {
@@ -971,7 +980,10 @@ mod tests {
         // Committed again, it is format 2 and reads back the same.
         let mut next = m.clone();
         next.run_id = "new".into();
-        state.commit(next, &old, &[], Some(&m)).await.unwrap();
+        state
+            .commit(next, &old, false, &[], Some(&m))
+            .await
+            .unwrap();
         let m2 = state.manifest("s").await.unwrap().unwrap();
         assert_eq!((m2.format, m2.hash_files.len()), (FORMAT, 2));
         let new = state.snapshot("s", &m2).await.unwrap();
