@@ -13,7 +13,9 @@ use datafusion::arrow::datatypes::UInt64Type;
 use super::diff::{Change, DiffCounts, DiffSpec, FieldHashes, Snapshot, key_array, key_order};
 use super::hash::{HASH_VERSION, Key, RowHashes};
 use super::remote::{RemoteCommit, RemoteState};
-use super::state::{FORMAT, Manifest, RejectEntry, RunRecord, StateStore, SyncLock, now};
+use super::state::{
+    FORMAT, Manifest, RejectEntry, RunRecord, StateStore, SyncLock, now, snapshot_file,
+};
 use super::{Op, SyncOptions};
 use crate::delivery::Rejected;
 use crate::delivery::metrics::DeliveryStats;
@@ -454,11 +456,9 @@ impl SyncRun {
             None => None,
         };
         let prepared_files: Vec<String> = match prepared.as_ref().map(|s| &s.hashes) {
-            Some(FieldHashes::Stored(stored)) => {
-                std::iter::once(format!("snapshot-{}.arrow", self.run_id))
-                    .chain(stored.files().iter().cloned())
-                    .collect()
-            }
+            Some(FieldHashes::Stored(stored)) => std::iter::once(snapshot_file(&self.run_id))
+                .chain(stored.files().iter().cloned())
+                .collect(),
             _ => vec![],
         };
         let mut committed = false;

@@ -455,7 +455,7 @@ impl StateStore {
     /// Writes the main file of a snapshot for run `run_id` (before its commit, which then need
     /// not write it: see [`StateStore::commit`]).
     pub async fn put_snapshot(&self, sync: &str, run_id: &str, snapshot: &Snapshot) -> Result<()> {
-        let path = self.path(&["syncs", sync, &format!("snapshot-{run_id}.arrow")]);
+        let path = self.path(&["syncs", sync, &snapshot_file(run_id)]);
         self.write(&path, encode_snapshot(snapshot)?).await
     }
 
@@ -484,7 +484,7 @@ impl StateStore {
             // Written by this run as it built them (see `SyncRun::next_snapshot`).
             FieldHashes::Stored(stored) => stored.files.clone(),
         };
-        manifest.snapshot = format!("snapshot-{}.arrow", manifest.run_id);
+        manifest.snapshot = snapshot_file(&manifest.run_id);
         manifest.rows = snapshot.len() as u64;
         if !written {
             self.put_snapshot(&sync, &manifest.run_id, snapshot).await?;
@@ -762,6 +762,11 @@ impl StateStore {
             .filter_map(|p| p.filename().map(str::to_string))
             .collect())
     }
+}
+
+/// The name of run `run_id`'s snapshot main file.
+pub fn snapshot_file(run_id: &str) -> String {
+    format!("snapshot-{run_id}.arrow")
 }
 
 /// A snapshot's main file: `key`, `record_id` and `row` (the row hashes) per record.
