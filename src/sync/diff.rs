@@ -547,12 +547,101 @@ pub struct Change {
     pub key: Key,
     /// Its row in the snapshot, if the key was there.
     pub row: Option<u32>,
-    /// The model row's field hashes (empty for deletes).
-    pub hashes: Box<[u64]>,
+    /// Where the model row's field hashes are in [`Changes`] (`NO_HASHES` for deletes).
+    hashes_at: u32,
     /// Bit i set: model field i is sent (changed, or a new record).
     pub changed: u64,
     /// False once a later row with the same key replaced it (`keep_last`).
     pub live: bool,
+}
+
+/// `Change::hashes_at` of a change without field hashes (a delete).
+const NO_HASHES: u32 = u32::MAX;
+
+impl Change {
+    /// Whether it carries the model row's field hashes (every change but a delete).
+    pub fn has_hashes(&self) -> bool {
+        self.hashes_at != NO_HASHES
+    }
+}
+
+/// The changes of a diff, by id, with their field hashes in one column beside them (one
+/// allocation for them all, not one per change).
+#[derive(Debug, Clone, Default)]
+pub struct Changes {
+    list: Vec<Change>,
+    /// `width` hashes per change that has them, in the order they were added.
+    hashes: Vec<u64>,
+    width: usize,
+}
+
+impl Changes {
+    /// Changes whose field hashes are `width` long (the mapped fields).
+    pub fn new(width: usize) -> Self {
+        Self {
+            list: vec![],
+            hashes: vec![],
+            width,
+        }
+    }
+
+    /// Adds a change with the model row's field hashes (`width` of them; none for a delete) and
+    /// returns its id.
+    pub fn push(
+        &mut self,
+        op: Op,
+        key: Key,
+        row: Option<u32>,
+        hashes: impl IntoIterator<Item = u64>,
+        changed: u64,
+    ) -> u32 {
+        let before = self.hashes.len();
+        self.hashes.extend(hashes);
+        let added = self.hashes.len() - before;
+        debug_assert!(
+            added == 0 || added == self.width,
+            "a change's hashes are all its fields"
+        );
+        let hashes_at = match added {
+            0 => NO_HASHES,
+            _ => (before / self.width) as u32,
+        };
+        let id = self.list.len() as u32;
+        self.list.push(Change {
+            op,
+            key,
+            row,
+            hashes_at,
+            changed,
+            live: true,
+        });
+        id
+    }
+
+    /// The model row's field hashes of change `c` (empty for a delete).
+    pub fn hashes(&self, c: &Change) -> &[u64] {
+        match c.hashes_at {
+            NO_HASHES => &[],
+            at => {
+                let start = at as usize * self.width;
+                &self.hashes[start..start + self.width]
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for Changes {
+    type Target = [Change];
+
+    fn deref(&self) -> &[Change] {
+        &self.list
+    }
+}
+
+impl std::ops::DerefMut for Changes {
+    fn deref_mut(&mut self) -> &mut [Change] {
+        &mut self.list
+    }
 }
 
 /// Counts of one diff.
@@ -644,7 +733,7 @@ pub struct Differ {
     newest: Option<u32>,
     /// Changes from this id on whose key is new are not in `live` yet (see `newest`).
     unindexed_from: u32,
-    changes: Vec<Change>,
+    changes: Changes,
     counts: DiffCounts,
     duplicate_samples: Vec<String>,
     all_fields: u64,
@@ -690,7 +779,7 @@ impl Differ {
             live: HashTable::new(),
             newest: None,
             unindexed_from: 0,
-            changes: vec![],
+            changes: Changes::new(spec.fields.len()),
             counts: DiffCounts::default(),
             duplicate_samples: vec![],
             all_fields,
@@ -718,7 +807,7 @@ impl Differ {
             null_key_rows: vec![],
         };
         let key_index = self.spec.key;
-        let row_hashes = |row: usize| -> Box<[u64]> { hashes.iter().map(|h| h[row]).collect() };
+        let row_hashes = |row: usize| hashes.iter().map(move |h| h[row]);
         let typed = keys.as_ref().map(TypedKeys::of);
         for row in 0..rows {
             // The key by reference: an owned `Key` is made only for rows that become changes.
@@ -742,7 +831,7 @@ impl Differ {
                     continue;
                 }
                 let row_in = self.locator.find(key_ref, stream);
-                let id = self.add(Op::Delete, key_ref.to_owned(), row_in, Box::new([]), 0);
+                let id = self.add(Op::Delete, key_ref.to_owned(), row_in, [], 0);
                 self.live_put(id);
                 out.change_of_row[row] = Some(id);
                 continue;
@@ -939,17 +1028,15 @@ impl Differ {
         Ok(datafusion::arrow::compute::cast(&keys, &DataType::Utf8)?)
     }
 
-    fn add(&mut self, op: Op, key: Key, row: Option<u32>, hashes: Box<[u64]>, changed: u64) -> u32 {
-        let id = self.changes.len() as u32;
-        self.changes.push(Change {
-            op,
-            key,
-            row,
-            hashes,
-            changed,
-            live: true,
-        });
-        id
+    fn add(
+        &mut self,
+        op: Op,
+        key: Key,
+        row: Option<u32>,
+        hashes: impl IntoIterator<Item = u64>,
+        changed: u64,
+    ) -> u32 {
+        self.changes.push(op, key, row, hashes, changed)
     }
 
     fn duplicate(&mut self, key: &Key) {
@@ -989,10 +1076,10 @@ impl Differ {
             return;
         }
         for id in &self.pending {
-            let c = &mut self.changes[*id as usize];
+            let c = &self.changes[*id as usize];
             let j = c.row.expect("a pending update has a snapshot row") as usize;
-            if !old.is_valid(j) || old.value(j) != c.hashes[i] {
-                c.changed |= 1 << i;
+            if !old.is_valid(j) || old.value(j) != self.changes.hashes(c)[i] {
+                self.changes[*id as usize].changed |= 1 << i;
             }
         }
     }
@@ -1005,7 +1092,7 @@ impl Differ {
     /// Ends the scan: adds the deletes and returns every change with the counts. Fails on
     /// duplicate keys unless the spec keeps the last row. With pending updates, every field of
     /// [`Differ::fields_to_read`] must have been resolved.
-    pub fn finish(mut self) -> Result<(Vec<Change>, DiffCounts)> {
+    pub fn finish(mut self) -> Result<(Changes, DiffCounts)> {
         if self.counts.duplicates > 0 && !self.spec.keep_last && !self.spec.listed_deletes {
             let key = self
                 .spec
@@ -1027,7 +1114,7 @@ impl Differ {
             for j in 0..self.snapshot.len() {
                 if self.seen[j / 64] & (1 << (j % 64)) == 0 {
                     let key = self.snapshot.key(j);
-                    self.add(Op::Delete, key, Some(j as u32), Box::new([]), 0);
+                    self.add(Op::Delete, key, Some(j as u32), [], 0);
                 }
             }
         }
@@ -1206,7 +1293,7 @@ mod tests {
         }
         let (changes, _) = d.finish().unwrap();
         changes
-            .into_iter()
+            .iter()
             .filter(|c| c.live)
             .map(|c| (c.op, c.key.to_string(), c.changed))
             .collect()
@@ -1328,6 +1415,19 @@ mod tests {
         let out = run(keep, snap, &rows);
         // Key 1's last row equals the snapshot: nothing to send for it.
         assert_eq!(out, vec![(Op::Upsert, "2".into(), 0b111)]);
+    }
+
+    #[test]
+    fn changes_keep_their_hashes_in_one_column() {
+        let mut changes = Changes::new(3);
+        let a = changes.push(Op::Upsert, Key::Int(1), None, [1, 2, 3], 0b111);
+        let d = changes.push(Op::Delete, Key::Int(2), Some(0), [], 0);
+        let b = changes.push(Op::Update, Key::Int(3), Some(1), [4, 5, 6], 0b10);
+        assert_eq!((a, d, b), (0, 1, 2));
+        assert_eq!(changes.hashes(&changes[0]), [1, 2, 3]);
+        assert!(changes.hashes(&changes[1]).is_empty() && !changes[1].has_hashes());
+        assert_eq!(changes.hashes(&changes[2]), [4, 5, 6]);
+        assert_eq!(changes.len(), 3);
     }
 
     #[test]

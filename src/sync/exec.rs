@@ -30,7 +30,7 @@ use datafusion::physical_plan::{
 };
 use futures::{StreamExt, TryStreamExt};
 
-use super::diff::{Change, DiffCounts, Differ, Hashed, key_array, needs_field_hashes};
+use super::diff::{Change, Changes, DiffCounts, Differ, Hashed, key_array, needs_field_hashes};
 use super::hash::split_composite_key;
 use super::{Op, SyncRun};
 use crate::delivery::Rejected;
@@ -372,7 +372,7 @@ pub(crate) async fn emit_changes(
     schema: &SchemaRef,
     model_schema: &SchemaRef,
     kept: Vec<(RecordBatch, Vec<u32>)>,
-    changes: Vec<Change>,
+    changes: Changes,
     counts: DiffCounts,
     key_rejects: Vec<Rejected>,
 ) -> Result<Vec<RecordBatch>> {
@@ -381,7 +381,7 @@ pub(crate) async fn emit_changes(
             return Err(DataFusionError::from(Error::Write { message: refusal }));
         }
         // A dry run reports what it found and that a real run would refuse.
-        run.set_changes(vec![], counts, key_rejects);
+        run.set_changes(Changes::default(), counts, key_rejects);
         run.set_refusal(refusal);
         return Ok(vec![]);
     }
@@ -467,7 +467,7 @@ fn delete_batch(
     let ids: Vec<u32> = changes
         .iter()
         .enumerate()
-        .filter(|(_, c)| c.live && c.op == Op::Delete && c.hashes.is_empty())
+        .filter(|(_, c)| c.live && c.op == Op::Delete && !c.has_hashes())
         .map(|(i, _)| i as u32)
         .collect();
     if ids.is_empty() {

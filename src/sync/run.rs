@@ -10,7 +10,9 @@ use datafusion::arrow::array::{
 use datafusion::arrow::compute::{cast, concat, take};
 use datafusion::arrow::datatypes::UInt64Type;
 
-use super::diff::{Change, DiffCounts, DiffSpec, FieldHashes, Snapshot, key_array, key_order};
+use super::diff::{
+    Change, Changes, DiffCounts, DiffSpec, FieldHashes, Snapshot, key_array, key_order,
+};
 use super::hash::{HASH_VERSION, Key, RowHashes};
 use super::remote::{RemoteCommit, RemoteState};
 use super::state::{
@@ -84,7 +86,7 @@ struct Inner {
     manifest: Option<Manifest>,
     snapshot: Option<Arc<Snapshot>>,
     previous_rejects: Vec<RejectEntry>,
-    changes: Arc<Vec<Change>>,
+    changes: Arc<Changes>,
     counts: DiffCounts,
     key_rejects: Vec<Rejected>,
     record: RunRecord,
@@ -294,12 +296,7 @@ impl SyncRun {
     }
 
     /// Records the diff's result.
-    pub fn set_changes(
-        &self,
-        changes: Vec<Change>,
-        counts: DiffCounts,
-        key_rejects: Vec<Rejected>,
-    ) {
+    pub fn set_changes(&self, changes: Changes, counts: DiffCounts, key_rejects: Vec<Rejected>) {
         let mut inner = self.inner();
         inner.changes = Arc::new(changes);
         inner.counts = counts;
@@ -682,7 +679,7 @@ impl SyncRun {
     async fn next_snapshot(
         &self,
         old: &Snapshot,
-        changes: &[Change],
+        changes: &Changes,
         acked: &[(u32, Option<String>)],
         settled: &[bool],
     ) -> Result<Snapshot> {
@@ -806,7 +803,13 @@ impl SyncRun {
                 None => None,
             };
             // The change's hash of this field (0 for the marker column).
-            let hash_of = |c: &Change| if marker { 0 } else { c.hashes[stored[n]] };
+            let hash_of = |c: &Change| {
+                if marker {
+                    0
+                } else {
+                    changes.hashes(c)[stored[n]]
+                }
+            };
             let mut b = UInt64Array::builder(kept.len() + new_rows.len());
             for &j in &kept {
                 let id = row_change[j as usize];
@@ -852,7 +855,7 @@ impl SyncRun {
 /// What a run commits to a remote state: acknowledged changes, and the intents of new records
 /// the destination refused.
 fn remote_commit<'a>(
-    changes: &'a [Change],
+    changes: &'a Changes,
     acked: &'a [(u32, Option<String>)],
     settled: &[bool],
 ) -> RemoteCommit<'a> {
@@ -867,7 +870,7 @@ fn remote_commit<'a>(
             Op::Delete => commit.deletes.push(&c.key),
             _ => commit
                 .upserts
-                .push((&c.key, record_id.as_deref(), &c.hashes[..])),
+                .push((&c.key, record_id.as_deref(), changes.hashes(c))),
         }
     }
     for (c, _) in changes

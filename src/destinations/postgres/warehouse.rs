@@ -45,7 +45,7 @@ use super::types::PgType;
 use super::{PgConnection, pg_message};
 use crate::destinations::table::DestinationTable;
 use crate::error::{Error, Result};
-use crate::sync::diff::{Change, DiffCounts, DiffSpec, duplicate_keys_error};
+use crate::sync::diff::{Changes, DiffCounts, DiffSpec, duplicate_keys_error};
 use crate::sync::exec::{
     change_schema, describe_diff, diff_output, emit_changes, null_key_rejects,
 };
@@ -718,7 +718,7 @@ impl WarehouseDiff {
         let new_op = spec.new_op();
         // Model rows the diff returned that have a key (the rest of the keyed rows are unchanged).
         let mut returned = 0u64;
-        let mut changes: Vec<Change> = vec![];
+        let mut changes = Changes::new(n);
         let mut kept = vec![];
         let mut key_rejects = vec![];
         let nullable_model = Arc::new(Schema::new(
@@ -747,14 +747,7 @@ impl WarehouseDiff {
             let mut null_rows = vec![];
             for r in 0..batch.num_rows() {
                 if deleted.value(r) {
-                    changes.push(Change {
-                        op: Op::Delete,
-                        key: Key::Str(keys.value(r).into()),
-                        row: Some(0),
-                        hashes: Box::new([]),
-                        changed: 0,
-                        live: true,
-                    });
+                    changes.push(Op::Delete, Key::Str(keys.value(r).into()), Some(0), [], 0);
                     continue;
                 }
                 if keys.is_null(r) {
@@ -794,16 +787,14 @@ impl WarehouseDiff {
                     let op = if spec.insert { Op::Upsert } else { Op::Update };
                     (op, changed | key_bit)
                 };
-                ids.push(changes.len() as u32);
                 rows_out.push(r as u32);
-                changes.push(Change {
+                ids.push(changes.push(
                     op,
-                    key: Key::Str(keys.value(r).into()),
-                    row: is_known.then_some(0),
-                    hashes: hashes.into_boxed_slice(),
+                    Key::Str(keys.value(r).into()),
+                    is_known.then_some(0),
+                    hashes,
                     changed,
-                    live: true,
-                });
+                ));
             }
             if rows_out.is_empty() && null_rows.is_empty() {
                 continue;
