@@ -1403,18 +1403,26 @@ mod tests {
             (2, "b", None),
             (2, "c", None),
         ];
-        let mut d = Differ::new(spec(true, true, false), snap.clone()).unwrap();
-        d.push(&batch(&rows)).unwrap();
-        let err = d.finish().unwrap_err().to_string();
+        let (err, out) = duplicates(snap, &rows);
         assert!(
             err.contains("2 duplicate") && err.contains("'1', '2'"),
             "{err}"
         );
-        let mut keep = spec(true, true, false);
-        keep.keep_last = true;
-        let out = run(keep, snap, &rows);
         // Key 1's last row equals the snapshot: nothing to send for it.
         assert_eq!(out, vec![(Op::Upsert, "2".into(), 0b111)]);
+    }
+
+    /// The error of a diff of `rows` (which repeat keys), and what `keep_last` sends instead.
+    fn duplicates(
+        snap: Arc<Snapshot>,
+        rows: &[(i64, &str, Option<&str>)],
+    ) -> (String, Vec<(Op, String, u64)>) {
+        let mut d = Differ::new(spec(true, true, false), Arc::clone(&snap)).unwrap();
+        d.push(&batch(rows)).unwrap();
+        let err = d.finish().unwrap_err().to_string();
+        let mut keep = spec(true, true, false);
+        keep.keep_last = true;
+        (err, run(keep, snap, rows))
     }
 
     #[test]
@@ -1449,22 +1457,18 @@ mod tests {
         let mut d = Differ::new(spec(true, true, false), snap.clone()).unwrap();
         d.push(&batch(&rows[..5])).unwrap();
         assert!(d.live.is_empty(), "new keys in order are not indexed");
-        d.push(&batch(&rows[5..])).unwrap();
-        let err = d.finish().unwrap_err().to_string();
+        let (err, out) = duplicates(snap, &rows);
         assert!(
             err.contains("2 duplicate") && err.contains("'2', '5'"),
             "{err}"
         );
-        let mut keep = spec(true, true, false);
-        keep.keep_last = true;
-        let out = run(keep, snap, &rows);
         let sent: Vec<String> = out.iter().map(|(_, k, _)| k.clone()).collect();
         assert_eq!(sent, ["1", "4", "2", "6", "5", "7"]);
         // Descending keys: each is past nothing, so each is looked up; a repeat is found.
-        let mut d = Differ::new(spec(true, true, false), snapshot_of(&[])).unwrap();
-        d.push(&batch(&[(9, "a", None), (8, "b", None), (9, "c", None)]))
-            .unwrap();
-        let err = d.finish().unwrap_err().to_string();
+        let (err, _) = duplicates(
+            snapshot_of(&[]),
+            &[(9, "a", None), (8, "b", None), (9, "c", None)],
+        );
         assert!(err.contains("1 duplicate") && err.contains("'9'"), "{err}");
     }
 
