@@ -1112,6 +1112,7 @@ async fn a_first_run_builds_the_key_index_after_the_load_exactly_as_it_was() {
     // `plain`: a primary key with a hostile name, INCLUDE and a fill factor, and a second
     // unique index that is not the key. `referenced`: its key is referenced by a foreign key.
     // `filled`: not empty. `refusing`: a check refuses one row in the middle of the load.
+    // `unique_only`: no primary key, a unique index on the column a MERGE matches on.
     pg.sql(
         r#"CREATE TABLE $S.plain (id bigint, email text, CONSTRAINT "plain key; ""x""" PRIMARY KEY (id) INCLUDE (email) WITH (fillfactor = 80));
            CREATE UNIQUE INDEX plain_email ON $S.plain (email);
@@ -1119,10 +1120,12 @@ async fn a_first_run_builds_the_key_index_after_the_load_exactly_as_it_was() {
            CREATE TABLE $S.child (parent bigint REFERENCES $S.referenced (id));
            CREATE TABLE $S.filled (id bigint PRIMARY KEY, email text);
            INSERT INTO $S.filled VALUES (7, 'u7@x');
-           CREATE TABLE $S.refusing (id bigint PRIMARY KEY, email text CHECK (email <> 'u150@x'));"#,
+           CREATE TABLE $S.refusing (id bigint PRIMARY KEY, email text CHECK (email <> 'u150@x'));
+           CREATE TABLE $S.unique_only (id bigint NOT NULL, email text);
+           CREATE UNIQUE INDEX "unique only; id" ON $S.unique_only (id) WITH (fillfactor = 70);"#,
     )
     .await;
-    let tables = ["plain", "referenced", "filled", "refusing"];
+    let tables = ["plain", "referenced", "filled", "refusing", "unique_only"];
     let mut before = vec![];
     for table in tables {
         before.push(indexes(&pg, table).await);
@@ -1143,10 +1146,15 @@ async fn a_first_run_builds_the_key_index_after_the_load_exactly_as_it_was() {
     let suffix = &pg.name[pg.name.len() - 8..];
     for table in tables {
         let sync = format!("defer_{table}_{suffix}");
+        let statement = match table {
+            "unique_only" => "MERGE INTO app.unique_only AS t USING model AS s ON t.id = s.id
+                 WHEN MATCHED THEN UPDATE SET email = s.email
+                 WHEN NOT MATCHED THEN INSERT (id, email) VALUES (s.id, s.email)"
+                .to_string(),
+            _ => format!("INSERT INTO app.{table} SELECT id, email FROM model"),
+        };
         engine
-            .run_sql(&format!(
-                "CREATE SYNC {sync} AS INSERT INTO app.{table} SELECT id, email FROM model"
-            ))
+            .run_sql(&format!("CREATE SYNC {sync} AS {statement}"))
             .await
             .unwrap();
         engine.run_sql(&format!("RUN SYNC {sync}")).await.unwrap();
@@ -1173,7 +1181,7 @@ async fn a_first_run_builds_the_key_index_after_the_load_exactly_as_it_was() {
         let rebuilt: Vec<bool> = before.iter().zip(&after).map(|(b, a)| b.0 != a.0).collect();
         let expected = match *table {
             "plain" => vec![true, false],
-            "refusing" => vec![true],
+            "refusing" | "unique_only" => vec![true],
             _ => vec![false],
         };
         assert_eq!(rebuilt, expected, "{table}: {before:?} {after:?}");
