@@ -1282,3 +1282,34 @@ async fn keys_only_postgres_sees_as_one_fail_the_first_run_whole() {
         ["a,b,c"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_run_keeps_the_key_index_when_another_session_holds_the_table() {
+    let Some(pg) = PgSchema::new("sluice_defer_lock").await else {
+        return;
+    };
+    pg.sql("CREATE TABLE $S.accounts (id bigint PRIMARY KEY, email text)")
+        .await;
+    let before = indexes(&pg, "accounts").await;
+    // A reader in an open transaction: the load may go on beside it, dropping the index may not.
+    pg.sql("BEGIN; SELECT count(*) FROM $S.accounts").await;
+    let engine = engine(&pg).await;
+    let sync = format!("lock_{}", &pg.name[pg.name.len() - 8..]);
+    engine
+        .run_sql(&format!(
+            "CREATE TABLE model AS SELECT * FROM (VALUES (1, 'a@x'), (2, 'b@x')) AS v(id, email);
+             CREATE SYNC {sync} AS INSERT INTO wh.accounts SELECT id, email FROM model"
+        ))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    engine.run_sql(&format!("RUN SYNC {sync}")).await.unwrap();
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(2),
+        "the drop waited for the lock"
+    );
+    pg.sql("COMMIT").await;
+    assert_eq!(last_run(&engine, &sync).await, "2/2/0/0/0/0");
+    assert_eq!(pg.rows("SELECT count(*) FROM $S.accounts").await, ["2"]);
+    assert_eq!(indexes(&pg, "accounts").await, before, "the index was kept");
+}
