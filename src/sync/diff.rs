@@ -565,15 +565,20 @@ impl Change {
     }
 }
 
-/// The changes of a diff, by id, with their field hashes in one column beside them (one
-/// allocation for them all, not one per change).
+/// The changes of a diff, by id, with their field hashes beside them in chunks of
+/// `HASH_CHUNK` changes (an allocation per chunk, not per change, and none copied as they grow).
 #[derive(Debug, Clone, Default)]
 pub struct Changes {
     list: Vec<Change>,
     /// `width` hashes per change that has them, in the order they were added.
-    hashes: Vec<u64>,
+    hashes: Vec<Vec<u64>>,
+    /// Changes with hashes so far.
+    hashed: usize,
     width: usize,
 }
+
+/// Changes whose hashes share one allocation.
+const HASH_CHUNK: usize = 8192;
 
 impl Changes {
     /// Changes whose field hashes are `width` long (the mapped fields).
@@ -581,6 +586,7 @@ impl Changes {
         Self {
             list: vec![],
             hashes: vec![],
+            hashed: 0,
             width,
         }
     }
@@ -595,16 +601,25 @@ impl Changes {
         hashes: impl IntoIterator<Item = u64>,
         changed: u64,
     ) -> u32 {
-        let before = self.hashes.len();
-        self.hashes.extend(hashes);
-        let added = self.hashes.len() - before;
-        debug_assert!(
-            added == 0 || added == self.width,
-            "a change's hashes are all its fields"
-        );
-        let hashes_at = match added {
-            0 => NO_HASHES,
-            _ => (before / self.width) as u32,
+        let mut hashes = hashes.into_iter().peekable();
+        let hashes_at = match hashes.peek() {
+            None => NO_HASHES,
+            Some(_) => {
+                if self.hashed.is_multiple_of(HASH_CHUNK) {
+                    self.hashes
+                        .push(Vec::with_capacity(HASH_CHUNK * self.width));
+                }
+                let chunk = self.hashes.last_mut().expect("pushed");
+                let before = chunk.len();
+                chunk.extend(hashes);
+                debug_assert_eq!(
+                    chunk.len() - before,
+                    self.width,
+                    "a change's hashes are all its fields"
+                );
+                self.hashed += 1;
+                (self.hashed - 1) as u32
+            }
         };
         let id = self.list.len() as u32;
         self.list.push(Change {
@@ -623,8 +638,9 @@ impl Changes {
         match c.hashes_at {
             NO_HASHES => &[],
             at => {
-                let start = at as usize * self.width;
-                &self.hashes[start..start + self.width]
+                let at = at as usize;
+                let start = at % HASH_CHUNK * self.width;
+                &self.hashes[at / HASH_CHUNK][start..start + self.width]
             }
         }
     }
@@ -1426,7 +1442,7 @@ mod tests {
     }
 
     #[test]
-    fn changes_keep_their_hashes_in_one_column() {
+    fn changes_keep_their_hashes_in_chunks() {
         let mut changes = Changes::new(3);
         let a = changes.push(Op::Upsert, Key::Int(1), None, [1, 2, 3], 0b111);
         let d = changes.push(Op::Delete, Key::Int(2), Some(0), [], 0);
@@ -1436,6 +1452,23 @@ mod tests {
         assert!(changes.hashes(&changes[1]).is_empty() && !changes[1].has_hashes());
         assert_eq!(changes.hashes(&changes[2]), [4, 5, 6]);
         assert_eq!(changes.len(), 3);
+        // Past the first chunk (deletes take no room in it).
+        for i in 0..HASH_CHUNK as u64 + 10 {
+            changes.push(
+                Op::Upsert,
+                Key::Int(i as i64),
+                None,
+                [i, i + 1, i + 2],
+                0b111,
+            );
+            changes.push(Op::Delete, Key::Int(-1), Some(0), [], 0);
+        }
+        for c in changes.iter().skip(3).filter(|c| c.has_hashes()) {
+            let Key::Int(i) = c.key else { unreachable!() };
+            let i = i as u64;
+            assert_eq!(changes.hashes(c), [i, i + 1, i + 2]);
+        }
+        assert_eq!(changes.hashes.len(), 2, "two chunks");
     }
 
     #[test]
