@@ -1216,13 +1216,7 @@ async fn keys_only_postgres_sees_as_one_fail_the_first_run_whole() {
     pg.sql("CREATE TABLE $S.accounts (id char(3) PRIMARY KEY, email text)")
         .await;
     let before = indexes(&pg, "accounts").await;
-    let dir = tempfile::tempdir().unwrap();
-    let mut engine = sluice::Engine::new().unwrap();
-    engine
-        .set_state_location(&dir.path().display().to_string())
-        .unwrap();
-    // SAFETY: set before any thread reads it; every test sets the same value.
-    unsafe { std::env::set_var("SLUICE_TEST_WH_URL", URL) };
+    let engine = engine(&pg).await;
     let sync = format!("dup_{}", &pg.name[pg.name.len() - 8..]);
     engine
         .run_sql(&format!(
@@ -1249,7 +1243,7 @@ async fn keys_only_postgres_sees_as_one_fail_the_first_run_whole() {
     );
     // Every snapshot file left is one the committed state names (the snapshot prepared while
     // the index was built was rebuilt from what was acknowledged: nothing).
-    let files = super::support::files_under(dir.path());
+    let files = super::support::files_under(std::path::Path::new(engine.state_location()));
     let manifest = files
         .iter()
         .find(|p| p.ends_with("manifest.json"))
