@@ -421,7 +421,9 @@ impl Writer<'_> {
             .await;
         if result.is_err() {
             let _ = client.batch_execute("ROLLBACK").await;
+            // (The rollback undid the writes and the index's drop alike.)
             self.uncommitted.clear();
+            self.deferred = None;
             return result.map(|_| ());
         }
         let (acked, rejected, bytes) = result?;
