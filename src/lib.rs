@@ -13,6 +13,7 @@ pub mod error;
 pub mod object_stores;
 pub mod options;
 pub mod parser;
+pub mod sql_text;
 pub mod sync;
 
 pub use engine::{Engine, Mode, Outcome, WriteSummary};

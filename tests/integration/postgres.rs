@@ -1307,3 +1307,197 @@ async fn a_first_run_keeps_the_key_index_when_another_session_holds_the_table() 
     assert_eq!(pg.rows("SELECT count(*) FROM $S.accounts").await, ["2"]);
     assert_eq!(indexes(&pg, "accounts").await, before, "the index was kept");
 }
+
+/// Strings that broke the unparser's quoting (issue 17): quotes after backslashes, doubled
+/// quotes, a COPY-ending payload, dollar quotes, comments, control and non-ASCII characters.
+const HOSTILE: &[&str] = &[
+    "x\\'' OR true))) TO STDOUT (FORMAT binary) --",
+    "x\\' OR true))) TO PROGRAM 'touch /tmp/sluice_pwned' --",
+    "a''b",
+    "a''''b",
+    "a'b",
+    "'",
+    "\\",
+    "\\\\'",
+    "$$ OR true $$",
+    "'; DROP TABLE users; --",
+    "/* */",
+    "a\nb\tc",
+    "é😀\u{202e}",
+    "\"",
+    "E'x'",
+    "%",
+    "_",
+];
+
+/// Random strings over an alphabet of SQL's special characters, from a fixed seed.
+fn random_strings(n: usize) -> Vec<String> {
+    use rand::{Rng, SeedableRng};
+    const ALPHABET: &[char] = &[
+        '\'', '\\', '"', '$', '-', '/', '*', ';', '(', ')', ' ', '\n', 'E', 'a', 'é', '😀', '%',
+        '_', '\0',
+    ];
+    let mut rng = rand::rngs::StdRng::seed_from_u64(17);
+    (0..n)
+        .map(|_| {
+            let len = rng.random_range(0..8);
+            (0..len)
+                .map(|_| ALPHABET[rng.random_range(0..ALPHABET.len())])
+                .collect()
+        })
+        .collect()
+}
+
+/// A string as a DataFusion SQL literal (sluice's own parser: quotes doubled, backslashes plain).
+fn df_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+/// Issue 17, critical 1: a string pushed down to Postgres matches exactly the rows that hold it,
+/// whatever it holds (a property over hostile and random strings, and strings never stored).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pushed_down_strings_match_exactly_the_rows_that_hold_them() {
+    let Some(pg) = PgSchema::new("sluice_inject").await else {
+        return;
+    };
+    pg.sql("CREATE TABLE $S.names (id int PRIMARY KEY, name text)")
+        .await;
+    let mut stored: Vec<String> = HOSTILE.iter().map(|s| s.to_string()).collect();
+    stored.extend(
+        random_strings(150)
+            .into_iter()
+            .filter(|s| !s.contains('\0')),
+    );
+    let insert = format!("INSERT INTO {}.names VALUES ($1, $2)", pg.quoted());
+    for (id, name) in stored.iter().enumerate() {
+        pg.client
+            .execute(&insert, &[&(id as i32), name])
+            .await
+            .unwrap();
+    }
+    let engine = engine(&pg).await;
+    let ids = |text: String| -> Vec<i32> {
+        let mut ids: Vec<i32> = text
+            .lines()
+            .filter_map(|l| l.trim_matches(|c| c == '|' || c == ' ').parse().ok())
+            .collect();
+        ids.sort();
+        ids
+    };
+    let expected = |pred: &dyn Fn(&str) -> bool| -> Vec<i32> {
+        (0..stored.len() as i32)
+            .filter(|&i| pred(&stored[i as usize]))
+            .collect()
+    };
+    let mut probes: Vec<String> = stored.clone();
+    probes.extend(random_strings(60));
+    probes.push("x\\".into());
+    probes.push("a'''b".into());
+    for probe in &probes {
+        let lit = df_literal(probe);
+        let eq = query(
+            &engine,
+            &format!("SELECT id FROM wh.names WHERE name = {lit}"),
+        )
+        .await;
+        assert_eq!(ids(eq), expected(&|s| s == probe), "name = {probe:?}");
+        let ne = query(
+            &engine,
+            &format!("SELECT id FROM wh.names WHERE name <> {lit} AND id < 20"),
+        )
+        .await;
+        assert_eq!(
+            ids(ne),
+            expected(&|s| s != probe)
+                .into_iter()
+                .filter(|&i| i < 20)
+                .collect::<Vec<_>>(),
+            "name <> {probe:?}"
+        );
+    }
+    let list = format!("{}, {}", df_literal(HOSTILE[2]), df_literal(HOSTILE[0]));
+    let inlist = query(
+        &engine,
+        &format!("SELECT id FROM wh.names WHERE name IN ({list})"),
+    )
+    .await;
+    assert_eq!(ids(inlist), vec![0, 2]);
+
+    // The equality really reaches Postgres, quoted by sluice.
+    let explain = query(
+        &engine,
+        &format!(
+            "EXPLAIN SELECT id FROM wh.names WHERE name = {}",
+            df_literal(HOSTILE[0])
+        ),
+    )
+    .await;
+    assert!(
+        explain
+            .contains(r#"WHERE (("name" = E'x\\'''' OR true))) TO STDOUT (FORMAT binary) --'))"#),
+        "{explain}"
+    );
+    // A string Postgres cannot hold is not pushed: DataFusion compares it (and finds nothing).
+    let explain = query(
+        &engine,
+        "EXPLAIN SELECT id FROM wh.names WHERE name = 'a\0'",
+    )
+    .await;
+    assert!(!explain.contains("WHERE"), "{explain}");
+    assert!(!std::path::Path::new("/tmp/sluice_pwned").exists());
+}
+
+/// Issue 17, critical 1: the warehouse-side diff's model SQL carries its literals exactly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warehouse_diff_model_keeps_hostile_literals_exact() {
+    let Some(pg) = PgSchema::new("sluice_inject_wh").await else {
+        return;
+    };
+    pg.sql(
+        "CREATE TABLE $S.names (id int PRIMARY KEY, name text);
+         CREATE TABLE $S.dst (id int PRIMARY KEY, name text, tag text);",
+    )
+    .await;
+    let insert = format!("INSERT INTO {}.names VALUES ($1, $2)", pg.quoted());
+    for (id, name) in HOSTILE.iter().enumerate() {
+        pg.client
+            .execute(&insert, &[&(id as i32), name])
+            .await
+            .unwrap();
+    }
+    let engine = engine(&pg).await;
+    let sync = format!("inject_{}", &pg.name[pg.name.len() - 8..]);
+    // The model selects two hostile strings by value and writes another as a constant.
+    engine
+        .run_sql(&format!(
+            "CREATE SYNC {sync} OPTIONS (diff 'warehouse') AS INSERT INTO wh.dst
+             SELECT id, name, {tag} AS tag FROM wh.names WHERE name = {a} OR name = {b};
+             RUN SYNC {sync}",
+            tag = df_literal(HOSTILE[1]),
+            a = df_literal(HOSTILE[0]),
+            b = df_literal(HOSTILE[3]),
+        ))
+        .await
+        .unwrap();
+    let rows = pg
+        .client
+        .query(
+            &format!("SELECT id, name, tag FROM {}.dst ORDER BY id", pg.quoted()),
+            &[],
+        )
+        .await
+        .unwrap();
+    let got: Vec<(i32, String, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (0, HOSTILE[0].to_string(), HOSTILE[1].to_string()),
+            (3, HOSTILE[3].to_string(), HOSTILE[1].to_string()),
+        ]
+    );
+    pg.sql(&format!("DROP TABLE IF EXISTS sluice_state.\"{sync}\""))
+        .await;
+}

@@ -7,6 +7,7 @@ use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
 
 use super::types::{PgColumn, PgType};
 use crate::destinations::ObjectSpec;
+use crate::sql_text::Dialect;
 
 /// A table, view or materialized view.
 #[derive(Debug, Clone)]
@@ -72,9 +73,12 @@ impl Relation {
     }
 }
 
-/// Quotes an identifier for Postgres (`a"b` → `"a""b"`).
+/// Quotes an identifier for Postgres (`a"b` → `"a""b"`). A name with a NUL character (which
+/// Postgres cannot hold) becomes the empty identifier, which Postgres refuses with an error.
 pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
+    Dialect::Postgres
+        .quote_ident(name)
+        .unwrap_or_else(|| "\"\"".to_string())
 }
 
 const QUERY: &str = r#"

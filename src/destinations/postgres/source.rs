@@ -11,7 +11,7 @@ use datafusion::arrow::array::{RecordBatch, RecordBatchOptions};
 use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::ScalarValue;
-use datafusion::common::tree_node::{Transformed, TreeNode, TreeNodeRecursion};
+use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::datasource::TableType;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
@@ -23,13 +23,12 @@ use datafusion::physical_plan::{
     DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
     ReplaceChildrenOptions, SendableRecordBatchStream,
 };
-use datafusion::sql::unparser::Unparser;
-use datafusion::sql::unparser::dialect::PostgreSqlDialect;
 use futures::StreamExt;
 
 use super::metadata::{Relation, UNSUPPORTED, quote_ident};
 use super::types::{ColumnBuilder, CopyReader, PgType};
 use super::{PgConnection, pg_message};
+use crate::sql_text::Dialect;
 
 /// A Postgres table or view as a DataFusion table.
 #[derive(Debug)]
@@ -146,25 +145,66 @@ impl TableProvider for PgTable {
 /// literals are pushed. Ordering comparisons of text are not (Postgres orders by the column's
 /// collation, DataFusion by bytes), nor anything over floating point (NaN compares differently),
 /// casts or functions: DataFusion evaluates those after the scan.
+///
+/// The SQL is written here, not by DataFusion's unparser: every name and literal goes through
+/// [`Dialect::Postgres`]'s quoting, and a literal it cannot write exactly (a string with a NUL
+/// character) keeps the filter out of the query. The filter is declared `Exact`, so DataFusion
+/// never checks these rows again: what is written here must mean exactly the filter.
 pub fn filter_sql(filter: &Expr, schema: &Schema) -> Option<String> {
     if !pushable(filter, schema) {
         return None;
     }
-    let unqualified = filter
-        .clone()
-        .transform(|e| {
-            Ok(match e {
-                Expr::Column(c) if c.relation.is_some() => Transformed::yes(Expr::Column(
-                    datafusion::common::Column::new_unqualified(c.name),
-                )),
-                other => Transformed::no(other),
-            })
-        })
-        .ok()?
-        .data;
-    let dialect = PostgreSqlDialect {};
-    let sql = Unparser::new(&dialect).expr_to_sql(&unqualified).ok()?;
-    Some(format!("({sql})"))
+    Some(format!("({})", render(filter)?))
+}
+
+/// A pushable expression as Postgres SQL, every compound part in parentheses.
+fn render(expr: &Expr) -> Option<String> {
+    const PG: Dialect = Dialect::Postgres;
+    let not = |negated: bool| if negated { "NOT " } else { "" };
+    Some(match expr {
+        Expr::Column(c) => PG.quote_ident(&c.name)?,
+        Expr::Literal(v, _) => PG.literal(v)?,
+        Expr::BinaryExpr(b) => {
+            let op = match b.op {
+                Operator::And => "AND",
+                Operator::Or => "OR",
+                Operator::Eq => "=",
+                Operator::NotEq => "<>",
+                Operator::Lt => "<",
+                Operator::LtEq => "<=",
+                Operator::Gt => ">",
+                Operator::GtEq => ">=",
+                _ => return None,
+            };
+            format!("({} {op} {})", render(&b.left)?, render(&b.right)?)
+        }
+        Expr::Not(e) => format!("(NOT {})", render(e)?),
+        Expr::IsNull(e) => format!("({} IS NULL)", render(e)?),
+        Expr::IsNotNull(e) => format!("({} IS NOT NULL)", render(e)?),
+        Expr::InList(l) => {
+            let list = l.list.iter().map(render).collect::<Option<Vec<_>>>()?;
+            format!(
+                "({} {}IN ({}))",
+                render(&l.expr)?,
+                not(l.negated),
+                list.join(", ")
+            )
+        }
+        Expr::Between(b) => format!(
+            "({} {}BETWEEN {} AND {})",
+            render(&b.expr)?,
+            not(b.negated),
+            render(&b.low)?,
+            render(&b.high)?
+        ),
+        Expr::Like(l) => format!(
+            "({} {}LIKE {})",
+            render(&l.expr)?,
+            not(l.negated),
+            render(&l.pattern)?
+        ),
+        _ => return None,
+    })
 }
 
 fn pushable(expr: &Expr, schema: &Schema) -> bool {

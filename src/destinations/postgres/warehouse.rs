@@ -11,7 +11,8 @@
 //! mapping change sends only that field.
 //!
 //! The model is the sync's mapped plan unparsed to Postgres SQL (DataFusion's unparser), with
-//! sluice's table names rewritten to the Postgres relations. Postgres then evaluates the model's
+//! sluice's table names rewritten to the Postgres relations and every string literal quoted again
+//! by [`crate::sql_text`] (the unparser's escaping is not safe). Postgres then evaluates the model's
 //! expressions, so a function or cast means what it means in Postgres.
 
 use std::fmt;
@@ -45,6 +46,7 @@ use super::types::PgType;
 use super::{PgConnection, pg_message};
 use crate::destinations::table::DestinationTable;
 use crate::error::{Error, Result};
+use crate::sql_text::Dialect;
 use crate::sync::diff::{Changes, DiffCounts, DiffSpec, duplicate_keys_error};
 use crate::sync::exec::{
     change_schema, describe_diff, diff_output, emit_changes, null_key_rejects,
@@ -127,6 +129,20 @@ fn model_sql(mapped: &LogicalPlan) -> Result<(Arc<PgConnection>, String)> {
     let mut problem: Option<String> = None;
     mapped
         .apply_with_subqueries(|node| {
+            // sqlparser writes a double quote inside a quoted name as it is when a backslash
+            // precedes it: a name with one is refused rather than risk its SQL meaning more.
+            if let Some(name) = node
+                .schema()
+                .iter()
+                .flat_map(|(q, f)| [q.map(|q| q.to_string()), Some(f.name().clone())])
+                .flatten()
+                .find(|n| n.contains('"'))
+            {
+                problem = Some(format!(
+                    "diff 'warehouse' cannot name `{name}` in Postgres SQL (it holds a double quote); rename it with AS, or use the local diff"
+                ));
+                return Ok(TreeNodeRecursion::Stop);
+            }
             let scan = match node {
                 LogicalPlan::TableScan(scan) => scan,
                 // What DataFusion's unparser writes back faithfully.
@@ -167,6 +183,12 @@ fn model_sql(mapped: &LogicalPlan) -> Result<(Arc<PgConnection>, String)> {
                 Some(_) => {}
                 None => connection = Some(conn),
             }
+            if relation.schema.contains('"') || relation.name.contains('"') {
+                problem = Some(format!(
+                    "diff 'warehouse' cannot name {name} in Postgres SQL (its name holds a double quote); create a view with a plain name, or use the local diff"
+                ));
+                return Ok(TreeNodeRecursion::Stop);
+            }
             relations.push((
                 scan.table_name.to_vec(),
                 vec![relation.schema.clone(), relation.name.clone()],
@@ -206,6 +228,15 @@ fn model_sql(mapped: &LogicalPlan) -> Result<(Arc<PgConnection>, String)> {
         }
         ControlFlow::<()>::Continue(())
     });
+    // Every string literal is written by our quoting, not the unparser's.
+    Dialect::Postgres
+        .requote_literals(&mut statement)
+        .map_err(|message| {
+            Error::plan(
+                format!("diff 'warehouse': {message}; use the local diff"),
+                "diff".to_string(),
+            )
+        })?;
     Ok((connection, statement.to_string()))
 }
 
