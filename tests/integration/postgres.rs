@@ -1501,3 +1501,74 @@ async fn a_warehouse_diff_model_keeps_hostile_literals_exact() {
     pg.sql(&format!("DROP TABLE IF EXISTS sluice_state.\"{sync}\""))
         .await;
 }
+
+/// Issue 17, critical 2: a write cancelled at any point (Ctrl-C, a dropped future) leaves no
+/// open transaction on a pooled connection: the next write on a one-connection pool does not
+/// commit the cancelled rows, and the key's index dropped by the cancelled first run is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_write_leaves_no_open_transaction_in_the_pool() {
+    let Some(pg) = PgSchema::new("sluice_cancel").await else {
+        return;
+    };
+    pg.sql(
+        "CREATE TABLE $S.src AS SELECT g AS id, md5(g::text) AS v FROM generate_series(1, 200000) g;
+         CREATE TABLE $S.dst (id int PRIMARY KEY, v text);
+         CREATE TABLE $S.other (id int PRIMARY KEY);",
+    )
+    .await;
+    let engine = engine(&pg).await;
+    let schema = pg.name.replace('\'', "''");
+    engine
+        .run_sql(&format!(
+            "CREATE CONNECTION one TYPE postgres OPTIONS (url env('SLUICE_TEST_WH_URL'), schema '{schema}', pool_size '1');
+             CREATE SYNC copy_all AS INSERT INTO one.dst SELECT id, v FROM wh.src;"
+        ))
+        .await
+        .unwrap();
+    let key_index = indexes(&pg, "dst").await;
+    assert_eq!(key_index.len(), 1);
+    let mut cancelled = 0;
+    for (n, ms) in [1u64, 10, 30, 60, 120, 250, 500, 900]
+        .into_iter()
+        .enumerate()
+    {
+        let run = engine.run_sql("RUN SYNC copy_all");
+        match tokio::time::timeout(std::time::Duration::from_millis(ms), run).await {
+            Err(_) => cancelled += 1,
+            Ok(_) => {
+                // Finished before the cancel: start over.
+                pg.sql("TRUNCATE $S.dst").await;
+                engine.run_sql("RESET SYNC copy_all").await.unwrap();
+                continue;
+            }
+        }
+        // (The cancelled run's tasks stop asynchronously.)
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        // Another write on the one pooled connection, committed on its own.
+        engine
+            .run_sql(&format!("INSERT INTO one.other SELECT {n} AS id"))
+            .await
+            .unwrap();
+        assert_eq!(
+            pg.rows("SELECT count(*) FROM $S.dst").await,
+            ["0"],
+            "cancelled after {ms} ms: its rows were committed"
+        );
+        assert_eq!(
+            indexes(&pg, "dst").await.len(),
+            1,
+            "cancelled after {ms} ms: the key's index is gone"
+        );
+        assert_eq!(
+            pg.rows("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'sluice' AND state LIKE 'idle in transaction%'")
+                .await,
+            ["0"],
+            "cancelled after {ms} ms"
+        );
+    }
+    assert!(cancelled >= 3, "only {cancelled} runs were cancelled");
+    // The sync still runs whole afterwards.
+    engine.run_sql("RUN SYNC copy_all").await.unwrap();
+    assert_eq!(pg.rows("SELECT count(*) FROM $S.dst").await, ["200000"]);
+    assert_eq!(indexes(&pg, "dst").await[0].1, key_index[0].1);
+}

@@ -1,10 +1,12 @@
 //! Options of the `postgres` connection, the connection pool and TLS.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
 use tokio_postgres::config::SslMode;
 
+use crate::delivery::settings::duration;
 use crate::error::{Error, Result};
 use crate::options::{OptionSpec, Options};
 
@@ -12,6 +14,12 @@ use crate::options::{OptionSpec, Options};
 pub const DEFAULT_BATCH_SIZE: usize = 100_000;
 /// Connections in the pool unless `pool_size` says otherwise.
 pub const DEFAULT_POOL_SIZE: usize = 4;
+/// How long opening a connection may take unless `connect_timeout` says otherwise.
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one statement may run unless `statement_timeout` says otherwise.
+pub const DEFAULT_STATEMENT_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How long a statement waits for a pooled connection unless `pool_timeout` says otherwise.
+pub const DEFAULT_POOL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The options `CREATE CONNECTION … TYPE postgres` accepts.
 pub const OPTIONS: &[OptionSpec] = &[
@@ -32,7 +40,7 @@ pub const OPTIONS: &[OptionSpec] = &[
     },
     OptionSpec {
         key: "tls_root_cert",
-        doc: "a PEM file of CA certificates to verify the server with (verify-full); default the system's roots",
+        doc: "a PEM file of CA certificates to verify the server with (needs tls 'verify-full'); default the system's roots",
         secret: false,
     },
     OptionSpec {
@@ -43,6 +51,21 @@ pub const OPTIONS: &[OptionSpec] = &[
     OptionSpec {
         key: "batch_size",
         doc: "rows written per transaction (default 100000)",
+        secret: false,
+    },
+    OptionSpec {
+        key: "connect_timeout",
+        doc: "how long opening a connection may take (default '10s')",
+        secret: false,
+    },
+    OptionSpec {
+        key: "statement_timeout",
+        doc: "how long one statement (a read, a batch's COPY, the warehouse-side diff) may run before Postgres cancels it (default '1h')",
+        secret: false,
+    },
+    OptionSpec {
+        key: "pool_timeout",
+        doc: "how long a statement waits for a free pooled connection (default '60s')",
         secret: false,
     },
     OptionSpec {
@@ -61,6 +84,18 @@ pub enum Tls {
     VerifyFull,
 }
 
+impl Tls {
+    /// The option's spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tls::Disable => "disable",
+            Tls::Prefer => "prefer",
+            Tls::Require => "require",
+            Tls::VerifyFull => "verify-full",
+        }
+    }
+}
+
 /// A parsed `postgres` connection.
 #[derive(Debug, Clone)]
 pub struct PgConfig {
@@ -72,6 +107,8 @@ pub struct PgConfig {
     pub batch_size: usize,
     /// Whether a streaming first run into an empty table builds its key's index after the load.
     pub defer_key_index: bool,
+    /// How long a statement waits for a pooled connection.
+    pub pool_timeout: Duration,
 }
 
 impl PgConfig {
@@ -92,10 +129,22 @@ impl PgConfig {
         if pg.get_user().is_none() {
             pg.user(std::env::var("USER").unwrap_or_else(|_| "postgres".into()));
         }
+        let connect_timeout =
+            duration(options, "connect_timeout")?.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        let statement_timeout =
+            duration(options, "statement_timeout")?.unwrap_or(DEFAULT_STATEMENT_TIMEOUT);
+        let pool_timeout = duration(options, "pool_timeout")?.unwrap_or(DEFAULT_POOL_TIMEOUT);
         // Timestamps compare and print in UTC whatever the server's default is, and filters
-        // pushed down mean what they mean in DataFusion.
-        pg.options("-c TimeZone=UTC -c DateStyle=ISO");
+        // pushed down mean what they mean in DataFusion. No statement runs unbounded.
+        pg.options(format!(
+            "-c TimeZone=UTC -c DateStyle=ISO -c statement_timeout={}",
+            statement_timeout.as_millis()
+        ));
         pg.application_name("sluice");
+        pg.connect_timeout(connect_timeout);
+        // A server that vanishes mid-COPY is noticed instead of waited on forever.
+        pg.keepalives(true);
+        pg.keepalives_idle(Duration::from_secs(30));
         let tls = match options.string("tls")?.as_deref() {
             None => match pg.get_ssl_mode() {
                 SslMode::Disable => Tls::Disable,
@@ -120,6 +169,13 @@ impl PgConfig {
             Tls::Prefer => SslMode::Prefer,
             Tls::Require | Tls::VerifyFull => SslMode::Require,
         });
+        let root_cert = options.string("tls_root_cert")?;
+        if root_cert.is_some() && tls != Tls::VerifyFull {
+            return Err(Error::Option {
+                key: "tls_root_cert".into(),
+                message: "tls_root_cert is only used to verify the server: add tls 'verify-full' (or remove tls_root_cert)".into(),
+            });
+        }
         let pool_size: usize = options.parse("pool_size")?.unwrap_or(DEFAULT_POOL_SIZE);
         let batch_size: usize = options.parse("batch_size")?.unwrap_or(DEFAULT_BATCH_SIZE);
         if pool_size == 0 || batch_size == 0 {
@@ -137,10 +193,31 @@ impl PgConfig {
             pg,
             schema: options.string("schema")?.unwrap_or_else(|| "public".into()),
             tls,
-            root_cert: options.string("tls_root_cert")?,
+            root_cert,
             pool_size,
             batch_size,
             defer_key_index: options.parse("defer_key_index")?.unwrap_or(true),
+            pool_timeout,
+        })
+    }
+
+    /// The host, if the connection reaches one beyond this machine without verifying it (as
+    /// libpq's default `prefer` does: encrypted if the server offers it, authenticated never).
+    pub fn unverified_remote_host(&self) -> Option<String> {
+        if self.tls == Tls::VerifyFull {
+            return None;
+        }
+        self.pg.get_hosts().iter().find_map(|h| match h {
+            tokio_postgres::config::Host::Tcp(host) => {
+                let loopback = host == "localhost"
+                    || host
+                        .trim_matches(|c| c == '[' || c == ']')
+                        .parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback());
+                (!loopback).then(|| host.clone())
+            }
+            #[cfg(unix)]
+            tokio_postgres::config::Host::Unix(_) => None,
         })
     }
 
@@ -161,8 +238,9 @@ impl PgConfig {
 
     /// The pool. Connections are opened on first use, not here.
     pub fn pool(&self) -> Result<Pool> {
+        // A connection goes back into use only if it is idle, outside any transaction.
         let manager_config = ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
+            recycling_method: RecyclingMethod::Custom(super::transaction::IDLE_CHECK.into()),
         };
         let manager = match self.tls {
             Tls::Disable => {
@@ -173,6 +251,8 @@ impl PgConfig {
         Pool::builder(manager)
             .max_size(self.pool_size)
             .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(self.pool_timeout))
+            .recycle_timeout(Some(self.pool_timeout))
             .build()
             .map_err(|e| Error::Option {
                 key: "pool_size".into(),
@@ -271,5 +351,85 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::options::OptionValue;
+
+    fn config(pairs: &[(&str, &str)]) -> Result<PgConfig> {
+        let given = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), OptionValue::Literal(v.to_string())))
+            .collect();
+        PgConfig::from_options(&Options::new("pg", OPTIONS, given)?)
+    }
+
+    /// Issue 17: a root certificate without verification is an error that says what to set, and
+    /// a remote host reached without verification is told apart from a local one.
+    #[test]
+    fn tls_settings_say_what_they_do() {
+        let err = config(&[
+            ("url", "postgres://u@db.example.com/x"),
+            ("tls_root_cert", "/ca.pem"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("tls 'verify-full'"), "{err}");
+        let remote = config(&[("url", "postgres://u@db.example.com/x")]).unwrap();
+        assert_eq!(remote.tls, Tls::Prefer);
+        assert_eq!(
+            remote.unverified_remote_host().as_deref(),
+            Some("db.example.com")
+        );
+        for local in ["localhost", "127.0.0.1", "[::1]"] {
+            let c = config(&[("url", &format!("postgres://u@{local}/x"))]).unwrap();
+            assert_eq!(c.unverified_remote_host(), None, "{local}");
+        }
+        let verified = config(&[
+            ("url", "postgres://u@db.example.com/x"),
+            ("tls", "verify-full"),
+            ("tls_root_cert", "/ca.pem"),
+        ])
+        .unwrap();
+        assert_eq!(verified.unverified_remote_host(), None);
+    }
+
+    /// Issue 17: connects, statements and pool waits are bounded, by options with defaults.
+    #[test]
+    fn every_wait_is_bounded() {
+        let c = config(&[("url", "postgres://u@localhost/x")]).unwrap();
+        assert_eq!(c.pg.get_connect_timeout(), Some(&DEFAULT_CONNECT_TIMEOUT));
+        assert!(
+            c.pg.get_options()
+                .unwrap()
+                .contains("statement_timeout=3600000"),
+            "{:?}",
+            c.pg.get_options()
+        );
+        assert_eq!(c.pool_timeout, DEFAULT_POOL_TIMEOUT);
+        let c = config(&[
+            ("url", "postgres://u@localhost/x"),
+            ("statement_timeout", "90s"),
+            ("connect_timeout", "2s"),
+            ("pool_timeout", "5s"),
+        ])
+        .unwrap();
+        assert!(
+            c.pg.get_options()
+                .unwrap()
+                .contains("statement_timeout=90000")
+        );
+        assert_eq!(c.pg.get_connect_timeout(), Some(&Duration::from_secs(2)));
+        assert_eq!(c.pool_timeout, Duration::from_secs(5));
+        let err = config(&[
+            ("url", "postgres://u@localhost/x"),
+            ("statement_timeout", "99999999999999999999999"),
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("statement_timeout"), "{err}");
     }
 }

@@ -22,6 +22,7 @@ mod config;
 mod metadata;
 mod sink;
 mod source;
+mod transaction;
 pub mod types;
 pub mod warehouse;
 
@@ -62,6 +63,14 @@ impl ConnectorKind for PostgresConnector {
         _context: &ConnectContext,
     ) -> Result<Connected> {
         let config = PgConfig::from_options(options)?;
+        if let Some(host) = config.unverified_remote_host() {
+            tracing::warn!(
+                connection = name,
+                host = %host,
+                "Postgres: the server is not verified (tls '{}'): a machine between sluice and {host} could read or change the data. Set tls 'verify-full' (with tls_root_cert for a private CA).",
+                config.tls.as_str()
+            );
+        }
         let pool = config.pool()?;
         let connection = Arc::new(PgConnection {
             name: name.to_string(),
@@ -109,6 +118,12 @@ impl PgConnection {
         self.pool.get().await.map_err(|e| {
             let reason = match e {
                 deadpool_postgres::PoolError::Backend(e) => pg_message(&e),
+                deadpool_postgres::PoolError::Timeout(deadpool_postgres::TimeoutType::Wait) => {
+                    format!(
+                        "all {} of its pooled connections stayed busy for {:?} (pool_timeout); raise pool_size or pool_timeout",
+                        self.config.pool_size, self.config.pool_timeout
+                    )
+                }
                 other => other.to_string(),
             };
             Error::Write {

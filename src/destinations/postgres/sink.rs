@@ -36,6 +36,7 @@ use datafusion::physical_plan::{DisplayAs, DisplayFormatType, SendableRecordBatc
 use futures::{SinkExt, StreamExt};
 
 use super::metadata::{Relation, quote_ident};
+use super::transaction::Tx;
 use super::types::{COPY_HEADER, COPY_TRAILER, PgType, can_encode, encode_field};
 use super::{PgConnection, pg_message};
 use crate::delivery::encode::json_lines;
@@ -319,7 +320,7 @@ struct Writer<'a> {
     dry_run: Option<DryRun>,
     /// A streaming first run's connection, in the one transaction that holds all its batches
     /// until the change stream ends ([`crate::sync::SyncRun::stream_first_run`]).
-    held: Option<deadpool_postgres::Object>,
+    held: Option<Tx>,
     /// The changes written in that transaction, acknowledged once it commits.
     uncommitted: Vec<u32>,
     /// The match key's index, dropped in that transaction and built again before it commits.
@@ -330,21 +331,18 @@ impl Writer<'_> {
     /// Ends the write: a held transaction commits if the change stream ended cleanly (its records
     /// are then acknowledged) and is rolled back otherwise (nothing of the run is written).
     async fn end(&mut self, clean: bool) -> Result<()> {
-        let Some(client) = self.held.take() else {
+        let Some(tx) = self.held.take() else {
             return Ok(());
         };
         if !clean {
-            let _ = client.batch_execute("ROLLBACK").await;
+            tx.rollback().await;
             return Ok(());
         }
-        if let Err(e) = self.rebuild_index(&client).await {
-            let _ = client.batch_execute("ROLLBACK").await;
+        if let Err(e) = self.rebuild_index(&tx).await {
+            tx.rollback().await;
             return Err(e);
         }
-        client
-            .batch_execute("COMMIT")
-            .await
-            .map_err(|e| self.sink.pg_error(e))?;
+        tx.commit().await.map_err(|e| self.sink.pg_error(e))?;
         tracing::debug!(
             rows = self.uncommitted.len(),
             "Postgres: the run's transaction committed."
@@ -400,33 +398,38 @@ impl Writer<'_> {
         }
         let started = Instant::now();
         let held = self.sink.sync.as_ref().is_some_and(|r| r.streaming());
-        let mut client = match self.held.take() {
-            Some(client) => client,
+        let tx = match self.held.take() {
+            Some(tx) => tx,
             None => {
                 let client = self.sink.connection.client().await?;
-                if held {
-                    client
-                        .batch_execute("BEGIN")
-                        .await
-                        .map_err(|e| self.sink.pg_error(e))?;
-                    if self.sink.connection.config.defer_key_index {
-                        self.deferred = DeferredIndex::drop_if_empty(&client, self.sink).await?;
-                    }
+                let tx = Tx::begin(client).await.map_err(|e| self.sink.pg_error(e))?;
+                if held && self.sink.connection.config.defer_key_index {
+                    self.deferred = DeferredIndex::drop_if_empty(&tx, self.sink).await?;
                 }
-                client
+                tx
             }
         };
-        let result = self
-            .transaction(&mut client, &batches, rows, all, !held)
-            .await;
-        if result.is_err() {
-            let _ = client.batch_execute("ROLLBACK").await;
-            // (The rollback undid the writes and the index's drop alike.)
-            self.uncommitted.clear();
-            self.deferred = None;
-            return result.map(|_| ());
-        }
-        let (acked, rejected, bytes) = result?;
+        let result = match self.transaction(&tx, &batches, rows, all, held).await {
+            Ok(written) if !held => tx
+                .commit()
+                .await
+                .map(|()| (written, None))
+                .map_err(|e| self.sink.pg_error(e)),
+            Ok(written) => Ok((written, Some(tx))),
+            Err(e) => {
+                tx.rollback().await;
+                Err(e)
+            }
+        };
+        let ((acked, rejected, bytes), tx) = match result {
+            Ok(done) => done,
+            Err(e) => {
+                // (The rollback undid the writes and the index's drop alike.)
+                self.uncommitted.clear();
+                self.deferred = None;
+                return Err(e);
+            }
+        };
         tracing::debug!(
             rows = acked.len() + rejected.len(),
             bytes,
@@ -437,34 +440,31 @@ impl Writer<'_> {
         self.metrics.record_request(bytes, started.elapsed());
         DeliveryMetrics::add(&self.metrics.rejected, rejected.len() as u64);
         self.outcome.rejected.extend(rejected);
-        if held {
+        if let Some(tx) = tx {
             self.uncommitted.extend(acked);
-            self.held = Some(client);
+            self.held = Some(tx);
         } else {
             self.acknowledge(acked);
         }
         Ok(())
     }
 
-    /// Writes `rows`: new records by direct COPY, the rest through the staging table, refused
-    /// records isolated under savepoints. `own`: in a transaction begun and committed here (else
-    /// the caller's transaction goes on).
+    /// Writes `rows` in the transaction `client` is in: new records by direct COPY, the rest
+    /// through the staging table, refused records isolated under savepoints. `held`: the run's
+    /// transaction, which goes on after this batch (else the caller commits it next).
     async fn transaction(
         &mut self,
-        client: &mut deadpool_postgres::Object,
+        client: &deadpool_postgres::Object,
         batches: &[RecordBatch],
         rows: Vec<Row>,
         all: u64,
-        own: bool,
+        held: bool,
     ) -> Result<(Vec<u32>, Vec<Rejected>, usize)> {
         let sink = self.sink;
         let pg = |e: tokio_postgres::Error| sink.pg_error(e);
         let mut acked: Vec<u32> = vec![];
         let mut rejected: Vec<Rejected> = vec![];
         let mut bytes = 0;
-        if own {
-            client.batch_execute("BEGIN").await.map_err(pg)?;
-        }
 
         // 1. New records straight into the table.
         let (direct, mut staged): (Vec<Row>, Vec<Row>) = rows
@@ -514,7 +514,7 @@ impl Writer<'_> {
             self.rebuild_index(client).await?;
             staged.sort_by_key(|r| r.change);
             let stage = self.stage_table(client).await?;
-            if !own {
+            if held {
                 // (Emptied at each commit, and this transaction goes on.)
                 client
                     .batch_execute(&format!("TRUNCATE {stage}"))
@@ -600,9 +600,6 @@ impl Writer<'_> {
                     Err(e) => return Err(pg(e)),
                 }
             }
-        }
-        if own {
-            client.batch_execute("COMMIT").await.map_err(pg)?;
         }
         Ok((acked, rejected, bytes))
     }
