@@ -238,10 +238,7 @@ impl ExecutionPlan for DiffExec {
         }
         let input = Tagged {
             schema: self.input.schema(),
-            batches: Box::pin(futures::stream::unfold(rx, |mut rx| async move {
-                rx.recv().await.map(|hashed| (hashed, rx))
-            })),
-            _tasks: tasks,
+            batches: received(rx, tasks, "reading the model"),
         };
         let run = Arc::clone(&self.run);
         let schema = Arc::clone(&self.schema);
@@ -263,10 +260,8 @@ impl ExecutionPlan for DiffExec {
                 }
             }
         });
-        let stream = futures::stream::unfold((rx, task), |(mut rx, task)| async move {
-            rx.recv().await.map(|batch| (batch, (rx, task)))
-        })
-        .inspect_ok(move |b: &RecordBatch| output_rows.add(b.num_rows()));
+        let stream = received(rx, vec![task], "the diff")
+            .inspect_ok(move |b: &RecordBatch| output_rows.add(b.num_rows()));
         Ok(Box::pin(RecordBatchStreamAdapter::new(schema, stream)))
     }
 }
@@ -283,8 +278,42 @@ const HASHED_AHEAD: usize = 2;
 struct Tagged {
     schema: SchemaRef,
     batches: futures::stream::BoxStream<'static, Result<(usize, RecordBatch, Hashed)>>,
-    /// The tasks reading the partitions (stopped when this is dropped).
-    _tasks: Vec<SpawnedTask<()>>,
+}
+
+/// What `tasks` send on `rx`, then, once every sender is gone, an error if any of them panicked
+/// or was cancelled: a closed channel alone is not the end of the input, since a task that
+/// panics drops its sender too (a truncated model would read as a complete one, and a mirror
+/// sync would delete the rest). The tasks stop when the stream is dropped.
+fn received<T: Send + 'static>(
+    rx: tokio::sync::mpsc::Receiver<Result<T>>,
+    tasks: Vec<SpawnedTask<()>>,
+    what: &'static str,
+) -> futures::stream::BoxStream<'static, Result<T>> {
+    let items = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    });
+    let end = futures::stream::once(async move {
+        for task in tasks {
+            if let Err(e) = task.join().await {
+                let why = if e.is_panic() {
+                    let panic = e.into_panic();
+                    panic
+                        .downcast_ref::<String>()
+                        .cloned()
+                        .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                        .unwrap_or_else(|| "a panic".into())
+                } else {
+                    "it was cancelled".into()
+                };
+                return Some(Err(DataFusionError::Execution(format!(
+                    "{what} failed ({why}); the run stops and commits nothing it did not deliver"
+                ))));
+            }
+        }
+        None
+    })
+    .filter_map(futures::future::ready);
+    Box::pin(items.chain(end))
 }
 
 async fn diff_stream(
@@ -568,4 +597,40 @@ fn check_rails(run: &SyncRun, counts: &DiffCounts) -> std::result::Result<(), St
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 17: a task that panics after sending some items ends the stream with an error, not
+    /// as if its input had ended.
+    #[tokio::test]
+    async fn a_panicking_task_is_an_error_not_the_end_of_input() {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let task = SpawnedTask::spawn(async move {
+            tx.send(Ok(1)).await.unwrap();
+            tx.send(Ok(2)).await.unwrap();
+            panic!("index out of bounds");
+        });
+        let items: Vec<Result<i32>> = received(rx, vec![task], "reading the model")
+            .collect()
+            .await;
+        assert_eq!(items.len(), 3);
+        assert_eq!(items[1].as_ref().unwrap(), &2);
+        let err = items[2].as_ref().unwrap_err().to_string();
+        assert!(
+            err.contains("reading the model failed (index out of bounds)"),
+            "{err}"
+        );
+
+        // A task that ends normally ends the stream with its items only.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let task = SpawnedTask::spawn(async move {
+            tx.send(Ok(7)).await.unwrap();
+        });
+        let items: Vec<Result<i32>> = received(rx, vec![task], "x").collect().await;
+        assert_eq!(items.len(), 1);
+        assert!(items[0].is_ok());
+    }
 }
