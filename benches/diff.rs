@@ -130,6 +130,7 @@ async fn commit_previous_snapshot(dir: &Path) {
         rejects: None,
         run_id: "setup".into(),
         committed_at: now(),
+        checksum: None,
     };
     state
         .commit(manifest, &snapshot, false, &[], None)

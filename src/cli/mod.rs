@@ -92,7 +92,14 @@ pub fn main() -> ExitCode {
             return Status::Error.into();
         }
     };
-    runtime.block_on(run(args)).into()
+    runtime
+        .block_on(async {
+            let status = run(args).await;
+            // A cancelled run's lock release and run record, before the process exits.
+            crate::sync::cleanup::settle(std::time::Duration::from_secs(10)).await;
+            status
+        })
+        .into()
 }
 
 async fn run(args: Args) -> Status {

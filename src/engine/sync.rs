@@ -571,7 +571,7 @@ impl Engine {
     pub(super) async fn reset_sync(&self, name: &str) -> Result<Outcome> {
         let lock = self.state.lock(name, "reset").await?;
         let removed = self.state.reset(name).await?;
-        drop(lock);
+        lock.release().await;
         Ok(Outcome::Done(if removed == 0 {
             format!("RESET SYNC {name}: it had no state; its next run sends every record")
         } else {

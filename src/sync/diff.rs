@@ -1279,6 +1279,7 @@ mod tests {
                 rejects: None,
                 run_id: "r".into(),
                 committed_at: now(),
+                checksum: None,
             };
             state
                 .commit(manifest, &snap, false, &[], None)

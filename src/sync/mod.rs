@@ -7,7 +7,9 @@
 //! - [`run`]: one run of a sync: its changes, what the destination acknowledged, the commit.
 //! - [`state`]: snapshots, manifests, rejects, run records and locks in an object store.
 //! - [`tables`]: `sluice.runs` and `sluice.rejects`.
+//! - [`cleanup`]: what a dropped run still has to do before the process exits.
 
+pub mod cleanup;
 pub mod diff;
 pub mod exec;
 pub mod hash;

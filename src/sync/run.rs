@@ -139,13 +139,11 @@ impl Drop for SyncRun {
         super::state::interrupted(&mut record);
         record.finished_at = Some(now());
         let state = self.state.clone();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                // The lock first: once the record says interrupted, the sync is free to run.
-                drop(lock);
-                let _ = state.put_run(&record).await;
-            });
-        }
+        super::cleanup::spawn(async move {
+            // The lock first: once the record says interrupted, the sync is free to run.
+            lock.release().await;
+            let _ = state.put_run(&record).await;
+        });
     }
 }
 
@@ -584,6 +582,7 @@ impl SyncRun {
                     rejects: None,
                     run_id: self.run_id.clone(),
                     committed_at: now(),
+                    checksum: None,
                 };
                 self.state
                     .commit(new_manifest, &next, written, &rejects, manifest.as_ref())
@@ -602,10 +601,14 @@ impl SyncRun {
         if !self.dry_run {
             self.state.put_run(&record).await?;
         }
-        let mut inner = self.inner();
-        inner.finished = true;
-        inner.lock = None;
-        drop(inner);
+        let lock = {
+            let mut inner = self.inner();
+            inner.finished = true;
+            inner.lock.take()
+        };
+        if let Some(lock) = lock {
+            lock.release().await;
+        }
         Ok(RunSummary {
             record,
             counts,

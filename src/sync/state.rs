@@ -12,6 +12,11 @@
 //! Commit = write the new snapshot and rejects under new names, then replace the manifest in one
 //! `put` (atomic on every object store: a local put renames a finished temporary file). A crash
 //! before the manifest swap leaves the previous manifest and the files it names untouched.
+//!
+//! Every file is checked when read (format 3): snapshot, hash, rejects and intent files end with
+//! a seal (8 magic bytes and the xxh3-64 of what precedes them), and the manifest carries the
+//! hash of its own text. A flipped byte anywhere is a "corrupt state" error that names the file,
+//! never a wrong diff (a phantom DELETE) or a panic.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -32,8 +37,16 @@ use super::hash::{HASH_VERSION, POSTGRES_HASH_VERSION};
 use crate::error::{Error, Result};
 
 /// The manifest format this version writes. Format 1 kept every field's hashes in the snapshot
-/// file itself; it is still read (its row hashes are computed on load).
-pub const FORMAT: u32 = 2;
+/// file itself; it is still read (its row hashes are computed on load). Format 2's files have no
+/// seals and its manifest no checksum; they are still read, unchecked.
+pub const FORMAT: u32 = 3;
+
+/// The first format whose files are sealed and whose manifest has a checksum.
+const SEALED_FORMAT: u32 = 3;
+
+/// The magic bytes of a state file's seal, followed by the xxh3-64 (little-endian) of the bytes
+/// before the seal.
+const SEAL: &[u8; 8] = b"SLUICE\x00\x01";
 
 /// Where state lives.
 #[derive(Debug, Clone)]
@@ -63,6 +76,59 @@ pub struct Manifest {
     pub rejects: Option<String>,
     pub run_id: String,
     pub committed_at: String,
+    /// The xxh3-64 of this manifest as written with `checksum` null (format 3).
+    #[serde(default)]
+    pub checksum: Option<String>,
+}
+
+impl Manifest {
+    /// The manifest as written: pretty JSON carrying the hash of its own text.
+    fn sealed(&self) -> Vec<u8> {
+        let mut manifest = self.clone();
+        manifest.checksum = None;
+        let body = serde_json::to_vec_pretty(&manifest).expect("serializing to memory");
+        manifest.checksum = Some(format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&body)));
+        serde_json::to_vec_pretty(&manifest).expect("serializing to memory")
+    }
+
+    /// Whether a manifest read back is the one its checksum was computed for.
+    fn intact(&self) -> bool {
+        let mut manifest = self.clone();
+        let Some(checksum) = manifest.checksum.take() else {
+            return false;
+        };
+        let body = serde_json::to_vec_pretty(&manifest).expect("serializing to memory");
+        checksum == format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&body))
+    }
+}
+
+/// `body` with its seal appended.
+fn seal(mut body: Vec<u8>) -> Bytes {
+    let hash = xxhash_rust::xxh3::xxh3_64(&body);
+    body.extend_from_slice(SEAL);
+    body.extend_from_slice(&hash.to_le_bytes());
+    Bytes::from(body)
+}
+
+/// The body of a sealed file, checked against its seal. A file without a seal is returned as it
+/// is unless `required` (files of format 2 and before have none); whatever reads it then checks
+/// its structure, and a sealed file whose magic bytes were damaged fails that check.
+fn unseal(bytes: Bytes, required: bool) -> std::result::Result<Bytes, String> {
+    let n = bytes.len();
+    if n >= 16 && &bytes[n - 16..n - 8] == SEAL {
+        let stored = u64::from_le_bytes(bytes[n - 8..].try_into().expect("8 bytes"));
+        let body = bytes.slice(..n - 16);
+        return match xxhash_rust::xxh3::xxh3_64(&body) == stored {
+            true => Ok(body),
+            false => {
+                Err("is corrupt (it does not match its checksum: a byte of it changed)".into())
+            }
+        };
+    }
+    match required {
+        true => Err("is corrupt (it has no checksum seal: it was cut short or changed)".into()),
+        false => Ok(bytes),
+    }
 }
 
 /// One rejected record, as kept in state and shown in `sluice.rejects`.
@@ -118,25 +184,40 @@ fn held() -> &'static Mutex<HashSet<String>> {
     HELD.get_or_init(Mutex::default)
 }
 
-/// Holds a sync's lock until dropped.
+/// Holds a sync's lock until [`SyncLock::release`]d (or, failing that, dropped: the lock file
+/// is then deleted by a task that [`super::cleanup::settle`] waits for before the process exits).
 #[derive(Debug)]
 pub struct SyncLock {
     store: Arc<dyn ObjectStore>,
     path: Path,
     /// The run whose process died holding the lock, when this lock was taken over from it.
     pub taken_over: Option<String>,
+    released: bool,
+}
+
+impl SyncLock {
+    /// Deletes the lock file, and returns once it is gone (or could not be deleted: a lock this
+    /// process left is taken over by its next run).
+    pub async fn release(mut self) {
+        self.released = true;
+        held().lock().expect("lock set").remove(self.path.as_ref());
+        if let Err(e) = self.store.delete(&self.path).await {
+            tracing::warn!(lock = %self.path, error = %e, "Could not delete the sync's lock.");
+        }
+    }
 }
 
 impl Drop for SyncLock {
     fn drop(&mut self) {
+        if self.released {
+            return;
+        }
         held().lock().expect("lock set").remove(self.path.as_ref());
         let store = Arc::clone(&self.store);
         let path = self.path.clone();
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            handle.spawn(async move {
-                let _ = store.delete(&path).await;
-            });
-        }
+        super::cleanup::spawn(async move {
+            let _ = store.delete(&path).await;
+        });
     }
 }
 
@@ -290,12 +371,19 @@ impl StateStore {
         let Some(bytes) = self.read(&path).await? else {
             return Ok(None);
         };
-        let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| Error::State {
+        let corrupt = |e: String| Error::State {
             message: format!(
                 "the state manifest {} is corrupt ({e}); nothing was sent. Restore it, or RESET SYNC {sync} to forget this sync's state (its next run resends every record)",
                 self.shown(&path)
             ),
-        })?;
+        };
+        let manifest: Manifest =
+            serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        if manifest.format >= SEALED_FORMAT && !manifest.intact() {
+            return Err(corrupt(
+                "it does not match its checksum: a byte of it changed".into(),
+            ));
+        }
         if !(1..=FORMAT).contains(&manifest.format)
             || (manifest.hash != HASH_VERSION && manifest.hash != POSTGRES_HASH_VERSION)
         {
@@ -320,6 +408,8 @@ impl StateStore {
         let Some(bytes) = self.read(&path).await? else {
             return Err(corrupt("is named by the manifest but missing".into()));
         };
+        let sealed = manifest.format >= SEALED_FORMAT;
+        let bytes = unseal(bytes, sealed).map_err(&corrupt)?;
         let (schema, batches) =
             read_ipc(bytes).map_err(|e| corrupt(format!("is corrupt ({e})")))?;
         let batch = match batches.len() {
@@ -394,17 +484,23 @@ impl StateStore {
             keys: batch.column(0).clone(),
             fields: manifest.fields.clone(),
             rows: hash_column(2, "row")?,
-            hashes: FieldHashes::Stored(self.stored_hashes(sync, manifest.hash_files.clone())),
+            hashes: FieldHashes::Stored(StoredHashes {
+                state: self.clone(),
+                sync: sync.to_string(),
+                files: manifest.hash_files.clone(),
+                sealed,
+            }),
             record_ids,
         })
     }
 
-    /// A snapshot's field hashes in `files` (of `sync`'s directory).
+    /// A snapshot's field hashes in `files` (of `sync`'s directory), as this version writes them.
     pub fn stored_hashes(&self, sync: &str, files: Vec<String>) -> StoredHashes {
         StoredHashes {
             state: self.clone(),
             sync: sync.to_string(),
             files,
+            sealed: true,
         }
     }
 
@@ -430,15 +526,17 @@ impl StateStore {
             return Ok(vec![]);
         };
         let path = self.path(&["syncs", sync, name]);
-        let Some(bytes) = self.read(&path).await? else {
-            return Err(Error::State {
-                message: format!(
-                    "the rejects file {} is named by the manifest but missing; RESET SYNC {sync} to start over",
-                    self.shown(&path)
-                ),
-            });
+        let corrupt = |what: String| Error::State {
+            message: format!(
+                "the rejects file {} {what}; RESET SYNC {sync} to start over",
+                self.shown(&path)
+            ),
         };
-        bytes
+        let Some(bytes) = self.read(&path).await? else {
+            return Err(corrupt("is named by the manifest but missing".into()));
+        };
+        unseal(bytes, manifest.format >= SEALED_FORMAT)
+            .map_err(corrupt)?
             .split(|b| *b == b'\n')
             .filter(|l| !l.is_empty())
             .map(|line| {
@@ -499,12 +597,11 @@ impl StateStore {
                 serde_json::to_writer(&mut body, r).expect("serializing to memory");
                 body.push(b'\n');
             }
-            self.write(&path, body).await?;
+            self.write(&path, seal(body)).await?;
             Some(name)
         };
         let path = self.path(&["syncs", &sync, "manifest.json"]);
-        let body = serde_json::to_vec_pretty(&manifest).expect("serializing to memory");
-        self.write(&path, body).await?;
+        self.write(&path, manifest.sealed()).await?;
         if let Some(previous) = previous {
             let current: HashSet<&String> = [Some(&manifest.snapshot), manifest.rejects.as_ref()]
                 .into_iter()
@@ -552,10 +649,12 @@ impl StateStore {
             let Some(bytes) = self.read(&o.location).await? else {
                 continue;
             };
-            // A run killed while writing its intent sent nothing yet: an unreadable intent is
-            // skipped (and removed at the next commit).
-            let keys = read_ipc(bytes)
+            // An intent is written whole or not at all (a put renames a finished file), so an
+            // unreadable one was damaged: its keys may be at the destination, and a run without
+            // them could lose track of records it sent.
+            let keys = unseal(bytes, false)
                 .ok()
+                .and_then(|bytes| read_ipc(bytes).ok())
                 .map(|(_, batches)| batches)
                 .and_then(|batches| {
                     let arrays: Vec<ArrayRef> =
@@ -568,12 +667,12 @@ impl StateStore {
             match keys {
                 Some(keys) => out.push((name, keys)),
                 None => {
-                    tracing::warn!(file = %self.shown(&o.location), "Skipping an unreadable intent file.");
-                    out.push((
-                        name,
-                        Arc::new(datafusion::arrow::array::Int64Array::from(Vec::<i64>::new()))
-                            as ArrayRef,
-                    ));
+                    return Err(Error::State {
+                        message: format!(
+                            "the state file {} (the keys of records a run was sending) is corrupt; nothing was sent. Restore it, or RESET SYNC {sync} to forget this sync's state (its next run resends every record)",
+                            self.shown(&o.location)
+                        ),
+                    });
                 }
             }
         }
@@ -632,6 +731,7 @@ impl StateStore {
                         store: Arc::clone(&self.store),
                         path,
                         taken_over,
+                        released: false,
                     });
                 }
                 Err(object_store::Error::AlreadyExists { .. }) => {
@@ -811,6 +911,8 @@ pub struct StoredHashes {
     state: StateStore,
     sync: String,
     files: Vec<String>,
+    /// Whether the files carry seals (format 3 and later).
+    sealed: bool,
 }
 
 impl StoredHashes {
@@ -827,6 +929,7 @@ impl StoredHashes {
         let Some(bytes) = self.state.read(&path).await? else {
             return Err(corrupt("is named by the manifest but missing".into()));
         };
+        let bytes = unseal(bytes, self.sealed).map_err(&corrupt)?;
         let (_, batches) = read_ipc(bytes).map_err(|e| corrupt(format!("is corrupt ({e})")))?;
         let column = match batches.as_slice() {
             [batch] if batch.num_columns() == 1 => batch
@@ -847,14 +950,14 @@ impl StoredHashes {
     }
 }
 
-/// One batch as an Arrow IPC file.
+/// One batch as an Arrow IPC file, sealed.
 fn ipc_file(batch: &RecordBatch) -> Result<Bytes> {
     let mut buf = Vec::with_capacity(batch.get_array_memory_size() + 1024);
     let mut writer = FileWriter::try_new(&mut buf, &batch.schema())?;
     writer.write(batch)?;
     writer.finish()?;
     drop(writer);
-    Ok(Bytes::from(buf))
+    Ok(seal(buf))
 }
 
 /// Decodes an Arrow IPC file without copying its buffers (the arrays point into `bytes`).
@@ -885,9 +988,17 @@ fn read_ipc(
     let decoder = FileDecoder::new(Arc::clone(&schema), footer.version());
     let mut batches = vec![];
     for block in footer.recordBatches().into_iter().flatten() {
-        let len = block.bodyLength() as usize + block.metaDataLength() as usize;
-        let start = block.offset() as usize;
-        if start + len > footer_start {
+        let len = usize::try_from(block.bodyLength())
+            .ok()
+            .zip(usize::try_from(block.metaDataLength()).ok())
+            .and_then(|(body, meta)| body.checked_add(meta));
+        let start = usize::try_from(block.offset()).ok();
+        let Some((start, len)) = start.zip(len) else {
+            return Err(ArrowError::IpcError(
+                "a record batch is out of range".into(),
+            ));
+        };
+        if start.checked_add(len).is_none_or(|end| end > footer_start) {
             return Err(ArrowError::IpcError("a record batch is truncated".into()));
         }
         let data = buffer.slice_with_length(start, len);
@@ -1003,6 +1114,125 @@ mod tests {
         assert!(
             !dir.path().join("syncs/s/snapshot-old.arrow").exists(),
             "the old snapshot is removed"
+        );
+    }
+
+    /// Everything a run reads of a sync's state, as text to compare.
+    async fn load_everything(state: &StateStore) -> Result<String> {
+        let m = state.manifest("s").await?.expect("a manifest");
+        let snapshot = state.snapshot("s", &m).await?;
+        let mut out = format!(
+            "{:?} {:?} {:?} {:?}",
+            snapshot.keys, snapshot.rows, snapshot.record_ids, snapshot.fields
+        );
+        for f in 0..snapshot.fields.len() {
+            out.push_str(&format!("{:?}", snapshot.field_column(f).await?));
+        }
+        for r in state.rejects("s", &m).await? {
+            out.push_str(&format!("{} {:?} {}", r.error_message, r.key, r.payload));
+        }
+        for (name, keys) in state.intents("s").await? {
+            out.push_str(&format!("{name} {keys:?}"));
+        }
+        Ok(out)
+    }
+
+    /// Issue 17: a flipped byte anywhere in a sync's state is a clear error naming the file, or
+    /// (where the byte changed nothing the state means) the same state: never a panic, never a
+    /// different snapshot.
+    #[tokio::test]
+    async fn every_flipped_byte_of_the_state_is_caught() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateStore::local(dir.path()).unwrap();
+        let snapshot = Snapshot::new(
+            Arc::new(datafusion::arrow::array::Int64Array::from(vec![1, 2, 3])),
+            vec!["email".into(), "plan".into()],
+            vec![
+                UInt64Array::from(vec![Some(11), Some(12), None]),
+                UInt64Array::from(vec![Some(21), Some(22), Some(23)]),
+            ],
+            Some(StringArray::from(vec![Some("a"), Some("b"), None])),
+        );
+        let manifest = Manifest {
+            format: FORMAT,
+            hash: HASH_VERSION.into(),
+            sync: "s".into(),
+            target: "t.o".into(),
+            key: Some("id".into()),
+            fields: vec![],
+            snapshot: String::new(),
+            hash_files: vec![],
+            rows: 0,
+            rejects: None,
+            run_id: "r1".into(),
+            committed_at: now(),
+            checksum: None,
+        };
+        let reject = RejectEntry {
+            sync: "s".into(),
+            run_id: "r1".into(),
+            target: "t.o".into(),
+            key: Some("4".into()),
+            operation: "insert".into(),
+            error_code: "invalid".into(),
+            error_message: "refused".into(),
+            payload: "{\"id\":4}".into(),
+            attempts: 1,
+            first_seen: now(),
+            last_seen: now(),
+        };
+        state
+            .commit(manifest, &snapshot, false, &[reject], None)
+            .await
+            .unwrap();
+        let keys: ArrayRef = Arc::new(datafusion::arrow::array::Int64Array::from(vec![5, 6]));
+        state.put_intent("s", "r2", keys).await.unwrap();
+        let expected = load_everything(&state).await.unwrap();
+
+        let files: Vec<std::path::PathBuf> = std::fs::read_dir(dir.path().join("syncs/s"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .collect();
+        assert_eq!(
+            files.len(),
+            6,
+            "manifest, snapshot, 2 hash files, rejects, intent"
+        );
+        let (mut caught, mut harmless) = (0, 0);
+        for file in &files {
+            let original = std::fs::read(file).unwrap();
+            for i in 0..original.len() {
+                for mask in [0x01u8, 0x80, 0xff] {
+                    let mut bytes = original.clone();
+                    bytes[i] ^= mask;
+                    std::fs::write(file, &bytes).unwrap();
+                    match load_everything(&state).await {
+                        Ok(got) => {
+                            assert_eq!(got, expected, "{} byte {i} ^ {mask:#x}", file.display());
+                            harmless += 1;
+                        }
+                        Err(e) => {
+                            let e = e.to_string();
+                            let name = file.file_name().unwrap().to_str().unwrap();
+                            assert!(
+                                e.contains(name)
+                                    && (e.contains("corrupt") || e.contains("another version")),
+                                "{} byte {i} ^ {mask:#x}: {e}",
+                                file.display()
+                            );
+                            caught += 1;
+                        }
+                    }
+                }
+            }
+            std::fs::write(file, &original).unwrap();
+        }
+        assert_eq!(load_everything(&state).await.unwrap(), expected);
+        // Only bytes of the manifest's JSON that leave its meaning whole (a letter's case in a
+        // hex digit, say) may pass; every byte of every other file is caught.
+        assert!(
+            caught > 10 * harmless,
+            "caught {caught}, harmless {harmless}"
         );
     }
 

@@ -322,6 +322,80 @@ async fn corrupt_or_missing_state_is_a_clear_error_never_a_full_resend() {
     assert_eq!(fake.observed(|o| o.record_count), sent + 50);
 }
 
+/// Issue 17: one flipped byte in any state file (a hash file gave a run recorded as succeeded,
+/// 0 rows read) is a clear error naming the file, before anything is sent or deleted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flipped_byte_in_any_state_file_is_refused_before_anything_is_sent() {
+    let (fake, dir) = setup(Duration::ZERO).await;
+    let dir = dir.path();
+    let model = model(50, "x.io");
+    write_model(dir, &model);
+    assert!(start(dir).wait_with_output().unwrap().status.success());
+    let sent = fake.observed(|o| o.record_count);
+    // The next model changes a record and drops two (a mirror sync deletes them).
+    let mut changed = model.clone();
+    changed.get_mut(&7).unwrap().1 = "pro".into();
+    changed.remove(&8);
+    changed.remove(&9);
+    write_model(dir, &changed);
+    let state = dir.join(".sluice/syncs/users_sync");
+    let mut files: Vec<_> = std::fs::read_dir(&state)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.file_name().unwrap() != "lock")
+        .collect();
+    files.sort();
+    assert!(files.len() >= 4, "{files:?}");
+    for file in &files {
+        let name = file.file_name().unwrap().to_string_lossy().to_string();
+        let good = std::fs::read(file).unwrap();
+        for at in [good.len() / 3, good.len() / 2, good.len() - 20] {
+            let mut bad = good.clone();
+            bad[at] ^= 0x04;
+            std::fs::write(file, &bad).unwrap();
+            let out = start(dir).wait_with_output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{name} byte {at}: {stderr}");
+            assert!(
+                stderr.contains("corrupt") && stderr.contains(&name),
+                "{name} byte {at}: {stderr}"
+            );
+            assert_eq!(fake.observed(|o| o.record_count), sent, "{name}: sent");
+        }
+        std::fs::write(file, &good).unwrap();
+    }
+    // Intact again, the run sends the update and the two deletes.
+    assert!(start(dir).wait_with_output().unwrap().status.success());
+    assert_eq!(fake.observed(|o| o.record_count), sent + 3);
+}
+
+/// Issue 17: a run releases its lock before the process exits (the lock was deleted by a task
+/// spawned in a destructor, which often never ran: 3 of 6 successful runs left it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_run_that_ends_leaves_no_lock_behind() {
+    let (_fake, dir) = setup(Duration::ZERO).await;
+    let dir = dir.path();
+    let lock = dir.join(".sluice/syncs/users_sync/lock");
+    for n in 0..6 {
+        write_model(dir, &model(20 + n, "x.io"));
+        let out = start(dir).wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!lock.exists(), "run {n} left its lock");
+    }
+    // A run that fails (a model with a duplicate key) releases it too.
+    let mut csv = std::fs::read_to_string(dir.join("users.csv")).unwrap();
+    csv.push_str("3,dup@x.io,free\n");
+    std::fs::write(dir.join("users.csv"), csv).unwrap();
+    let out = start(dir).wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!lock.exists(), "a failed run left its lock");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_run_of_the_same_sync_refuses_while_the_first_holds_the_lock() {
     let (fake, dir) = setup(Duration::from_millis(150)).await;
