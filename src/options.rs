@@ -156,6 +156,15 @@ impl Options {
         }
     }
 
+    /// Whether the option's value comes from `env()` or `file()`: what a user keeps out of their
+    /// files is a secret as a whole, whatever the option.
+    pub fn from_outside(&self, key: &str) -> bool {
+        matches!(
+            self.raw(key),
+            Some(OptionValue::Env(_) | OptionValue::File(_))
+        )
+    }
+
     /// A plain (non-secret) option, if given.
     pub fn string(&self, key: &str) -> Result<Option<String>> {
         self.raw(key).map(|v| self.resolve(key, v)).transpose()
@@ -229,7 +238,10 @@ impl Options {
     }
 }
 
-/// `'30s'`, `'500ms'`, `'5m'`, `'1h'`, or a plain number of seconds (`'2.5'`).
+/// The longest duration an option may give.
+pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
+
+/// `'30s'`, `'500ms'`, `'5m'`, `'1h'`, or a plain number of seconds (`'2.5'`); at most 30 days.
 pub fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, String> {
     let s = s.trim();
     let (number, unit) = s
@@ -249,7 +261,25 @@ pub fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, Strin
     if !seconds.is_finite() || seconds < 0.0 {
         return Err("a duration must be positive".into());
     }
-    Ok(std::time::Duration::from_secs_f64(seconds))
+    match std::time::Duration::try_from_secs_f64(seconds) {
+        Ok(d) if d <= MAX_DURATION => Ok(d),
+        _ => Err("a duration may be at most 30 days".into()),
+    }
+}
+
+/// A URL as it may be shown (summaries, EXPLAIN, errors, run records): scheme, host and port
+/// only when it came from `env()`/`file()` (its path or query string can carry a token), else
+/// with its password masked.
+pub fn shown_url(url: &url::Url, from_outside: bool) -> String {
+    if !from_outside {
+        return redact_url_password(url.as_str());
+    }
+    let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
+    format!(
+        "{}://{}{port}/***",
+        url.scheme(),
+        url.host_str().unwrap_or("")
+    )
 }
 
 /// `scheme://user:password@host/...` → `scheme://user:***@host/...`; anything else unchanged.
@@ -327,6 +357,16 @@ mod tests {
         assert_eq!(parse_duration("5m"), Ok(Duration::from_secs(300)));
         assert_eq!(parse_duration("2"), Ok(Duration::from_secs(2)));
         assert!(parse_duration("5 parsecs").is_err());
+        // Issue 17: no duration panics, however long.
+        for huge in [
+            "99999999999999999999999",
+            "1e300",
+            "99999999999999999999999h",
+            "31 days",
+        ] {
+            assert!(parse_duration(huge).is_err(), "{huge}");
+        }
+        assert_eq!(parse_duration("720h"), Ok(MAX_DURATION));
     }
 
     #[test]

@@ -314,6 +314,20 @@ impl<S: HttpService> Driver<S> {
                 } => {
                     if throttled {
                         DeliveryMetrics::add(&self.metrics.throttled, 1);
+                        // A wait longer than the batch has left is not waited for: the run
+                        // would hold its lock past `max_retry_time` for nothing.
+                        let left = self.policy.max_elapsed.saturating_sub(started.elapsed());
+                        if let Some(wait) = retry_after.filter(|w| *w > left) {
+                            return Err(self.gave_up(
+                                attempts,
+                                started,
+                                &format!(
+                                    "{reason}; the destination asks to wait {:.0}s, more than the {:.0}s left of max_retry_time",
+                                    wait.as_secs_f64(),
+                                    left.as_secs_f64()
+                                ),
+                            ));
+                        }
                         self.limiter.on_throttle(retry_after, had_window);
                         tracing::warn!(
                             retry_in_ms = retry_after.map(|d| d.as_millis() as u64),
@@ -373,7 +387,7 @@ impl<S: HttpService> Driver<S> {
             }
         };
         let t0 = Instant::now();
-        let response = send(request).await;
+        let response = send(request, MAX_ANSWER_BYTES).await;
         self.metrics.record_request(batch.bytes, t0.elapsed());
         let out = match response {
             Ok(response) => {
@@ -391,24 +405,15 @@ impl<S: HttpService> Driver<S> {
                 }
                 (class, window.is_some())
             }
-            Err(e) => {
-                let e = e.without_url();
-                let reason = if e.is_timeout() {
-                    format!("timed out: {e}")
-                } else if e.is_connect() {
-                    format!("cannot connect: {}", root_cause(&e))
-                } else {
-                    format!("request failed: {}", root_cause(&e))
-                };
-                (
-                    ResponseClass::Retry {
-                        reason,
-                        retry_after: None,
-                        throttled: false,
-                    },
-                    false,
-                )
-            }
+            Err(e @ SendError::TooLarge { .. }) => (ResponseClass::Fatal(e.reason()), false),
+            Err(e) => (
+                ResponseClass::Retry {
+                    reason: e.reason(),
+                    retry_after: None,
+                    throttled: false,
+                },
+                false,
+            ),
         };
         self.limiter.finish();
         Ok(out)
@@ -489,16 +494,63 @@ fn join(
     }
 }
 
-/// Sends a request and reads its whole answer.
-pub(crate) async fn send(request: reqwest::RequestBuilder) -> reqwest::Result<HttpResponse> {
-    let response = request.send().await?;
+/// The most an answer to one request may hold unless an API says otherwise: far more than any
+/// API sluice speaks sends for one batch, far less than a hostile or broken server could.
+pub const MAX_ANSWER_BYTES: usize = 8 << 20;
+
+/// Why a request has no answer to read.
+#[derive(Debug)]
+pub(crate) enum SendError {
+    /// A transport error, its URL removed (it can carry a secret).
+    Http(reqwest::Error),
+    /// The answer is larger than the limit; it was not read further.
+    TooLarge { limit: usize },
+}
+
+impl SendError {
+    /// What went wrong.
+    pub fn reason(&self) -> String {
+        match self {
+            SendError::Http(e) if e.is_timeout() => format!("timed out: {}", root_cause(e)),
+            SendError::Http(e) if e.is_connect() => format!("cannot connect: {}", root_cause(e)),
+            SendError::Http(e) => format!("request failed: {}", root_cause(e)),
+            SendError::TooLarge { limit } => format!(
+                "the answer is larger than {} MB, more than this API sends for one request; it was not read",
+                limit >> 20
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason())
+    }
+}
+
+/// Sends a request and reads its answer, at most `limit` bytes of it.
+pub(crate) async fn send(
+    request: reqwest::RequestBuilder,
+    limit: usize,
+) -> Result<HttpResponse, SendError> {
+    let http = |e: reqwest::Error| SendError::Http(e.without_url());
+    let mut response = request.send().await.map_err(http)?;
     let status = response.status();
     let headers = response.headers().clone();
-    let body = response.bytes().await?;
+    if response.content_length().is_some_and(|n| n > limit as u64) {
+        return Err(SendError::TooLarge { limit });
+    }
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await.map_err(http)? {
+        if body.len() + chunk.len() > limit {
+            return Err(SendError::TooLarge { limit });
+        }
+        body.extend_from_slice(&chunk);
+    }
     Ok(HttpResponse {
         status,
         headers,
-        body,
+        body: body.freeze(),
     })
 }
 

@@ -128,7 +128,8 @@ impl AdaptiveLimiter {
                         // made up by the next one, by at most half an interval: the pace holds
                         // over a long run, and no window of T seconds ever holds more than
                         // T × rate + 1 grants (a configured limit is never exceeded).
-                        let interval = Duration::from_secs_f64(1.0 / rate);
+                        let interval = Duration::try_from_secs_f64(1.0 / rate)
+                            .unwrap_or(Duration::from_secs(1));
                         let earliest = now.checked_sub(interval / 2).unwrap_or(now);
                         s.next_slot = s.next_slot.max(earliest) + interval;
                     }
@@ -196,7 +197,10 @@ impl AdaptiveLimiter {
     pub fn on_throttle(&self, retry_after: Option<Duration>, had_window: bool) {
         let mut s = self.lock();
         let now = Instant::now();
-        let pause_until = now + retry_after.unwrap_or(Duration::from_secs(1));
+        let wait = retry_after
+            .unwrap_or(Duration::from_secs(1))
+            .min(super::retry::MAX_SERVER_WAIT);
+        let pause_until = now + wait;
         s.paused_until = Some(s.paused_until.map_or(pause_until, |p| p.max(pause_until)));
         if !had_window {
             let current = s.rate.or_else(|| observed_rate(&s.recent)).unwrap_or(10.0);

@@ -48,7 +48,21 @@ impl RetryPolicy {
     }
 }
 
-/// `Retry-After`: delay-seconds (fractions accepted) or an HTTP date.
+/// The longest wait a server's answer can ask for: longer ones are read as this long (the
+/// driver then gives up on them, as no run waits a day).
+pub const MAX_SERVER_WAIT: Duration = Duration::from_secs(24 * 3600);
+
+/// A number of seconds a server sent, as a wait: at most [`MAX_SERVER_WAIT`]; `None` for what is
+/// not a wait (negative, NaN). Never panics, whatever the number.
+pub fn server_seconds(secs: f64) -> Option<Duration> {
+    if secs.is_nan() || secs < 0.0 {
+        return None;
+    }
+    Some(Duration::try_from_secs_f64(secs).map_or(MAX_SERVER_WAIT, |d| d.min(MAX_SERVER_WAIT)))
+}
+
+/// `Retry-After`: delay-seconds (fractions accepted) or an HTTP date; at most
+/// [`MAX_SERVER_WAIT`].
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     let value = headers
         .get(http::header::RETRY_AFTER)?
@@ -56,13 +70,14 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
         .ok()?
         .trim();
     if let Ok(secs) = value.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+        return server_seconds(secs);
     }
     let when = chrono::DateTime::parse_from_rfc2822(value).ok()?;
     let when: SystemTime = when.into();
     Some(
         when.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
+            .unwrap_or(Duration::ZERO)
+            .min(MAX_SERVER_WAIT),
     )
 }
 
@@ -99,7 +114,7 @@ pub fn rate_window(headers: &HeaderMap) -> Option<RateWindow> {
     };
     Some(RateWindow {
         remaining: remaining.max(0.0) as u64,
-        reset_in: Duration::from_secs_f64(reset_in.min(3600.0)),
+        reset_in: server_seconds(reset_in.min(3600.0)).unwrap_or(Duration::ZERO),
     })
 }
 
@@ -120,6 +135,43 @@ mod tests {
                 assert!(p.backoff(failed) <= Duration::from_millis(ceiling));
             }
         }
+    }
+
+    #[test]
+    fn hostile_numbers_from_a_server_never_panic() {
+        for value in [
+            "NaN", "-1", "inf", "-inf", "1e300", "99999999", "1e-300", "0x10",
+        ] {
+            let mut h = HeaderMap::new();
+            h.insert("retry-after", value.parse().unwrap());
+            assert!(
+                retry_after(&h).is_none_or(|d| d <= MAX_SERVER_WAIT),
+                "{value}"
+            );
+            h.insert("x-ratelimit-remaining", value.parse().unwrap());
+            h.insert("x-ratelimit-reset", value.parse().unwrap());
+            let w = rate_window(&h);
+            assert!(
+                w.is_none_or(|w| w.reset_in <= Duration::from_secs(3600)),
+                "{value}"
+            );
+            let w = crate::destinations::hubspot::retry::rate_window(&{
+                let mut h = HeaderMap::new();
+                h.insert("x-hubspot-ratelimit-remaining", "0".parse().unwrap());
+                h.insert("x-hubspot-ratelimit-max", value.parse().unwrap());
+                h.insert(
+                    "x-hubspot-ratelimit-interval-milliseconds",
+                    value.parse().unwrap(),
+                );
+                h
+            });
+            assert!(
+                w.is_some_and(|w| w.reset_in <= Duration::from_secs(60)),
+                "{value}"
+            );
+        }
+        assert_eq!(server_seconds(f64::NAN), None);
+        assert_eq!(server_seconds(1e300), Some(MAX_SERVER_WAIT));
     }
 
     #[test]

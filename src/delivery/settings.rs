@@ -28,6 +28,40 @@ pub struct HttpSettings {
     pub retry: RetryPolicy,
 }
 
+/// Which redirects a connection's client follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Redirects {
+    /// None: a 3xx answer is the destination's answer. Following one across origins would send
+    /// the records, secret headers and the signature to another host.
+    None,
+    /// Up to 5 redirects to the request's own scheme, host and port.
+    SameOrigin,
+}
+
+impl Redirects {
+    fn policy(self) -> reqwest::redirect::Policy {
+        match self {
+            Redirects::None => reqwest::redirect::Policy::none(),
+            Redirects::SameOrigin => reqwest::redirect::Policy::custom(|attempt| {
+                let same = attempt
+                    .previous()
+                    .first()
+                    .is_some_and(|first| first.origin() == attempt.url().origin());
+                if same && attempt.previous().len() <= 5 {
+                    attempt.follow()
+                } else {
+                    attempt.stop()
+                }
+            }),
+        }
+    }
+}
+
+/// The slowest `rate_limit` (requests per second).
+pub const MIN_RATE_LIMIT: f64 = 0.001;
+/// The fastest `rate_limit`.
+pub const MAX_RATE_LIMIT: f64 = 1_000_000.0;
+
 pub fn invalid(key: &str, message: String) -> Error {
     Error::Option {
         key: key.to_string(),
@@ -71,11 +105,13 @@ impl HttpSettings {
         }
         let rate_limit = options.parse::<f64>("rate_limit")?;
         if let Some(r) = rate_limit
-            && !(r > 0.0 && r.is_finite())
+            && !((MIN_RATE_LIMIT..=MAX_RATE_LIMIT).contains(&r))
         {
             return Err(invalid(
                 "rate_limit",
-                "option 'rate_limit' must be a positive number of requests per second".into(),
+                format!(
+                    "option 'rate_limit' = {r} is out of range: give requests per second, from {MIN_RATE_LIMIT} (one every 1,000 s) to {MAX_RATE_LIMIT}"
+                ),
             ));
         }
         let mut retry = RetryPolicy::default();
@@ -95,9 +131,10 @@ impl HttpSettings {
     }
 
     /// The HTTP client of one connection (its connection pool).
-    pub fn client(&self, option: &str) -> Result<reqwest::Client> {
+    pub fn client(&self, option: &str, redirects: Redirects) -> Result<reqwest::Client> {
         reqwest::Client::builder()
             .timeout(self.timeout)
+            .redirect(redirects.policy())
             .user_agent(concat!("sluice/", env!("CARGO_PKG_VERSION")))
             .pool_max_idle_per_host(self.concurrency.max(1) * 2)
             .build()

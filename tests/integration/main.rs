@@ -3,6 +3,7 @@
 mod cli;
 mod fakes;
 mod file_destination;
+mod hostile;
 mod hubspot;
 mod postgres;
 mod repl;

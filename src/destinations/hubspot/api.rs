@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use super::config::HubspotConfig;
 use super::retry::{self, HubspotRetryLogic};
-use crate::delivery::driver::{root_cause, send};
+use crate::delivery::driver::{MAX_ANSWER_BYTES, send};
 use crate::delivery::{AdaptiveLimiter, HttpResponse, ResponseClass};
 use crate::destinations::field_meta;
 use crate::error::{Error, Result};
@@ -278,7 +278,7 @@ impl HubspotConnection {
                     .header(http::header::CONTENT_TYPE, "application/json")
                     .body(serde_json::to_vec(body).map_err(|e| self.error(e.to_string()))?);
             }
-            let response = send(request).await;
+            let response = send(request, MAX_ANSWER_BYTES).await;
             let class = match &response {
                 Ok(r) => {
                     if let Some(w) = retry::rate_window(&r.headers) {
@@ -287,7 +287,7 @@ impl HubspotConnection {
                     HubspotRetryLogic::classify_status(r)
                 }
                 Err(e) => Some(ResponseClass::Retry {
-                    reason: format!("request failed: {}", root_cause(e)),
+                    reason: e.reason(),
                     retry_after: None,
                     throttled: false,
                 }),
@@ -299,6 +299,14 @@ impl HubspotConnection {
                     retry_after,
                     throttled,
                 }) => {
+                    let budget = self.config.http.retry.max_elapsed;
+                    if let Some(wait) = retry_after.filter(|w| *w > budget) {
+                        return Err(self.error(format!(
+                            "{method} {path}: {reason}; HubSpot asks to wait {:.0}s, more than max_retry_time ({:.0}s)",
+                            wait.as_secs_f64(),
+                            budget.as_secs_f64()
+                        )));
+                    }
                     if throttled {
                         self.limiter.on_throttle(retry_after, true);
                     }

@@ -33,6 +33,7 @@ pub use config::{HubspotConfig, OPTIONS};
 pub use sink::HubspotSink;
 
 use crate::connections::{ConnectContext, Connected, ConnectorKind};
+use crate::delivery::settings::Redirects;
 use crate::destinations::{Destination, DestinationSchema, ObjectSpec, WriteReport, key_index};
 use crate::error::{Error, Result};
 use crate::options::{OptionSpec, Options};
@@ -57,7 +58,7 @@ impl ConnectorKind for HubspotConnector {
         _context: &ConnectContext,
     ) -> Result<Connected> {
         let config = HubspotConfig::from_options(options)?;
-        let client = config.http.client("base_url")?;
+        let client = config.http.client("base_url", Redirects::None)?;
         let destination =
             HubspotDestination(Arc::new(HubspotConnection::new(name, config, client)));
         Ok(Connected::schema(Arc::new(DestinationSchema::new(

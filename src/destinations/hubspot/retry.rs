@@ -317,7 +317,8 @@ pub fn rate_window(headers: &HeaderMap) -> Option<RateWindow> {
     let max = get("x-hubspot-ratelimit-max").unwrap_or(100.0).max(1.0);
     Some(RateWindow {
         remaining: remaining.max(0.0) as u64,
-        reset_in: Duration::from_secs_f64((interval / max / 1000.0).clamp(0.0, 60.0)),
+        reset_in: crate::delivery::retry::server_seconds((interval / max / 1000.0).min(60.0))
+            .unwrap_or(Duration::ZERO),
     })
 }
 

@@ -16,9 +16,10 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::auth::{self, Session};
+use super::config::MAX_JOB_BYTES;
 use super::config::SalesforceConfig;
 use super::retry::{self, SalesforceRetryLogic};
-use crate::delivery::driver::{root_cause, send};
+use crate::delivery::driver::{MAX_ANSWER_BYTES, send};
 use crate::delivery::{AdaptiveLimiter, DeliveryMetrics, HttpResponse, ResponseClass};
 use crate::destinations::field_meta;
 use crate::error::{Error, Result};
@@ -256,7 +257,19 @@ impl SalesforceConnection {
         body: Option<(&'static str, Bytes)>,
         metrics: Option<&DeliveryMetrics>,
     ) -> Result<HttpResponse> {
-        self.request(method, path, body, metrics, true).await
+        self.request(method, path, body, metrics, true, MAX_ANSWER_BYTES)
+            .await
+    }
+
+    /// A [`SalesforceApi::call`] that reads a Bulk job's results, which repeat its uploaded rows
+    /// (at most [`MAX_JOB_BYTES`]) with an id, a flag and an error message each.
+    pub async fn call_results(
+        &self,
+        path: &str,
+        metrics: Option<&DeliveryMetrics>,
+    ) -> Result<HttpResponse> {
+        self.request(Method::GET, path, None, metrics, true, 3 * MAX_JOB_BYTES)
+            .await
     }
 
     /// Reads the org's current API usage with `GET /services/data/`, which Salesforce does not
@@ -264,7 +277,14 @@ impl SalesforceConnection {
     /// rolled on since the last statement is seen).
     pub async fn refresh_usage(&self) -> Result<()> {
         let response = self
-            .request(Method::GET, "/services/data/", None, None, false)
+            .request(
+                Method::GET,
+                "/services/data/",
+                None,
+                None,
+                false,
+                MAX_ANSWER_BYTES,
+            )
             .await?;
         expect_success(&response, || self.error("reading the API versions failed"))
     }
@@ -276,6 +296,7 @@ impl SalesforceConnection {
         body: Option<(&'static str, Bytes)>,
         metrics: Option<&DeliveryMetrics>,
         counted: bool,
+        limit: usize,
     ) -> Result<HttpResponse> {
         let mut attempt = 0;
         let mut refreshed = false;
@@ -297,7 +318,7 @@ impl SalesforceConnection {
                     .body(bytes.clone());
             }
             let t0 = tokio::time::Instant::now();
-            let response = send(request).await;
+            let response = send(request, limit).await;
             self.limiter.finish();
             if let Some(m) = metrics {
                 m.record_request(sent, t0.elapsed());
@@ -308,7 +329,7 @@ impl SalesforceConnection {
                     SalesforceRetryLogic::classify_status(r)
                 }
                 Err(e) => Some(ResponseClass::Retry {
-                    reason: format!("request failed: {}", root_cause(e)),
+                    reason: e.reason(),
                     retry_after: None,
                     throttled: false,
                 }),
@@ -336,7 +357,7 @@ impl SalesforceConnection {
                     self.refresh(session.generation).await?;
                 }
                 Some(ResponseClass::Fatal(message)) => return Err(self.error(message)),
-                _ => return response.map_err(|e| self.error(root_cause(&e.without_url()))),
+                _ => return response.map_err(|e| self.error(e.reason())),
             }
         }
     }

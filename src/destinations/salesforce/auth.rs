@@ -7,7 +7,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 
 use super::config::{Flow, SalesforceConfig};
-use crate::delivery::driver::{root_cause, send};
+use crate::delivery::driver::{MAX_ANSWER_BYTES, send};
 use crate::error::{Error, Result};
 use crate::options::Secret;
 
@@ -104,11 +104,11 @@ pub async fn login(
         )
         .header(http::header::ACCEPT, "application/json")
         .body(body);
-    let response = send(request).await.map_err(|e| {
+    let response = send(request, MAX_ANSWER_BYTES).await.map_err(|e| {
         fail(format!(
             "cannot reach {} ({})",
             config.token_url(),
-            root_cause(&e.without_url())
+            e.reason()
         ))
     })?;
     if !response.status.is_success() {

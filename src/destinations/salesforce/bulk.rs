@@ -269,12 +269,7 @@ impl BulkRunner {
         let rows = index.len() as u64;
         // Successful rows.
         let ok = c
-            .call(
-                Method::GET,
-                &format!("{job_path}/successfulResults/"),
-                None,
-                m,
-            )
+            .call_results(&format!("{job_path}/successfulResults/"), m)
             .await?;
         expect_success(&ok, || {
             c.error(format!(
@@ -299,7 +294,7 @@ impl BulkRunner {
         let mut again: Option<csv::Writer<Vec<u8>>> = None;
         if failed > 0 || settled < rows {
             let bad = c
-                .call(Method::GET, &format!("{job_path}/failedResults/"), None, m)
+                .call_results(&format!("{job_path}/failedResults/"), m)
                 .await?;
             expect_success(&bad, || {
                 c.error(format!(
@@ -357,12 +352,7 @@ impl BulkRunner {
         }
         if done.state != "JobComplete" {
             let unprocessed = c
-                .call(
-                    Method::GET,
-                    &format!("{job_path}/unprocessedrecords/"),
-                    None,
-                    m,
-                )
+                .call_results(&format!("{job_path}/unprocessedrecords/"), m)
                 .await?;
             let never = if unprocessed.status.is_success() {
                 let mut n = 0;

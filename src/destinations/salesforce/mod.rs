@@ -59,7 +59,9 @@ impl ConnectorKind for SalesforceConnector {
         _context: &ConnectContext,
     ) -> Result<Connected> {
         let config = SalesforceConfig::from_options(options)?;
-        let client = config.http.client("login_url")?;
+        let client = config
+            .http
+            .client("login_url", crate::delivery::settings::Redirects::None)?;
         let destination =
             SalesforceDestination(Arc::new(SalesforceConnection::new(name, config, client)));
         Ok(Connected::schema(Arc::new(DestinationSchema::new(

@@ -5,7 +5,7 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 
 use crate::delivery::RetryPolicy;
-use crate::delivery::settings::{Defaults, HttpSettings, invalid, positive};
+use crate::delivery::settings::{Defaults, HttpSettings, Redirects, invalid, positive};
 use crate::error::Result;
 use crate::options::{OptionSpec, Options, Secret};
 
@@ -78,6 +78,11 @@ pub const OPTIONS: &[OptionSpec] = &[
         secret: false,
     },
     OptionSpec {
+        key: "follow_redirects",
+        doc: "none (default): a 3xx answer fails the run, since following it would re-send the records, headers and signature to another address; 'same-origin' follows redirects to the url's own scheme, host and port",
+        secret: false,
+    },
+    OptionSpec {
         key: "max_retry_time",
         doc: "longest time one request may be retried, e.g. '5m' (default 5m)",
         secret: false,
@@ -88,6 +93,8 @@ pub const OPTIONS: &[OptionSpec] = &[
 #[derive(Debug, Clone)]
 pub struct WebhookConfig {
     pub url: url::Url,
+    /// The url as it may be shown: scheme and host only when it came from env() or file().
+    pub shown_url: String,
     pub key: Option<String>,
     pub method: Method,
     pub headers: Vec<(HeaderName, SecretHeader)>,
@@ -99,6 +106,7 @@ pub struct WebhookConfig {
     pub signing_secret: Option<Secret>,
     pub retry: RetryPolicy,
     pub settings: HttpSettings,
+    pub redirects: Redirects,
 }
 
 /// A header value that may be a credential: never printed.
@@ -114,18 +122,33 @@ impl std::fmt::Debug for SecretHeader {
 impl WebhookConfig {
     pub fn from_options(options: &Options) -> Result<Self> {
         let raw = options.required_string("url")?;
+        let outside = options.from_outside("url");
         let url = url::Url::parse(&raw)
             .ok()
             .filter(|u| matches!(u.scheme(), "http" | "https"))
             .ok_or_else(|| {
+                let shown = match outside {
+                    true => "the value of the url's env() or file()".to_string(),
+                    false => format!("'{}'", crate::options::redact_url_password(&raw)),
+                };
                 invalid(
                     "url",
-                    format!(
-                        "option 'url' = '{}' is not an http(s) URL",
-                        crate::options::redact_url_password(&raw)
-                    ),
+                    format!("option 'url' = {shown} is not an http(s) URL"),
                 )
             })?;
+        let shown_url = crate::options::shown_url(&url, outside);
+        let redirects = match options.string("follow_redirects")?.as_deref() {
+            None | Some("none") => Redirects::None,
+            Some("same-origin") => Redirects::SameOrigin,
+            Some(other) => {
+                return Err(invalid(
+                    "follow_redirects",
+                    format!(
+                        "option 'follow_redirects' = '{other}' is not valid: use none or same-origin"
+                    ),
+                ));
+            }
+        };
         let method = match options.string("method")?.as_deref().map(str::to_uppercase) {
             None => Method::POST,
             Some(m) if m == "POST" => Method::POST,
@@ -166,6 +189,8 @@ impl WebhookConfig {
         )?;
         Ok(Self {
             url,
+            shown_url,
+            redirects,
             key: options.string("key")?,
             method,
             headers,

@@ -53,7 +53,7 @@ impl ConnectorKind for WebhookConnector {
         _context: &ConnectContext,
     ) -> Result<Connected> {
         let config = WebhookConfig::from_options(options)?;
-        let client = config.settings.client("url")?;
+        let client = config.settings.client("url", config.redirects)?;
         let destination = WebhookDestination(Arc::new(WebhookConnection {
             name: name.to_string(),
             limiter: Arc::new(AdaptiveLimiter::new(config.rate_limit)),

@@ -103,6 +103,9 @@ impl WebhookRetryLogic {
                 "the endpoint answered {status} ({}); check the url and its credentials",
                 excerpt()
             )),
+            300..=399 => ResponseClass::Fatal(format!(
+                "the endpoint answered {status}, a redirect; sluice does not follow it (it would send the records, headers and signature to another address): set url to the final address, or follow_redirects 'same-origin' for a redirect within the url's own host"
+            )),
             413 => ResponseClass::Fatal(
                 "the endpoint answered 413 Payload Too Large; lower batch_size or max_bytes".into(),
             ),

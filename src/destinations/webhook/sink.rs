@@ -21,7 +21,6 @@ use crate::delivery::{
     ResponseClass,
 };
 use crate::destinations::WriteReport;
-use crate::options::redact_url_password;
 use crate::sync::{NullPolicy, SyncRun};
 use datafusion::arrow::record_batch::RecordBatch;
 
@@ -115,7 +114,7 @@ impl DisplayAs for WebhookSink {
             self.connection.name,
             self.object,
             c.method,
-            redact_url_password(c.url.as_str()),
+            c.shown_url,
             self.key
                 .map(|k| self.schema.field(k).name().as_str())
                 .unwrap_or("none"),
@@ -168,9 +167,7 @@ impl DataSink for WebhookSink {
         let config = self.config();
         let describe = format!(
             "webhook {} ({} {})",
-            connection.name,
-            config.method,
-            redact_url_password(config.url.as_str())
+            connection.name, config.method, config.shown_url
         );
         let service = Arc::new(WebhookService {
             config: Arc::clone(&connection.config),
@@ -220,8 +217,7 @@ impl DataSink for WebhookSink {
         let stats = delivery_metrics.snapshot();
         stats.publish(&self.metrics);
         self.report.set_delivery(stats);
-        self.report
-            .add_location(redact_url_password(config.url.as_str()));
+        self.report.add_location(config.shown_url.clone());
         Ok(self.report.settle(delivered)?)
     }
 }
