@@ -184,7 +184,9 @@ fn worst(a: Status, b: Status) -> Status {
 fn init_logging() {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sluice=info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sluice=info"))
+        // tokio-postgres logs every statement's parameters (record values) at debug.
+        .add_directive("tokio_postgres=info".parse().expect("a valid directive"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -349,6 +349,16 @@ impl StateStore {
     }
 
     async fn write(&self, path: &Path, bytes: impl Into<PutPayload>) -> Result<()> {
+        if let Some(local) = &self.local {
+            let file = local
+                .path_to_filesystem(path)
+                .map_err(|e| self.io(path, "write", e))?;
+            let payload: PutPayload = bytes.into();
+            return tokio::task::spawn_blocking(move || write_private(&file, &payload))
+                .await
+                .map_err(|e| self.io(path, "write", e))?
+                .map_err(|e| self.io(path, "write", e));
+        }
         self.store
             .put(path, bytes.into())
             .await
@@ -864,6 +874,37 @@ impl StateStore {
     }
 }
 
+/// Writes a local state file as a put does (a finished temporary file renamed into place), readable
+/// by its owner only: rejects hold record payloads, run records the destinations' errors. Folders
+/// it creates are the owner's only too.
+fn write_private(file: &std::path::Path, payload: &PutPayload) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+    if let Some(parent) = file.parent() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(parent)?;
+    }
+    let name = file.file_name().unwrap_or_default().to_string_lossy();
+    let temporary = file.with_file_name(format!(".{name}.{}.tmp", uuid::Uuid::new_v4().simple()));
+    let written = (|| {
+        let mut out = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temporary)?;
+        for chunk in payload.iter() {
+            out.write_all(chunk)?;
+        }
+        std::fs::rename(&temporary, file)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&temporary);
+    }
+    written
+}
+
 /// The name of run `run_id`'s snapshot main file.
 pub fn snapshot_file(run_id: &str) -> String {
     format!("snapshot-{run_id}.arrow")
@@ -1234,6 +1275,50 @@ mod tests {
             caught > 10 * harmless,
             "caught {caught}, harmless {harmless}"
         );
+    }
+
+    /// Issue 17: state files hold record payloads (rejects) and errors (run records): readable by
+    /// their owner only, in folders that are the owner's only.
+    #[tokio::test]
+    async fn state_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("state");
+        let state = StateStore::local(&root).unwrap();
+        let keys: ArrayRef = Arc::new(datafusion::arrow::array::Int64Array::from(vec![1]));
+        state.put_intent("s", "r1", keys).await.unwrap();
+        state
+            .put_run(&RunRecord {
+                run_id: "r1".into(),
+                sync: "s".into(),
+                started_at: now(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let files = crate::sync::state::tests::all_files(&root);
+        assert_eq!(files.len(), 2, "{files:?}");
+        for file in files {
+            assert_eq!(mode(&file), 0o600, "{}", file.display());
+            let mut dir = file.parent().unwrap();
+            while dir != root.as_path() {
+                assert_eq!(mode(dir), 0o700, "{}", dir.display());
+                dir = dir.parent().unwrap();
+            }
+        }
+        assert_eq!(mode(&root), 0o700);
+    }
+
+    fn all_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+        let mut out = vec![];
+        for entry in std::fs::read_dir(dir).unwrap().flatten() {
+            match entry.path() {
+                p if p.is_dir() => out.extend(all_files(&p)),
+                p => out.push(p),
+            }
+        }
+        out
     }
 
     #[tokio::test]

@@ -309,3 +309,27 @@ async fn describe_shows_the_declared_fields() {
         assert!(text.contains(field), "{text}");
     }
 }
+
+/// Issue 17: an object name is one folder as written: `%2e%2e` wrote one level above the
+/// connection's folder, and `x?y` / `x#y` collapsed into `x`.
+#[tokio::test]
+async fn object_names_a_url_would_read_differently_are_refused() {
+    let (dir, engine) = file_engine().await;
+    for name in ["%2e%2e", "..", "x?y", "x#y", "a%2fb", "tab\there"] {
+        let err = engine
+            .run_sql(&format!("INSERT INTO out.\"{name}\" SELECT 1 AS id"))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cannot name a file destination object"),
+            "{name}: {err}"
+        );
+    }
+    assert!(files_under(dir.path()).is_empty());
+    engine
+        .run_sql("INSERT INTO out.\"plain name é\" SELECT 1 AS id")
+        .await
+        .unwrap();
+    assert_eq!(files_under(dir.path()).len(), 1);
+}

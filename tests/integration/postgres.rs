@@ -1572,3 +1572,47 @@ async fn a_cancelled_write_leaves_no_open_transaction_in_the_pool() {
     assert_eq!(pg.rows("SELECT count(*) FROM $S.dst").await, ["200000"]);
     assert_eq!(indexes(&pg, "dst").await[0].1, key_index[0].1);
 }
+
+/// Issue 17: record values never reach the logs, even at debug level (tokio-postgres logs the
+/// parameters of every statement at debug; the warehouse-side diff binds the records' keys).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn record_values_stay_out_of_debug_logs() {
+    let Some(pg) = PgSchema::new("sluice_logs").await else {
+        return;
+    };
+    pg.sql(
+        "CREATE TABLE $S.src (k text PRIMARY KEY, v text);
+         INSERT INTO $S.src VALUES ('key_PRIVATE_VALUE', 'v_PRIVATE_VALUE');
+         CREATE TABLE $S.dst (k text PRIMARY KEY, v text);",
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let sync = format!("logs_{}", &pg.name[pg.name.len() - 8..]);
+    std::fs::write(
+        dir.path().join("s.sql"),
+        format!(
+            "CREATE CONNECTION wh TYPE postgres OPTIONS (url env('SLUICE_TEST_WH_URL'), schema '{}');
+CREATE SYNC {sync} OPTIONS (diff 'warehouse') AS INSERT INTO wh.dst SELECT k, v FROM wh.src;
+RUN SYNC {sync};
+",
+            pg.name
+        ),
+    )
+    .unwrap();
+    let output = super::support::sluice(dir.path())
+        .env("SLUICE_TEST_WH_URL", URL)
+        .env("SLUICE_LOG", "debug")
+        .args(["run", "s.sql"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("DEBUG"), "debug logs are on:\n{stderr}");
+    assert!(
+        !stderr.contains("PRIVATE_VALUE"),
+        "a record value was logged:\n{stderr}"
+    );
+    assert_eq!(pg.rows("SELECT k FROM $S.dst").await, ["key_PRIVATE_VALUE"]);
+    pg.sql(&format!("DROP TABLE IF EXISTS sluice_state.\"{sync}\""))
+        .await;
+}

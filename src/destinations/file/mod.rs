@@ -86,11 +86,19 @@ impl FileDestination {
             .with_file_extension(format!(".{}", self.config.format.extension()))
     }
 
+    /// An object name is one folder name as it is: no path separators, no leading '.', and none
+    /// of the characters a URL reads differently ('%' escapes, so `%2e%2e` was '..'; '?' and '#'
+    /// end the path, so `x?y` was `x`), nor control characters.
     fn check_name(&self, name: &str) -> Result<()> {
-        if name.is_empty() || name.starts_with('.') || name.contains(['/', '\\']) {
+        if name.is_empty()
+            || name.starts_with('.')
+            || name.contains(['/', '\\', '%', '?', '#'])
+            || name.chars().any(char::is_control)
+        {
             return Err(Error::plan(
                 format!(
-                    "'{name}' cannot name a file destination object: use a name without '/', '\\' or a leading '.'"
+                    "'{}' cannot name a file destination object: use a name without '/', '\\', '%', '?', '#', control characters or a leading '.'",
+                    name.escape_debug()
                 ),
                 name,
             ));

@@ -458,7 +458,15 @@ impl SalesforceConnection {
             );
             let query: String = url::form_urlencoded::byte_serialize(soql.as_bytes()).collect();
             let mut path = format!("{}/query?q={query}", self.config.data_path());
-            loop {
+            // A chunk matches at most a few pages of records; a server that keeps sending
+            // nextRecordsUrl is not followed forever.
+            for page in 0.. {
+                if page == MAX_QUERY_PAGES {
+                    return Err(self.error(format!(
+                        "looking up {object} Ids by {field}: the answer went on past {MAX_QUERY_PAGES} pages for {} values",
+                        chunk.len()
+                    )));
+                }
                 let response = self.call(Method::GET, &path, None, metrics).await?;
                 expect_success(&response, || {
                     self.error(format!("looking up {object} Ids by {field} failed"))
@@ -473,7 +481,14 @@ impl SalesforceConnection {
                     }
                 }
                 match result.next_records_url {
-                    Some(next) => path = next,
+                    // Always a path on the same instance.
+                    Some(next) if next.starts_with('/') && !next.starts_with("//") => path = next,
+                    Some(_) => {
+                        return Err(self.error(
+                            "a query answer's nextRecordsUrl is not a path on this instance"
+                                .to_string(),
+                        ));
+                    }
                     None => break,
                 }
             }
@@ -481,6 +496,9 @@ impl SalesforceConnection {
         Ok(found)
     }
 }
+
+/// Pages of one lookup query followed at most.
+const MAX_QUERY_PAGES: usize = 100;
 
 /// A SOQL string literal.
 fn soql_string(value: &str) -> String {

@@ -254,8 +254,26 @@ impl BulkRunner {
         }
         tracing::debug!(job = %info.id, attempt, "Bulk job uploaded; polling.");
         let mut polls = 0;
+        let polling = tokio::time::Instant::now();
         let done = loop {
             polls += 1;
+            if polling.elapsed() >= c.config.bulk_timeout {
+                let _ = c
+                    .call(
+                        Method::PATCH,
+                        &job_path,
+                        Some((
+                            "application/json",
+                            Bytes::from_static(br#"{"state":"Aborted"}"#),
+                        )),
+                        m,
+                    )
+                    .await;
+                return Err(c.error(format!(
+                    "Bulk job {} did not end within bulk_timeout ({:?}); it was aborted, and its records are sent again next run",
+                    info.id, c.config.bulk_timeout
+                )));
+            }
             tokio::time::sleep(poll_wait(c.config.poll_interval, polls)).await;
             let status = c.call(Method::GET, &job_path, None, m).await?;
             expect_success(&status, || {

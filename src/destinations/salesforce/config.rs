@@ -80,6 +80,11 @@ pub const OPTIONS: &[OptionSpec] = &[
         secret: false,
     },
     OptionSpec {
+        key: "bulk_timeout",
+        doc: "longest a Bulk job may take, from its upload to its end, before the run fails (its records are sent again next run; default 4h)",
+        secret: false,
+    },
+    OptionSpec {
         key: "batch_size",
         doc: "records per sObject Collections call, 1-200 (default 200)",
         secret: false,
@@ -160,6 +165,8 @@ pub struct SalesforceConfig {
     pub bulk_threshold: usize,
     pub max_api_usage_pct: f64,
     pub poll_interval: Duration,
+    /// Longest a Bulk job may take before the run gives up on it.
+    pub bulk_timeout: Duration,
     pub http: HttpSettings,
 }
 
@@ -231,6 +238,8 @@ impl SalesforceConfig {
             max_api_usage_pct,
             poll_interval: crate::delivery::settings::duration(options, "poll_interval")?
                 .unwrap_or(Duration::from_secs(1)),
+            bulk_timeout: crate::delivery::settings::duration(options, "bulk_timeout")?
+                .unwrap_or(Duration::from_secs(4 * 3600)),
             http,
         })
     }

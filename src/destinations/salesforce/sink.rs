@@ -100,6 +100,11 @@ impl HttpService for SalesforceService {
                             .map(str::to_string)
                     })
                     .collect();
+                // Each id escaped: a value from the model may hold '&', '#' or '?'.
+                let ids: Vec<String> = ids
+                    .iter()
+                    .map(|id| url::form_urlencoded::byte_serialize(id.as_bytes()).collect())
+                    .collect();
                 client.delete(c.url(
                     &session,
                     &format!("{collections}?ids={}&allOrNone=false", ids.join(",")),
