@@ -16,7 +16,7 @@ use super::batch::{Batch, Batcher};
 use super::limiter::AdaptiveLimiter;
 use super::metrics::DeliveryMetrics;
 use super::retry::{RetryPolicy, retry_after};
-use super::{HttpResponse, HttpService, Rejection, ResponseClass};
+use super::{Checkpoints, HttpResponse, HttpService, Rejection, ResponseClass};
 use crate::error::{Error, Result};
 
 /// A record the destination refused, kept whole so it can be reported and sent again.
@@ -116,6 +116,7 @@ pub struct Driver<S> {
     limiter: Arc<AdaptiveLimiter>,
     policy: RetryPolicy,
     metrics: Arc<DeliveryMetrics>,
+    checkpoints: Option<Arc<dyn Checkpoints>>,
 }
 
 impl<S> Clone for Driver<S> {
@@ -126,6 +127,7 @@ impl<S> Clone for Driver<S> {
             limiter: Arc::clone(&self.limiter),
             policy: self.policy,
             metrics: Arc::clone(&self.metrics),
+            checkpoints: self.checkpoints.clone(),
         }
     }
 }
@@ -144,6 +146,28 @@ impl<S: HttpService> Driver<S> {
             limiter,
             policy,
             metrics,
+            checkpoints: None,
+        }
+    }
+
+    /// Commits what is settled as the delivery goes (a sync's checkpoints).
+    pub fn with_checkpoints(mut self, checkpoints: Option<Arc<dyn Checkpoints>>) -> Self {
+        self.checkpoints = checkpoints;
+        self
+    }
+
+    /// A checkpoint, if one is due. A failed one is logged: the delivery goes on, and its
+    /// records are committed at the end of the run (or sent again after a crash).
+    async fn checkpoint(&self, done: &Delivered) {
+        let Some(checkpoints) = &self.checkpoints else {
+            return;
+        };
+        let settled = done.outcome.acked.len() + done.outcome.rejected.len();
+        if done.error.is_some() || !checkpoints.due(settled) {
+            return;
+        }
+        if let Err(e) = checkpoints.checkpoint(&done.outcome).await {
+            tracing::warn!(error = %e, "A checkpoint of the sync's state failed; the run goes on.");
         }
     }
 
@@ -203,6 +227,7 @@ impl<S: HttpService> Driver<S> {
                         if done.error.is_some() {
                             break 'input;
                         }
+                        self.checkpoint(&done).await;
                     }
                     send(&mut tasks, batch, &mut dry_run);
                 }
@@ -212,6 +237,7 @@ impl<S: HttpService> Driver<S> {
             for batch in batcher.finish() {
                 while tasks.len() >= concurrency && done.error.is_none() {
                     settle(&mut done, join(tasks.join_next().await));
+                    self.checkpoint(&done).await;
                 }
                 if done.error.is_some() {
                     break;
@@ -221,6 +247,7 @@ impl<S: HttpService> Driver<S> {
         }
         while let Some(result) = tasks.join_next().await {
             settle(&mut done, join(Some(result)));
+            self.checkpoint(&done).await;
             if done.error.is_some() {
                 // Requests still in flight are abandoned: their records got no answer and are
                 // sent again by the next run.

@@ -30,6 +30,16 @@ pub use retry::RetryPolicy;
 
 use crate::error::Result;
 
+/// Commits what a delivery has settled so far while it goes on: a sync's checkpoints, so that a
+/// crash re-sends at most what was in flight and one interval's work, not the whole run.
+#[async_trait]
+pub trait Checkpoints: Send + Sync {
+    /// Whether a checkpoint is due, `settled` records having been answered so far.
+    fn due(&self, settled: usize) -> bool;
+    /// Commits the state of everything `outcome` acknowledged and rejected so far.
+    async fn checkpoint(&self, outcome: &DeliveryOutcome) -> Result<()>;
+}
+
 /// A response as the classifier sees it.
 #[derive(Debug, Clone)]
 pub struct HttpResponse {

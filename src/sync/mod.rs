@@ -104,6 +104,16 @@ pub const OPTIONS: &[OptionSpec] = &[
         secret: false,
     },
     OptionSpec {
+        key: "checkpoint_every",
+        doc: "while a run delivers, commit what the destination acknowledged this often (default '30s'; '0' turns checkpoints off): a crash then re-sends at most what was in flight and one interval's work",
+        secret: false,
+    },
+    OptionSpec {
+        key: "checkpoint_records",
+        doc: "also commit a checkpoint after this many records are answered (default: by time only)",
+        secret: false,
+    },
+    OptionSpec {
         key: "diff",
         doc: "'local' (default: the state is a snapshot next to the sync's other state) or 'warehouse' (the state is a table in the Postgres source and the diff runs there as SQL)",
         secret: false,
@@ -120,7 +130,14 @@ pub struct SyncOptions {
     pub keep_last: bool,
     /// `diff 'warehouse'`: the diff runs in the source warehouse against a state table there.
     pub warehouse_diff: bool,
+    /// Checkpoints during a run: at most this long apart (`None`: by count only, or none).
+    pub checkpoint_every: Option<std::time::Duration>,
+    /// Checkpoints during a run: after this many more records are answered.
+    pub checkpoint_records: Option<u64>,
 }
+
+/// Checkpoints of a run's state unless `checkpoint_every` says otherwise.
+pub const DEFAULT_CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Default for SyncOptions {
     fn default() -> Self {
@@ -131,6 +148,8 @@ impl Default for SyncOptions {
             null_policy: NullPolicy::Clear,
             keep_last: false,
             warehouse_diff: false,
+            checkpoint_every: Some(DEFAULT_CHECKPOINT_EVERY),
+            checkpoint_records: None,
         }
     }
 }
@@ -176,6 +195,23 @@ impl SyncOptions {
                 == Some("keep_last"),
             warehouse_diff: choice("diff", &["local", "warehouse"])?.as_deref()
                 == Some("warehouse"),
+            checkpoint_every: match crate::delivery::settings::duration(
+                options,
+                "checkpoint_every",
+            )? {
+                None => Some(DEFAULT_CHECKPOINT_EVERY),
+                Some(d) if d.is_zero() => None,
+                Some(d) => Some(d),
+            },
+            checkpoint_records: match options.parse::<u64>("checkpoint_records")? {
+                Some(0) => {
+                    return Err(crate::Error::Option {
+                        key: "checkpoint_records".into(),
+                        message: "option 'checkpoint_records' must be at least 1".into(),
+                    });
+                }
+                n => n,
+            },
         })
     }
 }

@@ -19,8 +19,8 @@ use super::state::{
     FORMAT, Manifest, RejectEntry, RunRecord, StateStore, SyncLock, now, snapshot_file,
 };
 use super::{Op, SyncOptions};
-use crate::delivery::Rejected;
 use crate::delivery::metrics::DeliveryStats;
+use crate::delivery::{Checkpoints, DeliveryOutcome, Rejected};
 use crate::error::{Error, Result};
 
 /// What a sync is: where it writes, how records are matched, what it may do.
@@ -104,6 +104,12 @@ struct Inner {
     /// The next snapshot as it will be if every change is acknowledged, being built while the
     /// sink finishes (see [`SyncRun::prepare_commit`]).
     prepared: Option<tokio::task::JoinHandle<Option<Snapshot>>>,
+    /// The manifest of this run's last checkpoint, and when and where in the delivery it was
+    /// taken (see [`Checkpoints`]).
+    checkpoint: Option<Manifest>,
+    checkpointed_at: Option<std::time::Instant>,
+    checkpointed_settled: usize,
+    checkpoints_taken: u32,
 }
 
 /// One run, shared by the engine, `DiffExec` and the sink.
@@ -399,7 +405,7 @@ impl SyncRun {
             let settled = vec![true; changes.len()];
             let started = std::time::Instant::now();
             let next = match run
-                .next_snapshot(&snapshot, &changes, &acked, &settled)
+                .next_snapshot(&snapshot, &changes, &acked, &settled, &run.run_id)
                 .await
             {
                 Ok(next) => run
@@ -457,6 +463,7 @@ impl SyncRun {
             _ => vec![],
         };
         let mut committed = false;
+        let checkpoint = self.inner().checkpoint.take();
         let (mut record, counts, manifest, snapshot, commit, rejected, intents) = {
             let mut inner = self.inner();
             let mut rejected = rejected;
@@ -524,7 +531,12 @@ impl SyncRun {
             let rejects_changed =
                 !rejects.is_empty() || manifest.as_ref().is_some_and(|m| m.rejects.is_some());
             // Nothing acknowledged and nothing to remember: the committed state stays as is.
-            if acked_any || rejects_changed || manifest.is_none() || !intents.is_empty() {
+            if acked_any
+                || rejects_changed
+                || manifest.is_none()
+                || !intents.is_empty()
+                || checkpoint.is_some()
+            {
                 tracing::debug!(acked = acked.len(), "Committing the sync state.");
                 // Per change: the destination answered it (acknowledged or rejected).
                 let mut settled = vec![false; changes.len()];
@@ -563,30 +575,34 @@ impl SyncRun {
                                 next
                             }
                             None => {
-                                self.next_snapshot(&snapshot, &changes, &acked, &settled)
-                                    .await?
+                                self.next_snapshot(
+                                    &snapshot,
+                                    &changes,
+                                    &acked,
+                                    &settled,
+                                    &self.run_id,
+                                )
+                                .await?
                             }
                         }
                     }
                 };
-                let new_manifest = Manifest {
-                    format: FORMAT,
-                    hash: self.hash_version().into(),
-                    sync: self.spec.id.clone(),
-                    target: self.spec.target.clone(),
-                    key: self.spec.key_name().map(str::to_string),
-                    fields: next.fields.clone(),
-                    snapshot: String::new(),
-                    hash_files: vec![],
-                    rows: 0,
-                    rejects: None,
-                    run_id: self.run_id.clone(),
-                    committed_at: now(),
-                    checksum: None,
-                };
-                self.state
-                    .commit(new_manifest, &next, written, &rejects, manifest.as_ref())
+                let committed_manifest = self
+                    .state
+                    .commit(
+                        self.new_manifest(&self.run_id),
+                        &next,
+                        written,
+                        &rejects,
+                        manifest.as_ref(),
+                    )
                     .await?;
+                // The run's checkpoints are superseded, and so is a snapshot an earlier run left
+                // behind when it stopped after a checkpoint.
+                if let Some(checkpoint) = &checkpoint {
+                    self.state.forget(&committed_manifest, checkpoint).await;
+                }
+                self.state.sweep(&committed_manifest).await?;
                 tracing::debug!(rows = next.len(), "Sync state committed.");
                 // Folded into the committed snapshot: the intents have served.
                 self.state.delete_files(&self.spec.id, &intents).await;
@@ -614,6 +630,42 @@ impl SyncRun {
             counts,
             rejects: rejected,
         })
+    }
+
+    /// The manifest of a commit whose files are named after `tag` (the run id, or a
+    /// checkpoint's); [`StateStore::commit`] fills in the files and counts.
+    fn new_manifest(&self, tag: &str) -> Manifest {
+        Manifest {
+            format: FORMAT,
+            hash: self.hash_version().into(),
+            sync: self.spec.id.clone(),
+            target: self.spec.target.clone(),
+            key: self.spec.key_name().map(str::to_string),
+            fields: vec![],
+            snapshot: String::new(),
+            hash_files: vec![],
+            rows: 0,
+            rejects: None,
+            run_id: tag.to_string(),
+            committed_at: now(),
+            checksum: None,
+        }
+    }
+
+    /// This run's checkpoints, for a sink whose deliveries are answered as they go; `None` where
+    /// a run commits only at its end: a dry run, a sink that holds one transaction, a state kept
+    /// in the warehouse, a DELETE of listed keys, or checkpoints turned off.
+    pub fn checkpoints(self: &Arc<Self>) -> Option<Arc<dyn Checkpoints>> {
+        let options = &self.spec.options;
+        let off = self.dry_run
+            || self.spec.remote.is_some()
+            || self.spec.diff.listed_deletes
+            || (options.checkpoint_every.is_none() && options.checkpoint_records.is_none())
+            || {
+                let inner = self.inner();
+                inner.atomic_sink || inner.streaming
+            };
+        (!off).then(|| Arc::clone(self) as Arc<dyn Checkpoints>)
     }
 
     fn merge_rejects(
@@ -685,6 +737,7 @@ impl SyncRun {
         changes: &Changes,
         acked: &[(u32, Option<String>)],
         settled: &[bool],
+        tag: &str,
     ) -> Result<Snapshot> {
         let diff = &self.spec.diff;
         if diff.listed_deletes {
@@ -841,7 +894,7 @@ impl SyncRun {
             rows.add(&column);
             files.push(
                 self.state
-                    .put_hashes(&self.spec.id, &self.run_id, n, &column)
+                    .put_hashes(&self.spec.id, tag, n, &column)
                     .await?,
             );
         }
@@ -896,4 +949,97 @@ fn new_run_id() -> String {
 /// basis of its requests' idempotency keys).
 pub fn run_id(sync: Option<&SyncRun>) -> String {
     sync.map_or_else(new_run_id, |run| run.run_id.clone())
+}
+
+/// A checkpoint commits the snapshot the run would commit if it ended now: acknowledged changes
+/// applied, every change not yet answered (in flight, or not sent yet) marked unknown so that it
+/// is sent again after a crash, and new records not yet answered kept as possibly at the
+/// destination (a mirror sync can still delete them). That holds everything the run's intent
+/// says, so the intents are then deleted. Deletes were decided after the whole model was read
+/// (the diff emits them at its end), as without checkpoints. The run's starting snapshot stays
+/// in place until its final commit, which builds on it again.
+#[async_trait::async_trait]
+impl Checkpoints for SyncRun {
+    fn due(&self, settled: usize) -> bool {
+        let options = &self.spec.options;
+        let mut inner = self.inner();
+        let since = *inner
+            .checkpointed_at
+            .get_or_insert_with(std::time::Instant::now);
+        let answered = settled.saturating_sub(inner.checkpointed_settled) as u64;
+        answered > 0
+            && (options
+                .checkpoint_every
+                .is_some_and(|every| since.elapsed() >= every)
+                || options.checkpoint_records.is_some_and(|n| answered >= n))
+    }
+
+    async fn checkpoint(&self, outcome: &DeliveryOutcome) -> Result<()> {
+        let started = std::time::Instant::now();
+        let (snapshot, changes, previous, previous_rejects, intents, n) = {
+            let mut inner = self.inner();
+            inner.checkpoints_taken += 1;
+            (
+                inner.snapshot.clone(),
+                Arc::clone(&inner.changes),
+                inner.checkpoint.clone(),
+                inner.previous_rejects.clone(),
+                inner.intents.clone(),
+                inner.checkpoints_taken,
+            )
+        };
+        let Some(snapshot) = snapshot else {
+            return Ok(());
+        };
+        let mut settled = vec![false; changes.len()];
+        for id in outcome
+            .acked
+            .iter()
+            .map(|(id, _)| *id)
+            .chain(outcome.rejected.iter().filter_map(|r| r.change))
+        {
+            if let Some(s) = settled.get_mut(id as usize) {
+                *s = true;
+            }
+        }
+        let tag = format!("{}-c{n}", self.run_id);
+        let next = self
+            .next_snapshot(&snapshot, &changes, &outcome.acked, &settled, &tag)
+            .await?;
+        let rejects = self.merge_rejects(
+            &previous_rejects,
+            &changes,
+            &outcome.acked,
+            &outcome.rejected,
+            false,
+        );
+        let committed = self
+            .state
+            .commit(
+                self.new_manifest(&tag),
+                &next,
+                false,
+                &rejects,
+                previous.as_ref(),
+            )
+            .await?;
+        // Folded into the checkpoint.
+        self.state.delete_files(&self.spec.id, &intents).await;
+        let settled_now = outcome.acked.len() + outcome.rejected.len();
+        {
+            let mut inner = self.inner();
+            inner.checkpoint = Some(committed);
+            inner.intents.retain(|i| !intents.contains(i));
+            inner.checkpointed_at = Some(std::time::Instant::now());
+            inner.checkpointed_settled = settled_now;
+        }
+        tracing::debug!(
+            checkpoint = n,
+            acked = outcome.acked.len(),
+            rows = next.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "Checkpoint committed."
+        );
+        Ok(())
+    }
 }

@@ -82,6 +82,14 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// The files it names: the snapshot, its hash files and the rejects.
+    pub fn files(&self) -> impl Iterator<Item = &String> {
+        [Some(&self.snapshot), self.rejects.as_ref()]
+            .into_iter()
+            .flatten()
+            .chain(&self.hash_files)
+    }
+
     /// The manifest as written: pretty JSON carrying the hash of its own text.
     fn sealed(&self) -> Vec<u8> {
         let mut manifest = self.clone();
@@ -577,7 +585,7 @@ impl StateStore {
         written: bool,
         rejects: &[RejectEntry],
         previous: Option<&Manifest>,
-    ) -> Result<()> {
+    ) -> Result<Manifest> {
         let sync = manifest.sync.clone();
         manifest.format = FORMAT;
         manifest.fields = snapshot.fields.clone();
@@ -613,19 +621,33 @@ impl StateStore {
         let path = self.path(&["syncs", &sync, "manifest.json"]);
         self.write(&path, manifest.sealed()).await?;
         if let Some(previous) = previous {
-            let current: HashSet<&String> = [Some(&manifest.snapshot), manifest.rejects.as_ref()]
-                .into_iter()
-                .flatten()
-                .chain(&manifest.hash_files)
-                .collect();
-            for old in [Some(&previous.snapshot), previous.rejects.as_ref()]
-                .into_iter()
-                .flatten()
-                .chain(&previous.hash_files)
-            {
-                if !current.contains(old) {
-                    let _ = self.store.delete(&self.path(&["syncs", &sync, old])).await;
-                }
+            self.forget(&manifest, previous).await;
+        }
+        Ok(manifest)
+    }
+
+    /// Deletes the files `previous` names that `current` (committed) does not.
+    pub async fn forget(&self, current: &Manifest, previous: &Manifest) {
+        let kept: HashSet<&String> = current.files().collect();
+        for old in previous.files().filter(|f| !kept.contains(f)) {
+            let _ = self
+                .store
+                .delete(&self.path(&["syncs", &current.sync, old]))
+                .await;
+        }
+    }
+
+    /// Deletes snapshot and rejects files of `current`'s sync that it does not name: left by a
+    /// run that stopped after a checkpoint (its starting snapshot) or before a commit.
+    pub async fn sweep(&self, current: &Manifest) -> Result<()> {
+        let kept: HashSet<&String> = current.files().collect();
+        for o in self.list(&self.path(&["syncs", &current.sync])).await? {
+            let Some(name) = o.location.filename() else {
+                continue;
+            };
+            let ours = name.starts_with("snapshot-") || name.starts_with("rejects-");
+            if ours && !kept.contains(&name.to_string()) {
+                let _ = self.store.delete(&o.location).await;
             }
         }
         Ok(())

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use super::fakes::webhook::{FakeWebhook, Fault, Script};
+use super::fakes::webhook::{FakeWebhook, Fault, Script, Seen};
 use super::support::sluice;
 
 /// The model: id → (email, plan).
@@ -320,6 +320,110 @@ async fn corrupt_or_missing_state_is_a_clear_error_never_a_full_resend() {
     );
     assert!(start(dir).wait_with_output().unwrap().status.success());
     assert_eq!(fake.observed(|o| o.record_count), sent + 50);
+}
+
+/// One first sync of `n` records killed `kills` times at random points of its delivery, then run
+/// to the end, with checkpoints every `every` ('0': none). Returns the records delivered more
+/// than once, and the most records the receiver answered within any `window` (the work of one
+/// checkpoint interval, the rework a kill may cost beyond what is in flight).
+async fn killed_first_sync(every: &str, kills: usize, seed: u64, window: Duration) -> (u64, u64) {
+    let n = 20_000;
+    let (fake, dir) = setup(Duration::from_millis(50)).await;
+    let dir = dir.path();
+    let sql = std::fs::read_to_string(dir.join("sync.sql"))
+        .unwrap()
+        .replace(
+            "max_delete_pct '100'",
+            &format!("max_delete_pct '100', checkpoint_every '{every}'"),
+        );
+    std::fs::write(dir.join("sync.sql"), sql).unwrap();
+    let model = model(n, "example.com");
+    write_model(dir, &model);
+    let mut rng = Rng(seed);
+    for _ in 0..kills {
+        let requests = fake.observed(|o| o.requests.len());
+        let mut child = start(dir);
+        // Killed 1.2 to 2.5 s after its first request (a second or two of delivery).
+        let after = Duration::from_millis(1_200 + rng.below(1_300));
+        let mut first: Option<Instant> = None;
+        loop {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "the run ended before its kill; give it more records"
+            );
+            if first.is_none() && fake.observed(|o| o.requests.len()) > requests {
+                first = Some(Instant::now());
+            }
+            if first.is_some_and(|t| t.elapsed() >= after) {
+                child.kill().unwrap(); // SIGKILL
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        child.wait().unwrap();
+    }
+    let out = start(dir).wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    receiver_matches(&fake, &model).unwrap();
+    // State agrees: a rerun sends nothing.
+    let requests = fake.observed(|o| o.requests.len());
+    assert!(start(dir).wait_with_output().unwrap().status.success());
+    assert_eq!(fake.observed(|o| o.requests.len()), requests);
+    let (delivered, busiest) = fake.observed(|o| {
+        let accepted: Vec<&Seen> = o.requests.iter().filter(|r| r.status == 200).collect();
+        let mut busiest = 0;
+        let mut from = 0;
+        let mut in_window = 0;
+        for r in &accepted {
+            in_window += r.records as u64;
+            while r.at.duration_since(accepted[from].at) > window {
+                in_window -= accepted[from].records as u64;
+                from += 1;
+            }
+            busiest = busiest.max(in_window);
+        }
+        (o.record_count, busiest)
+    });
+    (delivered - n as u64, busiest)
+}
+
+/// Issue 17, bounded rework: with checkpoints every second, each kill -9 re-sends at most the
+/// batches in flight plus what was answered since the last checkpoint (one interval, plus the
+/// time a checkpoint takes to write); the final state equals the model. Without checkpoints the
+/// same kills re-send everything each killed run had delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_bound_what_a_killed_first_sync_sends_again() {
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    eprintln!("seed {seed}");
+    let kills = 5;
+    // One interval plus the time a checkpoint takes and the kill's polling (generous on a
+    // loaded 2-core machine).
+    let window = Duration::from_millis(1_600);
+    let (extra, busiest) = killed_first_sync("1s", kills, seed, window).await;
+    let in_flight = 2 * 40; // concurrency × batch_size
+    let bound = kills as u64 * (busiest + in_flight);
+    eprintln!(
+        "checkpoint_every '1s': {extra} records sent again over {kills} kills (bound {bound}: \
+         {kills} × ({busiest} answered in the busiest {window:?} + {in_flight} in flight))"
+    );
+    assert!(
+        extra <= bound,
+        "{extra} records sent again, more than {bound}"
+    );
+    let (without, _) = killed_first_sync("0", kills, seed, window).await;
+    eprintln!("no checkpoints: {without} records sent again over {kills} kills");
+    assert!(
+        without > extra,
+        "checkpoints saved nothing: {extra} with, {without} without"
+    );
 }
 
 /// Issue 17: one flipped byte in any state file (a hash file gave a run recorded as succeeded,

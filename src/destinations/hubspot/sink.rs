@@ -335,6 +335,7 @@ impl DataSink for HubspotSink {
             &run_id,
             &delivery_metrics,
         );
+        let driver = driver.with_checkpoints(self.sync.as_ref().and_then(|r| r.checkpoints()));
         let encoder = Encoder::new(
             &self.object,
             self.mapped_fields(),

@@ -538,7 +538,8 @@ impl DataSink for SalesforceSink {
             Arc::clone(&c.limiter),
             config.http.retry,
             Arc::clone(&metrics),
-        );
+        )
+        .with_checkpoints(self.sync.as_ref().and_then(|r| r.checkpoints()));
         let batcher = Batcher::new(&run_id, config.http.batch_size, usize::MAX)
             .with_unique_keys(|k| k.to_lowercase());
         let (tx, rx) = mpsc::channel::<crate::Result<Vec<Record>>>(4);

@@ -189,7 +189,8 @@ impl DataSink for WebhookSink {
             Arc::clone(&connection.limiter),
             config.retry,
             Arc::clone(&delivery_metrics),
-        );
+        )
+        .with_checkpoints(self.sync.as_ref().and_then(|r| r.checkpoints()));
         // The envelope around the records is small and bounded; keep the whole body in max_bytes.
         let budget = config.max_bytes.saturating_sub(ENVELOPE_BYTES).max(1);
         let batcher = Batcher::new(&run_id, config.batch_size, budget);
