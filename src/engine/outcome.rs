@@ -125,7 +125,9 @@ impl fmt::Display for DryRunReport {
             Some(rate) if rate > 0.0 => write!(
                 f,
                 "\n  estimated duration: {} at rate_limit {rate}/s",
-                format_duration(Duration::from_secs_f64(requests as f64 / rate))
+                format_duration(
+                    Duration::try_from_secs_f64(requests as f64 / rate).unwrap_or(Duration::MAX)
+                )
             ),
             _ => write!(
                 f,
