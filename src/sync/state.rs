@@ -200,31 +200,34 @@ pub struct SyncLock {
     path: Path,
     /// The run whose process died holding the lock, when this lock was taken over from it.
     pub taken_over: Option<String>,
-    released: bool,
+    /// Counts this lock until its file is deleted (see [`super::cleanup::settle`]).
+    held: Option<super::cleanup::Held>,
 }
 
 impl SyncLock {
     /// Deletes the lock file, and returns once it is gone (or could not be deleted: a lock this
     /// process left is taken over by its next run).
     pub async fn release(mut self) {
-        self.released = true;
+        let counted = self.held.take();
         held().lock().expect("lock set").remove(self.path.as_ref());
         if let Err(e) = self.store.delete(&self.path).await {
             tracing::warn!(lock = %self.path, error = %e, "Could not delete the sync's lock.");
         }
+        drop(counted);
     }
 }
 
 impl Drop for SyncLock {
     fn drop(&mut self) {
-        if self.released {
-            return;
-        }
+        let Some(counted) = self.held.take() else {
+            return; // released
+        };
         held().lock().expect("lock set").remove(self.path.as_ref());
         let store = Arc::clone(&self.store);
         let path = self.path.clone();
         super::cleanup::spawn(async move {
             let _ = store.delete(&path).await;
+            drop(counted);
         });
     }
 }
@@ -763,7 +766,7 @@ impl StateStore {
                         store: Arc::clone(&self.store),
                         path,
                         taken_over,
-                        released: false,
+                        held: Some(super::cleanup::Held::new()),
                     });
                 }
                 Err(object_store::Error::AlreadyExists { .. }) => {

@@ -478,7 +478,7 @@ async fn a_flipped_byte_in_any_state_file_is_refused_before_anything_is_sent() {
 /// spawned in a destructor, which often never ran: 3 of 6 successful runs left it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_run_that_ends_leaves_no_lock_behind() {
-    let (_fake, dir) = setup(Duration::ZERO).await;
+    let (fake, dir) = setup(Duration::ZERO).await;
     let dir = dir.path();
     let lock = dir.join(".sluice/syncs/users_sync/lock");
     for n in 0..6 {
@@ -498,6 +498,36 @@ async fn every_run_that_ends_leaves_no_lock_behind() {
     let out = start(dir).wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(!lock.exists(), "a failed run left its lock");
+
+    // Ctrl-C while it delivers: the process exits, its lock gone and its run recorded as
+    // interrupted.
+    write_model(dir, &model(400, "y.io"));
+    fake.script(|s| s.latency = Duration::from_millis(100));
+    let requests = fake.observed(|o| o.requests.len());
+    let child = start(dir);
+    let started = Instant::now();
+    while fake.observed(|o| o.requests.len()) == requests {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "no request arrived"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // SAFETY: sends SIGINT to the child this test started.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!lock.exists(), "a cancelled run left its lock");
+    let statuses = query(
+        dir,
+        "SELECT status FROM sluice.runs WHERE sync = 'users_sync' ORDER BY started_at",
+    );
+    assert_eq!(statuses.lines().last(), Some("interrupted"), "{statuses}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
