@@ -31,6 +31,24 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
+    /// Whether a call that has failed `failures` times (rate-limited answers not counted) since
+    /// `started` should stop trying.
+    pub fn exhausted(&self, failures: u32, started: std::time::Instant) -> bool {
+        failures >= self.max_attempts || started.elapsed() >= self.max_elapsed
+    }
+
+    /// How long to wait before the next try: what the server asked, else the backoff, never
+    /// past `max_elapsed`.
+    pub fn wait(
+        &self,
+        failures: u32,
+        asked: Option<Duration>,
+        started: std::time::Instant,
+    ) -> Duration {
+        let left = self.max_elapsed.saturating_sub(started.elapsed());
+        asked.unwrap_or_else(|| self.backoff(failures)).min(left)
+    }
+
     /// "Full jitter" backoff before attempt `failed + 1`: uniform in `[0, min(cap, base·2^(failed-1))]`.
     /// (AWS architecture blog, "Exponential Backoff And Jitter": it spreads retries of many
     /// clients best.) Written out here because it is three lines; the popular backoff crates

@@ -549,3 +549,26 @@ async fn keys_hubspot_sees_as_equal_never_share_a_batch() {
         "the later row wins"
     );
 }
+
+/// Control-plane calls (here the properties describe) honour the connection's max_attempts,
+/// as data calls do: a user who sets max_attempts '2' gets two tries, not six.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_describe_is_tried_max_attempts_times() {
+    let fake = FakeHubspot::start(Script {
+        properties_faults: 100,
+        ..Default::default()
+    })
+    .await;
+    let engine = super::support::engine();
+    let err = engine
+        .run_sql(&format!(
+            "CREATE CONNECTION crm TYPE hubspot OPTIONS (token '{TOKEN}', base_url '{}', max_attempts '2');
+             DESCRIBE crm.contacts",
+            fake.url
+        ))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("gave up after 2 attempts"), "{err}");
+    assert_eq!(fake.observed(|o| o.properties_calls), 2);
+}

@@ -660,3 +660,26 @@ async fn a_failed_bulk_job_keeps_what_it_settled_and_the_rerun_sends_the_rest() 
     assert_eq!((rerun.rows_written, rerun.rows_rejected), (20, 0));
     same(&fake, 40);
 }
+
+/// Control-plane calls (describe, lookups, Bulk polls) honour the connection's max_attempts, as
+/// data calls do: a user who sets max_attempts '2' gets two tries, not six.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_describe_is_tried_max_attempts_times() {
+    let fake = FakeSalesforce::start(Script {
+        concurrent_faults: 100,
+        ..Default::default()
+    })
+    .await;
+    let engine = super::support::engine();
+    let err = engine
+        .run_sql(&format!(
+            "CREATE CONNECTION sf TYPE salesforce OPTIONS (login_url '{}', client_id '{CLIENT_ID}', client_secret '{CLIENT_SECRET}', max_attempts '2');
+             DESCRIBE sf.contact",
+            fake.url
+        ))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("gave up after 2 attempts"), "{err}");
+    assert_eq!(fake.api_calls(), 2, "{err}");
+}

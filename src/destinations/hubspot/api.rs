@@ -4,7 +4,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use http::Method;
@@ -27,7 +26,6 @@ pub const STANDARD_OBJECTS: &[(&str, &str)] = &[
 ];
 
 /// Calls outside the batch writes give up after this many retried answers.
-const CALL_ATTEMPTS: u32 = 6;
 
 /// One HubSpot object as its properties describe it.
 #[derive(Debug)]
@@ -265,7 +263,9 @@ impl HubspotConnection {
         path: &str,
         body: Option<Value>,
     ) -> Result<HttpResponse> {
-        let mut attempt = 0;
+        let policy = self.config.http.retry;
+        let started = std::time::Instant::now();
+        let (mut attempt, mut failures) = (0, 0);
         loop {
             attempt += 1;
             let ticket = self.limiter.acquire().await;
@@ -299,26 +299,29 @@ impl HubspotConnection {
                     retry_after,
                     throttled,
                 }) => {
-                    let budget = self.config.http.retry.max_elapsed;
-                    if let Some(wait) = retry_after.filter(|w| *w > budget) {
+                    let left = policy.max_elapsed.saturating_sub(started.elapsed());
+                    if let Some(wait) = retry_after.filter(|w| *w > left) {
                         return Err(self.error(format!(
-                            "{method} {path}: {reason}; HubSpot asks to wait {:.0}s, more than max_retry_time ({:.0}s)",
+                            "{method} {path}: {reason}; HubSpot asks to wait {:.0}s, more than the {:.0}s left of max_retry_time",
                             wait.as_secs_f64(),
-                            budget.as_secs_f64()
+                            left.as_secs_f64()
+                        )));
+                    }
+                    // The connection's max_attempts and max_retry_time, as for data calls
+                    // (rate-limited answers do not count as attempts).
+                    failures += u32::from(!throttled);
+                    if policy.exhausted(failures, started) {
+                        return Err(self.error(format!(
+                            "{method} {path} gave up after {attempt} attempts over {:.1}s (max_attempts {}, max_retry_time {:?}): {reason}",
+                            started.elapsed().as_secs_f64(),
+                            policy.max_attempts,
+                            policy.max_elapsed
                         )));
                     }
                     if throttled {
                         self.limiter.on_throttle(retry_after, true);
-                    }
-                    if attempt >= CALL_ATTEMPTS {
-                        return Err(self.error(format!(
-                            "{method} {path} gave up after {attempt} attempts: {reason}"
-                        )));
-                    }
-                    if !throttled {
-                        let wait =
-                            retry_after.unwrap_or(Duration::from_millis(200 * attempt as u64));
-                        tokio::time::sleep(wait).await;
+                    } else {
+                        tokio::time::sleep(policy.wait(failures, retry_after, started)).await;
                     }
                 }
                 Some(ResponseClass::Unauthorized(message))

@@ -25,7 +25,6 @@ use crate::destinations::field_meta;
 use crate::error::{Error, Result};
 
 /// Calls outside the collection writes give up after this many retried answers.
-const CALL_ATTEMPTS: u32 = 6;
 /// Values per SOQL `IN (…)` lookup (keeps the URL well under Salesforce's 16 KB).
 const LOOKUP_CHUNK: usize = 100;
 
@@ -298,6 +297,8 @@ impl SalesforceConnection {
         counted: bool,
         limit: usize,
     ) -> Result<HttpResponse> {
+        let policy = self.config.http.retry;
+        let started = std::time::Instant::now();
         let mut attempt = 0;
         let mut refreshed = false;
         loop {
@@ -336,16 +337,20 @@ impl SalesforceConnection {
             };
             match class {
                 Some(ResponseClass::Retry { reason, .. }) => {
-                    if attempt >= CALL_ATTEMPTS {
+                    // The connection's max_attempts and max_retry_time, as for data calls.
+                    if policy.exhausted(attempt, started) {
                         return Err(self.error(format!(
-                            "{method} {} gave up after {attempt} attempts: {reason}",
-                            path_only(path)
+                            "{method} {} gave up after {attempt} attempts over {:.1}s (max_attempts {}, max_retry_time {:?}): {reason}",
+                            path_only(path),
+                            started.elapsed().as_secs_f64(),
+                            policy.max_attempts,
+                            policy.max_elapsed
                         )));
                     }
                     if let Some(m) = metrics {
                         DeliveryMetrics::add(&m.retries, 1);
                     }
-                    tokio::time::sleep(self.config.http.retry.backoff(attempt)).await;
+                    tokio::time::sleep(policy.wait(attempt, None, started)).await;
                 }
                 Some(ResponseClass::Unauthorized(message)) => {
                     if refreshed {

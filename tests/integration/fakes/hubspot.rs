@@ -50,6 +50,8 @@ pub struct Script {
     pub missing_scope: bool,
     /// Added latency per request.
     pub latency: Duration,
+    /// The next n properties (describe) calls answer 502.
+    pub properties_faults: u32,
 }
 
 impl Default for Script {
@@ -62,6 +64,7 @@ impl Default for Script {
             merged: vec![],
             missing_scope: false,
             latency: Duration::ZERO,
+            properties_faults: 0,
         }
     }
 }
@@ -167,6 +170,8 @@ pub struct Stored {
 pub struct Observed {
     pub requests: Vec<Seen>,
     pub throttled: u64,
+    /// Properties (describe) calls, answered or faulted.
+    pub properties_calls: u64,
     /// object → records by id.
     pub records: BTreeMap<String, BTreeMap<u64, Stored>>,
     next_id: u64,
@@ -446,9 +451,24 @@ async fn handle(
     response
 }
 
+/// Counts a properties call; whether it answers an injected fault (and counts that down).
+fn take_properties_fault(shared: &Shared) -> bool {
+    shared.observed.lock().unwrap().properties_calls += 1;
+    let mut script = shared.script.lock().unwrap();
+    let fault = script.properties_faults > 0;
+    script.properties_faults = script.properties_faults.saturating_sub(1);
+    fault
+}
+
 fn route(shared: &Shared, method: &Method, path: &str, body: &[u8]) -> Response {
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method.as_str(), parts.as_slice()) {
+        ("GET", ["crm", "v3", "properties", _]) if take_properties_fault(shared) => error_body(
+            StatusCode::BAD_GATEWAY,
+            "injected fault",
+            "INTERNAL_ERROR",
+            json!({}),
+        ),
         ("GET", ["crm", "v3", "properties", object]) => match shared.objects.get(*object) {
             Some(props) => {
                 let results: Vec<Value> = props
