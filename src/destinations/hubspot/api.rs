@@ -25,8 +25,6 @@ pub const STANDARD_OBJECTS: &[(&str, &str)] = &[
     ("tickets", "0-5"),
 ];
 
-/// Calls outside the batch writes give up after this many retried answers.
-
 /// One HubSpot object as its properties describe it.
 #[derive(Debug)]
 pub struct ObjectSchema {

@@ -24,7 +24,6 @@ use crate::delivery::{AdaptiveLimiter, DeliveryMetrics, HttpResponse, ResponseCl
 use crate::destinations::field_meta;
 use crate::error::{Error, Result};
 
-/// Calls outside the collection writes give up after this many retried answers.
 /// Values per SOQL `IN (…)` lookup (keeps the URL well under Salesforce's 16 KB).
 const LOOKUP_CHUNK: usize = 100;
 
