@@ -400,11 +400,8 @@ impl StateStore {
         };
         let manifest: Manifest =
             serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
-        if manifest.format >= SEALED_FORMAT && !manifest.intact() {
-            return Err(corrupt(
-                "it does not match its checksum: a byte of it changed".into(),
-            ));
-        }
+        // The version first: a later format may carry fields this version does not read, and
+        // so would not match its checksum here.
         if !(1..=FORMAT).contains(&manifest.format)
             || (manifest.hash != HASH_VERSION && manifest.hash != POSTGRES_HASH_VERSION)
         {
@@ -416,6 +413,11 @@ impl StateStore {
                     manifest.hash
                 ),
             });
+        }
+        if manifest.format >= SEALED_FORMAT && !manifest.intact() {
+            return Err(corrupt(
+                "it does not match its checksum: a byte of it changed".into(),
+            ));
         }
         Ok(Some(manifest))
     }
@@ -1300,6 +1302,24 @@ mod tests {
             caught > 10 * harmless,
             "caught {caught}, harmless {harmless}"
         );
+    }
+
+    /// A manifest of a later format (with fields this version does not know) is refused as
+    /// another version's, not as corrupt.
+    #[tokio::test]
+    async fn a_later_format_is_another_version_not_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateStore::local(dir.path()).unwrap();
+        let manifest = r#"{"format":4,"hash":"xxh3_64/v1","sync":"s","target":"t.o","key":"id",
+            "fields":[],"snapshot":"snapshot-x.arrow","rows":0,"rejects":null,"run_id":"x",
+            "committed_at":"2027-01-01T00:00:00Z","checksum":"0000000000000000","shards":[1]}"#;
+        let path = state.path(&["syncs", "s", "manifest.json"]);
+        state
+            .write(&path, manifest.as_bytes().to_vec())
+            .await
+            .unwrap();
+        let err = state.manifest("s").await.unwrap_err().to_string();
+        assert!(err.contains("another version"), "{err}");
     }
 
     /// Issue 17: state files hold record payloads (rejects) and errors (run records): readable by
