@@ -271,15 +271,26 @@ pub fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, Strin
 /// only when it came from `env()`/`file()` (its path or query string can carry a token), else
 /// with its password masked.
 pub fn shown_url(url: &url::Url, from_outside: bool) -> String {
-    if !from_outside {
-        return redact_url_password(url.as_str());
+    match from_outside {
+        true => format!("{}/***", origin(url)),
+        false => redact_url_password(url.as_str()),
     }
+}
+
+/// A base URL that paths are shown after: scheme, host and port only when it came from
+/// `env()`/`file()`, else with its password masked (no trailing '/').
+pub fn shown_base_url(url: &url::Url, from_outside: bool) -> String {
+    match from_outside {
+        true => origin(url),
+        false => redact_url_password(url.as_str())
+            .trim_end_matches('/')
+            .to_string(),
+    }
+}
+
+fn origin(url: &url::Url) -> String {
     let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
-    format!(
-        "{}://{}{port}/***",
-        url.scheme(),
-        url.host_str().unwrap_or("")
-    )
+    format!("{}://{}{port}", url.scheme(), url.host_str().unwrap_or(""))
 }
 
 /// `scheme://user:password@host/...` → `scheme://user:***@host/...`; anything else unchanged.
@@ -382,6 +393,23 @@ mod tests {
         assert_eq!(headers[0].1.expose(), "growth");
         assert_eq!(opts.redacted(), "header.x-team '***'");
         assert!(Options::new("x", P, vec![("header.".into(), lit("a"))]).is_err());
+    }
+
+    /// Issue 17: a URL from env()/file() is shown by its origin only (its path or query string
+    /// may carry a token); a literal one with its password masked.
+    #[test]
+    fn urls_from_outside_show_their_origin_only() {
+        let url =
+            url::Url::parse("https://bob:pw@hooks.example.com:8443/t/tok_123?key=abc").unwrap();
+        assert_eq!(shown_url(&url, true), "https://hooks.example.com:8443/***");
+        assert_eq!(shown_base_url(&url, true), "https://hooks.example.com:8443");
+        let shown = shown_url(&url, false);
+        assert!(
+            shown.contains("bob:***@") && !shown.contains(":pw@"),
+            "{shown}"
+        );
+        let base = url::Url::parse("https://api.hubapi.com").unwrap();
+        assert_eq!(shown_base_url(&base, false), "https://api.hubapi.com");
     }
 
     #[test]

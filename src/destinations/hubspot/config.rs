@@ -123,6 +123,8 @@ pub const TIERS: &[(&str, Tier)] = &[
 pub struct HubspotConfig {
     pub token: Secret,
     pub base_url: url::Url,
+    /// `base_url` as it may be shown: scheme and host only when it came from env() or file().
+    pub shown_base_url: String,
     pub tier: Tier,
     pub http: HttpSettings,
 }
@@ -177,6 +179,10 @@ impl HubspotConfig {
         )?;
         Ok(Self {
             token,
+            shown_base_url: crate::options::shown_base_url(
+                &base_url,
+                options.from_outside("base_url"),
+            ),
             base_url,
             tier,
             http,

@@ -412,10 +412,8 @@ impl DataSink for ListMembersSink {
         let stats = metrics.snapshot();
         stats.publish(&self.metrics);
         self.report.set_delivery(stats);
-        self.report.add_location(format!(
-            "{}/crm/v3/lists",
-            config.base_url.as_str().trim_end_matches('/')
-        ));
+        self.report
+            .add_location(format!("{}/crm/v3/lists", config.shown_base_url));
         Ok(self.report.settle(Delivered { outcome, error })?)
     }
 }

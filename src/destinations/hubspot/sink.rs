@@ -395,8 +395,7 @@ impl DataSink for HubspotSink {
         self.report.set_delivery(stats);
         self.report.add_location(format!(
             "{}/crm/v3/objects/{}",
-            config.base_url.as_str().trim_end_matches('/'),
-            self.object.name
+            config.shown_base_url, self.object.name
         ));
         Ok(self.report.settle(delivered)?)
     }
