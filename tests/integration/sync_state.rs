@@ -426,6 +426,49 @@ async fn checkpoints_bound_what_a_killed_first_sync_sends_again() {
     );
 }
 
+/// Checkpoints by record count alone (`checkpoint_every '0'`, `checkpoint_records`): a run
+/// killed right after its first checkpoint re-sends only what came after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_by_record_count_alone() {
+    let (fake, dir) = setup(Duration::from_millis(100)).await;
+    let dir = dir.path();
+    let sql = std::fs::read_to_string(dir.join("sync.sql"))
+        .unwrap()
+        .replace(
+            "max_delete_pct '100'",
+            "max_delete_pct '100', checkpoint_every '0', checkpoint_records '80'",
+        );
+    std::fs::write(dir.join("sync.sql"), sql).unwrap();
+    let model = model(2_000, "example.com");
+    write_model(dir, &model);
+    let manifest = dir.join(".sluice/syncs/users_sync/manifest.json");
+    let mut child = start(dir);
+    let started = Instant::now();
+    loop {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run ended before a checkpoint"
+        );
+        assert!(started.elapsed() < Duration::from_secs(30), "no checkpoint");
+        let checkpointed = std::fs::read_to_string(&manifest).is_ok_and(|m| m.contains("-c1\""));
+        if checkpointed {
+            child.kill().unwrap(); // SIGKILL
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    child.wait().unwrap();
+    let sent = fake.observed(|o| o.record_count);
+    assert!(sent >= 80 && sent < 2_000, "{sent}");
+    fake.script(|s| s.latency = Duration::ZERO);
+    assert!(start(dir).wait_with_output().unwrap().status.success());
+    receiver_matches(&fake, &model).unwrap();
+    // Sent again: at most the records after the checkpoint (80 per checkpoint) and those in
+    // flight (2 requests of 40), with one round of requests (100 ms) of slack for the kill.
+    let again = fake.observed(|o| o.record_count) - 2_000;
+    assert!(again <= 80 + 80 + 80, "{again} records sent again");
+}
+
 /// Issue 17: one flipped byte in any state file (a hash file gave a run recorded as succeeded,
 /// 0 rows read) is a clear error naming the file, before anything is sent or deleted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
