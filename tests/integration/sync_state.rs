@@ -459,7 +459,7 @@ async fn checkpoints_by_record_count_alone() {
     }
     child.wait().unwrap();
     let sent = fake.observed(|o| o.record_count);
-    assert!(sent >= 80 && sent < 2_000, "{sent}");
+    assert!((80..2_000).contains(&sent), "{sent}");
     fake.script(|s| s.latency = Duration::ZERO);
     assert!(start(dir).wait_with_output().unwrap().status.success());
     receiver_matches(&fake, &model).unwrap();
