@@ -538,17 +538,7 @@ impl SyncRun {
                 || checkpoint.is_some()
             {
                 tracing::debug!(acked = acked.len(), "Committing the sync state.");
-                // Per change: the destination answered it (acknowledged or rejected).
-                let mut settled = vec![false; changes.len()];
-                for id in acked
-                    .iter()
-                    .map(|(id, _)| *id)
-                    .chain(rejected.iter().filter_map(|r| r.change))
-                {
-                    if let Some(s) = settled.get_mut(id as usize) {
-                        *s = true;
-                    }
-                }
+                let settled = settled(changes.len(), &acked, &rejected);
                 // Whether the snapshot's main file is written (prepared).
                 let mut written = false;
                 let next = match &self.spec.remote {
@@ -908,6 +898,21 @@ impl SyncRun {
     }
 }
 
+/// Per change: whether the destination answered it (acknowledged or rejected).
+fn settled(changes: usize, acked: &[(u32, Option<String>)], rejected: &[Rejected]) -> Vec<bool> {
+    let mut settled = vec![false; changes];
+    for id in acked
+        .iter()
+        .map(|(id, _)| *id)
+        .chain(rejected.iter().filter_map(|r| r.change))
+    {
+        if let Some(s) = settled.get_mut(id as usize) {
+            *s = true;
+        }
+    }
+    settled
+}
+
 /// What a run commits to a remote state: acknowledged changes, and the intents of new records
 /// the destination refused.
 fn remote_commit<'a>(
@@ -991,17 +996,7 @@ impl Checkpoints for SyncRun {
         let Some(snapshot) = snapshot else {
             return Ok(());
         };
-        let mut settled = vec![false; changes.len()];
-        for id in outcome
-            .acked
-            .iter()
-            .map(|(id, _)| *id)
-            .chain(outcome.rejected.iter().filter_map(|r| r.change))
-        {
-            if let Some(s) = settled.get_mut(id as usize) {
-                *s = true;
-            }
-        }
+        let settled = settled(changes.len(), &outcome.acked, &outcome.rejected);
         let tag = format!("{}-c{n}", self.run_id);
         let next = self
             .next_snapshot(&snapshot, &changes, &outcome.acked, &settled, &tag)

@@ -92,21 +92,26 @@ impl Manifest {
 
     /// The manifest as written: pretty JSON carrying the hash of its own text.
     fn sealed(&self) -> Vec<u8> {
-        let mut manifest = self.clone();
-        manifest.checksum = None;
-        let body = serde_json::to_vec_pretty(&manifest).expect("serializing to memory");
-        manifest.checksum = Some(format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&body)));
+        let manifest = Manifest {
+            checksum: Some(self.own_checksum()),
+            ..self.clone()
+        };
         serde_json::to_vec_pretty(&manifest).expect("serializing to memory")
     }
 
     /// Whether a manifest read back is the one its checksum was computed for.
     fn intact(&self) -> bool {
-        let mut manifest = self.clone();
-        let Some(checksum) = manifest.checksum.take() else {
-            return false;
+        self.checksum.as_ref() == Some(&self.own_checksum())
+    }
+
+    /// The xxh3-64 of this manifest's text with `checksum` null.
+    fn own_checksum(&self) -> String {
+        let manifest = Manifest {
+            checksum: None,
+            ..self.clone()
         };
         let body = serde_json::to_vec_pretty(&manifest).expect("serializing to memory");
-        checksum == format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&body))
+        format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&body))
     }
 }
 
@@ -507,23 +512,22 @@ impl StateStore {
             keys: batch.column(0).clone(),
             fields: manifest.fields.clone(),
             rows: hash_column(2, "row")?,
-            hashes: FieldHashes::Stored(StoredHashes {
-                state: self.clone(),
-                sync: sync.to_string(),
-                files: manifest.hash_files.clone(),
-                sealed,
-            }),
+            hashes: FieldHashes::Stored(self.hashes_in(sync, manifest.hash_files.clone(), sealed)),
             record_ids,
         })
     }
 
     /// A snapshot's field hashes in `files` (of `sync`'s directory), as this version writes them.
     pub fn stored_hashes(&self, sync: &str, files: Vec<String>) -> StoredHashes {
+        self.hashes_in(sync, files, true)
+    }
+
+    fn hashes_in(&self, sync: &str, files: Vec<String>, sealed: bool) -> StoredHashes {
         StoredHashes {
             state: self.clone(),
             sync: sync.to_string(),
             files,
-            sealed: true,
+            sealed,
         }
     }
 
