@@ -16,6 +16,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::any;
 
 use super::support::{scratch, sluice};
+use super::webhook::connect;
 
 /// A receiver that answers by its path; counts the requests that reach it.
 struct Hostile {
@@ -89,17 +90,6 @@ async fn answer_with(
     }
 }
 
-async fn engine_with(url: &str, extra: &str) -> sluice::Engine {
-    let engine = super::support::engine();
-    engine
-        .run_sql(&format!(
-            "CREATE CONNECTION hooks TYPE webhook OPTIONS (url '{url}', key 'id'{extra})"
-        ))
-        .await
-        .unwrap();
-    engine
-}
-
 /// Runs a one-record insert, which must fail within `limit`; returns its error.
 async fn fails_within(engine: &sluice::Engine, limit: Duration) -> String {
     let started = Instant::now();
@@ -123,7 +113,7 @@ async fn server_given_waits_are_clamped_to_the_time_the_run_has_left() {
         "1000000000000000000000000000000",
         "inf",
     ] {
-        let engine = engine_with(
+        let engine = connect(
             &format!("{}/wait/{wait}", hostile.url),
             ", max_retry_time '5s'",
         )
@@ -137,7 +127,7 @@ async fn server_given_waits_are_clamped_to_the_time_the_run_has_left() {
     // Waits that are not waits (NaN, negative) are ignored: the run backs off and gives up at
     // max_retry_time.
     for wait in ["NaN", "-5"] {
-        let engine = engine_with(
+        let engine = connect(
             &format!("{}/wait/{wait}", hostile.url),
             ", max_retry_time '1s'",
         )
@@ -151,7 +141,7 @@ async fn server_given_waits_are_clamped_to_the_time_the_run_has_left() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_oversized_answer_is_not_read_whole() {
     let hostile = Hostile::start().await;
-    let engine = engine_with(&format!("{}/huge/40", hostile.url), "").await;
+    let engine = connect(&format!("{}/huge/40", hostile.url), "").await;
     let err = fails_within(&engine, Duration::from_secs(20)).await;
     assert!(err.contains("larger than 8 MB"), "{err}");
 }
@@ -187,15 +177,15 @@ async fn redirects_to_another_origin_are_never_followed() {
     let elsewhere = Hostile::start().await;
     let port = elsewhere.url.rsplit(':').next().unwrap().to_string();
     for extra in ["", ", follow_redirects 'same-origin'"] {
-        let engine = engine_with(&format!("{}/redirect/{port}", hostile.url), extra).await;
+        let engine = connect(&format!("{}/redirect/{port}", hostile.url), extra).await;
         let err = fails_within(&engine, Duration::from_secs(20)).await;
         assert!(err.contains("redirect"), "{err}");
     }
     assert_eq!(elsewhere.hits(), 0, "a redirect reached another origin");
     // Within the same origin, with the option.
-    let engine = engine_with(&format!("{}/redirect", hostile.url), "").await;
+    let engine = connect(&format!("{}/redirect", hostile.url), "").await;
     fails_within(&engine, Duration::from_secs(20)).await;
-    let engine = engine_with(
+    let engine = connect(
         &format!("{}/redirect", hostile.url),
         ", follow_redirects 'same-origin'",
     )

@@ -94,6 +94,26 @@ fn query(dir: &Path, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// A run to completion leaves the receiver holding exactly the model, and the state agrees: a
+/// rerun sends nothing.
+fn run_converges(dir: &Path, fake: &FakeWebhook, model: &Model) {
+    let out = start(dir).wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    receiver_matches(fake, model).unwrap();
+    let before = fake.observed(|o| o.requests.len());
+    let out = start(dir).wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        fake.observed(|o| o.requests.len()),
+        before,
+        "a converged rerun sent requests"
+    );
+}
+
 fn receiver_matches(fake: &FakeWebhook, model: &Model) -> Result<(), String> {
     let held: BTreeMap<i64, String> = fake
         .state_rows()
@@ -194,24 +214,7 @@ async fn kill_9_at_random_points_then_rerun_ends_equal_to_the_model() {
         "only {killed} of {rounds} runs were killed mid-way"
     );
 
-    // A run to completion converges: the receiver holds exactly the model.
-    let out = start(dir).wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    receiver_matches(&fake, &model).unwrap();
-
-    // State agrees: a rerun sends nothing.
-    let before = fake.observed(|o| o.requests.len());
-    let out = start(dir).wait_with_output().unwrap();
-    assert!(out.status.success());
-    assert_eq!(
-        fake.observed(|o| o.requests.len()),
-        before,
-        "a converged rerun sent requests"
-    );
+    run_converges(dir, &fake, &model);
 
     // Run history is consistent: every killed run is recorded as interrupted (or never got
     // far enough to be recorded), nothing is left "running", the last two succeeded.
@@ -363,17 +366,7 @@ async fn killed_first_sync(every: &str, kills: usize, seed: u64, window: Duratio
         }
         child.wait().unwrap();
     }
-    let out = start(dir).wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    receiver_matches(&fake, &model).unwrap();
-    // State agrees: a rerun sends nothing.
-    let requests = fake.observed(|o| o.requests.len());
-    assert!(start(dir).wait_with_output().unwrap().status.success());
-    assert_eq!(fake.observed(|o| o.requests.len()), requests);
+    run_converges(dir, &fake, &model);
     let (delivered, busiest) = fake.observed(|o| {
         let accepted: Vec<&Seen> = o.requests.iter().filter(|r| r.status == 200).collect();
         let mut busiest = 0;
@@ -462,8 +455,7 @@ async fn checkpoints_by_record_count_alone() {
     let sent = fake.observed(|o| o.record_count);
     assert!((80..2_000).contains(&sent), "{sent}");
     fake.script(|s| s.latency = Duration::ZERO);
-    assert!(start(dir).wait_with_output().unwrap().status.success());
-    receiver_matches(&fake, &model).unwrap();
+    run_converges(dir, &fake, &model);
     // Sent again: at most the records after the checkpoint (80 per checkpoint) and those in
     // flight (2 requests of 40), with one round of requests (100 ms) of slack for the kill.
     let again = fake.observed(|o| o.record_count) - 2_000;

@@ -10,7 +10,8 @@ use sluice::{Engine, Outcome};
 use super::fakes::webhook::{FakeWebhook, Fault, Script};
 use super::support::write;
 
-async fn connect(fake_url: &str, extra: &str) -> Engine {
+/// An engine with the connection `hooks` to `fake_url`, keyed by `id`, with `extra` options.
+pub(super) async fn connect(fake_url: &str, extra: &str) -> Engine {
     let engine = super::support::engine();
     engine
         .run_sql(&format!(
