@@ -1616,3 +1616,50 @@ RUN SYNC {sync};
     pg.sql(&format!("DROP TABLE IF EXISTS sluice_state.\"{sync}\""))
         .await;
 }
+
+/// Issue 17: no Postgres wait is unbounded. A statement past statement_timeout is cancelled by
+/// Postgres; a statement that finds every pooled connection busy past pool_timeout fails with a
+/// message that names the options.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_and_pool_waits_end_at_their_timeouts() {
+    let Some(pg) = PgSchema::new("sluice_timeouts").await else {
+        return;
+    };
+    pg.sql("CREATE VIEW $S.slow AS SELECT pg_sleep(1.5)::text AS x")
+        .await;
+    let engine = super::support::engine();
+    // SAFETY: set before any thread reads it; every test sets the same value.
+    unsafe { std::env::set_var("SLUICE_TEST_WH_URL", URL) };
+    let schema = pg.name.replace('\'', "''");
+    engine
+        .run_sql(&format!(
+            "CREATE CONNECTION quick TYPE postgres OPTIONS (url env('SLUICE_TEST_WH_URL'), schema '{schema}', statement_timeout '300ms');
+             CREATE CONNECTION one TYPE postgres OPTIONS (url env('SLUICE_TEST_WH_URL'), schema '{schema}', pool_size '1', pool_timeout '300ms');"
+        ))
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = super::support::error(&engine, "SELECT x FROM quick.slow").await;
+    assert!(err.contains("statement timeout"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_millis(1_400));
+
+    // The one connection of `one` is busy reading the slow view; a second statement waits for it
+    // at most pool_timeout.
+    let (slow, waiting) = tokio::join!(engine.run_sql("SELECT x FROM one.slow"), async {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        let started = std::time::Instant::now();
+        let result = engine.run_sql("SELECT x FROM one.slow").await;
+        (result, started.elapsed())
+    });
+    slow.unwrap();
+    let (result, waited) = waiting;
+    let err = result.unwrap_err().to_string();
+    assert!(
+        err.contains("pool_timeout") && err.contains("pool_size"),
+        "{err}"
+    );
+    assert!(
+        waited < std::time::Duration::from_millis(1_000),
+        "{waited:?}"
+    );
+}

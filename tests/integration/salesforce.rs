@@ -683,3 +683,24 @@ async fn a_failing_describe_is_tried_max_attempts_times() {
     assert!(err.contains("gave up after 2 attempts"), "{err}");
     assert_eq!(fake.api_calls(), 2, "{err}");
 }
+
+/// Issue 17: a Bulk job that has not ended within bulk_timeout is aborted and the run fails,
+/// instead of polling it without bound; its records are sent again by the next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_job_past_bulk_timeout_is_aborted() {
+    let fake = FakeSalesforce::start(Script {
+        bulk_base: Duration::from_secs(30),
+        ..Default::default()
+    })
+    .await;
+    let engine = connect(&fake, ", api 'bulk', bulk_timeout '300ms'").await;
+    model(&engine, 20, |rows| rows).await;
+    let started = std::time::Instant::now();
+    let err = error(&engine, UPSERT).await;
+    assert!(err.contains("bulk_timeout"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{err}");
+    assert_eq!(fake.job_states(), ["Aborted"]);
+    fake.script(|s| s.bulk_base = Duration::from_millis(30));
+    write(&engine, UPSERT).await;
+    assert_eq!(fake.records("Contact").len(), 20);
+}

@@ -344,6 +344,11 @@ impl FakeSalesforce {
         })
     }
 
+    /// The state of every Bulk job, in creation order of their ids.
+    pub fn job_states(&self) -> Vec<String> {
+        self.observed(|o| o.jobs.values().map(|j| j.state.clone()).collect())
+    }
+
     /// The org's API usage so far.
     pub fn used(&self) -> u64 {
         self.observed(|o| o.used)
