@@ -11,7 +11,6 @@ use datafusion::catalog::{CatalogProvider, SchemaProvider};
 use datafusion::execution::runtime_env::RuntimeEnv;
 use futures::future::BoxFuture;
 
-use crate::destinations;
 use crate::error::{Error, Result};
 use crate::options::{OptionSpec, Options};
 
@@ -59,17 +58,6 @@ impl Connected {
             on_drop: None,
         }
     }
-}
-
-/// Every connection kind sluice has.
-pub fn kinds() -> Vec<Arc<dyn ConnectorKind>> {
-    vec![
-        Arc::new(destinations::file::FileConnector),
-        Arc::new(destinations::webhook::WebhookConnector),
-        Arc::new(destinations::hubspot::HubspotConnector),
-        Arc::new(destinations::salesforce::SalesforceConnector),
-        Arc::new(destinations::postgres::PostgresConnector),
-    ]
 }
 
 /// A live connection, as `SHOW CONNECTIONS` lists it.

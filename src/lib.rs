@@ -6,8 +6,9 @@
 
 pub mod cli;
 pub mod connections;
+pub mod connectors;
+pub mod contract;
 pub mod delivery;
-pub mod destinations;
 pub mod engine;
 pub mod error;
 pub mod object_stores;

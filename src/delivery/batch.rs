@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use bytes::Bytes;
 
-pub use crate::sync::Op;
+use crate::contract::Op;
 
 /// One record to deliver.
 #[derive(Debug, Clone)]

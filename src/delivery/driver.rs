@@ -4,7 +4,6 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::physical_plan::SendableRecordBatchStream;
 use futures::StreamExt;
@@ -17,21 +16,8 @@ use super::limiter::AdaptiveLimiter;
 use super::metrics::DeliveryMetrics;
 use super::retry::{RetryPolicy, retry_after};
 use super::{Checkpoints, HttpResponse, HttpService, Rejection, ResponseClass};
+use crate::contract::{Ack, Rejected};
 use crate::error::{Error, Result};
-
-/// A record the destination refused, kept whole so it can be reported and sent again.
-#[derive(Debug, Clone)]
-pub struct Rejected {
-    pub key: Option<String>,
-    pub code: String,
-    pub message: String,
-    /// The record as it was sent.
-    pub payload: Bytes,
-    /// How many requests carried it.
-    pub attempts: u32,
-    /// In a sync, the diff's change the record carried.
-    pub change: Option<u32>,
-}
 
 /// What happened to the records of a delivery.
 #[derive(Debug, Default)]
@@ -39,7 +25,7 @@ pub struct DeliveryOutcome {
     pub accepted: u64,
     pub rejected: Vec<Rejected>,
     /// In a sync: the changes the destination acknowledged, with the record id it gave.
-    pub acked: Vec<(u32, Option<String>)>,
+    pub acked: Vec<Ack>,
 }
 
 impl DeliveryOutcome {
@@ -468,7 +454,9 @@ impl<S: HttpService> Driver<S> {
             }
             n += 1;
             if let Some(change) = record.change {
-                outcome.acked.push((change, ids.get(i).cloned().flatten()));
+                outcome
+                    .acked
+                    .push(Ack::new(change, ids.get(i).cloned().flatten()));
             }
         }
         outcome.accepted += n;

@@ -9,13 +9,13 @@ use datafusion::arrow::array::{Array, ArrayRef, AsArray, StringArray, UInt32Arra
 use datafusion::arrow::compute::{cast, take_record_batch};
 use datafusion::arrow::datatypes::{
     DataType, Date32Type, Float32Type, Float64Type, Schema, TimeUnit, TimestampMillisecondType,
-    UInt8Type, UInt32Type, UInt64Type,
 };
 use datafusion::arrow::json::WriterBuilder;
 use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 
-use super::batch::{Op, Record};
+use super::batch::Record;
+use crate::contract::{ChangeBatch, Op};
 use crate::error::Result;
 
 /// Every row of `batch` as one JSON object per line. Nulls are written as `null` (a mapped field
@@ -52,17 +52,15 @@ pub fn encode_changes(
     key: Option<usize>,
     skip_nulls: bool,
 ) -> Result<Vec<Record>> {
-    let fields = batch.num_columns() - 3;
-    let ops = batch.column(fields).as_primitive::<UInt8Type>();
-    let masks = batch.column(fields + 1).as_primitive::<UInt64Type>();
-    let ids = batch.column(fields + 2).as_primitive::<UInt32Type>();
+    let changes = ChangeBatch::of(batch)?;
+    let fields = changes.num_fields();
     let key_bit = key.map(|k| 1u64 << k).unwrap_or(0);
     let mut groups: BTreeMap<(u8, u64), Vec<u32>> = BTreeMap::new();
     for row in 0..batch.num_rows() {
-        let op = Op::from_code(ops.value(row));
+        let op = changes.op(row);
         let mask = match op {
             Op::Delete => key_bit,
-            _ => masks.value(row) | key_bit,
+            _ => changes.changed(row) | key_bit,
         };
         groups
             .entry((op.code(), mask))
@@ -82,7 +80,7 @@ pub fn encode_changes(
         let op = Op::from_code(op);
         let skip = skip_nulls && op != Op::Delete;
         records.extend(encode_rows(&group, group_key, !skip, |i| {
-            (op, Some(ids.value(rows[i] as usize)))
+            (op, changes.change(rows[i] as usize))
         })?);
     }
     Ok(records)
@@ -221,4 +219,9 @@ mod tests {
         assert_eq!(records[0].key.as_deref(), Some("1"));
         assert_eq!(records[1].key, None);
     }
+}
+
+/// Appends `s` as a JSON string.
+pub fn json_str(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(out, s).expect("writing JSON into memory does not fail");
 }

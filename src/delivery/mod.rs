@@ -5,15 +5,19 @@
 //! once: batching by count and bytes ([`batch`]), a per-connection adaptive rate limiter
 //! ([`limiter`]), retries with capped exponential backoff and full jitter ([`retry`]), bounded
 //! concurrency and per-record outcomes ([`driver`]), metrics and progress ([`metrics`],
-//! [`progress`]).
+//! [`progress`]), and the set-up and tear-down of one statement's delivery ([`session`]).
+//! Control-plane calls (describe, lookups, job polls) go through [`control::call`] with the
+//! same retry policy, limiter and metrics as data calls.
 
 pub mod batch;
+pub mod control;
 pub mod driver;
 pub mod encode;
 pub mod limiter;
 pub mod metrics;
 pub mod progress;
 pub mod retry;
+pub mod session;
 pub mod settings;
 
 use std::time::Duration;
@@ -23,10 +27,11 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
 pub use batch::{Batch, Batcher, Record};
-pub use driver::{Delivered, DeliveryOutcome, Driver, DryRun, DryRunOp, Rejected};
+pub use driver::{Delivered, DeliveryOutcome, Driver, DryRun, DryRunOp};
 pub use limiter::{AdaptiveLimiter, Ticket};
 pub use metrics::DeliveryMetrics;
 pub use retry::RetryPolicy;
+pub use session::Session;
 
 use crate::error::Result;
 

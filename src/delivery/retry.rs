@@ -173,7 +173,7 @@ mod tests {
                 w.is_none_or(|w| w.reset_in <= Duration::from_secs(3600)),
                 "{value}"
             );
-            let w = crate::destinations::hubspot::retry::rate_window(&{
+            let w = crate::connectors::hubspot::retry::rate_window(&{
                 let mut h = HeaderMap::new();
                 h.insert("x-hubspot-ratelimit-remaining", "0".parse().unwrap());
                 h.insert("x-hubspot-ratelimit-max", value.parse().unwrap());

@@ -23,7 +23,8 @@ use datafusion::sql::sqlparser::ast::{
 };
 
 use super::{Engine, Planned, SyncContext};
-use crate::destinations::{DestinationTable, WriteReport, key_index};
+use crate::connectors::{DestinationTable, WriteReport, key_index};
+use crate::contract::SyncMode;
 use crate::error::{Error, Result, did_you_mean};
 use crate::sync::SyncRun;
 use crate::sync::diff::DiffSpec;
@@ -185,7 +186,7 @@ impl Engine {
                 .as_deref()
                 .map(|k| key_index(&fields, k, table.connection(), &table.object().name))
                 .transpose()?;
-            if key_index.is_none() && write.kind != "insert" {
+            if key_index.is_none() && write.statement != "insert" {
                 return Err(Error::plan(
                     format!(
                         "{target} has no key to match records by, so it can only be appended to with INSERT INTO; MERGE and DELETE need one (set the connection's key option)"
@@ -196,10 +197,7 @@ impl Engine {
             let diff = DiffSpec {
                 key: key_index,
                 fields: names.clone(),
-                insert: write.insert,
-                update: write.update,
-                delete: write.delete,
-                listed_deletes: write.listed_deletes,
+                mode: write.mode.keyed(key_index.is_some()),
                 keep_last: sync.options.keep_last,
                 key_parts,
             };
@@ -209,9 +207,8 @@ impl Engine {
             let remote = if sync.options.warehouse_diff {
                 // Optimized first: the unparser writes simpler (and correct) SQL for it.
                 let optimized = self.ctx.state().optimize(&mapped)?;
-                Some(crate::destinations::postgres::warehouse::plan(
-                    &optimized, &diff, &id, &target,
-                )?)
+                let warehouse = crate::connectors::warehouse_diff(&optimized)?;
+                Some(warehouse.plan(&optimized, &diff, &id, &target)?)
             } else {
                 None
             };
@@ -229,11 +226,11 @@ impl Engine {
                 sync.dry_run,
             )))
         } else {
-            if write.kind != "insert" {
+            if write.statement != "insert" {
                 return Err(Error::plan(
                     format!(
                         "{target}: {} is not supported here; this destination writes a complete new file per INSERT INTO",
-                        write.kind.to_uppercase()
+                        write.statement.to_uppercase()
                     ),
                     table.object().name.clone(),
                 ));
@@ -322,36 +319,29 @@ fn with_composite_key(
 #[derive(Debug, Clone)]
 pub(super) struct Write {
     /// `insert`, `merge` or `delete`.
-    pub kind: &'static str,
+    pub statement: &'static str,
+    /// What the statement may do once its key is known (an INSERT INTO is `Upsert` until the
+    /// planner finds the object has no key: then it appends).
+    pub mode: SyncMode,
     /// The match key, when the statement names it (`MERGE … ON`, `DELETE … WHERE key …`).
     pub key: Option<String>,
     /// The columns of a key made of several (`MERGE … ON t.a = … AND t.b = …`).
     pub key_parts: Vec<String>,
-    pub insert: bool,
-    pub update: bool,
-    pub delete: bool,
-    pub listed_deletes: bool,
 }
 
 impl Write {
     pub fn insert() -> Self {
         Self {
-            kind: "insert",
+            statement: "insert",
+            mode: SyncMode::Upsert,
             key: None,
             key_parts: vec![],
-            insert: true,
-            update: true,
-            delete: false,
-            listed_deletes: false,
         }
     }
 
     /// Distinguishes the state of unnamed statements that differ in what they may do.
     fn signature(&self) -> String {
-        format!(
-            "{}:{}{}{}",
-            self.kind, self.insert as u8, self.update as u8, self.delete as u8
-        )
+        format!("{}:{}", self.statement, self.mode.signature_bits())
     }
 }
 
@@ -402,11 +392,11 @@ pub(super) fn map_fields(
             };
             if target_field
                 .metadata()
-                .contains_key(crate::destinations::field_meta::READ_ONLY)
+                .contains_key(crate::connectors::field_meta::READ_ONLY)
             {
                 let writable = declared.fields().iter().filter(|f| {
                     !f.metadata()
-                        .contains_key(crate::destinations::field_meta::READ_ONLY)
+                        .contains_key(crate::connectors::field_meta::READ_ONLY)
                 });
                 return Err(Error::plan(
                     format!(

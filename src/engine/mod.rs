@@ -26,12 +26,11 @@ use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 pub use outcome::{DryRunReport, Outcome, WriteSummary, format_duration};
 pub use sync::SyncContext;
 
-use crate::connections::{ConnectContext, ConnectionInfo, Connections, kinds};
-use crate::destinations::{DestinationSchema, DestinationTable, WriteReport};
+use crate::connections::{ConnectContext, ConnectionInfo, Connections};
+use crate::connectors::{DestinationSchema, DestinationTable, WriteReport, kinds};
 use crate::error::{Error, Result, did_you_mean};
 use crate::object_stores::EnvObjectStoreRegistry;
 use crate::parser::{CreateConnection, ParsedStatement, Statement, parse_sql};
-use crate::sync::exec::mode_name;
 use crate::sync::tables::{StateTable, StateTableKind};
 use crate::sync::{StateStore, SyncRun};
 
@@ -501,7 +500,7 @@ impl Engine {
                     return Ok(Outcome::DryRun(Box::new(DryRunReport {
                         sync: run.spec.label().to_string(),
                         target: run.spec.target.clone(),
-                        mode: mode_name(run),
+                        mode: run.spec.diff.mode,
                         key: run.spec.key_name().map(str::to_string),
                         counts: summary.counts,
                         plan: report.dry_run().unwrap_or_default(),
@@ -540,11 +539,7 @@ impl Engine {
             locations.push(target.clone());
         }
         let verb = match &sync {
-            Some(run) => match mode_name(run) {
-                "delete" => "DELETE FROM".to_string(),
-                "append" | "upsert" => verb,
-                _ => "MERGE INTO".to_string(),
-            },
+            Some(run) => run.spec.diff.mode.verb().map_or(verb, str::to_string),
             None => verb,
         };
         Ok(Outcome::Write(Box::new(WriteSummary {
@@ -661,7 +656,7 @@ fn describe_session_change(plan: &LogicalPlan) -> String {
 /// `DESCRIBE conn.object` of a destination whose fields carry what the destination says about
 /// them (its type, read-only, unique, allowed values): DataFusion's three columns and those.
 fn describe_destination_fields(schema: &Schema) -> Result<Option<RecordBatch>> {
-    use crate::destinations::field_meta;
+    use crate::connectors::field_meta;
     use datafusion::arrow::array::BooleanArray;
     let fields = schema.fields();
     if !fields

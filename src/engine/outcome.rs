@@ -6,8 +6,9 @@ use std::time::Duration;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::arrow::record_batch::RecordBatch;
 
+use crate::contract::Rejected;
+use crate::delivery::DryRun;
 use crate::delivery::metrics::DeliveryStats;
-use crate::delivery::{DryRun, Rejected};
 use crate::sync::diff::DiffCounts;
 use crate::sync::run::RunSummary;
 
@@ -69,7 +70,7 @@ pub struct WriteSummary {
 pub struct DryRunReport {
     pub sync: String,
     pub target: String,
-    pub mode: &'static str,
+    pub mode: crate::contract::SyncMode,
     pub key: Option<String>,
     pub counts: DiffCounts,
     pub plan: DryRun,

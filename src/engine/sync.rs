@@ -19,6 +19,7 @@ use datafusion::sql::sqlparser::ast::{
 
 use super::insert::{Write, map_fields};
 use super::{Engine, Outcome, Planned};
+use crate::contract::SyncMode;
 use crate::error::{Error, Result};
 use crate::options::Options;
 use crate::parser::{CreateSync, Schedule, normalize};
@@ -163,15 +164,7 @@ impl Engine {
 
         // Clauses → mode and mapping.
         let composite = keys.len() > 1;
-        let mut write = Write {
-            kind: "merge",
-            key: (!composite).then(|| keys[0].clone()),
-            key_parts: if composite { keys.clone() } else { vec![] },
-            insert: false,
-            update: false,
-            delete: false,
-            listed_deletes: false,
-        };
+        let (mut inserts, mut updates, mut deletes) = (false, false, false);
         let mut fields: Vec<(String, String)> = vec![];
         for (key, expr) in &on {
             if fields.iter().any(|(k, _)| k == key) {
@@ -204,7 +197,7 @@ impl Engine {
             }
             match (&clause.clause_kind, &clause.action) {
                 (MergeClauseKind::Matched, MergeAction::Update(update)) => {
-                    write.update = true;
+                    updates = true;
                     for a in &update.assignments {
                         let AssignmentTarget::ColumnName(column) = &a.target else {
                             return refuse(format!(
@@ -221,7 +214,7 @@ impl Engine {
                     MergeClauseKind::NotMatched | MergeClauseKind::NotMatchedByTarget,
                     MergeAction::Insert(insert),
                 ) => {
-                    write.insert = true;
+                    inserts = true;
                     let MergeInsertKind::Values(values) = &insert.kind else {
                         return refuse(format!(
                             "MERGE INTO {target}: write WHEN NOT MATCHED THEN INSERT (fields) VALUES (source expressions)"
@@ -245,7 +238,7 @@ impl Engine {
                     }
                 }
                 (MergeClauseKind::NotMatchedBySource, MergeAction::Delete { .. }) => {
-                    write.delete = true;
+                    deletes = true;
                 }
                 (kind, action) => {
                     return refuse(format!(
@@ -259,9 +252,15 @@ impl Engine {
                 }
             }
         }
-        if !write.insert && !write.update && !write.delete {
+        let Some(mode) = SyncMode::merge(inserts, updates, deletes) else {
             return refuse(format!("MERGE INTO {target} has no WHEN clause"));
-        }
+        };
+        let write = Write {
+            statement: "merge",
+            mode,
+            key: (!composite).then(|| keys[0].clone()),
+            key_parts: if composite { keys.clone() } else { vec![] },
+        };
         let select = fields
             .iter()
             .map(|(name, expr)| format!("{expr} AS {}", quote(name)))
@@ -402,13 +401,10 @@ impl Engine {
         }
         let mapped = map_fields(&table, &target, query, std::slice::from_ref(&key))?;
         let write = Write {
-            kind: "delete",
+            statement: "delete",
+            mode: SyncMode::DeleteListed,
             key: Some(key),
             key_parts: vec![],
-            insert: false,
-            update: false,
-            delete: true,
-            listed_deletes: true,
         };
         self.plan_write(&table, table_ref, mapped, write, sync)
             .map(Some)

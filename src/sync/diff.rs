@@ -15,9 +15,9 @@ use datafusion::arrow::datatypes::{DataType, Int64Type, UInt64Type};
 use datafusion::arrow::record_batch::RecordBatch;
 use hashbrown::HashTable;
 
-use super::Op;
 use super::hash::{Key, ROW_SEED, RowHashes, combine, fold_row, hash_array, normalize_key};
 use super::state::StoredHashes;
+use crate::contract::{Op, SyncMode};
 use crate::error::{Error, Result};
 
 /// The state of a sync after its last commit: one row per record the destination acknowledged.
@@ -504,14 +504,8 @@ pub struct DiffSpec {
     pub key: Option<usize>,
     /// The model's fields (the destination fields, mapped), in order.
     pub fields: Vec<String>,
-    /// Send rows whose key is not in the snapshot.
-    pub insert: bool,
-    /// Send rows whose key is in the snapshot and whose fields changed.
-    pub update: bool,
-    /// Delete snapshot keys that are not in the model.
-    pub delete: bool,
-    /// Every model row is a key to delete (`DELETE FROM … WHERE key IN (…)`).
-    pub listed_deletes: bool,
+    /// What the sync may do (`Append` exactly when `key` is `None`).
+    pub mode: SyncMode,
     /// On a duplicate key, keep the last row instead of failing.
     pub keep_last: bool,
     /// For a key made of several fields: their names (the key field is then
@@ -522,13 +516,7 @@ pub struct DiffSpec {
 impl DiffSpec {
     /// The operation for a record the destination is not known to have (`None`: not sent).
     pub fn new_op(&self) -> Option<Op> {
-        match (self.key, self.insert, self.update) {
-            (None, _, _) => Some(Op::Insert),
-            (_, true, true) => Some(Op::Upsert),
-            (_, true, false) => Some(Op::Insert),
-            (_, false, true) => Some(Op::Update),
-            (_, false, false) => None,
-        }
+        self.mode.new_op()
     }
 
     /// The mask of every mapped field.
@@ -700,7 +688,7 @@ impl Hashed {
     pub fn of(spec: &DiffSpec, batch: &RecordBatch) -> Result<Self> {
         let rows = batch.num_rows();
         let mut hashes: Vec<Vec<u64>> = Vec::with_capacity(batch.num_columns());
-        if !spec.listed_deletes {
+        if !spec.mode.listed_deletes() {
             for column in batch.columns() {
                 let mut h = Vec::with_capacity(rows);
                 hash_array(column.as_ref(), &mut h)?;
@@ -842,7 +830,7 @@ impl Differ {
                     KeyRef::Int(event_key)
                 }
             };
-            if self.spec.listed_deletes {
+            if self.spec.mode.listed_deletes() {
                 if self.live_find(key_ref).is_some() {
                     continue;
                 }
@@ -915,14 +903,7 @@ impl Differ {
                     }
                     if changed == 0 && !pending {
                         self.counts.unchanged += 1;
-                    } else if !self.spec.update {
-                        self.counts.skipped += 1;
-                    } else {
-                        let op = if self.spec.insert {
-                            Op::Upsert
-                        } else {
-                            Op::Update
-                        };
+                    } else if let Some(op) = self.spec.mode.changed_op() {
                         let key_bit = key_index.map(|k| 1u64 << k).unwrap_or(0);
                         let id = self.add(
                             op,
@@ -936,6 +917,8 @@ impl Differ {
                         }
                         self.live_put(id);
                         out.change_of_row[row] = Some(id);
+                    } else {
+                        self.counts.skipped += 1;
                     }
                 }
                 None => {
@@ -1072,7 +1055,7 @@ impl Differ {
             .iter()
             .map(|w| w.count_ones() as usize)
             .sum::<usize>();
-        let deletes = self.spec.delete && !self.spec.listed_deletes && seen < self.snapshot.len();
+        let deletes = self.spec.mode.deletes_missing() && seen < self.snapshot.len();
         if self.changes.is_empty() && !deletes {
             return vec![];
         }
@@ -1109,7 +1092,7 @@ impl Differ {
     /// duplicate keys unless the spec keeps the last row. With pending updates, every field of
     /// [`Differ::fields_to_read`] must have been resolved.
     pub fn finish(mut self) -> Result<(Changes, DiffCounts)> {
-        if self.counts.duplicates > 0 && !self.spec.keep_last && !self.spec.listed_deletes {
+        if self.counts.duplicates > 0 && !self.spec.keep_last && !self.spec.mode.listed_deletes() {
             let key = self
                 .spec
                 .key
@@ -1126,7 +1109,7 @@ impl Differ {
                 message: "internal: the diff ended before its updates' fields were resolved".into(),
             });
         }
-        if self.spec.delete && !self.spec.listed_deletes {
+        if self.spec.mode.deletes_missing() {
             for j in 0..self.snapshot.len() {
                 if self.seen[j / 64] & (1 << (j % 64)) == 0 {
                     let key = self.snapshot.key(j);
@@ -1156,7 +1139,7 @@ fn row_map(spec: &DiffSpec, snapshot: &Snapshot) -> Option<Vec<Option<usize>>> {
 /// Whether a diff of `spec` against `snapshot` needs every field hash in memory: when the model
 /// no longer maps some stored field, row hashes cannot be compared.
 pub fn needs_field_hashes(spec: &DiffSpec, snapshot: &Snapshot) -> bool {
-    spec.key.is_some() && !spec.listed_deletes && row_map(spec, snapshot).is_none()
+    spec.key.is_some() && !spec.mode.listed_deletes() && row_map(spec, snapshot).is_none()
 }
 
 /// The model repeats keys: nothing is sent.
@@ -1226,10 +1209,7 @@ mod tests {
         DiffSpec {
             key: Some(0),
             fields: vec!["id".into(), "email".into(), "plan".into()],
-            insert,
-            update,
-            delete,
-            listed_deletes: false,
+            mode: SyncMode::merge(insert, update, delete).unwrap(),
             keep_last: false,
             key_parts: vec![],
         }

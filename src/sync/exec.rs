@@ -15,7 +15,7 @@ use datafusion::arrow::array::{
     UInt64Array, new_null_array,
 };
 use datafusion::arrow::compute::{cast, filter_record_batch, take_record_batch};
-use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef};
+use datafusion::arrow::datatypes::{DataType, SchemaRef};
 use datafusion::common::runtime::SpawnedTask;
 use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::error::{DataFusionError, Result};
@@ -30,21 +30,12 @@ use datafusion::physical_plan::{
 };
 use futures::{StreamExt, TryStreamExt};
 
+use super::SyncRun;
 use super::diff::{Change, Changes, DiffCounts, Differ, Hashed, key_array, needs_field_hashes};
 use super::hash::split_composite_key;
-use super::{Op, SyncRun};
-use crate::delivery::Rejected;
+use crate::contract::{Op, Rejected, change_schema};
 use crate::delivery::encode::json_lines;
 use crate::error::Error;
-
-/// The columns a `DiffExec` appends to the mapped fields (`__op`, `__changed`, `__change`).
-pub const CHANGE_COLUMNS: usize = 3;
-/// The operation column.
-pub const OP_COLUMN: &str = "__op";
-/// The changed-fields bitmask column.
-pub const CHANGED_COLUMN: &str = "__changed";
-/// The change id column.
-pub const CHANGE_COLUMN: &str = "__change";
 
 /// Classifies the model against the sync's snapshot and emits only the changes.
 #[derive(Debug)]
@@ -75,19 +66,6 @@ impl DiffExec {
     }
 }
 
-/// The model's fields (nullable: deletes carry only the key) and the three change columns.
-pub fn change_schema(model: &SchemaRef) -> SchemaRef {
-    let mut fields: Vec<Field> = model
-        .fields()
-        .iter()
-        .map(|f| f.as_ref().clone().with_nullable(true))
-        .collect();
-    fields.push(Field::new(OP_COLUMN, DataType::UInt8, false));
-    fields.push(Field::new(CHANGED_COLUMN, DataType::UInt64, false));
-    fields.push(Field::new(CHANGE_COLUMN, DataType::UInt32, false));
-    Arc::new(Schema::new(fields))
-}
-
 /// What a sync matches records by, for EXPLAIN: `id`, `(tenant, id)` or `(row hash)`.
 pub fn key_label(spec: &super::run::SyncSpec) -> String {
     if !spec.diff.key_parts.is_empty() {
@@ -96,33 +74,13 @@ pub fn key_label(spec: &super::run::SyncSpec) -> String {
     spec.key_name().unwrap_or("(row hash)").to_string()
 }
 
-/// The mode a diff spec amounts to, as users name it.
-pub fn mode_name(run: &SyncRun) -> &'static str {
-    let d = &run.spec.diff;
-    match (
-        d.listed_deletes,
-        d.key.is_some(),
-        d.insert,
-        d.update,
-        d.delete,
-    ) {
-        (true, ..) => "delete",
-        (_, false, ..) => "append",
-        (_, _, true, true, true) => "mirror",
-        (_, _, true, true, false) => "upsert",
-        (_, _, true, false, _) => "create-only",
-        (_, _, false, true, _) => "update-only",
-        _ => "delete-only",
-    }
-}
-
 /// What a diff operator shows in EXPLAIN: `sync=… mode=… key=… fields=[…] state=…`.
 pub fn describe_diff(run: &SyncRun) -> String {
     let spec = &run.spec;
     format!(
         "sync={} mode={} key={} fields=[{}] state={}",
         spec.label(),
-        mode_name(run),
+        spec.diff.mode,
         key_label(spec),
         spec.diff.fields.join(", "),
         run.state_location()
@@ -490,7 +448,7 @@ fn delete_batch(
     changes: &[Change],
 ) -> Result<Option<RecordBatch>> {
     let spec = &run.spec.diff;
-    let (Some(key), false) = (spec.key, spec.listed_deletes) else {
+    let (Some(key), false) = (spec.key, spec.mode.listed_deletes()) else {
         return Ok(None);
     };
     let ids: Vec<u32> = changes
@@ -573,7 +531,11 @@ fn check_rails(run: &SyncRun, counts: &DiffCounts) -> std::result::Result<(), St
     let label = run.spec.label();
     let synced = run.snapshot_rows() as u64;
     let refuse = Err;
-    if run.spec.diff.delete && counts.rows == 0 && synced > 0 && options.abort_on_empty_source {
+    if run.spec.diff.mode.deletes()
+        && counts.rows == 0
+        && synced > 0
+        && options.abort_on_empty_source
+    {
         return refuse(format!(
             "sync {label}: the model returned no rows, so this sync would delete all {synced} records it synced; nothing was sent. If the model really is empty, set OPTIONS (on_empty_source 'allow')"
         ));

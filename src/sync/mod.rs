@@ -18,54 +18,12 @@ pub mod run;
 pub mod state;
 pub mod tables;
 
-use std::fmt;
-
 use crate::error::Result;
 use crate::options::{OptionSpec, Options};
 
 pub use remote::RemoteState;
 pub use run::SyncRun;
 pub use state::StateStore;
-
-/// What a record asks of the destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Op {
-    /// Create or update (the record may or may not exist).
-    Upsert,
-    /// Create only.
-    Insert,
-    /// Update only.
-    Update,
-    /// Delete by key.
-    Delete,
-}
-
-impl Op {
-    pub const ALL: [Op; 4] = [Op::Upsert, Op::Insert, Op::Update, Op::Delete];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Op::Upsert => "upsert",
-            Op::Insert => "insert",
-            Op::Update => "update",
-            Op::Delete => "delete",
-        }
-    }
-
-    pub fn code(self) -> u8 {
-        self as u8
-    }
-
-    pub fn from_code(code: u8) -> Op {
-        Op::ALL[code as usize % 4]
-    }
-}
-
-impl fmt::Display for Op {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
 
 /// `null_policy`: what a null in the model does to the destination's value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

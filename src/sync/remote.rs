@@ -9,9 +9,26 @@ use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::physical_plan::ExecutionPlan;
 
+use datafusion::logical_expr::LogicalPlan;
+
 use super::SyncRun;
+use super::diff::DiffSpec;
 use super::hash::Key;
 use crate::error::Result;
+
+/// A source connector that can run a sync's diff where the model's data lives
+/// (`diff 'warehouse'`): the engine asks the tables the model reads for one.
+pub trait WarehouseDiff: fmt::Debug + Send + Sync {
+    /// The remote state of sync `id` (writing into `target`) whose mapped, optimized model is
+    /// `model`; an error says why this model cannot run in the warehouse.
+    fn plan(
+        &self,
+        model: &LogicalPlan,
+        diff: &DiffSpec,
+        id: &str,
+        target: &str,
+    ) -> Result<Arc<dyn RemoteState>>;
+}
 
 /// What a run commits to a remote state: acknowledged writes and settled intents.
 #[derive(Debug, Default)]

@@ -10,6 +10,7 @@ use datafusion::arrow::array::{
 use datafusion::arrow::compute::{cast, concat, take};
 use datafusion::arrow::datatypes::UInt64Type;
 
+use super::SyncOptions;
 use super::diff::{
     Change, Changes, DiffCounts, DiffSpec, FieldHashes, Snapshot, key_array, key_order,
 };
@@ -18,9 +19,9 @@ use super::remote::{RemoteCommit, RemoteState};
 use super::state::{
     FORMAT, Manifest, RejectEntry, RunRecord, StateStore, SyncLock, now, snapshot_file,
 };
-use super::{Op, SyncOptions};
+use crate::contract::{Ack, Op, Rejected};
 use crate::delivery::metrics::DeliveryStats;
-use crate::delivery::{Checkpoints, DeliveryOutcome, Rejected};
+use crate::delivery::{Checkpoints, DeliveryOutcome};
 use crate::error::{Error, Result};
 
 /// What a sync is: where it writes, how records are matched, what it may do.
@@ -201,7 +202,8 @@ impl SyncRun {
         let manifest = self.state.manifest(id).await?;
         let (snapshot, rejects) = match &manifest {
             Some(m) => {
-                if m.key.as_deref() != self.spec.key_name() && !self.spec.diff.listed_deletes {
+                if m.key.as_deref() != self.spec.key_name() && !self.spec.diff.mode.listed_deletes()
+                {
                     return Err(Error::State {
                         message: format!(
                             "sync {} matched records by {} until now and now by {}; its state cannot be reused. RESET SYNC {} to resync every record under the new key",
@@ -258,7 +260,7 @@ impl SyncRun {
         // state keeps them itself).
         let mut intents = vec![];
         let mut snapshot = snapshot;
-        if !self.spec.diff.listed_deletes
+        if !self.spec.diff.mode.listed_deletes()
             && self.spec.diff.key.is_some()
             && self.spec.remote.is_none()
         {
@@ -313,7 +315,7 @@ impl SyncRun {
     /// changed), so it sends each again whatever the model then holds, and deletes what the model
     /// no longer has.
     pub async fn write_intent(&self, changes: &[Change]) -> Result<()> {
-        if self.dry_run || self.spec.diff.key.is_none() || self.spec.diff.listed_deletes {
+        if self.dry_run || self.spec.diff.key.is_none() || self.spec.diff.mode.listed_deletes() {
             return Ok(());
         }
         let keys: Vec<&Key> = changes.iter().filter(|c| c.live).map(|c| &c.key).collect();
@@ -374,7 +376,7 @@ impl SyncRun {
             && !self.dry_run
             && self.spec.remote.is_none()
             && d.key.is_some()
-            && !d.listed_deletes
+            && !d.mode.listed_deletes()
             && !d.keep_last
             && inner.snapshot.as_ref().is_some_and(|s| s.is_empty());
         inner.streaming
@@ -400,8 +402,7 @@ impl SyncRun {
                 let inner = run.inner();
                 (inner.snapshot.clone()?, Arc::clone(&inner.changes))
             };
-            let acked: Vec<(u32, Option<String>)> =
-                (0..changes.len() as u32).map(|id| (id, None)).collect();
+            let acked: Vec<Ack> = (0..changes.len() as u32).map(Ack::done).collect();
             let settled = vec![true; changes.len()];
             let started = std::time::Instant::now();
             let next = match run
@@ -446,7 +447,7 @@ impl SyncRun {
     /// error, if it failed (acknowledged work is committed all the same).
     pub async fn finish(
         &self,
-        acked: Vec<(u32, Option<String>)>,
+        acked: Vec<Ack>,
         rejected: Vec<Rejected>,
         delivery: Option<DeliveryStats>,
         error: Option<&Error>,
@@ -474,8 +475,8 @@ impl SyncRun {
             let counts = inner.counts;
             record.rows_read = counts.rows;
             record.unchanged = counts.unchanged;
-            for (id, _) in &acked {
-                let Some(c) = changes.get(*id as usize) else {
+            for ack in &acked {
+                let Some(c) = changes.get(ack.change as usize) else {
                     continue;
                 };
                 match (c.op, c.row) {
@@ -551,11 +552,11 @@ impl SyncRun {
                     None => {
                         // Prepared for every change acknowledged without a record id.
                         let as_prepared = acked.len() == changes.len()
-                            && acked.iter().all(|(_, id)| id.is_none())
+                            && acked.iter().all(|a| a.id.is_none())
                             && {
                                 let mut once = vec![false; changes.len()];
-                                acked.iter().all(|(id, _)| {
-                                    once.get_mut(*id as usize)
+                                acked.iter().all(|a| {
+                                    once.get_mut(a.change as usize)
                                         .is_some_and(|seen| !std::mem::replace(seen, true))
                                 })
                             };
@@ -649,7 +650,7 @@ impl SyncRun {
         let options = &self.spec.options;
         let off = self.dry_run
             || self.spec.remote.is_some()
-            || self.spec.diff.listed_deletes
+            || self.spec.diff.mode.listed_deletes()
             || (options.checkpoint_every.is_none() && options.checkpoint_records.is_none())
             || {
                 let inner = self.inner();
@@ -662,7 +663,7 @@ impl SyncRun {
         &self,
         previous: &[RejectEntry],
         changes: &[Change],
-        acked: &[(u32, Option<String>)],
+        acked: &[Ack],
         rejected: &[Rejected],
         completed: bool,
     ) -> Vec<RejectEntry> {
@@ -704,7 +705,7 @@ impl SyncRun {
             // Not every change was attempted: earlier rejects not settled this run still stand.
             let settled: HashSet<String> = acked
                 .iter()
-                .filter_map(|(id, _)| changes.get(*id as usize).map(|c| c.key.to_string()))
+                .filter_map(|a| changes.get(a.change as usize).map(|c| c.key.to_string()))
                 .chain(rejected.iter().filter_map(|r| r.key.clone()))
                 .collect();
             out.extend(
@@ -725,12 +726,12 @@ impl SyncRun {
         &self,
         old: &Snapshot,
         changes: &Changes,
-        acked: &[(u32, Option<String>)],
+        acked: &[Ack],
         settled: &[bool],
         tag: &str,
     ) -> Result<Snapshot> {
         let diff = &self.spec.diff;
-        if diff.listed_deletes {
+        if diff.mode.listed_deletes() {
             return Ok(Snapshot::empty(vec![]));
         }
         // One hash per mapped field except the key (records are matched by the key itself).
@@ -764,7 +765,11 @@ impl SyncRun {
         // (change, record id, known): unknown = sent without an answer.
         let mut new_rows: Vec<(u32, Option<&String>, bool)> = vec![];
         let mut ids: HashMap<u32, &String> = HashMap::new();
-        for (id, record_id) in acked {
+        for Ack {
+            change: id,
+            id: record_id,
+        } in acked
+        {
             let Some(c) = changes.get(*id as usize) else {
                 continue;
             };
@@ -899,11 +904,11 @@ impl SyncRun {
 }
 
 /// Per change: whether the destination answered it (acknowledged or rejected).
-fn settled(changes: usize, acked: &[(u32, Option<String>)], rejected: &[Rejected]) -> Vec<bool> {
+fn settled(changes: usize, acked: &[Ack], rejected: &[Rejected]) -> Vec<bool> {
     let mut settled = vec![false; changes];
     for id in acked
         .iter()
-        .map(|(id, _)| *id)
+        .map(|a| a.change)
         .chain(rejected.iter().filter_map(|r| r.change))
     {
         if let Some(s) = settled.get_mut(id as usize) {
@@ -915,14 +920,14 @@ fn settled(changes: usize, acked: &[(u32, Option<String>)], rejected: &[Rejected
 
 /// What a run commits to a remote state: acknowledged changes, and the intents of new records
 /// the destination refused.
-fn remote_commit<'a>(
-    changes: &'a Changes,
-    acked: &'a [(u32, Option<String>)],
-    settled: &[bool],
-) -> RemoteCommit<'a> {
+fn remote_commit<'a>(changes: &'a Changes, acked: &'a [Ack], settled: &[bool]) -> RemoteCommit<'a> {
     let mut commit = RemoteCommit::default();
     let mut acknowledged = vec![false; changes.len()];
-    for (id, record_id) in acked {
+    for Ack {
+        change: id,
+        id: record_id,
+    } in acked
+    {
         let Some(c) = changes.get(*id as usize) else {
             continue;
         };
