@@ -30,8 +30,8 @@ use std::sync::Arc;
 use datafusion::arrow::array::{ArrayRef, UInt64Array};
 use datafusion::prelude::{ParquetReadOptions, SessionContext};
 use fake::{FakeWebhook, Script};
-use sluice::sync::diff::Snapshot;
 use sluice::sync::hash::{HASH_VERSION, hash_array, normalize_key};
+use sluice::sync::snapshot::Snapshot;
 use sluice::sync::state::{FORMAT, Manifest, StateStore, now};
 
 const FIELDS: [&str; 5] = ["email", "name", "plan", "score", "updated_at"];

@@ -2,8 +2,7 @@
 
 use std::str::FromStr;
 
-use super::print_format::{PrintFormat, PrintOptions};
-use crate::engine::Engine;
+use super::print_format::PrintFormat;
 
 /// A backslash command.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,7 +26,7 @@ pub enum Flow {
     Quit,
 }
 
-const HELP: &str = "\
+pub(super) const HELP: &str = "\
 \\?                 this help
 \\q                 quit
 \\d                 list connections and tables
@@ -65,42 +64,6 @@ impl FromStr for Command {
             ("\\format", None) => Err("\\format needs a format: table, csv or json".into()),
             _ => Err(format!("unknown command '{input}'; \\? lists the commands")),
         }
-    }
-}
-
-impl Command {
-    pub async fn execute(&self, engine: &Engine, print: &mut PrintOptions) -> Flow {
-        match self {
-            Command::Quit => return Flow::Quit,
-            Command::Help => println!("{HELP}"),
-            Command::List => {
-                super::exec::run_source(engine, "\\d", "SHOW CONNECTIONS", print, crate::Mode::Run)
-                    .await;
-                let tables = "SELECT table_schema AS schema, table_name AS name, table_type AS type \
-                              FROM information_schema.tables \
-                              WHERE table_schema <> 'information_schema' ORDER BY 1, 2";
-                super::exec::run_source(engine, "\\d", tables, print, crate::Mode::Run).await;
-            }
-            Command::Describe(name) => {
-                super::exec::run_source(
-                    engine,
-                    "\\d",
-                    &format!("DESCRIBE {name}"),
-                    print,
-                    crate::Mode::Run,
-                )
-                .await;
-            }
-            Command::Timing(on) => {
-                print.timing = on.unwrap_or(!print.timing);
-                println!("Timing is {}.", if print.timing { "on" } else { "off" });
-            }
-            Command::Format(format) => {
-                print.format = *format;
-                println!("Output format is {format:?}.");
-            }
-        }
-        Flow::Continue
     }
 }
 

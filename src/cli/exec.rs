@@ -9,7 +9,7 @@ use rustyline::history::FileHistory;
 use rustyline::{Config, Editor};
 
 use super::Status;
-use super::command::{Command, Flow};
+use super::command::{Command, Flow, HELP};
 use super::helper::SluiceHelper;
 use super::print_format::PrintOptions;
 use crate::engine::{Engine, Mode, Outcome};
@@ -287,7 +287,7 @@ pub async fn repl(engine: &Engine, print: &mut PrintOptions) -> rustyline::Resul
                 if input.starts_with('\\') {
                     match input.parse::<Command>() {
                         Ok(command) => {
-                            if command.execute(engine, print).await == Flow::Quit {
+                            if execute_command(&command, engine, print).await == Flow::Quit {
                                 break;
                             }
                         }
@@ -344,4 +344,38 @@ async fn run_interactive(engine: &Engine, input: &str, print: &PrintOptions) {
         }
         let _ = stdout.flush();
     }
+}
+
+/// Runs a backslash command of the REPL.
+async fn execute_command(command: &Command, engine: &Engine, print: &mut PrintOptions) -> Flow {
+    match command {
+        Command::Quit => return Flow::Quit,
+        Command::Help => println!("{HELP}"),
+        Command::List => {
+            run_source(engine, "\\d", "SHOW CONNECTIONS", print, crate::Mode::Run).await;
+            let tables = "SELECT table_schema AS schema, table_name AS name, table_type AS type \
+                              FROM information_schema.tables \
+                              WHERE table_schema <> 'information_schema' ORDER BY 1, 2";
+            run_source(engine, "\\d", tables, print, crate::Mode::Run).await;
+        }
+        Command::Describe(name) => {
+            run_source(
+                engine,
+                "\\d",
+                &format!("DESCRIBE {name}"),
+                print,
+                crate::Mode::Run,
+            )
+            .await;
+        }
+        Command::Timing(on) => {
+            print.timing = on.unwrap_or(!print.timing);
+            println!("Timing is {}.", if print.timing { "on" } else { "off" });
+        }
+        Command::Format(format) => {
+            print.format = *format;
+            println!("Output format is {format:?}.");
+        }
+    }
+    Flow::Continue
 }

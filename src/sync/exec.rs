@@ -31,8 +31,9 @@ use datafusion::physical_plan::{
 use futures::{StreamExt, TryStreamExt};
 
 use super::SyncRun;
-use super::diff::{Change, Changes, DiffCounts, Differ, Hashed, key_array, needs_field_hashes};
+use super::diff::{Change, Changes, DiffCounts, Differ, Hashed, needs_field_hashes};
 use super::hash::split_composite_key;
+use super::snapshot::key_array;
 use crate::contract::{Op, Rejected, change_schema};
 use crate::delivery::encode::json_lines;
 use crate::error::Error;

@@ -3,6 +3,7 @@
 //! - [`hash`]: stable per-value hashes (persisted).
 //! - [`diff`]: the diff kernel (plain Arrow): model rows vs the last snapshot → insert / update
 //!   (with the changed fields) / unchanged, and snapshot keys absent from the model → delete.
+//! - [`snapshot`]: the last commit's records and the lookup of model keys in it.
 //! - [`exec`]: `DiffExec`, the kernel as a DataFusion operator (visible in `EXPLAIN`).
 //! - [`run`]: one run of a sync: its changes, what the destination acknowledged, the commit.
 //! - [`state`]: snapshots, manifests, rejects, run records and locks in an object store.
@@ -15,6 +16,7 @@ pub mod exec;
 pub mod hash;
 pub mod remote;
 pub mod run;
+pub mod snapshot;
 pub mod state;
 pub mod tables;
 
@@ -118,7 +120,7 @@ impl SyncOptions {
             match options.string(key)? {
                 None => Ok(None),
                 Some(v) if valid.contains(&v.to_lowercase().as_str()) => Ok(Some(v.to_lowercase())),
-                Some(v) => Err(crate::Error::Option {
+                Some(v) => Err(crate::error::Error::Option {
                     key: key.to_string(),
                     message: format!(
                         "option '{key}' = '{v}' is not valid; use {}",
@@ -135,7 +137,7 @@ impl SyncOptions {
         if let Some(p) = max_delete_pct
             && !(0.0..=100.0).contains(&p)
         {
-            return Err(crate::Error::Option {
+            return Err(crate::error::Error::Option {
                 key: "max_delete_pct".into(),
                 message: format!("option 'max_delete_pct' = '{p}' must be between 0 and 100"),
             });
@@ -163,7 +165,7 @@ impl SyncOptions {
             },
             checkpoint_records: match options.parse::<u64>("checkpoint_records")? {
                 Some(0) => {
-                    return Err(crate::Error::Option {
+                    return Err(crate::error::Error::Option {
                         key: "checkpoint_records".into(),
                         message: "option 'checkpoint_records' must be at least 1".into(),
                     });

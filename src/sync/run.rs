@@ -11,11 +11,10 @@ use datafusion::arrow::compute::{cast, concat, take};
 use datafusion::arrow::datatypes::UInt64Type;
 
 use super::SyncOptions;
-use super::diff::{
-    Change, Changes, DiffCounts, DiffSpec, FieldHashes, Snapshot, key_array, key_order,
-};
+use super::diff::{Change, Changes, DiffCounts, DiffSpec};
 use super::hash::{HASH_VERSION, Key, RowHashes};
 use super::remote::{RemoteCommit, RemoteState};
+use super::snapshot::{FieldHashes, Snapshot, key_array, key_order};
 use super::state::{
     FORMAT, Manifest, RejectEntry, RunRecord, StateStore, SyncLock, now, snapshot_file,
 };
@@ -897,7 +896,7 @@ impl SyncRun {
             keys,
             fields,
             rows: rows.finish(),
-            hashes: FieldHashes::Stored(self.state.stored_hashes(&self.spec.id, files)),
+            hashes: FieldHashes::Stored(Arc::new(self.state.stored_hashes(&self.spec.id, files))),
             record_ids,
         })
     }

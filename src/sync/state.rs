@@ -32,8 +32,8 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use serde::{Deserialize, Serialize};
 
-use super::diff::{FieldHashes, Snapshot};
 use super::hash::{HASH_VERSION, POSTGRES_HASH_VERSION};
+use super::snapshot::{FieldHashes, HashStore, Snapshot};
 use crate::error::{Error, Result};
 
 /// The manifest format this version writes. Format 1 kept every field's hashes in the snapshot
@@ -512,7 +512,11 @@ impl StateStore {
             keys: batch.column(0).clone(),
             fields: manifest.fields.clone(),
             rows: hash_column(2, "row")?,
-            hashes: FieldHashes::Stored(self.hashes_in(sync, manifest.hash_files.clone(), sealed)),
+            hashes: FieldHashes::Stored(Arc::new(self.hashes_in(
+                sync,
+                manifest.hash_files.clone(),
+                sealed,
+            ))),
             record_ids,
         })
     }
@@ -607,7 +611,7 @@ impl StateStore {
                 files
             }
             // Written by this run as it built them (see `SyncRun::next_snapshot`).
-            FieldHashes::Stored(stored) => stored.files.clone(),
+            FieldHashes::Stored(stored) => stored.files().to_vec(),
         };
         manifest.snapshot = snapshot_file(&manifest.run_id);
         manifest.rows = snapshot.len() as u64;
@@ -987,14 +991,13 @@ pub struct StoredHashes {
     sealed: bool,
 }
 
-impl StoredHashes {
-    /// The file names, one per field.
-    pub fn files(&self) -> &[String] {
+#[async_trait::async_trait]
+impl HashStore for StoredHashes {
+    fn files(&self) -> &[String] {
         &self.files
     }
 
-    /// Field `i`'s hashes; `rows` is the snapshot's length.
-    pub async fn column(&self, i: usize, rows: usize) -> Result<UInt64Array> {
+    async fn column(&self, i: usize, rows: usize) -> Result<UInt64Array> {
         let path = self.state.path(&["syncs", &self.sync, &self.files[i]]);
         let shown = self.state.shown(&path);
         let corrupt = |what: String| corrupt_state(&shown, &self.sync, &what);

@@ -90,7 +90,7 @@ impl StateTable {
         }
     }
 
-    async fn batch(&self) -> crate::Result<RecordBatch> {
+    async fn batch(&self) -> crate::error::Result<RecordBatch> {
         let columns: Vec<ArrayRef> = match self.kind {
             StateTableKind::Runs => {
                 let runs = self.state.runs().await?;

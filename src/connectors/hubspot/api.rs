@@ -11,7 +11,7 @@ use http::{HeaderMap, Method};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use super::config::HubspotConfig;
+use super::config::{HubspotConfig, normalize};
 use super::retry::{self, HubspotRetryLogic};
 use crate::connectors::field_meta;
 use crate::delivery::control::{self, Call, ControlPlane, expect_success};
@@ -335,15 +335,6 @@ fn url_escape(s: &str) -> String {
     url::form_urlencoded::byte_serialize(s.as_bytes())
         .collect::<String>()
         .replace('+', "%20")
-}
-
-/// How HubSpot compares values of `property`: emails case-insensitively.
-pub fn normalize(property: &str, value: &str) -> String {
-    if property == "email" {
-        value.trim().to_lowercase()
-    } else {
-        value.to_string()
-    }
 }
 
 /// `contacts`, `companies`, `deals`, `tickets`, custom object type ids (`2-123456`) and fully

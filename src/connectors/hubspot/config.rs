@@ -65,6 +65,15 @@ pub const OPTIONS: &[OptionSpec] = &[
     },
 ];
 
+/// How HubSpot compares values of `property`: emails case-insensitively.
+pub fn normalize(property: &str, value: &str) -> String {
+    if property == "email" {
+        value.trim().to_lowercase()
+    } else {
+        value.to_string()
+    }
+}
+
 /// A HubSpot account's API limits.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Tier {

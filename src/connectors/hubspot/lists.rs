@@ -33,7 +33,8 @@ use futures::TryStreamExt;
 use http::Method;
 use serde_json::{Value, json};
 
-use super::api::{HubspotConnection, ObjectSchema, normalize};
+use super::api::{HubspotConnection, ObjectSchema};
+use super::config::normalize;
 use super::encode::Encoder;
 use super::sink::{HubspotService, Matching};
 use crate::connectors::WriteReport;
@@ -153,7 +154,7 @@ impl ListMembersSink {
         list: &str,
         add: bool,
         ids: &[(String, u32)],
-    ) -> crate::Result<(Vec<u32>, Vec<u32>)> {
+    ) -> crate::error::Result<(Vec<u32>, Vec<u32>)> {
         let list_id = self.connection.list_id("contacts", list).await?;
         let (mut done, mut missing) = (vec![], vec![]);
         for chunk in ids.chunks(IDS_PER_CALL) {

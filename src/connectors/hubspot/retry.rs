@@ -20,7 +20,7 @@ use http::HeaderMap;
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::api::normalize;
+use super::config::normalize;
 use crate::contract::Op;
 use crate::delivery::retry::RateWindow;
 use crate::delivery::{Batch, HttpResponse, Rejection, ResponseClass};

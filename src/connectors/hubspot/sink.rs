@@ -21,7 +21,8 @@ use datafusion::physical_plan::{DisplayAs, DisplayFormatType, SendableRecordBatc
 use futures::StreamExt;
 use http::HeaderMap;
 
-use super::api::{HubspotConnection, ObjectSchema, normalize};
+use super::api::{HubspotConnection, ObjectSchema};
+use super::config::normalize;
 use super::encode::Encoder;
 use super::retry::{self, HubspotRetryLogic};
 use crate::connectors::WriteReport;
@@ -142,7 +143,7 @@ impl HttpService for HubspotService {
         &self,
         client: &reqwest::Client,
         batch: &Batch,
-    ) -> crate::Result<reqwest::RequestBuilder> {
+    ) -> crate::error::Result<reqwest::RequestBuilder> {
         let config = &self.connection.config;
         Ok(client
             .post(config.endpoint(&self.path(batch.op)))
@@ -221,7 +222,7 @@ struct Resolver {
 impl Resolver {
     /// The record ids of this batch's deletes: from the sync's state, else looked up with
     /// `batch/read` by the key property. Not in HubSpot: `None` (nothing to archive).
-    async fn resolve(&self, batch: &RecordBatch) -> crate::Result<()> {
+    async fn resolve(&self, batch: &RecordBatch) -> crate::error::Result<()> {
         let Some(run) = &self.sync else {
             return Ok(());
         };

@@ -72,7 +72,7 @@ impl HttpService for SalesforceService {
         &self,
         client: &reqwest::Client,
         batch: &Batch,
-    ) -> crate::Result<reqwest::RequestBuilder> {
+    ) -> crate::error::Result<reqwest::RequestBuilder> {
         let c = &self.connection;
         c.check_quota()?;
         let session = c.current_session()?;
@@ -123,7 +123,7 @@ impl HttpService for SalesforceService {
         SalesforceRetryLogic::classify(batch, response)
     }
 
-    async fn refresh_credentials(&self, batch: &Batch) -> crate::Result<bool> {
+    async fn refresh_credentials(&self, batch: &Batch) -> crate::error::Result<bool> {
         let generation = self
             .sent_with
             .lock()
@@ -235,7 +235,7 @@ struct Router<'a> {
     routes: [Route; 4],
     waiting: [Vec<Row>; 4],
     jobs: [Option<Job>; 4],
-    rest: Option<mpsc::Sender<crate::Result<Vec<Record>>>>,
+    rest: Option<mpsc::Sender<crate::error::Result<Vec<Record>>>>,
     runner: BulkRunner,
     running: JoinSet<(DeliveryOutcome, Option<Error>)>,
     outcome: DeliveryOutcome,
@@ -274,7 +274,7 @@ impl Router<'_> {
     }
 
     /// Encodes, resolves and routes one batch of changes.
-    async fn take(&mut self, batch: &RecordBatch) -> crate::Result<()> {
+    async fn take(&mut self, batch: &RecordBatch) -> crate::error::Result<()> {
         let encoded = self.encoder.encode(batch)?;
         self.sink.report.add_rejects(encoded.rejects);
         let rows = self.resolve(encoded.rows).await?;
@@ -298,7 +298,7 @@ impl Router<'_> {
         self.send_rest(rest).await
     }
 
-    async fn send_rest(&mut self, records: Vec<Record>) -> crate::Result<()> {
+    async fn send_rest(&mut self, records: Vec<Record>) -> crate::error::Result<()> {
         if records.is_empty() {
             return Ok(());
         }
@@ -312,7 +312,7 @@ impl Router<'_> {
     }
 
     /// Operations still under the threshold go through REST; open jobs are sent.
-    async fn finish(&mut self) -> crate::Result<()> {
+    async fn finish(&mut self) -> crate::error::Result<()> {
         for slot in 0..4 {
             let waiting = std::mem::take(&mut self.waiting[slot]);
             let records = waiting.iter().map(|r| self.encoder.record(r)).collect();
@@ -328,7 +328,7 @@ impl Router<'_> {
 
     /// Adds a record to its operation's open job, sending the job first when the record's key
     /// is already in it or it is full.
-    async fn bulk(&mut self, row: Row) -> crate::Result<()> {
+    async fn bulk(&mut self, row: Row) -> crate::error::Result<()> {
         let slot = row.op.code() as usize;
         let value = self
             .encoder
@@ -413,7 +413,7 @@ impl Router<'_> {
     /// Record Ids for updates and deletes matched by an external id: from the sync's state,
     /// else looked up by SOQL. A delete of a record Salesforce does not have is done; an update
     /// of one is a reject (update-only syncs create nothing).
-    async fn resolve(&mut self, rows: Vec<Row>) -> crate::Result<Vec<Row>> {
+    async fn resolve(&mut self, rows: Vec<Row>) -> crate::error::Result<Vec<Row>> {
         let needs = |r: &Row| matches!(r.op, Op::Update | Op::Delete) && r.id.is_none();
         if !rows.iter().any(needs) {
             return Ok(rows);
@@ -539,7 +539,7 @@ impl DataSink for SalesforceSink {
         let batcher = delivery
             .batcher(config.http.batch_size, usize::MAX)
             .with_unique_keys(|k| k.to_lowercase());
-        let (tx, rx) = mpsc::channel::<crate::Result<Vec<Record>>>(4);
+        let (tx, rx) = mpsc::channel::<crate::error::Result<Vec<Record>>>(4);
         let records = futures::stream::unfold(rx, |mut rx| async move {
             rx.recv().await.map(|chunk| (chunk, rx))
         });

@@ -26,7 +26,7 @@ impl HttpService for WebhookService {
         &self,
         client: &reqwest::Client,
         batch: &Batch,
-    ) -> crate::Result<reqwest::RequestBuilder> {
+    ) -> crate::error::Result<reqwest::RequestBuilder> {
         Ok(build(client, &self.config, &self.envelope, batch))
     }
 
