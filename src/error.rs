@@ -2,6 +2,27 @@
 
 use datafusion::error::DataFusionError;
 
+/// What a destination's failure is about, beyond its message: kept in `sluice.runs` and the run
+/// record so that alerts and logs can act on it (retry later on a 429, page on a 401, …).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Failure {
+    /// The connection written to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection: Option<String>,
+    /// The destination object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub object: Option<String>,
+    /// The HTTP status of the answer that ended the write.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// The destination's own error code (HubSpot's `category`, Salesforce's `errorCode`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// The key of the one record at fault, when one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
 /// Result alias used across sluice.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -55,6 +76,13 @@ pub enum Error {
     #[error("{message}")]
     Write { message: String },
 
+    /// A destination refused or failed a write, with the facts its answer gave.
+    #[error("{message}")]
+    Destination {
+        message: String,
+        facts: Box<Failure>,
+    },
+
     /// Sync state cannot be read, written or locked.
     #[error("{message}")]
     State { message: String },
@@ -82,6 +110,47 @@ impl Error {
         Error::Plan {
             message: message.into(),
             token: Some(token.into()),
+        }
+    }
+
+    /// A destination's failure with its facts.
+    pub fn destination(message: impl Into<String>, facts: Failure) -> Self {
+        Error::Destination {
+            message: message.into(),
+            facts: Box::new(facts),
+        }
+    }
+
+    /// The facts of a destination's failure, wherever DataFusion carried the error.
+    pub fn facts(&self) -> Option<&Failure> {
+        match self {
+            Error::Destination { facts, .. } => Some(facts),
+            Error::DataFusion(e) => datafusion_facts(e),
+            _ => None,
+        }
+    }
+
+    /// This error with `facts` (a write error becomes a destination's failure).
+    pub fn with_facts(self, facts: Failure) -> Self {
+        match self {
+            Error::Write { message } | Error::Destination { message, .. } => {
+                Error::destination(message, facts)
+            }
+            other => other,
+        }
+    }
+
+    /// Names the connection and object of a destination's failure that does not name them yet.
+    pub fn at(self, connection: &str, object: &str) -> Self {
+        match self {
+            Error::Destination { message, mut facts } => {
+                facts
+                    .connection
+                    .get_or_insert_with(|| connection.to_string());
+                facts.object.get_or_insert_with(|| object.to_string());
+                Error::Destination { message, facts }
+            }
+            other => other,
         }
     }
 
@@ -154,6 +223,17 @@ fn describe_datafusion(e: &DataFusionError) -> String {
         format!("{message}; fix the value in the source, or use TRY_CAST to turn it into NULL")
     } else {
         message
+    }
+}
+
+/// The facts of a destination's failure that DataFusion wrapped (a sink's error comes back as
+/// `External`, possibly under `Context` or `Shared`).
+fn datafusion_facts(e: &DataFusionError) -> Option<&Failure> {
+    match e {
+        DataFusionError::External(inner) => inner.downcast_ref::<Error>().and_then(Error::facts),
+        DataFusionError::Context(_, inner) => datafusion_facts(inner),
+        DataFusionError::Shared(inner) => datafusion_facts(inner),
+        _ => None,
     }
 }
 
@@ -243,6 +323,40 @@ mod tests {
         assert_eq!(datafusion_token(&e).as_deref(), Some("emial"));
         let e = DataFusionError::Plan("No field named c.emial. Valid fields are a.".into());
         assert_eq!(datafusion_token(&e).as_deref(), Some("emial"));
+    }
+
+    #[test]
+    fn a_destination_failure_keeps_its_facts_through_datafusion() {
+        let failure = Error::destination(
+            "hubspot crm: 403 MISSING_SCOPES",
+            Failure {
+                status: Some(403),
+                code: Some("MISSING_SCOPES".into()),
+                ..Default::default()
+            },
+        )
+        .at("crm", "contacts");
+        let wrapped = Error::DataFusion(DataFusionError::Context(
+            "writing".into(),
+            Box::new(DataFusionError::from(failure)),
+        ));
+        let facts = wrapped.facts().expect("the facts survive the wrapping");
+        assert_eq!(facts.connection.as_deref(), Some("crm"));
+        assert_eq!(facts.object.as_deref(), Some("contacts"));
+        assert_eq!(facts.status, Some(403));
+        assert_eq!(facts.code.as_deref(), Some("MISSING_SCOPES"));
+        assert!(wrapped.to_string().contains("403 MISSING_SCOPES"));
+        // A connection already named is kept.
+        let named = Error::destination(
+            "x",
+            Failure {
+                connection: Some("first".into()),
+                ..Default::default()
+            },
+        )
+        .at("second", "obj");
+        assert_eq!(named.facts().unwrap().connection.as_deref(), Some("first"));
+        assert!(Error::Cancelled.facts().is_none());
     }
 
     #[test]

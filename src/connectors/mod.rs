@@ -227,6 +227,8 @@ pub trait Destination: Debug + Send + Sync + 'static {
 /// summary.
 #[derive(Debug, Default)]
 pub struct WriteReport {
+    /// The connection and object written (named in the facts of a failure).
+    target: Option<(String, String)>,
     locations: Mutex<Vec<String>>,
     delivery: Mutex<Option<DeliveryStats>>,
     rejects: Mutex<Vec<Rejected>>,
@@ -235,6 +237,14 @@ pub struct WriteReport {
 }
 
 impl WriteReport {
+    /// The report of a write into `object` of `connection`.
+    pub fn for_object(connection: &str, object: &str) -> Self {
+        Self {
+            target: Some((connection.to_string(), object.to_string())),
+            ..Default::default()
+        }
+    }
+
     /// Records a place the write made visible (a file URL, an endpoint).
     pub fn add_location(&self, location: impl Into<String>) {
         self.locations
@@ -330,9 +340,10 @@ impl WriteReport {
         }
         drop(acked);
         self.add_rejects(outcome.rejected);
-        match error {
-            Some(e) => Err(e),
-            None => Ok(outcome.accepted),
+        match (error, &self.target) {
+            (Some(e), Some((connection, object))) => Err(e.at(connection, object)),
+            (Some(e), None) => Err(e),
+            (None, _) => Ok(outcome.accepted),
         }
     }
 }

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use super::driver::{MAX_ANSWER_BYTES, send};
 use super::{AdaptiveLimiter, DeliveryMetrics, HttpResponse, ResponseClass, RetryPolicy, Ticket};
-use crate::error::{Error, Result};
+use crate::error::{Error, Failure, Result};
 
 /// One control-plane request.
 #[derive(Debug, Clone)]
@@ -123,6 +123,16 @@ pub trait ControlPlane: Send + Sync {
 
     /// A short summary of an error answer for messages (its status and error code).
     fn summary(&self, response: &HttpResponse) -> String;
+
+    /// The service's own error code in an answer, if it gives one.
+    fn code(&self, _response: &HttpResponse) -> Option<String> {
+        None
+    }
+
+    /// An error of this connection with the facts of the answer that caused it.
+    fn failure(&self, facts: Failure, message: String) -> Error {
+        self.error(message).with_facts(facts)
+    }
 }
 
 /// Makes `call` on `plane`: paced by its limiter, retried on what `classify` says may be
@@ -167,6 +177,11 @@ pub async fn call<P: ControlPlane + ?Sized>(
                 throttled: false,
             }),
         };
+        let facts = || Failure {
+            status: response.as_ref().ok().map(|r| r.status.as_u16()),
+            code: response.as_ref().ok().and_then(|r| plane.code(r)),
+            ..Default::default()
+        };
         match class {
             Some(ResponseClass::Retry {
                 reason,
@@ -175,7 +190,7 @@ pub async fn call<P: ControlPlane + ?Sized>(
             }) => {
                 let left = policy.max_elapsed.saturating_sub(started.elapsed());
                 if let Some(wait) = retry_after.filter(|w| *w > left) {
-                    return Err(plane.error(format!(
+                    return Err(plane.failure(facts(), format!(
                         "{}: {reason}; {} asks to wait {:.0}s, more than the {:.0}s left of max_retry_time",
                         call.describe(),
                         plane.service(),
@@ -185,7 +200,7 @@ pub async fn call<P: ControlPlane + ?Sized>(
                 }
                 failures += u32::from(!throttled);
                 if policy.exhausted(failures, started) {
-                    return Err(plane.error(format!(
+                    return Err(plane.failure(facts(), format!(
                         "{} gave up after {attempt} attempts over {:.1}s (max_attempts {}, max_retry_time {:?}): {reason}",
                         call.describe(),
                         started.elapsed().as_secs_f64(),
@@ -208,15 +223,21 @@ pub async fn call<P: ControlPlane + ?Sized>(
             }
             Some(ResponseClass::Unauthorized(message)) => {
                 if reauthenticated {
-                    return Err(plane.error(format!(
-                        "{} rejected fresh credentials ({message}); check the user's access",
-                        plane.service()
-                    )));
+                    return Err(plane.failure(
+                        facts(),
+                        format!(
+                            "{} rejected fresh credentials ({message}); check the user's access",
+                            plane.service()
+                        ),
+                    ));
                 }
                 reauthenticated = true;
-                plane.reauthenticate(&auth, &message).await?;
+                plane
+                    .reauthenticate(&auth, &message)
+                    .await
+                    .map_err(|e| e.with_facts(facts()))?;
             }
-            Some(ResponseClass::Fatal(message)) => return Err(plane.error(message)),
+            Some(ResponseClass::Fatal(message)) => return Err(plane.failure(facts(), message)),
             _ => return response.map_err(|e| plane.error(e.reason())),
         }
     }
@@ -231,5 +252,12 @@ pub fn expect_success<P: ControlPlane + ?Sized>(
     if response.status.is_success() {
         return Ok(());
     }
-    Err(plane.error(format!("{what} failed: {}", plane.summary(response))))
+    Err(plane.failure(
+        Failure {
+            status: Some(response.status.as_u16()),
+            code: plane.code(response),
+            ..Default::default()
+        },
+        format!("{what} failed: {}", plane.summary(response)),
+    ))
 }

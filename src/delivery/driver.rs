@@ -17,7 +17,29 @@ use super::metrics::DeliveryMetrics;
 use super::retry::{RetryPolicy, retry_after};
 use super::{Checkpoints, HttpResponse, HttpService, Rejection, ResponseClass};
 use crate::contract::{Ack, Rejected};
-use crate::error::{Error, Result};
+use crate::error::{Error, Failure, Result};
+
+/// One request's answer as the driver reads it.
+struct Answer {
+    class: ResponseClass,
+    /// The answer reported a rate window.
+    had_window: bool,
+    /// The HTTP status (`None`: no answer, a transport error).
+    status: Option<u16>,
+    /// The destination's error code, for an answer that did not accept the request.
+    code: Option<String>,
+}
+
+impl Answer {
+    fn without_response(class: ResponseClass) -> Self {
+        Self {
+            class,
+            had_window: false,
+            status: None,
+            code: None,
+        }
+    }
+}
 
 /// What happened to the records of a delivery.
 #[derive(Debug, Default)]
@@ -255,7 +277,22 @@ impl<S: HttpService> Driver<S> {
         let mut part = 0;
         loop {
             attempts += 1;
-            let (class, had_window) = self.send(&pending).await?;
+            let Answer {
+                class,
+                had_window,
+                status,
+                code,
+            } = self.send(&pending).await?;
+            // What a failure of this request is about.
+            let facts = || Failure {
+                status,
+                code: code.clone(),
+                key: match pending.records.as_slice() {
+                    [one] => one.key.clone(),
+                    _ => None,
+                },
+                ..Default::default()
+            };
             let wait = match class {
                 ResponseClass::Accepted { ids } => {
                     self.limiter.on_success();
@@ -334,6 +371,7 @@ impl<S: HttpService> Driver<S> {
                             return Err(self.gave_up(
                                 attempts,
                                 started,
+                                facts(),
                                 &format!(
                                     "{reason}; the destination asks to wait {:.0}s, more than the {:.0}s left of max_retry_time",
                                     wait.as_secs_f64(),
@@ -351,11 +389,10 @@ impl<S: HttpService> Driver<S> {
                         failures += 1;
                         tracing::debug!(batch = pending.seq, reason = %reason, "Retrying.");
                     }
-                    if failures >= self.policy.max_attempts {
-                        return Err(self.gave_up(attempts, started, &reason));
-                    }
-                    if started.elapsed() >= self.policy.max_elapsed {
-                        return Err(self.gave_up(attempts, started, &reason));
+                    if failures >= self.policy.max_attempts
+                        || started.elapsed() >= self.policy.max_elapsed
+                    {
+                        return Err(self.gave_up(attempts, started, facts(), &reason));
                     }
                     // A throttled request waits in the limiter (which honours Retry-After).
                     (!throttled)
@@ -366,18 +403,20 @@ impl<S: HttpService> Driver<S> {
                         refreshed = true;
                         None
                     } else {
-                        return Err(Error::Write {
-                            message: format!(
+                        return Err(Error::destination(
+                            format!(
                                 "{}: the destination rejected the credentials (401: {message}); check the token or secret, nothing more will be sent",
                                 self.service.describe()
                             ),
-                        });
+                            facts(),
+                        ));
                     }
                 }
                 ResponseClass::Fatal(message) => {
-                    return Err(Error::Write {
-                        message: format!("{}: {message}", self.service.describe()),
-                    });
+                    return Err(Error::destination(
+                        format!("{}: {message}", self.service.describe()),
+                        facts(),
+                    ));
                 }
             };
             DeliveryMetrics::add(&self.metrics.retries, 1);
@@ -389,7 +428,7 @@ impl<S: HttpService> Driver<S> {
     }
 
     /// One request. Transport errors become retriable classes.
-    async fn send(&self, batch: &Batch) -> Result<(ResponseClass, bool)> {
+    async fn send(&self, batch: &Batch) -> Result<Answer> {
         let ticket = self.limiter.acquire().await;
         let request = self.service.build_request(&self.client, batch);
         let request = match request {
@@ -402,7 +441,7 @@ impl<S: HttpService> Driver<S> {
         let t0 = Instant::now();
         let response = send(request, MAX_ANSWER_BYTES).await;
         self.metrics.record_request(batch.bytes, t0.elapsed());
-        let out = match response {
+        let answer = match response {
             Ok(response) => {
                 let window = self.service.rate_window(&response.headers);
                 if let Some(w) = window {
@@ -416,20 +455,28 @@ impl<S: HttpService> Driver<S> {
                 {
                     *ra = retry_after(&response.headers);
                 }
-                (class, window.is_some())
+                let failed = !matches!(
+                    class,
+                    ResponseClass::Accepted { .. } | ResponseClass::Partial { .. }
+                );
+                Answer {
+                    class,
+                    had_window: window.is_some(),
+                    status: Some(response.status.as_u16()),
+                    code: failed.then(|| self.service.error_code(&response)).flatten(),
+                }
             }
-            Err(e @ SendError::TooLarge { .. }) => (ResponseClass::Fatal(e.reason()), false),
-            Err(e) => (
-                ResponseClass::Retry {
-                    reason: e.reason(),
-                    retry_after: None,
-                    throttled: false,
-                },
-                false,
-            ),
+            Err(e @ SendError::TooLarge { .. }) => {
+                Answer::without_response(ResponseClass::Fatal(e.reason()))
+            }
+            Err(e) => Answer::without_response(ResponseClass::Retry {
+                reason: e.reason(),
+                retry_after: None,
+                throttled: false,
+            }),
         };
         self.limiter.finish();
-        Ok(out)
+        Ok(answer)
     }
 
     /// Accepts every record of `batch` except those at `except`; `ids` are the destination's
@@ -485,15 +532,16 @@ impl<S: HttpService> Driver<S> {
         });
     }
 
-    fn gave_up(&self, attempts: u32, started: Instant, reason: &str) -> Error {
-        Error::Write {
-            message: format!(
+    fn gave_up(&self, attempts: u32, started: Instant, facts: Failure, reason: &str) -> Error {
+        Error::destination(
+            format!(
                 "{}: gave up after {attempts} attempt{} over {:.1}s; last error: {reason}",
                 self.service.describe(),
                 if attempts == 1 { "" } else { "s" },
                 started.elapsed().as_secs_f64()
             ),
-        }
+            facts,
+        )
     }
 }
 

@@ -121,6 +121,12 @@ pub trait HttpService: Send + Sync + 'static {
         retry::rate_window(headers)
     }
 
+    /// The destination's own error code in an answer (for the facts of a failed write), if it
+    /// gives one.
+    fn error_code(&self, _response: &HttpResponse) -> Option<String> {
+        None
+    }
+
     /// What is being called, for messages (never containing secrets).
     fn describe(&self) -> String;
 }

@@ -136,6 +136,27 @@ pub fn rate_window(headers: &HeaderMap) -> Option<RateWindow> {
     })
 }
 
+/// At most `max` bytes of `text` (cut at a character boundary, marked with `…`), for messages
+/// that quote a server's answer.
+pub fn excerpt(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+/// A JSON value as text (`"a"` → `a`, `1` → `1`).
+pub fn value_text(v: &serde_json::Value) -> String {
+    match v {
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

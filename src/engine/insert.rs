@@ -172,7 +172,10 @@ impl Engine {
         let (mapped, key_parts) = with_composite_key(table, &target, mapped, &write)?;
         let fields = Arc::new(mapped.schema().as_arrow().clone());
         let names: Vec<String> = fields.fields().iter().map(|f| f.name().clone()).collect();
-        let report = Arc::new(WriteReport::default());
+        let report = Arc::new(WriteReport::for_object(
+            table.connection(),
+            &table.object().name,
+        ));
         let run = if table.stateful() {
             let key = if key_parts.is_empty() {
                 write

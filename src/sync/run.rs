@@ -244,6 +244,7 @@ impl SyncRun {
             run_id: self.run_id.clone(),
             sync: self.spec.label().to_string(),
             target: self.spec.target.clone(),
+            mode: self.spec.diff.mode.to_string(),
             started_at: now(),
             status: if self.dry_run { "dry_run" } else { "running" }.into(),
             ..Default::default()
@@ -519,6 +520,7 @@ impl SyncRun {
             })
             .unwrap_or(0);
         record.error = error.map(|e| e.to_string());
+        record.failure = error.and_then(|e| e.facts()).cloned();
         record.status = match (self.dry_run, error, record.rejected) {
             (true, _, _) => "dry_run",
             (_, Some(_), _) => "failed",

@@ -180,6 +180,12 @@ pub struct RunRecord {
     pub retries: u64,
     pub duration_ms: u64,
     pub error: Option<String>,
+    /// What the sync may do (`upsert`, `mirror`, …; empty in records of earlier versions).
+    #[serde(default)]
+    pub mode: String,
+    /// The facts of a destination's failure: connection, object, HTTP status, error code, key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<crate::error::Failure>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -5,7 +5,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{
-    ArrayRef, RecordBatch, StringArray, TimestampMicrosecondArray, UInt32Array, UInt64Array,
+    ArrayRef, RecordBatch, StringArray, TimestampMicrosecondArray, UInt16Array, UInt32Array,
+    UInt64Array,
 };
 use datafusion::arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use datafusion::catalog::{Session, TableProvider};
@@ -68,6 +69,12 @@ impl StateTable {
                 count("retries"),
                 count("duration_ms"),
                 text("error", true),
+                text("mode", false),
+                text("error_connection", true),
+                text("error_object", true),
+                Field::new("error_status", DataType::UInt16, true),
+                text("error_code", true),
+                text("error_key", true),
             ]),
             StateTableKind::Rejects => Schema::new(vec![
                 text("sync", false),
@@ -96,6 +103,13 @@ impl StateTable {
                 let runs = self.state.runs().await?;
                 let s = |f: fn(&super::state::RunRecord) -> &str| -> ArrayRef {
                     Arc::new(StringArray::from_iter_values(runs.iter().map(f)))
+                };
+                let fact = |f: fn(&crate::error::Failure) -> Option<&str>| -> ArrayRef {
+                    Arc::new(StringArray::from(
+                        runs.iter()
+                            .map(|r| r.failure.as_ref().and_then(f))
+                            .collect::<Vec<_>>(),
+                    ))
                 };
                 let n = |f: fn(&super::state::RunRecord) -> u64| -> ArrayRef {
                     Arc::new(UInt64Array::from_iter_values(runs.iter().map(f)))
@@ -133,6 +147,16 @@ impl StateTable {
                     Arc::new(StringArray::from(
                         runs.iter().map(|r| r.error.as_deref()).collect::<Vec<_>>(),
                     )),
+                    s(|r| &r.mode),
+                    fact(|f| f.connection.as_deref()),
+                    fact(|f| f.object.as_deref()),
+                    Arc::new(UInt16Array::from(
+                        runs.iter()
+                            .map(|r| r.failure.as_ref().and_then(|f| f.status))
+                            .collect::<Vec<_>>(),
+                    )),
+                    fact(|f| f.code.as_deref()),
+                    fact(|f| f.key.as_deref()),
                 ]
             }
             StateTableKind::Rejects => {

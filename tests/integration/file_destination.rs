@@ -14,7 +14,7 @@ use datafusion::execution::TaskContext;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, SendableRecordBatchStream};
 use futures::StreamExt;
 use sluice::connections::{ConnectContext, Connected, ConnectorKind};
-use sluice::destinations::{Destination, DestinationSchema, ObjectSpec, WriteReport};
+use sluice::connectors::{Destination, DestinationSchema, ObjectSpec, WriteReport};
 use sluice::options::{OptionSpec, Options};
 use sluice::{Engine, Outcome};
 

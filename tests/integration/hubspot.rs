@@ -399,6 +399,15 @@ async fn transient_faults_are_retried_and_merged_records_reported() {
     model(&engine, &people(121)).await;
     let e = engine.run_sql(UPSERT).await.unwrap_err().to_string();
     assert!(e.contains("crm.objects.contacts.write"), "{e}");
+    // sluice.runs keeps the failure's facts for alerts: where, the status and HubSpot's code.
+    let facts = query(
+        &engine,
+        "SELECT mode, error_connection, error_object, error_status, error_code FROM sluice.runs WHERE status = 'failed'",
+    )
+    .await;
+    for fact in ["upsert", "crm", "contacts", "403", "MISSING_SCOPES"] {
+        assert!(facts.contains(fact), "{fact} in {facts}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -498,7 +498,7 @@ async fn a_401_refreshes_credentials_once() {
                 .body(body))
         }
         fn classify(&self, batch: &Batch, response: &HttpResponse) -> ResponseClass {
-            sluice::destinations::webhook::retry::WebhookRetryLogic::classify(batch, response)
+            sluice::connectors::webhook::retry::WebhookRetryLogic::classify(batch, response)
         }
         async fn refresh_credentials(&self, _batch: &Batch) -> sluice::Result<bool> {
             self.refreshes.fetch_add(1, Ordering::SeqCst);
@@ -603,6 +603,25 @@ async fn secrets_never_reach_state_files() {
     assert!(
         runs.contains("partial") && runs.contains("failed") && runs.contains("401"),
         "{runs}"
+    );
+    // The failure's facts: the connection, object, status, and the key of the one record the
+    // refused request carried.
+    let facts = engine
+        .run_sql("SELECT error_connection, error_object, error_status, error_key FROM sluice.runs WHERE status = 'failed'")
+        .await
+        .unwrap();
+    let Some(Outcome::Rows { batches, .. }) = facts.last() else {
+        panic!("{facts:?}")
+    };
+    let facts = datafusion::arrow::util::pretty::pretty_format_batches(batches)
+        .unwrap()
+        .to_string();
+    assert!(
+        facts.contains("| hooks ")
+            && facts.contains("| users ")
+            && facts.contains("| 401 ")
+            && facts.contains("| 3 "),
+        "{facts}"
     );
     let mut files = 0;
     for file in super::support::files_under(std::path::Path::new(engine.state_location())) {

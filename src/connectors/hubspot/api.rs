@@ -318,6 +318,10 @@ impl ControlPlane for HubspotConnection {
     fn summary(&self, response: &HttpResponse) -> String {
         retry::summary(response)
     }
+
+    fn code(&self, response: &HttpResponse) -> Option<String> {
+        retry::error_code(response)
+    }
 }
 
 fn list_id_of(body: &[u8]) -> Option<String> {

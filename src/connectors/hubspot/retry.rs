@@ -22,7 +22,7 @@ use serde_json::Value;
 
 use super::config::normalize;
 use crate::contract::Op;
-use crate::delivery::retry::RateWindow;
+use crate::delivery::retry::{RateWindow, excerpt, value_text};
 use crate::delivery::{Batch, HttpResponse, Rejection, ResponseClass};
 
 /// Longest excerpt of a message kept in a reject.
@@ -148,7 +148,7 @@ impl HubspotRetryLogic {
                     "HubSpot rejected the token ({}: {}); check the connection's token option",
                     body.category
                         .unwrap_or_else(|| "INVALID_AUTHENTICATION".into()),
-                    excerpt(&body.message.unwrap_or_default())
+                    excerpt(&body.message.unwrap_or_default(), MESSAGE_EXCERPT)
                 )))
             }
             403 => {
@@ -165,7 +165,7 @@ impl HubspotRetryLogic {
                     format!(
                         "HubSpot refused the call (403 {}: {}); check the private app's scopes",
                         body.category.unwrap_or_default(),
-                        excerpt(&body.message.unwrap_or_default())
+                        excerpt(&body.message.unwrap_or_default(), MESSAGE_EXCERPT)
                     )
                 } else {
                     format!(
@@ -221,7 +221,7 @@ fn correlate(
                 .or(error.category.as_deref())
                 .unwrap_or("VALIDATION_ERROR")
                 .to_string(),
-            message: excerpt(error.message.as_deref().unwrap_or("")),
+            message: excerpt(error.message.as_deref().unwrap_or(""), MESSAGE_EXCERPT),
         };
         let traced = error.context.get("objectWriteTraceId");
         let indexes: Vec<usize> = match traced {
@@ -333,33 +333,29 @@ fn rejection(response: &HttpResponse) -> Rejection {
         .unwrap_or_else(|| format!("http_{}", response.status.as_u16()));
     Rejection {
         code,
-        message: excerpt(&body.message.unwrap_or_else(|| summary(response))),
+        message: excerpt(
+            &body.message.unwrap_or_else(|| summary(response)),
+            MESSAGE_EXCERPT,
+        ),
     }
 }
 
 /// The status and HubSpot's message (or the start of the body), for errors.
+/// HubSpot's error category in an error answer (`VALIDATION_ERROR`, `MISSING_SCOPES`, …).
+pub fn error_code(response: &HttpResponse) -> Option<String> {
+    serde_json::from_slice::<ErrorBody>(&response.body)
+        .ok()?
+        .category
+}
+
 pub fn summary(response: &HttpResponse) -> String {
     let body: ErrorBody = serde_json::from_slice(&response.body).unwrap_or_default();
     let text = body
         .message
         .unwrap_or_else(|| String::from_utf8_lossy(&response.body).trim().to_string());
-    format!("{} {}", response.status.as_u16(), excerpt(&text))
-}
-
-fn excerpt(text: &str) -> String {
-    if text.len() <= MESSAGE_EXCERPT {
-        return text.to_string();
-    }
-    let mut end = MESSAGE_EXCERPT;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
-}
-
-fn value_text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
+    format!(
+        "{} {}",
+        response.status.as_u16(),
+        excerpt(&text, MESSAGE_EXCERPT)
+    )
 }

@@ -161,6 +161,10 @@ impl HttpService for HubspotService {
         retry::rate_window(headers)
     }
 
+    fn error_code(&self, response: &HttpResponse) -> Option<String> {
+        super::retry::error_code(response)
+    }
+
     fn describe(&self) -> String {
         format!("hubspot {} ({})", self.connection.name, self.object)
     }

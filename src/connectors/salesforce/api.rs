@@ -397,8 +397,8 @@ impl SalesforceConnection {
                 let result: QueryResult = serde_json::from_slice(&response.body)
                     .map_err(|e| self.error(format!("a query answer sluice cannot read ({e})")))?;
                 for record in result.records {
-                    let id = record.get("Id").map(retry::value_text);
-                    let value = record.get(field).map(retry::value_text);
+                    let id = record.get("Id").map(crate::delivery::retry::value_text);
+                    let value = record.get(field).map(crate::delivery::retry::value_text);
                     if let (Some(id), Some(value)) = (id, value) {
                         found.insert(value.to_lowercase(), id);
                     }
@@ -491,6 +491,10 @@ impl ControlPlane for SalesforceConnection {
 
     fn summary(&self, response: &HttpResponse) -> String {
         retry::summary(response)
+    }
+
+    fn code(&self, response: &HttpResponse) -> Option<String> {
+        retry::error_code(response)
     }
 }
 

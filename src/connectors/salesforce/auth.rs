@@ -139,7 +139,13 @@ pub async fn login(
             if e.error_description.is_empty() {
                 String::new()
             } else {
-                format!(": {}", super::retry::excerpt(&e.error_description))
+                format!(
+                    ": {}",
+                    crate::delivery::retry::excerpt(
+                        &e.error_description,
+                        super::retry::MESSAGE_EXCERPT
+                    )
+                )
             }
         )));
     }

@@ -15,9 +15,10 @@ use serde_json::{Map, Value, json};
 
 use super::api::{SalesforceConnection, poll_wait};
 use super::config::MAX_JOB_BYTES;
-use super::retry::{TRANSIENT, bulk_error, excerpt};
+use super::retry::{MESSAGE_EXCERPT, TRANSIENT, bulk_error};
 use crate::contract::{Ack, Op, Rejected};
 use crate::delivery::control::expect_success;
+use crate::delivery::retry::excerpt;
 use crate::delivery::{DeliveryMetrics, DeliveryOutcome};
 use crate::error::{Error, Result};
 
@@ -392,7 +393,7 @@ impl BulkRunner {
                 "Bulk job {} ended {} after processing {processed} of {rows} records{never}{}; what it settled is kept, the rest is sent again by the next run",
                 info.id,
                 done.state,
-                done.error_message.map(|m| format!(": {}", excerpt(&m))).unwrap_or_default()
+                done.error_message.map(|m| format!(": {}", excerpt(&m, MESSAGE_EXCERPT))).unwrap_or_default()
             )));
         }
         Ok(again.map(|w| w.into_inner().unwrap_or_default()))

@@ -13,13 +13,13 @@
 //! answer is the quota (read by the connection, which stops before `max_api_usage_pct`).
 
 use serde::Deserialize;
-use serde_json::Value;
 
 use crate::contract::Op;
+use crate::delivery::retry::excerpt;
 use crate::delivery::{Batch, HttpResponse, Rejection, ResponseClass};
 
 /// Longest excerpt of a message kept in a reject or an error.
-const MESSAGE_EXCERPT: usize = 400;
+pub const MESSAGE_EXCERPT: usize = 400;
 
 /// Per-record codes that succeed when tried again.
 pub const TRANSIENT: &[&str] = &[
@@ -47,7 +47,7 @@ impl SfError {
     }
 
     pub fn rejection(&self) -> Rejection {
-        let mut message = excerpt(self.message.as_deref().unwrap_or(""));
+        let mut message = excerpt(self.message.as_deref().unwrap_or(""), MESSAGE_EXCERPT);
         if !self.fields.is_empty() {
             message.push_str(&format!(" (fields: {})", self.fields.join(", ")));
         }
@@ -141,7 +141,7 @@ impl SalesforceRetryLogic {
                     }
                     Some(e) => Some(ResponseClass::Fatal(format!(
                         "the org's API request allocation is used up (403 REQUEST_LIMIT_EXCEEDED: {}). Records acknowledged so far are committed; run the sync again when the rolling 24-hour window frees requests and it sends the rest",
-                        excerpt(e.message.as_deref().unwrap_or(""))
+                        excerpt(e.message.as_deref().unwrap_or(""), MESSAGE_EXCERPT)
                     ))),
                     None => Some(ResponseClass::Fatal(format!(
                         "Salesforce refused the call ({}); check the integration user's permissions on this object",
@@ -212,35 +212,24 @@ pub fn bulk_error(text: &str) -> SfError {
 }
 
 /// The status and Salesforce's first error (or the start of the body), for errors.
+/// Salesforce's `errorCode` of the first error in an error answer.
+pub fn error_code(response: &HttpResponse) -> Option<String> {
+    errors(response).first()?.error_code.clone()
+}
+
 pub fn summary(response: &HttpResponse) -> String {
     let text = match errors(response).first() {
         Some(e) => format!(
             "{}: {}",
             e.code(),
-            excerpt(e.message.as_deref().unwrap_or(""))
+            excerpt(e.message.as_deref().unwrap_or(""), MESSAGE_EXCERPT)
         ),
-        None => excerpt(String::from_utf8_lossy(&response.body).trim()),
+        None => excerpt(
+            String::from_utf8_lossy(&response.body).trim(),
+            MESSAGE_EXCERPT,
+        ),
     };
     format!("{} {text}", response.status.as_u16())
-}
-
-pub fn excerpt(text: &str) -> String {
-    if text.len() <= MESSAGE_EXCERPT {
-        return text.to_string();
-    }
-    let mut end = MESSAGE_EXCERPT;
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}…", &text[..end])
-}
-
-/// A JSON value as text (`"a"` → `a`).
-pub fn value_text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        other => other.to_string(),
-    }
 }
 
 #[cfg(test)]

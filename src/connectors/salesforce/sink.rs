@@ -141,6 +141,10 @@ impl HttpService for SalesforceService {
         None
     }
 
+    fn error_code(&self, response: &HttpResponse) -> Option<String> {
+        super::retry::error_code(response)
+    }
+
     fn describe(&self) -> String {
         format!("salesforce {} ({})", self.connection.name, self.object)
     }

@@ -11,6 +11,7 @@
 
 use serde::Deserialize;
 
+use crate::delivery::retry::excerpt;
 use crate::delivery::{Batch, HttpResponse, Rejection, ResponseClass};
 
 /// Longest excerpt of a response body kept in a reject's message.
@@ -39,19 +40,11 @@ pub struct WebhookRetryLogic;
 impl WebhookRetryLogic {
     pub fn classify(batch: &Batch, response: &HttpResponse) -> ResponseClass {
         let status = response.status;
-        let excerpt = || {
+        let body_text = || {
             let text = String::from_utf8_lossy(&response.body);
-            let text = text.trim();
-            if text.len() > BODY_EXCERPT {
-                let mut end = BODY_EXCERPT;
-                while !text.is_char_boundary(end) {
-                    end -= 1;
-                }
-                format!("{}…", &text[..end])
-            } else if text.is_empty() {
-                status.canonical_reason().unwrap_or("").to_string()
-            } else {
-                text.to_string()
+            match text.trim() {
+                "" => status.canonical_reason().unwrap_or("").to_string(),
+                text => excerpt(text, BODY_EXCERPT),
             }
         };
         if status.is_success() {
@@ -89,19 +82,19 @@ impl WebhookRetryLogic {
         }
         match status.as_u16() {
             429 => ResponseClass::Retry {
-                reason: format!("429 Too Many Requests: {}", excerpt()),
+                reason: format!("429 Too Many Requests: {}", body_text()),
                 retry_after: None,
                 throttled: true,
             },
             408 | 425 | 500..=599 => ResponseClass::Retry {
-                reason: format!("{status}: {}", excerpt()),
+                reason: format!("{status}: {}", body_text()),
                 retry_after: None,
                 throttled: false,
             },
-            401 => ResponseClass::Unauthorized(excerpt()),
+            401 => ResponseClass::Unauthorized(body_text()),
             403 | 404 | 405 | 410 => ResponseClass::Fatal(format!(
                 "the endpoint answered {status} ({}); check the url and its credentials",
-                excerpt()
+                body_text()
             )),
             300..=399 => ResponseClass::Fatal(format!(
                 "the endpoint answered {status}, a redirect; sluice does not follow it (it would send the records, headers and signature to another address): set url to the final address, or follow_redirects 'same-origin' for a redirect within the url's own host"
@@ -111,7 +104,7 @@ impl WebhookRetryLogic {
             ),
             _ => ResponseClass::RejectAll(Rejection {
                 code: format!("http_{}", status.as_u16()),
-                message: excerpt(),
+                message: body_text(),
             }),
         }
     }
