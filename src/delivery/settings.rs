@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::RetryPolicy;
 use crate::error::{Error, Result};
-use crate::options::{Options, parse_duration};
+use crate::options::{OptionSpec, Options, parse_duration};
 
 /// A destination's defaults and limits for the shared options.
 #[derive(Debug, Clone, Copy)]
@@ -16,6 +16,73 @@ pub struct Defaults {
     pub concurrency: usize,
     pub rate_limit: Option<f64>,
     pub timeout: Duration,
+}
+
+/// How a connector's docs name what a request carries and what `rate_limit` defaults to.
+#[derive(Debug, Clone, Copy)]
+pub struct Docs {
+    /// What one request carries: `records per request`, `inputs per batch call`.
+    pub batch: &'static str,
+    /// The default of `rate_limit`, in words.
+    pub rate_limit: &'static str,
+}
+
+impl Defaults {
+    /// The shared options documented with these defaults, for a connector to append to its own
+    /// (`OPTIONS` is built once per connector kind, in a static).
+    pub fn options(&self, docs: Docs) -> Vec<OptionSpec> {
+        let retry = RetryPolicy::default();
+        let text = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+        let spec = |key, doc| OptionSpec {
+            key,
+            doc,
+            secret: false,
+        };
+        vec![
+            spec(
+                "batch_size",
+                text(format!(
+                    "{}, 1-{} (default {})",
+                    docs.batch, self.max_batch_size, self.batch_size
+                )),
+            ),
+            spec(
+                "concurrency",
+                text(format!(
+                    "requests in flight at once (default {})",
+                    self.concurrency
+                )),
+            ),
+            spec(
+                "rate_limit",
+                text(format!(
+                    "requests per second at most, shared by every statement on the connection (default: {})",
+                    docs.rate_limit
+                )),
+            ),
+            spec(
+                "timeout",
+                text(format!(
+                    "per-request timeout, e.g. '{0}s' (default {0}s)",
+                    self.timeout.as_secs()
+                )),
+            ),
+            spec(
+                "max_attempts",
+                text(format!(
+                    "attempts per request, and per record failing transiently, before giving up (default {}; rate-limited answers do not count)",
+                    retry.max_attempts
+                )),
+            ),
+            spec(
+                "max_retry_time",
+                text(format!(
+                    "longest time one request may be retried, e.g. '5m' (default {}m)",
+                    retry.max_elapsed.as_secs() / 60
+                )),
+            ),
+        ]
+    }
 }
 
 /// The shared options of one connection.
@@ -139,5 +206,44 @@ impl HttpSettings {
             .pool_max_idle_per_host(self.concurrency.max(1) * 2)
             .build()
             .map_err(|e| invalid(option, format!("cannot build an HTTP client: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The keys [`Defaults::options`] documents (the keys `HttpSettings::from_options` reads).
+    const SHARED: [&str; 6] = [
+        "batch_size",
+        "concurrency",
+        "rate_limit",
+        "timeout",
+        "max_attempts",
+        "max_retry_time",
+    ];
+
+    #[test]
+    fn the_shared_options_are_documented_with_the_connectors_defaults() {
+        let defaults = Defaults {
+            batch_size: 100,
+            max_batch_size: 200,
+            concurrency: 3,
+            rate_limit: None,
+            timeout: Duration::from_secs(45),
+        };
+        let options = defaults.options(Docs {
+            batch: "inputs per call",
+            rate_limit: "none",
+        });
+        let keys: Vec<&str> = options.iter().map(|o| o.key).collect();
+        assert_eq!(keys, SHARED);
+        let doc = |key: &str| options.iter().find(|o| o.key == key).unwrap().doc;
+        assert_eq!(doc("batch_size"), "inputs per call, 1-200 (default 100)");
+        assert!(doc("concurrency").contains("(default 3)"));
+        assert!(doc("timeout").contains("(default 45s)"));
+        assert!(doc("max_attempts").contains("(default 7;"));
+        assert!(doc("max_retry_time").contains("(default 5m)"));
+        assert!(options.iter().all(|o| !o.secret));
     }
 }

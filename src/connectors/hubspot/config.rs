@@ -1,8 +1,9 @@
 //! Options of the `hubspot` destination, with HubSpot's documented limits as defaults.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use crate::delivery::settings::{Defaults, HttpSettings, invalid};
+use crate::delivery::settings::{Defaults, Docs, HttpSettings, invalid};
 use crate::error::Result;
 use crate::options::{OptionSpec, Options, Secret};
 
@@ -16,54 +17,40 @@ pub const DEFAULT_CONCURRENCY: usize = 4;
 /// as HubSpot receives them, and network jitter can bunch two together.
 pub const BUDGET_SHARE: f64 = 0.97;
 
-/// The options `CREATE CONNECTION … TYPE hubspot` accepts.
-pub const OPTIONS: &[OptionSpec] = &[
-    OptionSpec {
-        key: "token",
-        doc: "a private app token or OAuth access token (sent as Authorization: Bearer)",
-        secret: true,
-    },
-    OptionSpec {
-        key: "base_url",
-        doc: "the API's base URL (default https://api.hubapi.com)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "tier",
-        doc: "'free', 'starter', 'pro' or 'enterprise': sets the default rate budget (100 or 190 requests per 10 s)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "batch_size",
-        doc: "inputs per batch call, 1-100 (default 100)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "concurrency",
-        doc: "batch calls in flight at once (default 4)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "rate_limit",
-        doc: "requests per second at most, shared by every statement on the connection (default: 97% of the tier's budget)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "timeout",
-        doc: "per-request timeout, e.g. '30s' (default 30s)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "max_attempts",
-        doc: "attempts per request before giving up (default 7; rate-limited answers do not count)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "max_retry_time",
-        doc: "longest time one request may be retried, e.g. '5m' (default 5m)",
-        secret: false,
-    },
-];
+/// The defaults and limits of the shared delivery options (the rate budget follows the tier).
+pub const DEFAULTS: Defaults = Defaults {
+    batch_size: MAX_BATCH_SIZE,
+    max_batch_size: MAX_BATCH_SIZE,
+    concurrency: DEFAULT_CONCURRENCY,
+    rate_limit: None,
+    timeout: Duration::from_secs(30),
+};
+
+/// The options `CREATE CONNECTION … TYPE hubspot` accepts: its own, then the shared delivery options.
+pub static OPTIONS: LazyLock<Vec<OptionSpec>> = LazyLock::new(|| {
+    let mut options = vec![
+        OptionSpec {
+            key: "token",
+            doc: "a private app token or OAuth access token (sent as Authorization: Bearer)",
+            secret: true,
+        },
+        OptionSpec {
+            key: "base_url",
+            doc: "the API's base URL (default https://api.hubapi.com)",
+            secret: false,
+        },
+        OptionSpec {
+            key: "tier",
+            doc: "'free', 'starter', 'pro' or 'enterprise': sets the default rate budget (100 or 190 requests per 10 s)",
+            secret: false,
+        },
+    ];
+    options.extend(DEFAULTS.options(Docs {
+        batch: "inputs per batch call",
+        rate_limit: "97% of the tier's budget",
+    }));
+    options
+});
 
 /// How HubSpot compares values of `property`: emails case-insensitively.
 pub fn normalize(property: &str, value: &str) -> String {
@@ -179,11 +166,8 @@ impl HubspotConfig {
         let http = HttpSettings::from_options(
             options,
             Defaults {
-                batch_size: MAX_BATCH_SIZE,
-                max_batch_size: MAX_BATCH_SIZE,
-                concurrency: DEFAULT_CONCURRENCY,
                 rate_limit: Some(f64::from(tier.burst) / 10.0 * BUDGET_SHARE),
-                timeout: Duration::from_secs(30),
+                ..DEFAULTS
             },
         )?;
         Ok(Self {

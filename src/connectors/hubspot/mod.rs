@@ -48,7 +48,7 @@ impl ConnectorKind for HubspotConnector {
     }
 
     fn options(&self) -> &'static [OptionSpec] {
-        OPTIONS
+        &OPTIONS
     }
 
     fn connect(

@@ -1,8 +1,9 @@
 //! Options of the `salesforce` destination, with Salesforce's documented limits as defaults.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
-use crate::delivery::settings::{Defaults, HttpSettings, invalid, positive};
+use crate::delivery::settings::{Defaults, Docs, HttpSettings, invalid, positive};
 use crate::error::Result;
 use crate::options::{OptionSpec, Options, Secret};
 
@@ -17,104 +18,90 @@ pub const DEFAULT_BULK_THRESHOLD: usize = 2_000;
 /// Raw CSV bytes per Bulk job (Salesforce accepts 150 MB after base64, about 100 MB raw).
 pub const MAX_JOB_BYTES: usize = 100 * 1024 * 1024;
 
-/// The options `CREATE CONNECTION … TYPE salesforce` accepts.
-pub const OPTIONS: &[OptionSpec] = &[
-    OptionSpec {
-        key: "login_url",
-        doc: "the OAuth host: https://login.salesforce.com (default), https://test.salesforce.com or the org's My Domain (needed for client credentials)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "client_id",
-        doc: "the connected app's consumer key",
-        secret: true,
-    },
-    OptionSpec {
-        key: "client_secret",
-        doc: "the connected app's consumer secret (client credentials and refresh token flows)",
-        secret: true,
-    },
-    OptionSpec {
-        key: "refresh_token",
-        doc: "a refresh token: selects the refresh token flow",
-        secret: true,
-    },
-    OptionSpec {
-        key: "username",
-        doc: "the user a JWT bearer token is issued for (with private_key)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "private_key",
-        doc: "the RS256 private key (PEM) of the JWT bearer flow, e.g. file('sf.key')",
-        secret: true,
-    },
-    OptionSpec {
-        key: "audience",
-        doc: "the JWT's aud claim (default: login_url when it is login or test.salesforce.com, else https://login.salesforce.com)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "api_version",
-        doc: "the REST API version, e.g. '62.0' (default 62.0)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "api",
-        doc: "'auto' (default: Bulk API 2.0 above bulk_threshold changed records of an operation, else sObject Collections), 'rest' or 'bulk'",
-        secret: false,
-    },
-    OptionSpec {
-        key: "bulk_threshold",
-        doc: "changed records of one operation above which 'auto' uses Bulk API 2.0 (default 2000)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "max_api_usage_pct",
-        doc: "stop before the org's rolling 24 h API usage passes this percentage of its allocation (default 80)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "poll_interval",
-        doc: "first wait between Bulk job status polls; it grows by half each poll, up to 10x (default 1s)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "bulk_timeout",
-        doc: "longest a Bulk job may take, from its upload to its end, before the run fails (its records are sent again next run; default 4h)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "batch_size",
-        doc: "records per sObject Collections call, 1-200 (default 200)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "concurrency",
-        doc: "calls in flight at once (default 4)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "rate_limit",
-        doc: "requests per second at most (default: none; Salesforce limits by daily allocation, see max_api_usage_pct)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "timeout",
-        doc: "per-request timeout, e.g. '120s' (default 120s)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "max_attempts",
-        doc: "attempts per request, and per record failing transiently (UNABLE_TO_LOCK_ROW), before giving up (default 7)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "max_retry_time",
-        doc: "longest time one request may be retried, e.g. '5m' (default 5m)",
-        secret: false,
-    },
-];
+/// The defaults and limits of the shared delivery options.
+pub const DEFAULTS: Defaults = Defaults {
+    batch_size: MAX_BATCH_SIZE,
+    max_batch_size: MAX_BATCH_SIZE,
+    concurrency: 4,
+    rate_limit: None,
+    timeout: Duration::from_secs(120),
+};
+
+/// The options `CREATE CONNECTION … TYPE salesforce` accepts: its own, then the shared delivery options.
+pub static OPTIONS: LazyLock<Vec<OptionSpec>> = LazyLock::new(|| {
+    let mut options = vec![
+        OptionSpec {
+            key: "login_url",
+            doc: "the OAuth host: https://login.salesforce.com (default), https://test.salesforce.com or the org's My Domain (needed for client credentials)",
+            secret: false,
+        },
+        OptionSpec {
+            key: "client_id",
+            doc: "the connected app's consumer key",
+            secret: true,
+        },
+        OptionSpec {
+            key: "client_secret",
+            doc: "the connected app's consumer secret (client credentials and refresh token flows)",
+            secret: true,
+        },
+        OptionSpec {
+            key: "refresh_token",
+            doc: "a refresh token: selects the refresh token flow",
+            secret: true,
+        },
+        OptionSpec {
+            key: "username",
+            doc: "the user a JWT bearer token is issued for (with private_key)",
+            secret: false,
+        },
+        OptionSpec {
+            key: "private_key",
+            doc: "the RS256 private key (PEM) of the JWT bearer flow, e.g. file('sf.key')",
+            secret: true,
+        },
+        OptionSpec {
+            key: "audience",
+            doc: "the JWT's aud claim (default: login_url when it is login or test.salesforce.com, else https://login.salesforce.com)",
+            secret: false,
+        },
+        OptionSpec {
+            key: "api_version",
+            doc: "the REST API version, e.g. '62.0' (default 62.0)",
+            secret: false,
+        },
+        OptionSpec {
+            key: "api",
+            doc: "'auto' (default: Bulk API 2.0 above bulk_threshold changed records of an operation, else sObject Collections), 'rest' or 'bulk'",
+            secret: false,
+        },
+        OptionSpec {
+            key: "bulk_threshold",
+            doc: "changed records of one operation above which 'auto' uses Bulk API 2.0 (default 2000)",
+            secret: false,
+        },
+        OptionSpec {
+            key: "max_api_usage_pct",
+            doc: "stop before the org's rolling 24 h API usage passes this percentage of its allocation (default 80)",
+            secret: false,
+        },
+        OptionSpec {
+            key: "poll_interval",
+            doc: "first wait between Bulk job status polls; it grows by half each poll, up to 10x (default 1s)",
+            secret: false,
+        },
+        OptionSpec {
+            key: "bulk_timeout",
+            doc: "longest a Bulk job may take, from its upload to its end, before the run fails (its records are sent again next run; default 4h)",
+            secret: false,
+        },
+    ];
+    options.extend(DEFAULTS.options(Docs {
+        batch: "records per sObject Collections call",
+        rate_limit: "none; Salesforce limits by daily allocation, see max_api_usage_pct",
+    }));
+    options
+});
 
 /// How sluice gets an access token (§1.1 of the API notes).
 #[derive(Debug, Clone)]
@@ -219,16 +206,7 @@ impl SalesforceConfig {
                 ),
             ));
         }
-        let http = HttpSettings::from_options(
-            options,
-            Defaults {
-                batch_size: MAX_BATCH_SIZE,
-                max_batch_size: MAX_BATCH_SIZE,
-                concurrency: 4,
-                rate_limit: None,
-                timeout: Duration::from_secs(120),
-            },
-        )?;
+        let http = HttpSettings::from_options(options, DEFAULTS)?;
         Ok(Self {
             login_url,
             flow,

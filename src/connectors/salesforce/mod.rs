@@ -49,7 +49,7 @@ impl ConnectorKind for SalesforceConnector {
     }
 
     fn options(&self) -> &'static [OptionSpec] {
-        OPTIONS
+        &OPTIONS
     }
 
     fn connect(

@@ -1,11 +1,11 @@
 //! Options of the `webhook` destination, with their defaults as constants.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
 
-use crate::delivery::RetryPolicy;
-use crate::delivery::settings::{Defaults, HttpSettings, Redirects, invalid, positive};
+use crate::delivery::settings::{Defaults, Docs, HttpSettings, Redirects, invalid, positive};
 use crate::error::Result;
 use crate::options::{OptionSpec, Options, Secret};
 
@@ -20,74 +20,60 @@ pub const DEFAULT_CONCURRENCY: usize = 4;
 /// Per-request timeout unless `timeout` says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The options `CREATE CONNECTION ... TYPE webhook` accepts.
-pub const OPTIONS: &[OptionSpec] = &[
-    OptionSpec {
-        key: "url",
-        doc: "the endpoint records are sent to (http or https)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "key",
-        doc: "the record field that identifies a record (for rejects, diffs and deletes)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "method",
-        doc: "POST (default), PUT or PATCH",
-        secret: false,
-    },
-    OptionSpec {
-        key: "header.*",
-        doc: "an extra request header, e.g. 'header.Authorization' env('HOOK_TOKEN')",
-        secret: true,
-    },
-    OptionSpec {
-        key: "batch_size",
-        doc: "records per request, 1-10000 (default 1000)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "max_bytes",
-        doc: "largest request body in bytes (default 5 MiB); a batch closes before exceeding it",
-        secret: false,
-    },
-    OptionSpec {
-        key: "concurrency",
-        doc: "requests in flight at once (default 4)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "rate_limit",
-        doc: "requests per second at most, shared by every statement using the connection (default: none, adapts to 429s)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "timeout",
-        doc: "per-request timeout, e.g. '30s' (default 30s)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "signing_secret",
-        doc: "HMAC-SHA256 key: signs timestamp.body into X-Sluice-Signature: t=...,v1=...",
-        secret: true,
-    },
-    OptionSpec {
-        key: "max_attempts",
-        doc: "attempts per request before giving up (default 7; 429s do not count)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "follow_redirects",
-        doc: "none (default): a 3xx answer fails the run, since following it would re-send the records, headers and signature to another address; 'same-origin' follows redirects to the url's own scheme, host and port",
-        secret: false,
-    },
-    OptionSpec {
-        key: "max_retry_time",
-        doc: "longest time one request may be retried, e.g. '5m' (default 5m)",
-        secret: false,
-    },
-];
+/// The defaults and limits of the shared delivery options.
+pub const DEFAULTS: Defaults = Defaults {
+    batch_size: DEFAULT_BATCH_SIZE,
+    max_batch_size: MAX_BATCH_SIZE,
+    concurrency: DEFAULT_CONCURRENCY,
+    rate_limit: None,
+    timeout: DEFAULT_TIMEOUT,
+};
+
+/// The options `CREATE CONNECTION ... TYPE webhook` accepts: its own, then the shared delivery options.
+pub static OPTIONS: LazyLock<Vec<OptionSpec>> = LazyLock::new(|| {
+    let mut options = vec![
+        OptionSpec {
+            key: "url",
+            doc: "the endpoint records are sent to (http or https)",
+            secret: false,
+        },
+        OptionSpec {
+            key: "key",
+            doc: "the record field that identifies a record (for rejects, diffs and deletes)",
+            secret: false,
+        },
+        OptionSpec {
+            key: "method",
+            doc: "POST (default), PUT or PATCH",
+            secret: false,
+        },
+        OptionSpec {
+            key: "header.*",
+            doc: "an extra request header, e.g. 'header.Authorization' env('HOOK_TOKEN')",
+            secret: true,
+        },
+        OptionSpec {
+            key: "max_bytes",
+            doc: "largest request body in bytes (default 5 MiB); a batch closes before exceeding it",
+            secret: false,
+        },
+        OptionSpec {
+            key: "signing_secret",
+            doc: "HMAC-SHA256 key: signs timestamp.body into X-Sluice-Signature: t=...,v1=...",
+            secret: true,
+        },
+        OptionSpec {
+            key: "follow_redirects",
+            doc: "none (default): a 3xx answer fails the run, since following it would re-send the records, headers and signature to another address; 'same-origin' follows redirects to the url's own scheme, host and port",
+            secret: false,
+        },
+    ];
+    options.extend(DEFAULTS.options(Docs {
+        batch: "records per request",
+        rate_limit: "none, adapts to 429s",
+    }));
+    options
+});
 
 /// The typed options of one webhook connection.
 #[derive(Debug, Clone)]
@@ -98,14 +84,10 @@ pub struct WebhookConfig {
     pub key: Option<String>,
     pub method: Method,
     pub headers: Vec<(HeaderName, SecretHeader)>,
-    pub batch_size: usize,
     pub max_bytes: usize,
-    pub concurrency: usize,
-    pub rate_limit: Option<f64>,
-    pub timeout: Duration,
     pub signing_secret: Option<Secret>,
-    pub retry: RetryPolicy,
-    pub settings: HttpSettings,
+    /// The shared delivery options (batch size, concurrency, rate, timeout, retries).
+    pub http: HttpSettings,
     pub redirects: Redirects,
 }
 
@@ -177,16 +159,6 @@ impl WebhookConfig {
             })?;
             headers.push((header, SecretHeader(value)));
         }
-        let settings = HttpSettings::from_options(
-            options,
-            Defaults {
-                batch_size: DEFAULT_BATCH_SIZE,
-                max_batch_size: MAX_BATCH_SIZE,
-                concurrency: DEFAULT_CONCURRENCY,
-                rate_limit: None,
-                timeout: DEFAULT_TIMEOUT,
-            },
-        )?;
         Ok(Self {
             url,
             shown_url,
@@ -194,14 +166,9 @@ impl WebhookConfig {
             key: options.string("key")?,
             method,
             headers,
-            batch_size: settings.batch_size,
             max_bytes: positive(options, "max_bytes", DEFAULT_MAX_BYTES)?,
-            concurrency: settings.concurrency,
-            rate_limit: settings.rate_limit,
-            timeout: settings.timeout,
             signing_secret: options.secret("signing_secret")?,
-            retry: settings.retry,
-            settings,
+            http: HttpSettings::from_options(options, DEFAULTS)?,
         })
     }
 }

@@ -43,7 +43,7 @@ impl ConnectorKind for WebhookConnector {
     }
 
     fn options(&self) -> &'static [OptionSpec] {
-        OPTIONS
+        &OPTIONS
     }
 
     fn connect(
@@ -53,10 +53,10 @@ impl ConnectorKind for WebhookConnector {
         _context: &ConnectContext,
     ) -> Result<Connected> {
         let config = WebhookConfig::from_options(options)?;
-        let client = config.settings.client("url", config.redirects)?;
+        let client = config.http.client("url", config.redirects)?;
         let destination = WebhookDestination(Arc::new(WebhookConnection {
             name: name.to_string(),
-            limiter: Arc::new(AdaptiveLimiter::new(config.rate_limit)),
+            limiter: Arc::new(AdaptiveLimiter::new(config.http.rate_limit)),
             config: Arc::new(config),
             client,
         }));
@@ -81,11 +81,11 @@ impl Destination for WebhookDestination {
     }
 
     fn rate_limit(&self) -> Option<f64> {
-        self.0.config.rate_limit
+        self.0.config.http.rate_limit
     }
 
     fn concurrency(&self) -> Option<usize> {
-        Some(self.0.config.concurrency)
+        Some(self.0.config.http.concurrency)
     }
 
     async fn object(&self, name: &str) -> Result<Option<ObjectSpec>> {

@@ -76,13 +76,14 @@ impl DisplayAs for WebhookSink {
             } else {
                 ""
             },
-            c.batch_size,
+            c.http.batch_size,
             c.max_bytes,
-            c.concurrency,
-            c.rate_limit
+            c.http.concurrency,
+            c.http
+                .rate_limit
                 .map(|r| format!("{r}/s"))
                 .unwrap_or_else(|| "adaptive".into()),
-            c.timeout,
+            c.http.timeout,
             c.signing_secret.is_some(),
             c.headers
                 .iter()
@@ -137,11 +138,11 @@ impl DataSink for WebhookSink {
             service,
             connection.client.clone(),
             Arc::clone(&connection.limiter),
-            config.retry,
+            config.http.retry,
         );
         // The envelope around the records is small and bounded; keep the whole body in max_bytes.
         let budget = config.max_bytes.saturating_sub(ENVELOPE_BYTES).max(1);
-        let batcher = session.batcher(config.batch_size, budget);
+        let batcher = session.batcher(config.http.batch_size, budget);
         let key = self.key;
         let sync = self.sync.clone();
         let skip_nulls = sync
@@ -152,7 +153,7 @@ impl DataSink for WebhookSink {
             None => encode_records(b, key),
         };
         let delivered = session
-            .deliver(&driver, data, encode, batcher, config.concurrency)
+            .deliver(&driver, data, encode, batcher, config.http.concurrency)
             .await;
         Ok(self
             .report
