@@ -625,3 +625,209 @@ pub(crate) fn root_cause(e: &(dyn std::error::Error + 'static)) -> String {
     }
     cause.to_string()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use axum::Router;
+    use axum::http::StatusCode;
+    use axum::routing::post;
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::contract::Op;
+
+    /// A local server answering each request with the next status of `script`, then 200.
+    async fn server(script: Vec<u16>) -> (String, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (counter, script) = (Arc::clone(&calls), Arc::new(script));
+        let app = Router::new().route(
+            "/",
+            post(move || {
+                let (counter, script) = (Arc::clone(&counter), Arc::clone(&script));
+                async move {
+                    let n = counter.fetch_add(1, Ordering::SeqCst);
+                    StatusCode::from_u16(*script.get(n).unwrap_or(&200)).unwrap()
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (format!("http://{addr}/"), calls)
+    }
+
+    /// Reads answers by status: 200 accepted, 503 retry, 400 rejected, 207 the first record
+    /// rejected, anything else fatal.
+    struct ByStatus {
+        url: String,
+    }
+
+    #[async_trait::async_trait]
+    impl HttpService for ByStatus {
+        fn build_request(
+            &self,
+            client: &reqwest::Client,
+            batch: &Batch,
+        ) -> Result<reqwest::RequestBuilder> {
+            Ok(client.post(&self.url).body(batch.records.len().to_string()))
+        }
+
+        fn classify(&self, _batch: &Batch, response: &HttpResponse) -> ResponseClass {
+            let why = || Rejection {
+                code: "bad".into(),
+                message: "refused".into(),
+            };
+            match response.status.as_u16() {
+                200 => ResponseClass::Accepted { ids: vec![] },
+                503 => ResponseClass::Retry {
+                    reason: "503".into(),
+                    retry_after: Some(Duration::from_millis(1)),
+                    throttled: false,
+                },
+                400 => ResponseClass::RejectAll(why()),
+                207 => ResponseClass::Partial {
+                    retry: vec![],
+                    rejected: vec![(0, why())],
+                    ids: vec![],
+                },
+                other => ResponseClass::Fatal(format!("answered {other}")),
+            }
+        }
+
+        fn error_code(&self, _response: &HttpResponse) -> Option<String> {
+            Some("TEAPOT".into())
+        }
+
+        fn describe(&self) -> String {
+            "test service".into()
+        }
+    }
+
+    fn driver(url: String, max_attempts: u32) -> Driver<ByStatus> {
+        let policy = RetryPolicy {
+            max_attempts,
+            max_elapsed: Duration::from_secs(30),
+            base: Duration::from_millis(1),
+            cap: Duration::from_millis(5),
+        };
+        Driver::new(
+            Arc::new(ByStatus { url }),
+            reqwest::Client::new(),
+            Arc::new(AdaptiveLimiter::new(None)),
+            policy,
+            Arc::new(DeliveryMetrics::default()),
+        )
+    }
+
+    fn records(n: u32) -> Vec<Record> {
+        (0..n)
+            .map(|i| Record {
+                key: Some(format!("k{i}")),
+                json: Bytes::from(format!("{{\"id\":{i}}}")),
+                op: Op::Upsert,
+                change: Some(i),
+            })
+            .collect()
+    }
+
+    async fn deliver(driver: &Driver<ByStatus>, n: u32, batch_size: usize) -> Delivered {
+        driver
+            .deliver_records(
+                futures::stream::iter([Ok(records(n))]),
+                Batcher::new("run", batch_size, usize::MAX),
+                1,
+                None,
+            )
+            .await
+    }
+
+    #[tokio::test]
+    async fn transient_failures_are_retried_then_every_record_is_acknowledged() {
+        let (url, calls) = server(vec![503, 503]).await;
+        let driver = driver(url, 5);
+        let done = deliver(&driver, 3, 10).await;
+        assert!(done.error.is_none(), "{:?}", done.error);
+        let mut acked: Vec<u32> = done.outcome.acked.iter().map(|a| a.change).collect();
+        acked.sort_unstable();
+        assert_eq!(acked, [0, 1, 2]);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert_eq!(driver.metrics.snapshot().retries, 2);
+    }
+
+    #[tokio::test]
+    async fn max_attempts_bounds_a_failing_request_and_the_error_carries_its_facts() {
+        let (url, calls) = server(vec![503; 10]).await;
+        let done = deliver(&driver(url, 2), 1, 10).await;
+        let error = done.error.expect("gave up");
+        assert!(
+            error.to_string().contains("gave up after 2 attempts"),
+            "{error}"
+        );
+        let facts = error.facts().expect("a destination failure");
+        assert_eq!(facts.status, Some(503));
+        assert_eq!(facts.code.as_deref(), Some("TEAPOT"));
+        assert_eq!(facts.key.as_deref(), Some("k0"), "the one record at fault");
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert!(done.outcome.acked.is_empty());
+    }
+
+    #[tokio::test]
+    async fn rejected_records_come_back_whole_and_the_rest_are_acknowledged() {
+        let (url, _) = server(vec![207, 400]).await;
+        let done = deliver(&driver(url, 3), 4, 2).await;
+        assert!(done.error.is_none());
+        // Batch 1 (k0, k1): k0 rejected, k1 accepted; batch 2 (k2, k3): both rejected.
+        let mut rejected: Vec<&str> = done
+            .outcome
+            .rejected
+            .iter()
+            .map(|r| r.key.as_deref().unwrap())
+            .collect();
+        rejected.sort_unstable();
+        assert_eq!(rejected, ["k0", "k2", "k3"]);
+        let k0 = &done.outcome.rejected[0];
+        assert_eq!(
+            (k0.code.as_str(), &k0.payload[..]),
+            ("bad", &b"{\"id\":0}"[..])
+        );
+        assert_eq!(k0.change, Some(0));
+        assert_eq!(
+            done.outcome
+                .acked
+                .iter()
+                .map(|a| a.change)
+                .collect::<Vec<_>>(),
+            [1]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_fatal_answer_stops_the_delivery_and_keeps_what_was_settled_before_it() {
+        let (url, calls) = server(vec![200, 418]).await;
+        let done = deliver(&driver(url, 3), 6, 2).await;
+        let error = done.error.expect("fatal");
+        assert!(error.to_string().contains("answered 418"), "{error}");
+        assert_eq!(error.facts().unwrap().status, Some(418));
+        assert_eq!(
+            error.facts().unwrap().key,
+            None,
+            "two records: none at fault alone"
+        );
+        assert_eq!(
+            done.outcome
+                .acked
+                .iter()
+                .map(|a| a.change)
+                .collect::<Vec<_>>(),
+            [0, 1]
+        );
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "nothing sent after the fatal answer"
+        );
+    }
+}
