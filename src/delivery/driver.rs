@@ -267,6 +267,9 @@ impl<S: HttpService> Driver<S> {
 
     /// Delivers one batch: retries the whole request or only its failed records as the
     /// destination says, within the retry policy.
+    ///
+    /// Long because it is the retry state machine over [`ResponseClass`]: every answer is handled
+    /// in one match, so the attempt, failure and backoff accounting lives in one place.
     pub async fn deliver(&self, batch: Batch) -> Result<DeliveryOutcome> {
         let started = Instant::now();
         let mut outcome = DeliveryOutcome::default();

@@ -428,6 +428,8 @@ impl Engine {
         Ok(())
     }
 
+    /// Long because it is the one place a planned statement runs: a sync's lock and state,
+    /// execution, the commit, and the outcome of each kind of statement.
     async fn execute_planned(&self, planned: Planned, mode: Mode) -> Result<Outcome> {
         let started = Instant::now();
         let Planned {

@@ -115,6 +115,9 @@ fn on_pairs<'a>(
 
 impl Engine {
     /// Plans `MERGE INTO <destination> USING … ON t.key = s.expr WHEN …`.
+    ///
+    /// Long because it checks each MERGE form users write, in clause order, and answers each one
+    /// it refuses with what to write instead.
     pub(super) async fn plan_destination_merge(
         &self,
         merge: &Merge,
@@ -276,6 +279,9 @@ impl Engine {
 
     /// Plans `DELETE FROM <destination> WHERE key IN (SELECT …) | key = v | key IN (v, …)`.
     /// Only predicates that list keys are accepted: a delete never widens to "every record".
+    ///
+    /// Long because each predicate form (IN subquery, =, IN list) gets its own checks and its own
+    /// advice.
     pub(super) async fn plan_destination_delete(
         &self,
         delete: &Delete,
@@ -589,5 +595,118 @@ impl Engine {
         Ok(Outcome::Done(format!(
             "DROP SYNC {name} (its state is kept; RESET SYNC {name} forgets it)"
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::parser::{Statement, parse_sql};
+    use crate::sync::StateStore;
+
+    async fn engine(dir: &std::path::Path) -> Engine {
+        let mut engine = Engine::new().unwrap();
+        engine.set_state(StateStore::local(dir).unwrap()).unwrap();
+        engine
+            .run_sql(
+                "CREATE CONNECTION hooks TYPE webhook OPTIONS (url 'http://127.0.0.1:9/hook', key 'id');
+                 CREATE CONNECTION events TYPE webhook OPTIONS (url 'http://127.0.0.1:9/events');
+                 CREATE VIEW people AS SELECT * FROM (VALUES (1, 'a@x.io', 'pro')) AS t(id, email, plan);",
+            )
+            .await
+            .unwrap();
+        engine
+    }
+
+    /// The mode the planner gives `sql` (nothing runs).
+    async fn mode(engine: &Engine, sql: &str) -> Result<SyncMode> {
+        let parsed = parse_sql(sql)?;
+        let Statement::Sql(statement) = &parsed[0].statement else {
+            panic!("{sql} is not a write");
+        };
+        let context = SyncContext {
+            name: None,
+            options: SyncOptions::default(),
+            dry_run: false,
+        };
+        let planned = engine.plan(statement, &context).await?;
+        Ok(planned.sync.expect("a sync").spec.diff.mode)
+    }
+
+    #[tokio::test]
+    async fn each_statement_plans_the_mode_it_says() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(dir.path()).await;
+        let merge = |clauses: &str| {
+            format!("MERGE INTO hooks.people AS t USING people AS s ON t.id = s.id {clauses}")
+        };
+        let update = "WHEN MATCHED THEN UPDATE SET plan = s.plan";
+        let insert = "WHEN NOT MATCHED THEN INSERT (id, plan) VALUES (s.id, s.plan)";
+        let delete = "WHEN NOT MATCHED BY SOURCE THEN DELETE";
+        let cases = [
+            (
+                "INSERT INTO hooks.people SELECT id, plan FROM people".to_string(),
+                SyncMode::Upsert,
+            ),
+            (
+                "INSERT INTO events.clicks SELECT id, plan FROM people".to_string(),
+                SyncMode::Append,
+            ),
+            (merge(&format!("{update} {insert}")), SyncMode::Upsert),
+            (
+                merge(&format!("{update} {insert} {delete}")),
+                SyncMode::Mirror,
+            ),
+            (merge(insert), SyncMode::CreateOnly),
+            (
+                merge(&format!("{insert} {delete}")),
+                SyncMode::CreateAndDelete,
+            ),
+            (merge(update), SyncMode::UpdateOnly),
+            (
+                merge(&format!("{update} {delete}")),
+                SyncMode::UpdateAndDelete,
+            ),
+            (merge(delete), SyncMode::DeleteMissing),
+            (
+                "DELETE FROM hooks.people WHERE id IN (SELECT id FROM people)".to_string(),
+                SyncMode::DeleteListed,
+            ),
+            (
+                "DELETE FROM hooks.people WHERE id = 7".to_string(),
+                SyncMode::DeleteListed,
+            ),
+        ];
+        for (sql, expected) in cases {
+            assert_eq!(mode(&engine, &sql).await.unwrap(), expected, "{sql}");
+        }
+    }
+
+    #[tokio::test]
+    async fn statements_a_mode_cannot_serve_are_refused_with_what_to_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(dir.path()).await;
+        let refusals = [
+            (
+                "MERGE INTO hooks.people AS t USING people AS s ON t.id = s.id WHEN MATCHED AND s.plan = 'pro' THEN UPDATE SET plan = s.plan",
+                "filter the USING query instead",
+            ),
+            (
+                "MERGE INTO hooks.people AS t USING people AS s ON t.email = s.email WHEN MATCHED THEN UPDATE SET plan = s.plan",
+                "write ON t.id",
+            ),
+            (
+                "DELETE FROM hooks.people WHERE plan = 'free'",
+                "records are deleted by their key 'id', not 'plan'",
+            ),
+            (
+                "DELETE FROM hooks.people WHERE id > 3",
+                "sluice deletes records by key and never deletes every record",
+            ),
+        ];
+        for (sql, says) in refusals {
+            let message = mode(&engine, sql).await.unwrap_err().to_string();
+            assert!(message.contains(says), "{sql}: {message}");
+        }
     }
 }

@@ -339,6 +339,9 @@ impl Differ {
     }
 
     /// Classifies every row of a hashed batch, read from input stream `stream` (see `Locator`).
+    ///
+    /// Long because it is the diff's per-row loop (matched, new, duplicate and out-of-order keys
+    /// in one pass), kept whole so that each row is read once.
     pub fn push_from(&mut self, batch: &Hashed, stream: usize) -> Result<BatchDiff> {
         let rows = batch.rows;
         self.counts.rows += rows as u64;

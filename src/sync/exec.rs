@@ -293,7 +293,7 @@ async fn diff_stream(
         ms = started.elapsed().as_millis() as u64,
         "DiffExec: snapshot index built"
     );
-    let streaming = run.stream_first_run();
+    let streaming = run.stream_first_run()?;
     let mut kept: Vec<(RecordBatch, Vec<u32>)> = vec![];
     let mut key_rejects = vec![];
     let model_schema = input.schema;
@@ -369,7 +369,7 @@ pub(crate) async fn emit_changes(
             return Err(DataFusionError::from(Error::Write { message: refusal }));
         }
         // A dry run reports what it found and that a real run would refuse.
-        run.set_changes(Changes::default(), counts, key_rejects);
+        run.set_changes(Changes::default(), counts, key_rejects)?;
         run.set_refusal(refusal);
         return Ok(vec![]);
     }
@@ -404,7 +404,7 @@ pub(crate) async fn emit_changes(
     if let Some(deletes) = delete_batch(schema, model_schema, run, &changes)? {
         out.push(deletes);
     }
-    run.set_changes(changes, counts, key_rejects);
+    run.set_changes(changes, counts, key_rejects)?;
     Ok(out)
 }
 

@@ -44,6 +44,8 @@ fn bytes(tag: u64, v: &[u8]) -> u64 {
 }
 
 /// One stable hash per value of `array`, appended to `out`.
+///
+/// Long because it is one match over every Arrow type sluice hashes; each arm is short.
 pub fn hash_array(array: &dyn Array, out: &mut Vec<u64>) -> Result<()> {
     out.reserve(array.len());
     let nulls = array.logical_nulls();

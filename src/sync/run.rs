@@ -80,8 +80,33 @@ pub struct RunSummary {
     pub rejects: Vec<Rejected>,
 }
 
+/// Where a run is in its life. The engine, `DiffExec` and the sink each drive part of it; every
+/// step names the phases it may follow and refuses any other, so a call out of order is an
+/// error that names both (and commits nothing), not a commit built on the wrong state.
+///
+/// ```text
+/// Planned ──prepare──► Prepared ──stream_first_run──► Diffing ──set_changes──► Diffed
+///    │  set_atomic_sink    │  (the warehouse diff goes straight to set_changes)    │
+///    └─────────────────────┴──────────── finish (from any phase, once) ──────────┴──► Finished
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Phase {
+    /// Planned: nothing read yet; a sink may still say it holds one transaction.
+    #[default]
+    Planned,
+    /// The lock is held and the committed state loaded.
+    Prepared,
+    /// The diff is reading the model; whether it streams is decided.
+    Diffing,
+    /// The diff's changes are recorded; the sink is sending them.
+    Diffed,
+    /// Committed (or the failure recorded).
+    Finished,
+}
+
 #[derive(Default)]
 struct Inner {
+    phase: Phase,
     lock: Option<SyncLock>,
     manifest: Option<Manifest>,
     snapshot: Option<Arc<Snapshot>>,
@@ -91,8 +116,6 @@ struct Inner {
     key_rejects: Vec<Rejected>,
     record: RunRecord,
     refusal: Option<String>,
-    /// The run ended through [`SyncRun::finish`] (else, if it was started, it was cancelled).
-    finished: bool,
     /// Intent files of earlier runs folded into the loaded snapshot, and this run's own.
     intents: Vec<String>,
     /// Records in a remote state (`diff 'warehouse'`), for delete caps.
@@ -138,7 +161,7 @@ impl Drop for SyncRun {
         let Some(lock) = inner.lock.take() else {
             return;
         };
-        if inner.finished || self.dry_run {
+        if inner.phase == Phase::Finished || self.dry_run {
             return;
         }
         let mut record = std::mem::take(&mut inner.record);
@@ -168,6 +191,30 @@ impl SyncRun {
         self.inner.lock().expect("sync run lock")
     }
 
+    /// Moves the run from one of `from` to `to`, or says which step came out of order.
+    fn step(&self, inner: &mut Inner, step: &str, from: &[Phase], to: Phase) -> Result<()> {
+        if !from.contains(&inner.phase) {
+            return Err(Error::State {
+                message: format!(
+                    "sync {}: {step} was called while the run is {:?}; it follows {}. This is a bug in sluice: nothing was committed, and the next run sends what this one did not settle",
+                    self.spec.label(),
+                    inner.phase,
+                    from.iter()
+                        .map(|p| format!("{p:?}"))
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ),
+            });
+        }
+        inner.phase = to;
+        Ok(())
+    }
+
+    /// Where the run is in its life.
+    pub fn phase(&self) -> Phase {
+        self.inner().phase
+    }
+
     /// Where the state of this sync lives (for EXPLAIN).
     pub fn state_location(&self) -> String {
         match &self.spec.remote {
@@ -186,7 +233,14 @@ impl SyncRun {
 
     /// Takes the sync's lock (not for dry runs), loads its committed state and records the
     /// run as started.
+    ///
+    /// Long because loading state is one ordered protocol: the lock, the manifest and its format,
+    /// the run record, a remote state, and crashed runs' intents folded into the snapshot.
     pub async fn prepare(&self) -> Result<()> {
+        {
+            let mut inner = self.inner();
+            self.step(&mut inner, "prepare", &[Phase::Planned], Phase::Prepared)?;
+        }
         let started = std::time::Instant::now();
         let id = &self.spec.id;
         let lock = if self.dry_run {
@@ -302,11 +356,23 @@ impl SyncRun {
     }
 
     /// Records the diff's result.
-    pub fn set_changes(&self, changes: Changes, counts: DiffCounts, key_rejects: Vec<Rejected>) {
+    pub fn set_changes(
+        &self,
+        changes: Changes,
+        counts: DiffCounts,
+        key_rejects: Vec<Rejected>,
+    ) -> Result<()> {
         let mut inner = self.inner();
+        self.step(
+            &mut inner,
+            "set_changes",
+            &[Phase::Prepared, Phase::Diffing],
+            Phase::Diffed,
+        )?;
         inner.changes = Arc::new(changes);
         inner.counts = counts;
         inner.key_rejects = key_rejects;
+        Ok(())
     }
 
     /// Writes the keys of the records this run is about to send, before it sends them. A run
@@ -360,8 +426,17 @@ impl SyncRun {
 
     /// Called by a sink that writes everything a run sends in one transaction, committed only
     /// once the change stream has ended without an error (and rolled back otherwise).
-    pub fn set_atomic_sink(&self) {
-        self.inner().atomic_sink = true;
+    pub fn set_atomic_sink(&self) -> Result<()> {
+        let mut inner = self.inner();
+        let phase = inner.phase;
+        self.step(
+            &mut inner,
+            "set_atomic_sink",
+            &[Phase::Planned, Phase::Prepared],
+            phase,
+        )?;
+        inner.atomic_sink = true;
+        Ok(())
     }
 
     /// Called by the diff as it starts: whether it sends changes while it reads the model instead
@@ -369,9 +444,15 @@ impl SyncRun {
     /// sink streams: a duplicate key found late, or any other error, then rolls back everything
     /// sent, so "nothing is written before the whole model is checked" still holds; and the
     /// intent (every key) is written at the end of the diff, before the sink's commit.
-    pub fn stream_first_run(&self) -> bool {
+    pub fn stream_first_run(&self) -> Result<bool> {
         let d = &self.spec.diff;
         let mut inner = self.inner();
+        self.step(
+            &mut inner,
+            "stream_first_run",
+            &[Phase::Prepared],
+            Phase::Diffing,
+        )?;
         inner.streaming = inner.atomic_sink
             && !self.dry_run
             && self.spec.remote.is_none()
@@ -379,7 +460,7 @@ impl SyncRun {
             && !d.mode.listed_deletes()
             && !d.keep_last
             && inner.snapshot.as_ref().is_some_and(|s| s.is_empty());
-        inner.streaming
+        Ok(inner.streaming)
     }
 
     /// Whether this run's diff streams (see [`SyncRun::stream_first_run`]).
@@ -393,7 +474,7 @@ impl SyncRun {
     /// [`SyncRun::finish`] uses it only if so, and builds the snapshot itself otherwise. (Its
     /// files are this run's own, which only a commit makes part of the state.)
     pub fn prepare_commit(self: &Arc<Self>) {
-        if !self.streaming() || self.dry_run {
+        if !self.streaming() || self.dry_run || self.phase() != Phase::Diffed {
             return;
         }
         let run = Arc::clone(self);
@@ -445,6 +526,9 @@ impl SyncRun {
 
     /// Commits what the destination acknowledged and records the run. `error` is the statement's
     /// error, if it failed (acknowledged work is committed all the same).
+    ///
+    /// Long because it is the commit protocol in its order (prepared snapshot, remote or local
+    /// commit, rejects, run record, lock release): each step needs what the one before decided.
     pub async fn finish(
         &self,
         acked: Vec<Ack>,
@@ -452,6 +536,19 @@ impl SyncRun {
         delivery: Option<DeliveryStats>,
         error: Option<&Error>,
     ) -> Result<RunSummary> {
+        {
+            // From any phase (a run may fail at any step), once. The phase becomes Finished only
+            // once the commit is done: until then a dropped run still releases its lock.
+            let mut inner = self.inner();
+            let phase = inner.phase;
+            let before = [
+                Phase::Planned,
+                Phase::Prepared,
+                Phase::Diffing,
+                Phase::Diffed,
+            ];
+            self.step(&mut inner, "finish", &before, phase)?;
+        }
         let prepared = self.inner().prepared.take();
         let prepared = match prepared {
             Some(task) => task.await.ok().flatten(),
@@ -611,7 +708,7 @@ impl SyncRun {
         }
         let lock = {
             let mut inner = self.inner();
-            inner.finished = true;
+            inner.phase = Phase::Finished;
             inner.lock.take()
         };
         if let Some(lock) = lock {
@@ -723,6 +820,10 @@ impl SyncRun {
     /// applied and acknowledged new records appended. Unacknowledged changes keep their old
     /// state, so they are sent again next run. The field hashes are built, written to the state
     /// store and dropped one field at a time.
+    ///
+    /// One function on purpose: one pass merges the old snapshot with the acknowledged changes
+    /// field by field, so that at most one field's hashes are in memory, and its steps share the
+    /// row maps it builds.
     async fn next_snapshot(
         &self,
         old: &Snapshot,
@@ -1042,5 +1143,92 @@ impl Checkpoints for SyncRun {
             "Checkpoint committed."
         );
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::contract::SyncMode;
+
+    fn run(dir: &std::path::Path) -> SyncRun {
+        let spec = SyncSpec {
+            id: "life".into(),
+            name: Some("life".into()),
+            target: "hooks.people".into(),
+            diff: DiffSpec {
+                key: Some(0),
+                fields: vec!["id".into(), "plan".into()],
+                mode: SyncMode::Upsert,
+                keep_last: false,
+                key_parts: vec![],
+            },
+            options: SyncOptions::default(),
+            pacing: (None, None),
+            remote: None,
+        };
+        SyncRun::new(spec, StateStore::local(dir).unwrap(), false)
+    }
+
+    fn refused(result: Result<impl std::fmt::Debug>, step: &str, phase: &str) {
+        let message = result.expect_err(step).to_string();
+        assert!(
+            message.contains(step) && message.contains(phase) && message.contains("bug"),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_run_goes_through_its_phases_in_order_and_refuses_any_other() {
+        let dir = tempfile::tempdir().unwrap();
+        let run = Arc::new(run(dir.path()));
+        assert_eq!(run.phase(), Phase::Planned);
+        refused(
+            run.set_changes(Changes::default(), DiffCounts::default(), vec![]),
+            "set_changes",
+            "Planned",
+        );
+        refused(run.stream_first_run(), "stream_first_run", "Planned");
+        run.set_atomic_sink().unwrap();
+        run.prepare().await.unwrap();
+        assert_eq!(run.phase(), Phase::Prepared);
+        refused(run.prepare().await, "prepare", "Prepared");
+        // A first run into a sink that holds one transaction streams.
+        assert!(run.stream_first_run().unwrap());
+        assert_eq!(run.phase(), Phase::Diffing);
+        refused(run.set_atomic_sink(), "set_atomic_sink", "Diffing");
+        run.set_changes(Changes::default(), DiffCounts::default(), vec![])
+            .unwrap();
+        assert_eq!(run.phase(), Phase::Diffed);
+        refused(run.stream_first_run(), "stream_first_run", "Diffed");
+        let summary = run.finish(vec![], vec![], None, None).await.unwrap();
+        assert_eq!(summary.record.status, "succeeded");
+        assert_eq!(summary.record.mode, "upsert");
+        assert_eq!(run.phase(), Phase::Finished);
+        refused(
+            run.finish(vec![], vec![], None, None).await,
+            "finish",
+            "Finished",
+        );
+    }
+
+    #[tokio::test]
+    async fn a_run_that_fails_before_its_diff_finishes_and_frees_the_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = run(dir.path());
+        first.prepare().await.unwrap();
+        let error = Error::Write {
+            message: "the destination went away".into(),
+        };
+        let summary = first
+            .finish(vec![], vec![], None, Some(&error))
+            .await
+            .unwrap();
+        assert_eq!(summary.record.status, "failed");
+        assert_eq!(first.phase(), Phase::Finished);
+        // The lock was released: the next run of the sync starts.
+        let second = run(dir.path());
+        second.prepare().await.unwrap();
+        assert_eq!(second.phase(), Phase::Prepared);
     }
 }

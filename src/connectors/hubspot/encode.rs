@@ -66,6 +66,9 @@ impl Encoder {
     }
 
     /// `record_id(change)`: a delete's record id, `Some(None)` when HubSpot has no such record.
+    ///
+    /// Long because it writes each record's JSON in one pass (values, the null policy, enumeration
+    /// checks) without a map per record.
     pub fn encode(
         &self,
         batch: &RecordBatch,

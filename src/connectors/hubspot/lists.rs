@@ -40,7 +40,7 @@ use super::sink::{HubspotService, Matching};
 use crate::connectors::WriteReport;
 use crate::contract::{Ack, ChangeBatch, Op, Rejected};
 use crate::delivery::encode::{DateStyle, text_values};
-use crate::delivery::{Delivered, DeliveryOutcome, DryRunOp, Session};
+use crate::delivery::{Delivered, DeliveryOutcome, DryRun, DryRunOp, Session};
 use crate::error::Error;
 use crate::sync::SyncRun;
 use crate::sync::hash::COMPOSITE_KEY;
@@ -49,6 +49,38 @@ use crate::sync::hash::COMPOSITE_KEY;
 pub const LIST_MEMBERS: &str = "list_members";
 /// Record ids per membership call (HubSpot accepts more; this keeps bodies small).
 const IDS_PER_CALL: usize = 10_000;
+
+/// The membership calls of one run: record id and change per list.
+#[derive(Debug, Default)]
+struct Memberships<'a> {
+    adds: BTreeMap<&'a str, Vec<(String, u32)>>,
+    removes: BTreeMap<&'a str, Vec<(String, u32)>>,
+    /// Removals whose contact id is not in the state.
+    lookups: Vec<&'a Member>,
+}
+
+impl Memberships<'_> {
+    /// What a dry run would call.
+    fn add_to(&self, dry: &mut DryRun) {
+        for (op, lists) in [
+            ("add to list", &self.adds),
+            ("remove from list", &self.removes),
+        ] {
+            let records: usize = lists.values().map(Vec::len).sum();
+            if records > 0 {
+                dry.ops.push(DryRunOp {
+                    op,
+                    records: records as u64,
+                    requests: lists
+                        .values()
+                        .map(|v| v.len().div_ceil(IDS_PER_CALL) as u64)
+                        .sum(),
+                    ..Default::default()
+                });
+            }
+        }
+    }
+}
 
 /// One membership change.
 #[derive(Debug)]
@@ -147,6 +179,168 @@ impl ListMembersSink {
         Ok(out)
     }
 
+    /// Phase 1: upserts the contacts of the rows that add members (by email), for their record
+    /// ids; contacts refused before sending are among the outcome's rejects.
+    async fn upsert_contacts(
+        &self,
+        session: &mut Session,
+        batches: &[RecordBatch],
+    ) -> crate::error::Result<Delivered> {
+        let upserts: Vec<RecordBatch> = batches
+            .iter()
+            .map(|b| self.contact_upserts(b))
+            .collect::<Result<Vec<_>>>()?
+            .into_iter()
+            .flatten()
+            .collect();
+        let names: Vec<String> = self
+            .contact_fields()
+            .iter()
+            .map(|i| self.schema.field(*i).name().clone())
+            .collect();
+        let key = names
+            .iter()
+            .position(|n| n == "email")
+            .ok_or_else(|| Error::Write {
+                message: "list members need their 'email'".into(),
+            })?;
+        let encoder = Encoder::new(&self.contacts, names, key, true, Some(&self.sync));
+        let (driver, batcher) = HubspotService::delivery(
+            &self.connection,
+            "contacts",
+            Matching::Property("email".into()),
+            session,
+        );
+        let schema = upserts
+            .first()
+            .map(|b| b.schema())
+            .unwrap_or_else(|| Arc::new(Schema::empty()));
+        let input = Box::pin(RecordBatchStreamAdapter::new(
+            schema,
+            futures::stream::iter(upserts.into_iter().map(Ok)),
+        ));
+        let mut encode_rejects = vec![];
+        let encode = |b: &RecordBatch| {
+            let out = encoder.encode(b, &|_| None)?;
+            encode_rejects.extend(out.rejects);
+            Ok(out.records)
+        };
+        let concurrency = self.connection.config.http.concurrency;
+        let mut delivered = session
+            .deliver(&driver, input, encode, batcher, concurrency)
+            .await;
+        delivered.outcome.rejected.extend(encode_rejects);
+        Ok(delivered)
+    }
+
+    /// Phase 2's plan: adds for the contacts HubSpot took (`upserted`), removes for members that
+    /// left (their contact's id from the state, else looked up by email).
+    fn memberships<'a>(&self, members: &'a [(Member, Op)], upserted: Vec<Ack>) -> Memberships<'a> {
+        let ids: HashMap<u32, String> = upserted
+            .into_iter()
+            .filter_map(|a| a.id.map(|id| (a.change, id)))
+            .collect();
+        let deletes: Vec<u32> = members
+            .iter()
+            .filter(|(_, op)| *op == Op::Delete)
+            .map(|(m, _)| m.change)
+            .collect();
+        let known: HashMap<u32, Option<String>> = deletes
+            .iter()
+            .copied()
+            .zip(self.sync.record_ids(&deletes))
+            .collect();
+        let mut plan = Memberships::default();
+        for (member, op) in members {
+            if *op == Op::Delete {
+                match known.get(&member.change).cloned().flatten() {
+                    Some(id) => plan
+                        .removes
+                        .entry(&member.list)
+                        .or_default()
+                        .push((id, member.change)),
+                    None => plan.lookups.push(member),
+                }
+            } else if let Some(id) = ids.get(&member.change) {
+                plan.adds
+                    .entry(&member.list)
+                    .or_default()
+                    .push((id.clone(), member.change));
+            }
+        }
+        plan
+    }
+
+    /// Finds the contacts of removals the state has no id for; a member whose contact HubSpot
+    /// does not have is done (nothing to remove).
+    async fn look_up_removals<'a>(
+        &self,
+        plan: &mut Memberships<'a>,
+        outcome: &mut DeliveryOutcome,
+    ) -> crate::error::Result<()> {
+        if plan.lookups.is_empty() {
+            return Ok(());
+        }
+        let emails: Vec<String> = plan.lookups.iter().map(|m| m.email.clone()).collect();
+        let found = self
+            .connection
+            .read_ids("contacts", "email", &emails)
+            .await?;
+        for m in std::mem::take(&mut plan.lookups) {
+            match found.get(&normalize("email", &m.email)) {
+                Some(id) => plan
+                    .removes
+                    .entry(&m.list)
+                    .or_default()
+                    .push((id.clone(), m.change)),
+                None => outcome.acked.push(Ack::done(m.change)),
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the planned adds and removes, list by list. A list whose call fails is not
+    /// acknowledged (its members are sent again next run); the first such error is returned.
+    async fn apply(
+        &self,
+        plan: Memberships<'_>,
+        outcome: &mut DeliveryOutcome,
+    ) -> crate::error::Result<()> {
+        let mut error = None;
+        for (add, lists) in [(true, plan.adds), (false, plan.removes)] {
+            for (list, members) in lists {
+                let (done, missing) = match self.membership(list, add, &members).await {
+                    Ok(settled) => settled,
+                    Err(e) => {
+                        error.get_or_insert(e);
+                        continue;
+                    }
+                };
+                let id_of: HashMap<u32, &String> = members.iter().map(|(id, c)| (*c, id)).collect();
+                outcome.acked.extend(
+                    done.iter()
+                        .map(|c| Ack::new(*c, id_of.get(c).map(|s| s.to_string()))),
+                );
+                outcome.accepted += done.len() as u64;
+                for change in missing {
+                    let id = id_of.get(&change).map(|s| s.as_str());
+                    outcome.rejected.push(Rejected {
+                        key: None,
+                        code: "RECORD_MISSING".into(),
+                        message: format!(
+                            "HubSpot has no contact with record id {} to add to list '{list}'",
+                            id.unwrap_or("?")
+                        ),
+                        payload: Bytes::from(json!({"list": list, "recordId": id}).to_string()),
+                        attempts: 1,
+                        change: Some(change),
+                    });
+                }
+            }
+        }
+        error.map_or(Ok(()), Err)
+    }
+
     /// Adds or removes `ids` (record id → change) in `list`; returns the changes settled and
     /// those HubSpot had no record for.
     async fn membership(
@@ -222,168 +416,36 @@ impl DataSink for ListMembersSink {
         data: SendableRecordBatchStream,
         _context: &Arc<TaskContext>,
     ) -> Result<u64> {
-        let connection = &self.connection;
-        let config = &connection.config;
+        let config = &self.connection.config;
         let batches: Vec<RecordBatch> = data.try_collect().await?;
         let members = self.members(&batches)?;
-
-        // 1. Upsert the contacts of added members, for their record ids.
-        let upserts: Vec<RecordBatch> = batches
-            .iter()
-            .map(|b| self.contact_upserts(b))
-            .collect::<Result<Vec<_>>>()?
-            .into_iter()
-            .flatten()
-            .collect();
-        let contact = self.contact_fields();
-        let names: Vec<String> = contact
-            .iter()
-            .map(|i| self.schema.field(*i).name().clone())
-            .collect();
-        let key = names
-            .iter()
-            .position(|n| n == "email")
-            .ok_or_else(|| Error::Write {
-                message: "list members need their 'email'".into(),
-            })?;
-        let encoder = Encoder::new(&self.contacts, names, key, true, Some(&self.sync));
         // No checkpoints: the changes are list memberships, settled only once the member is
-        // added or removed below, not when its contact is upserted.
+        // added or removed, not when its contact is upserted.
         let mut session = Session::open(
-            &format!("{}.{LIST_MEMBERS}", connection.name),
+            &format!("{}.{LIST_MEMBERS}", self.connection.name),
             self.sync.run_id.clone(),
             self.sync.dry_run,
             None,
         );
-        let (driver, batcher) = HubspotService::delivery(
-            connection,
-            "contacts",
-            Matching::Property("email".into()),
-            &session,
-        );
-        let schema = upserts
-            .first()
-            .map(|b| b.schema())
-            .unwrap_or_else(|| Arc::new(Schema::empty()));
-        let input = Box::pin(RecordBatchStreamAdapter::new(
-            schema,
-            futures::stream::iter(upserts.into_iter().map(Ok)),
-        ));
-        let mut encode_rejects = vec![];
-        let encode = |b: &RecordBatch| {
-            let out = encoder.encode(b, &|_| None)?;
-            encode_rejects.extend(out.rejects);
-            Ok(out.records)
-        };
+        // 1. Upsert the contacts of added members, for their record ids.
         let Delivered {
             outcome: upserted,
             mut error,
-        } = session
-            .deliver(&driver, input, encode, batcher, config.http.concurrency)
-            .await;
-
+        } = self.upsert_contacts(&mut session, &batches).await?;
         // 2. Memberships: adds for the contacts HubSpot took, removes for members that left.
         let mut outcome = DeliveryOutcome {
             rejected: upserted.rejected,
             ..Default::default()
         };
-        outcome.rejected.extend(encode_rejects);
-        let ids: HashMap<u32, String> = upserted
-            .acked
-            .into_iter()
-            .filter_map(|a| a.id.map(|id| (a.change, id)))
-            .collect();
-        let mut adds: BTreeMap<&str, Vec<(String, u32)>> = BTreeMap::new();
-        let mut removes: BTreeMap<&str, Vec<(String, u32)>> = BTreeMap::new();
-        let mut lookups: Vec<&Member> = vec![];
-        let deletes: Vec<u32> = members
-            .iter()
-            .filter(|(_, op)| *op == Op::Delete)
-            .map(|(m, _)| m.change)
-            .collect();
-        let known: HashMap<u32, Option<String>> = deletes
-            .iter()
-            .copied()
-            .zip(self.sync.record_ids(&deletes))
-            .collect();
-        for (member, op) in &members {
-            if *op == Op::Delete {
-                match known.get(&member.change).cloned().flatten() {
-                    Some(id) => removes
-                        .entry(&member.list)
-                        .or_default()
-                        .push((id, member.change)),
-                    None => lookups.push(member),
+        let mut plan = self.memberships(&members, upserted.acked);
+        match session.dry_run() {
+            Some(dry) => plan.add_to(dry),
+            None => {
+                if let Err(e) = self.look_up_removals(&mut plan, &mut outcome).await {
+                    error.get_or_insert(e);
                 }
-            } else if let Some(id) = ids.get(&member.change) {
-                adds.entry(&member.list)
-                    .or_default()
-                    .push((id.clone(), member.change));
-            }
-        }
-        if let Some(dry) = session.dry_run() {
-            for (op, lists) in [("add to list", &adds), ("remove from list", &removes)] {
-                let records: usize = lists.values().map(Vec::len).sum();
-                if records > 0 {
-                    dry.ops.push(DryRunOp {
-                        op,
-                        records: records as u64,
-                        requests: lists
-                            .values()
-                            .map(|v| v.len().div_ceil(IDS_PER_CALL) as u64)
-                            .sum(),
-                        ..Default::default()
-                    });
-                }
-            }
-        } else {
-            if !lookups.is_empty() {
-                let emails: Vec<String> = lookups.iter().map(|m| m.email.clone()).collect();
-                match connection.read_ids("contacts", "email", &emails).await {
-                    Ok(found) => {
-                        for m in lookups {
-                            match found.get(&normalize("email", &m.email)) {
-                                Some(id) => removes
-                                    .entry(&m.list)
-                                    .or_default()
-                                    .push((id.clone(), m.change)),
-                                // No such contact: nothing to remove.
-                                None => outcome.acked.push(Ack::done(m.change)),
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        error.get_or_insert(e);
-                    }
-                }
-            }
-            for (add, lists) in [(true, adds), (false, removes)] {
-                for (list, members) in lists {
-                    match self.membership(list, add, &members).await {
-                        Ok((done, missing)) => {
-                            let id_of: HashMap<u32, &String> =
-                                members.iter().map(|(id, c)| (*c, id)).collect();
-                            outcome.acked.extend(
-                                done.iter()
-                                    .map(|c| Ack::new(*c, id_of.get(c).map(|s| s.to_string()))),
-                            );
-                            outcome.accepted += done.len() as u64;
-                            for change in missing {
-                                outcome.rejected.push(Rejected {
-                                    key: None,
-                                    code: "RECORD_MISSING".into(),
-                                    message: format!("HubSpot has no contact with record id {} to add to list '{list}'", id_of.get(&change).map(|s| s.as_str()).unwrap_or("?")),
-                                    payload: Bytes::from(json!({"list": list, "recordId": id_of.get(&change)}).to_string()),
-                                    attempts: 1,
-                                    change: Some(change),
-                                });
-                            }
-                        }
-                        // Not acknowledged: these members are sent again next run.
-                        Err(e) => {
-                            error.get_or_insert(e);
-                        }
-                    }
+                if let Err(e) = self.apply(plan, &mut outcome).await {
+                    error.get_or_insert(e);
                 }
             }
         }

@@ -91,7 +91,7 @@ impl PgSink {
         let key = sync.as_ref().and_then(|r| r.spec.diff.key);
         if let Some(run) = &sync {
             // Everything a streaming first run sends is held in one transaction (see `Writer`).
-            run.set_atomic_sink();
+            run.set_atomic_sink()?;
         }
         let mut fields = vec![];
         let mut change_at = schema.fields().len();
@@ -441,6 +441,10 @@ impl Writer<'_> {
     /// Writes `rows` in the transaction `client` is in: new records by direct COPY, the rest
     /// through the staging table, refused records isolated under savepoints. `held`: the run's
     /// transaction, which goes on after this batch (else the caller commits it next).
+    ///
+    /// Long because it is one transaction's protocol in order (direct COPY of new records,
+    /// staging, set-based UPDATE / INSERT / DELETE, savepoints around refused records); the steps
+    /// share the statements and the row indexes.
     async fn transaction(
         &mut self,
         client: &deadpool_postgres::Object,
@@ -696,6 +700,9 @@ impl DeferredIndex {
     /// In the run's transaction: drops the key's index if the table is empty and the index can
     /// be built again exactly. Anything in the way (rows, a dependent object, a lock another
     /// session holds for more than a moment) keeps the index, and the load goes on with it.
+    ///
+    /// Long because every reason to keep the index is checked, in the one transaction, before the
+    /// drop.
     async fn drop_if_empty(
         client: &deadpool_postgres::Object,
         sink: &PgSink,

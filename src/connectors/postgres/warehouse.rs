@@ -137,6 +137,9 @@ fn plan(
 }
 
 /// The model as Postgres SQL, and the one connection it reads.
+///
+/// Long because it walks the plan once and checks every node against what Postgres SQL carries
+/// faithfully, with one message per refusal.
 fn model_sql(mapped: &LogicalPlan) -> Result<(Arc<PgConnection>, String)> {
     let mut connection: Option<Arc<PgConnection>> = None;
     // sluice's name of each table (as the plan spells it) → its Postgres relation.
@@ -744,6 +747,8 @@ struct DiffRun {
 }
 
 impl DiffRun {
+    /// Long because it runs the diff query and classifies its rows as they stream in; the
+    /// classification shares each batch's decoded columns.
     async fn run(self) -> DfResult<Vec<RecordBatch>> {
         let spec = self.run.spec.diff.clone();
         let (rows, null_keys, duplicates, samples) = self.state.stats().await?;

@@ -44,6 +44,9 @@ struct Claims<'a> {
 }
 
 /// Asks the token endpoint for a session with the connection's flow.
+///
+/// Long because each OAuth flow (refresh token, client credentials, JWT bearer) builds its request
+/// here and shares the handling of the answer.
 pub async fn login(
     name: &str,
     config: &SalesforceConfig,

@@ -172,15 +172,37 @@ impl BulkRunner {
         last: bool,
         outcome: &mut DeliveryOutcome,
     ) -> Result<Option<Vec<u8>>> {
-        let Sent {
-            op,
-            header,
-            correlation,
-            index,
-        } = sent;
-        let (op, correlation) = (*op, *correlation);
+        let (job, job_path, upload) = self.create(sent.op).await?;
+        if let Err(e) = self.upload(&job, &job_path, &upload, csv).await {
+            // Best effort: a job left open holds nothing the org would process.
+            self.abort(&job_path).await;
+            return Err(e);
+        }
+        tracing::debug!(job = %job.id, attempt, "Bulk job uploaded; polling.");
+        let done = self.poll(&job, &job_path).await?;
+        let settled = self
+            .settle_successes(sent, &job_path, &job, outcome)
+            .await?;
+        let failed = done.number_records_failed.unwrap_or(0);
+        let again = if failed > 0 || settled < sent.index.len() as u64 {
+            self.settle_failures(sent, &job_path, &job, attempt, last, outcome)
+                .await?
+        } else {
+            None
+        };
+        if done.state != "JobComplete" {
+            return Err(self.unfinished(sent, &job_path, done).await);
+        }
+        Ok(again)
+    }
+
+    fn metrics(&self) -> Option<&DeliveryMetrics> {
+        Some(self.metrics.as_ref())
+    }
+
+    /// Creates the job of `op`: its info, its path and where its CSV goes.
+    async fn create(&self, op: Op) -> Result<(JobInfo, String, String)> {
         let c = &self.connection;
-        let m = Some(self.metrics.as_ref());
         let base = format!("{}/jobs/ingest", c.config.data_path());
         let mut spec = json!({
             "object": self.object,
@@ -192,113 +214,106 @@ impl BulkRunner {
         if op == Op::Upsert {
             spec["externalIdFieldName"] = json!(self.external_id);
         }
-        let created = c
-            .call(
-                Method::POST,
-                &base,
-                Some(("application/json", Bytes::from(spec.to_string()))),
-                m,
-            )
-            .await?;
+        let body = Some(("application/json", Bytes::from(spec.to_string())));
+        let created = c.call(Method::POST, &base, body, self.metrics()).await?;
         expect_success(
             c.as_ref(),
             &created,
             &format!("creating a Bulk {} job on {}", op.as_str(), self.object),
         )?;
-        let info: JobInfo = parse(&created.body, c)?;
-        let job_path = format!("{base}/{}", info.id);
-        let upload = match &info.content_url {
+        let job: JobInfo = parse(&created.body, c)?;
+        let job_path = format!("{base}/{}", job.id);
+        let upload = match &job.content_url {
             Some(u) => format!("/{}", u.trim_start_matches('/')),
             None => format!("{job_path}/batches"),
         };
-        let uploaded = async {
-            let put = c
-                .call(
-                    Method::PUT,
-                    &upload,
-                    Some(("text/csv", Bytes::from(csv))),
-                    m,
-                )
-                .await?;
-            expect_success(
-                c.as_ref(),
-                &put,
-                &format!("uploading the CSV of Bulk job {}", info.id),
-            )?;
-            let close = c
-                .call(
-                    Method::PATCH,
-                    &job_path,
-                    Some((
-                        "application/json",
-                        Bytes::from_static(br#"{"state":"UploadComplete"}"#),
-                    )),
-                    m,
-                )
-                .await?;
-            expect_success(c.as_ref(), &close, &format!("closing Bulk job {}", info.id))
-        }
-        .await;
-        if let Err(e) = uploaded {
-            // Best effort: a job left open holds nothing the org would process.
-            let abort = Bytes::from_static(br#"{"state":"Aborted"}"#);
-            let _ = c
-                .call(
-                    Method::PATCH,
-                    &job_path,
-                    Some(("application/json", abort)),
-                    m,
-                )
-                .await;
-            return Err(e);
-        }
-        tracing::debug!(job = %info.id, attempt, "Bulk job uploaded; polling.");
+        Ok((job, job_path, upload))
+    }
+
+    /// Uploads the job's CSV and closes it for processing.
+    async fn upload(
+        &self,
+        job: &JobInfo,
+        job_path: &str,
+        upload: &str,
+        csv: Vec<u8>,
+    ) -> Result<()> {
+        let c = &self.connection;
+        let body = Some(("text/csv", Bytes::from(csv)));
+        let put = c.call(Method::PUT, upload, body, self.metrics()).await?;
+        expect_success(
+            c.as_ref(),
+            &put,
+            &format!("uploading the CSV of Bulk job {}", job.id),
+        )?;
+        let complete = Bytes::from_static(br#"{"state":"UploadComplete"}"#);
+        let body = Some(("application/json", complete));
+        let close = c
+            .call(Method::PATCH, job_path, body, self.metrics())
+            .await?;
+        expect_success(c.as_ref(), &close, &format!("closing Bulk job {}", job.id))
+    }
+
+    /// Aborts the job (best effort: its answer is not needed).
+    async fn abort(&self, job_path: &str) {
+        let abort = Bytes::from_static(br#"{"state":"Aborted"}"#);
+        let body = Some(("application/json", abort));
+        let _ = self
+            .connection
+            .call(Method::PATCH, job_path, body, self.metrics())
+            .await;
+    }
+
+    /// Polls the job until it ends; past `bulk_timeout` it is aborted and the run fails (its
+    /// records are sent again next run).
+    async fn poll(&self, job: &JobInfo, job_path: &str) -> Result<JobInfo> {
+        let c = &self.connection;
         let mut polls = 0;
         let polling = tokio::time::Instant::now();
-        let done = loop {
+        loop {
             polls += 1;
             if polling.elapsed() >= c.config.bulk_timeout {
-                let _ = c
-                    .call(
-                        Method::PATCH,
-                        &job_path,
-                        Some((
-                            "application/json",
-                            Bytes::from_static(br#"{"state":"Aborted"}"#),
-                        )),
-                        m,
-                    )
-                    .await;
+                self.abort(job_path).await;
                 return Err(c.error(format!(
                     "Bulk job {} did not end within bulk_timeout ({:?}); it was aborted, and its records are sent again next run",
-                    info.id, c.config.bulk_timeout
+                    job.id, c.config.bulk_timeout
                 )));
             }
             tokio::time::sleep(poll_wait(c.config.poll_interval, polls)).await;
-            let status = c.call(Method::GET, &job_path, None, m).await?;
+            let status = c.call(Method::GET, job_path, None, self.metrics()).await?;
             expect_success(
                 c.as_ref(),
                 &status,
-                &format!("reading the state of Bulk job {}", info.id),
+                &format!("reading the state of Bulk job {}", job.id),
             )?;
-            let info: JobInfo = parse(&status.body, c)?;
-            if matches!(info.state.as_str(), "JobComplete" | "Failed" | "Aborted") {
-                break info;
+            let state: JobInfo = parse(&status.body, c)?;
+            if matches!(state.state.as_str(), "JobComplete" | "Failed" | "Aborted") {
+                return Ok(state);
             }
-        };
-        let rows = index.len() as u64;
-        // Successful rows.
+        }
+    }
+
+    /// Acknowledges the job's successful rows; returns how many of this run's rows they were.
+    async fn settle_successes(
+        &self,
+        sent: &Sent,
+        job_path: &str,
+        job: &JobInfo,
+        outcome: &mut DeliveryOutcome,
+    ) -> Result<u64> {
+        let c = &self.connection;
         let ok = c
-            .call_results(&format!("{job_path}/successfulResults/"), m)
+            .call_results(&format!("{job_path}/successfulResults/"), self.metrics())
             .await?;
         expect_success(
             c.as_ref(),
             &ok,
-            &format!("reading the results of Bulk job {}", info.id),
+            &format!("reading the results of Bulk job {}", job.id),
         )?;
         let mut settled = 0u64;
-        for_each_result(&ok.body, header[correlation].as_str(), |value, id, _, _| {
-            if let Some((change, _)) = index.get(value) {
+        let correlation = sent.header[sent.correlation].as_str();
+        for_each_result(&ok.body, correlation, |value, id, _, _| {
+            if let Some((change, _)) = sent.index.get(value) {
                 settled += 1;
                 if let Some(change) = change {
                     outcome
@@ -309,94 +324,118 @@ impl BulkRunner {
         })?;
         outcome.accepted += settled;
         DeliveryMetrics::add(&self.metrics.accepted, settled);
-        // Failed rows: only asked for when there are some.
-        let failed = done.number_records_failed.unwrap_or(0);
-        let processed = done.number_records_processed.unwrap_or(0);
+        Ok(settled)
+    }
+
+    /// Reads the job's failed rows: transient failures go into the CSV of the next job (unless
+    /// this is the `last`), the rest are rejects kept whole.
+    async fn settle_failures(
+        &self,
+        sent: &Sent,
+        job_path: &str,
+        job: &JobInfo,
+        attempt: u32,
+        last: bool,
+        outcome: &mut DeliveryOutcome,
+    ) -> Result<Option<Vec<u8>>> {
+        let c = &self.connection;
+        let Sent {
+            header,
+            correlation,
+            index,
+            ..
+        } = sent;
+        let bad = c
+            .call_results(&format!("{job_path}/failedResults/"), self.metrics())
+            .await?;
+        expect_success(
+            c.as_ref(),
+            &bad,
+            &format!("reading the failed results of Bulk job {}", job.id),
+        )?;
+        let mut failures = vec![];
+        for_each_result(
+            &bad.body,
+            header[*correlation].as_str(),
+            |value, _, error, row| {
+                if index.contains_key(value) {
+                    failures.push((value.to_string(), error.unwrap_or("").to_string(), row));
+                }
+            },
+        )?;
         let mut again: Option<csv::Writer<Vec<u8>>> = None;
-        if failed > 0 || settled < rows {
-            let bad = c
-                .call_results(&format!("{job_path}/failedResults/"), m)
-                .await?;
-            expect_success(
-                c.as_ref(),
-                &bad,
-                &format!("reading the failed results of Bulk job {}", info.id),
-            )?;
-            let mut failures = vec![];
-            for_each_result(
-                &bad.body,
-                header[correlation].as_str(),
-                |value, _, error, row| {
-                    if index.contains_key(value) {
-                        failures.push((value.to_string(), error.unwrap_or("").to_string(), row));
-                    }
-                },
-            )?;
-            for (value, error, row) in failures {
-                let (change, key) = index[&value].clone();
-                let error = bulk_error(&error);
-                if TRANSIENT.contains(&error.code()) && !last {
-                    let w = again.get_or_insert_with(|| {
-                        let mut w = csv::WriterBuilder::new()
-                            .terminator(csv::Terminator::Any(b'\n'))
-                            .from_writer(vec![]);
-                        let _ = w.write_record(header);
-                        w
-                    });
-                    let cells: Vec<&str> = header
-                        .iter()
-                        .map(|h| row.get(h).map_or("", String::as_str))
-                        .collect();
-                    let _ = w.write_record(&cells);
-                    continue;
-                }
-                let mut why = error.rejection();
-                if TRANSIENT.contains(&error.code()) {
-                    why.message =
-                        format!("{} (still failing after {attempt} Bulk jobs)", why.message);
-                }
-                DeliveryMetrics::add(&self.metrics.rejected, 1);
-                let payload: Map<String, Value> = header
-                    .iter()
-                    .map(|h| (h.clone(), json!(row.get(h).cloned().unwrap_or_default())))
-                    .collect();
-                outcome.rejected.push(Rejected {
-                    key,
-                    code: why.code,
-                    message: why.message,
-                    payload: Bytes::from(Value::Object(payload).to_string()),
-                    attempts: attempt,
-                    change,
+        for (value, error, row) in failures {
+            let (change, key) = index[&value].clone();
+            let error = bulk_error(&error);
+            if TRANSIENT.contains(&error.code()) && !last {
+                let w = again.get_or_insert_with(|| {
+                    let mut w = csv::WriterBuilder::new()
+                        .terminator(csv::Terminator::Any(b'\n'))
+                        .from_writer(vec![]);
+                    let _ = w.write_record(header);
+                    w
                 });
+                let cells: Vec<&str> = header
+                    .iter()
+                    .map(|h| row.get(h).map_or("", String::as_str))
+                    .collect();
+                let _ = w.write_record(&cells);
+                continue;
             }
-        }
-        if done.state != "JobComplete" {
-            let unprocessed = c
-                .call_results(&format!("{job_path}/unprocessedrecords/"), m)
-                .await?;
-            let never = if unprocessed.status.is_success() {
-                let mut n = 0;
-                let mut reader = csv::ReaderBuilder::new().from_reader(&unprocessed.body[..]);
-                for record in reader.records().flatten() {
-                    if record
-                        .get(correlation)
-                        .is_some_and(|v| index.contains_key(v))
-                    {
-                        n += 1;
-                    }
-                }
-                format!(" ({n} never attempted)")
-            } else {
-                String::new()
-            };
-            return Err(c.error(format!(
-                "Bulk job {} ended {} after processing {processed} of {rows} records{never}{}; what it settled is kept, the rest is sent again by the next run",
-                info.id,
-                done.state,
-                done.error_message.map(|m| format!(": {}", excerpt(&m, MESSAGE_EXCERPT))).unwrap_or_default()
-            )));
+            let mut why = error.rejection();
+            if TRANSIENT.contains(&error.code()) {
+                why.message = format!("{} (still failing after {attempt} Bulk jobs)", why.message);
+            }
+            DeliveryMetrics::add(&self.metrics.rejected, 1);
+            let payload: Map<String, Value> = header
+                .iter()
+                .map(|h| (h.clone(), json!(row.get(h).cloned().unwrap_or_default())))
+                .collect();
+            outcome.rejected.push(Rejected {
+                key,
+                code: why.code,
+                message: why.message,
+                payload: Bytes::from(Value::Object(payload).to_string()),
+                attempts: attempt,
+                change,
+            });
         }
         Ok(again.map(|w| w.into_inner().unwrap_or_default()))
+    }
+
+    /// The error of a job that ended without completing: what it processed, and how many of
+    /// this run's rows it never attempted.
+    async fn unfinished(&self, sent: &Sent, job_path: &str, done: JobInfo) -> Error {
+        let c = &self.connection;
+        let rows = sent.index.len();
+        let processed = done.number_records_processed.unwrap_or(0);
+        let never = match c
+            .call_results(&format!("{job_path}/unprocessedrecords/"), self.metrics())
+            .await
+        {
+            Ok(unprocessed) if unprocessed.status.is_success() => {
+                let mut reader = csv::ReaderBuilder::new().from_reader(&unprocessed.body[..]);
+                let n = reader
+                    .records()
+                    .flatten()
+                    .filter(|r| {
+                        r.get(sent.correlation)
+                            .is_some_and(|v| sent.index.contains_key(v))
+                    })
+                    .count();
+                format!(" ({n} never attempted)")
+            }
+            Ok(_) => String::new(),
+            Err(e) => return e,
+        };
+        c.error(format!(
+            "Bulk job {} ended {} after processing {processed} of {rows} records{never}{}; what it settled is kept, the rest is sent again by the next run",
+            done.id,
+            done.state,
+            done.error_message
+                .map(|m| format!(": {}", excerpt(&m, MESSAGE_EXCERPT)))
+                .unwrap_or_default()
+        ))
     }
 }
 
