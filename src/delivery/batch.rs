@@ -49,6 +49,18 @@ pub struct Batch {
 }
 
 impl Batch {
+    /// Appends the batch's records as a JSON array (`[r1,r2,…]`), as encoded: no re-parsing.
+    pub fn write_json_array(&self, out: &mut Vec<u8>) {
+        out.push(b'[');
+        for (i, record) in self.records.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(&record.json);
+        }
+        out.push(b']');
+    }
+
     /// The idempotency key of this request: the same for every retry of it, different for a
     /// subset re-sent after a partial failure (whose content differs).
     pub fn idempotency_key(&self) -> String {

@@ -189,6 +189,11 @@ pub fn text_values(array: &ArrayRef, dates: DateStyle) -> Result<StringArray> {
     Ok(strings)
 }
 
+/// Appends `s` as a JSON string.
+pub fn json_str(out: &mut Vec<u8>, s: &str) {
+    serde_json::to_writer(out, s).expect("writing JSON into memory does not fail");
+}
+
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -219,9 +224,4 @@ mod tests {
         assert_eq!(records[0].key.as_deref(), Some("1"));
         assert_eq!(records[1].key, None);
     }
-}
-
-/// Appends `s` as a JSON string.
-pub fn json_str(out: &mut Vec<u8>, s: &str) {
-    serde_json::to_writer(out, s).expect("writing JSON into memory does not fail");
 }

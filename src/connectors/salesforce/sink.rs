@@ -54,14 +54,9 @@ pub(super) struct SalesforceService {
 impl SalesforceService {
     fn body(batch: &Batch) -> Vec<u8> {
         let mut body = Vec::with_capacity(batch.bytes + 40);
-        body.extend_from_slice(b"{\"allOrNone\":false,\"records\":[");
-        for (i, record) in batch.records.iter().enumerate() {
-            if i > 0 {
-                body.push(b',');
-            }
-            body.extend_from_slice(&record.json);
-        }
-        body.extend_from_slice(b"]}");
+        body.extend_from_slice(b"{\"allOrNone\":false,\"records\":");
+        batch.write_json_array(&mut body);
+        body.push(b'}');
         body
     }
 }

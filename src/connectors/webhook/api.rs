@@ -80,14 +80,9 @@ pub fn encode_body(envelope: &Envelope, batch: &Batch) -> Vec<u8> {
     string(&mut body, &envelope.run_id);
     body.extend_from_slice(b",\"operation\":");
     string(&mut body, batch.op.as_str());
-    body.extend_from_slice(format!(",\"batch\":{},\"records\":[", batch.seq).as_bytes());
-    for (i, record) in batch.records.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        body.extend_from_slice(&record.json);
-    }
-    body.extend_from_slice(b"]}");
+    body.extend_from_slice(format!(",\"batch\":{},\"records\":", batch.seq).as_bytes());
+    batch.write_json_array(&mut body);
+    body.push(b'}');
     body
 }
 
