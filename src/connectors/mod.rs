@@ -1,14 +1,30 @@
-//! Destinations: the seam between a planned sync and the system it writes to.
+//! Connectors: one folder per system sluice reads or writes, and the seam between a planned
+//! sync and that system. [`kinds`] is the one list of them.
 //!
-//! A destination connection is a schema (`conn.object`); each object is a [`DestinationTable`], a
-//! DataFusion `TableProvider` whose `insert_into` builds a `DataSinkExec` over the destination's
-//! sink. The engine plans the mapping from the query to the object's fields **by name** (see
-//! `engine::insert`) and hands the table a narrowed schema holding only the mapped fields, so an
-//! unmapped field never reaches the sink and is never blanked. Sinks do all I/O in `write_all`,
-//! never while planning (DataFusion plans DML under `EXPLAIN` too).
+//! A connection is a schema (`conn.object`); each object is a [`DestinationTable`], a DataFusion
+//! `TableProvider` that reads where the system can be read and whose `insert_into` builds a
+//! `DataSinkExec` over the connector's sink. The engine plans the mapping from the query to the
+//! object's fields **by name** (see `engine::insert`) and hands the table a narrowed schema
+//! holding only the mapped fields, so an unmapped field never reaches the sink and is never
+//! blanked. Sinks do all I/O in `write_all`, never while planning (DataFusion plans DML under
+//! `EXPLAIN` too). In a sync the sink reads its rows as a [`crate::contract::ChangeBatch`].
 //!
-//! Each destination is one folder with the same file roles: `config.rs` (typed options),
-//! `sink.rs` (the `DataSink`), `encoder.rs` (records to bytes), `mod.rs` (docs and wiring).
+//! Every folder has the same roles (docs/architecture.md draws the whole path):
+//!
+//! | file | role |
+//! | --- | --- |
+//! | `mod.rs` | docs with a SQL example; the `ConnectorKind` (`TYPE name`) and the [`Destination`] |
+//! | `config.rs` | its own `OPTIONS` (the shared delivery options come from `delivery::settings`) and their typed values |
+//! | `api.rs` | the connection every statement shares (client, limiter); an HTTP connector's `HttpService` and `ControlPlane` |
+//! | `retry.rs` | how an HTTP connector reads answers: accepted, rejected per record, retry, fatal |
+//! | `sink.rs` | the `DataSink`: open a delivery `Session`, encode, deliver, close the [`WriteReport`] |
+//! | `encode.rs` | records in the system's wire shape (when `delivery::encode` is not enough) |
+//! | `source.rs` | a connector that can be read: its `TableProvider` |
+//!
+//! and its own extras: `hubspot/lists.rs` (list memberships), `salesforce/auth.rs` (OAuth) and
+//! `bulk.rs` (Bulk API 2.0), `postgres/metadata.rs`, `types.rs`, `transaction.rs` and
+//! `warehouse.rs` (its [`WarehouseDiff`]). Postgres is not HTTP: its `metadata.rs` plays the
+//! part of `api.rs`. `webhook/` is the smallest HTTP connector and the one to copy.
 
 pub mod file;
 pub mod hubspot;
