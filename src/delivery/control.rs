@@ -139,6 +139,9 @@ pub trait ControlPlane: Send + Sync {
 /// retried within the connection's retry policy (rate-limited answers do not count as attempts),
 /// re-authenticated once on 401. Other answers are the caller's to read (see
 /// [`expect_success`]).
+///
+/// Long because it is the one control-plane retry loop (pacing, the answer's class, waits within
+/// max_retry_time, one re-authentication), written once for every connector.
 pub async fn call<P: ControlPlane + ?Sized>(
     plane: &P,
     call: Call<'_>,

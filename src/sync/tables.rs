@@ -97,6 +97,8 @@ impl StateTable {
         }
     }
 
+    /// Long because it builds every column of `sluice.runs` and `sluice.rejects`, in the tables'
+    /// column order.
     async fn batch(&self) -> crate::error::Result<RecordBatch> {
         let columns: Vec<ArrayRef> = match self.kind {
             StateTableKind::Runs => {
