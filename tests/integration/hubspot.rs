@@ -500,6 +500,10 @@ async fn list_memberships_follow_the_model() {
         "the contacts were upserted first"
     );
     assert_eq!(fake.observed(|o| o.lists.len()), 2);
+    // Every call the write made counts among its requests: one contact upsert, the lists' lookup
+    // by name (VIP found; Churn risk not found, then created) and one membership call per list.
+    assert_eq!(fake.calls("upsert"), 1);
+    assert_eq!(first.delivery.unwrap().requests, 1 + 3 + 2);
 
     // One member leaves the model: removed from its list by the record id the state holds.
     model(&engine, &people(3)).await;

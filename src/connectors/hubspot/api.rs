@@ -15,7 +15,9 @@ use super::config::{HubspotConfig, normalize};
 use super::retry::{self, HubspotRetryLogic};
 use crate::connectors::field_meta;
 use crate::delivery::control::{self, Call, ControlPlane, expect_success};
-use crate::delivery::{AdaptiveLimiter, HttpResponse, ResponseClass, RetryPolicy, Ticket};
+use crate::delivery::{
+    AdaptiveLimiter, DeliveryMetrics, HttpResponse, ResponseClass, RetryPolicy, Ticket,
+};
 use crate::error::{Error, Result};
 
 /// The standard CRM objects (`objectType` in paths) and their object type ids.
@@ -151,7 +153,12 @@ impl HubspotConnection {
             return Ok(None);
         }
         let response = self
-            .call(Method::GET, &format!("/crm/v3/properties/{object}"), None)
+            .call(
+                Method::GET,
+                &format!("/crm/v3/properties/{object}"),
+                None,
+                None,
+            )
             .await?;
         if matches!(response.status.as_u16(), 400 | 404) {
             return Ok(None);
@@ -176,6 +183,7 @@ impl HubspotConnection {
         object: &str,
         id_property: &str,
         values: &[String],
+        metrics: Option<&DeliveryMetrics>,
     ) -> Result<HashMap<String, String>> {
         let mut found = HashMap::new();
         for chunk in values.chunks(super::config::MAX_BATCH_SIZE) {
@@ -190,6 +198,7 @@ impl HubspotConnection {
                     Method::POST,
                     &format!("/crm/v3/objects/{object}/batch/read"),
                     Some(body),
+                    metrics,
                 )
                 .await?;
             expect_success(
@@ -208,7 +217,12 @@ impl HubspotConnection {
 
     /// The id of the static list named (or numbered) `list` of `object`; a MANUAL list is
     /// created when none has that name.
-    pub async fn list_id(&self, object: &str, list: &str) -> Result<String> {
+    pub async fn list_id(
+        &self,
+        object: &str,
+        list: &str,
+        metrics: Option<&DeliveryMetrics>,
+    ) -> Result<String> {
         if let Some(id) = self.lists.lock().expect("lists lock").get(list) {
             return Ok(id.clone());
         }
@@ -224,13 +238,15 @@ impl HubspotConnection {
                 "/crm/v3/lists/object-type-id/{type_id}/name/{}",
                 url_escape(list)
             );
-            let found = self.call(Method::GET, &path, None).await?;
+            let found = self.call(Method::GET, &path, None, metrics).await?;
             if found.status.is_success() {
                 list_id_of(&found.body)
             } else if found.status.as_u16() == 404 {
                 let body =
                     json!({"name": list, "objectTypeId": type_id, "processingType": "MANUAL"});
-                let created = self.call(Method::POST, "/crm/v3/lists", Some(body)).await?;
+                let created = self
+                    .call(Method::POST, "/crm/v3/lists", Some(body), metrics)
+                    .await?;
                 expect_success(
                     self,
                     &created,
@@ -257,17 +273,19 @@ impl HubspotConnection {
     }
 
     /// One control-plane call (see [`control::call`]).
+    /// `metrics`: the write's session metrics, when the call is part of a write.
     pub async fn call(
         &self,
         method: Method,
         path: &str,
         body: Option<Value>,
+        metrics: Option<&DeliveryMetrics>,
     ) -> Result<HttpResponse> {
         let mut call = Call::new(method, path);
         if let Some(body) = &body {
             call = call.json(body);
         }
-        control::call(self, call, None).await
+        control::call(self, call, metrics).await
     }
 
     pub fn error(&self, message: String) -> Error {

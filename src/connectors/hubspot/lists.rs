@@ -40,7 +40,7 @@ use super::sink::{HubspotService, Matching};
 use crate::connectors::WriteReport;
 use crate::contract::{Ack, ChangeBatch, Op, Rejected};
 use crate::delivery::encode::{DateStyle, text_values};
-use crate::delivery::{Delivered, DeliveryOutcome, DryRun, DryRunOp, Session};
+use crate::delivery::{Delivered, DeliveryMetrics, DeliveryOutcome, DryRun, DryRunOp, Session};
 use crate::error::Error;
 use crate::sync::SyncRun;
 use crate::sync::hash::COMPOSITE_KEY;
@@ -277,6 +277,7 @@ impl ListMembersSink {
         &self,
         plan: &mut Memberships<'a>,
         outcome: &mut DeliveryOutcome,
+        metrics: &DeliveryMetrics,
     ) -> crate::error::Result<()> {
         if plan.lookups.is_empty() {
             return Ok(());
@@ -284,7 +285,7 @@ impl ListMembersSink {
         let emails: Vec<String> = plan.lookups.iter().map(|m| m.email.clone()).collect();
         let found = self
             .connection
-            .read_ids("contacts", "email", &emails)
+            .read_ids("contacts", "email", &emails, Some(metrics))
             .await?;
         for m in std::mem::take(&mut plan.lookups) {
             match found.get(&normalize("email", &m.email)) {
@@ -305,11 +306,12 @@ impl ListMembersSink {
         &self,
         plan: Memberships<'_>,
         outcome: &mut DeliveryOutcome,
+        metrics: &DeliveryMetrics,
     ) -> crate::error::Result<()> {
         let mut error = None;
         for (add, lists) in [(true, plan.adds), (false, plan.removes)] {
             for (list, members) in lists {
-                let (done, missing) = match self.membership(list, add, &members).await {
+                let (done, missing) = match self.membership(list, add, &members, metrics).await {
                     Ok(settled) => settled,
                     Err(e) => {
                         error.get_or_insert(e);
@@ -348,8 +350,12 @@ impl ListMembersSink {
         list: &str,
         add: bool,
         ids: &[(String, u32)],
+        metrics: &DeliveryMetrics,
     ) -> crate::error::Result<(Vec<u32>, Vec<u32>)> {
-        let list_id = self.connection.list_id("contacts", list).await?;
+        let list_id = self
+            .connection
+            .list_id("contacts", list, Some(metrics))
+            .await?;
         let (mut done, mut missing) = (vec![], vec![]);
         for chunk in ids.chunks(IDS_PER_CALL) {
             let body = Value::Array(chunk.iter().map(|(id, _)| json!(id)).collect());
@@ -360,6 +366,7 @@ impl ListMembersSink {
                     Method::PUT,
                     &format!("/crm/v3/lists/{list_id}/memberships/{action}"),
                     Some(body),
+                    Some(metrics),
                 )
                 .await?;
             if !response.status.is_success() {
@@ -438,13 +445,18 @@ impl DataSink for ListMembersSink {
             ..Default::default()
         };
         let mut plan = self.memberships(&members, upserted.acked);
+        // The membership calls count among the write's requests.
+        let metrics = Arc::clone(session.metrics());
         match session.dry_run() {
             Some(dry) => plan.add_to(dry),
             None => {
-                if let Err(e) = self.look_up_removals(&mut plan, &mut outcome).await {
+                if let Err(e) = self
+                    .look_up_removals(&mut plan, &mut outcome, &metrics)
+                    .await
+                {
                     error.get_or_insert(e);
                 }
-                if let Err(e) = self.apply(plan, &mut outcome).await {
+                if let Err(e) = self.apply(plan, &mut outcome, &metrics).await {
                     error.get_or_insert(e);
                 }
             }

@@ -29,7 +29,9 @@ use crate::connectors::WriteReport;
 use crate::contract::{Ack, ChangeBatch, Op};
 use crate::delivery::encode::json_str;
 use crate::delivery::retry::RateWindow;
-use crate::delivery::{Batch, Batcher, Driver, HttpResponse, HttpService, ResponseClass, Session};
+use crate::delivery::{
+    Batch, Batcher, DeliveryMetrics, Driver, HttpResponse, HttpService, ResponseClass, Session,
+};
 use crate::sync::SyncRun;
 
 /// How records are matched: by a property (`idProperty`), or by HubSpot's record id.
@@ -221,6 +223,8 @@ struct Resolver {
     sync: Option<Arc<SyncRun>>,
     /// Change id → record id (`None`: HubSpot has no such record).
     resolved: Arc<Mutex<HashMap<u32, Option<String>>>>,
+    /// The write's session metrics (lookups count among its requests).
+    metrics: Arc<DeliveryMetrics>,
 }
 
 impl Resolver {
@@ -265,7 +269,7 @@ impl Resolver {
             let values: Vec<String> = ask.iter().map(|(_, k)| k.clone()).collect();
             let ids = self
                 .connection
-                .read_ids(&self.object, property, &values)
+                .read_ids(&self.object, property, &values, Some(&self.metrics))
                 .await?;
             for (change, key) in ask {
                 found.insert(change, ids.get(&normalize(property, &key)).cloned());
@@ -345,6 +349,7 @@ impl DataSink for HubspotSink {
             matching: self.matching.clone(),
             sync: self.sync.clone(),
             resolved: Arc::default(),
+            metrics: Arc::clone(session.metrics()),
         };
         let resolved = Arc::clone(&resolver.resolved);
         let schema = data.schema();
