@@ -110,11 +110,6 @@ impl<'a> ChangeBatch<'a> {
         }
     }
 
-    /// The whole batch, change columns included.
-    pub fn batch(&self) -> &'a RecordBatch {
-        self.batch
-    }
-
     pub fn num_rows(&self) -> usize {
         self.batch.num_rows()
     }
@@ -137,11 +132,6 @@ impl<'a> ChangeBatch<'a> {
             .expect("the mapped fields are columns of the batch")
     }
 
-    /// Whether the rows carry a sync's changes.
-    pub fn in_sync(&self) -> bool {
-        self.changes.is_some()
-    }
-
     /// What row `row` asks of the destination.
     pub fn op(&self, row: usize) -> Op {
         self.changes
@@ -161,18 +151,6 @@ impl<'a> ChangeBatch<'a> {
     /// The `__change` column (a sync's batches only).
     pub fn change_ids(&self) -> Option<&'a UInt32Array> {
         self.changes.map(|c| c.ids)
-    }
-
-    /// The `__op`, `__changed` and `__change` columns as arrays, for sinks that move them whole
-    /// (a Postgres stage table). `None` for plain rows.
-    pub fn change_columns(&self) -> Option<[ArrayRef; CHANGE_COLUMNS]> {
-        self.changes.map(|_| {
-            [
-                Arc::clone(self.batch.column(self.fields)),
-                Arc::clone(self.batch.column(self.fields + 1)),
-                Arc::clone(self.batch.column(self.fields + 2)),
-            ]
-        })
     }
 
     /// A change batch in which every row of `fields` is an upsert of every field, with change
@@ -250,7 +228,6 @@ mod tests {
         assert_eq!(changes.rows_of(Op::Delete).collect::<Vec<_>>(), [2]);
         assert_eq!(changes.fields().num_columns(), 2);
         assert_eq!(changes.change_ids().unwrap().values().to_vec(), [7, 8, 9]);
-        assert!(changes.change_columns().is_some());
         let upserts =
             ChangeBatch::upserts(&changes.fields(), changes.change_ids().unwrap()).unwrap();
         let upserts = ChangeBatch::of(&upserts).unwrap();
@@ -263,12 +240,11 @@ mod tests {
     fn plain_rows_are_upserts_of_every_field() {
         let batch = changes().project(&[0, 1]).unwrap();
         let rows = ChangeBatch::read(&batch, false).unwrap();
-        assert!(!rows.in_sync());
+        assert_eq!(rows.change_ids(), None);
         assert_eq!(rows.num_fields(), 2);
         assert_eq!(rows.op(0), Op::Upsert);
         assert_eq!(rows.changed(0), u64::MAX);
         assert_eq!(rows.change(0), None);
-        assert!(rows.change_columns().is_none());
     }
 
     #[test]

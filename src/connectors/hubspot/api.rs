@@ -239,9 +239,12 @@ impl HubspotConnection {
                 url_escape(list)
             );
             let found = self.call(Method::GET, &path, None, metrics).await?;
+            if found.status.as_u16() != 404 {
+                expect_success(self, &found, &format!("looking up the list '{list}'"))?;
+            }
             if found.status.is_success() {
                 list_id_of(&found.body)
-            } else if found.status.as_u16() == 404 {
+            } else {
                 let body =
                     json!({"name": list, "objectTypeId": type_id, "processingType": "MANUAL"});
                 let created = self
@@ -253,11 +256,6 @@ impl HubspotConnection {
                     &format!("creating the static list '{list}'"),
                 )?;
                 list_id_of(&created.body)
-            } else {
-                return Err(self.error(format!(
-                    "looking up the list '{list}' failed: {}",
-                    retry::summary(&found)
-                )));
             }
             .ok_or_else(|| {
                 self.error(format!(

@@ -38,7 +38,8 @@ use super::config::normalize;
 use super::encode::Encoder;
 use super::sink::{HubspotService, Matching};
 use crate::connectors::WriteReport;
-use crate::contract::{Ack, ChangeBatch, Op, Rejected};
+use crate::contract::{Ack, CHANGE_COLUMNS, ChangeBatch, Op, Rejected};
+use crate::delivery::control::expect_success;
 use crate::delivery::encode::{DateStyle, text_values};
 use crate::delivery::{Delivered, DeliveryMetrics, DeliveryOutcome, DryRun, DryRunOp, Session};
 use crate::error::Error;
@@ -121,7 +122,7 @@ impl ListMembersSink {
 
     /// The model's fields (the change columns follow them).
     fn fields(&self) -> usize {
-        self.schema.fields().len() - 3
+        self.schema.fields().len() - CHANGE_COLUMNS
     }
 
     /// The contact properties among the mapped fields, by index.
@@ -369,12 +370,11 @@ impl ListMembersSink {
                     Some(metrics),
                 )
                 .await?;
-            if !response.status.is_success() {
-                return Err(self.connection.error(format!(
-                    "{action} members of list '{list}' failed: {}",
-                    super::retry::summary(&response)
-                )));
-            }
+            expect_success(
+                self.connection.as_ref(),
+                &response,
+                &format!("{action} members of list '{list}'"),
+            )?;
             let answer: Value = serde_json::from_slice(&response.body).unwrap_or_default();
             let absent: Vec<&str> = answer
                 .get("recordIdsMissing")
