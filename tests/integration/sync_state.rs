@@ -66,6 +66,17 @@ fn start(dir: &Path) -> Child {
         .unwrap()
 }
 
+/// Runs the sync to the end and asserts it succeeded (its output says why if not).
+fn run_ok(dir: &Path) {
+    let out = start(dir).wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A small deterministic generator (the seed is printed, so a failure can be replayed).
 struct Rng(u64);
 
@@ -244,7 +255,7 @@ async fn corrupt_or_missing_state_is_a_clear_error_never_a_full_resend() {
     let dir = dir.path();
     let model = model(50, "x.io");
     write_model(dir, &model);
-    assert!(start(dir).wait_with_output().unwrap().status.success());
+    run_ok(dir);
     let sent = fake.observed(|o| o.record_count);
     assert_eq!(sent, 50);
 
@@ -321,7 +332,7 @@ async fn corrupt_or_missing_state_is_a_clear_error_never_a_full_resend() {
     assert!(
         String::from_utf8_lossy(&out.stdout).contains("RESET SYNC users_sync: state forgotten")
     );
-    assert!(start(dir).wait_with_output().unwrap().status.success());
+    run_ok(dir);
     assert_eq!(fake.observed(|o| o.record_count), sent + 50);
 }
 
@@ -470,7 +481,7 @@ async fn a_flipped_byte_in_any_state_file_is_refused_before_anything_is_sent() {
     let dir = dir.path();
     let model = model(50, "x.io");
     write_model(dir, &model);
-    assert!(start(dir).wait_with_output().unwrap().status.success());
+    run_ok(dir);
     let sent = fake.observed(|o| o.record_count);
     // The next model changes a record and drops two (a mirror sync deletes them).
     let mut changed = model.clone();
@@ -506,7 +517,7 @@ async fn a_flipped_byte_in_any_state_file_is_refused_before_anything_is_sent() {
         std::fs::write(file, &good).unwrap();
     }
     // Intact again, the run sends the update and the two deletes.
-    assert!(start(dir).wait_with_output().unwrap().status.success());
+    run_ok(dir);
     assert_eq!(fake.observed(|o| o.record_count), sent + 3);
 }
 
@@ -598,7 +609,7 @@ async fn a_second_run_of_the_same_sync_refuses_while_the_first_holds_the_lock() 
     receiver_matches(&fake, &model).unwrap();
     // The refused run changed nothing: a third run has nothing to send.
     let before = fake.observed(|o| o.requests.len());
-    assert!(start(dir).wait_with_output().unwrap().status.success());
+    run_ok(dir);
     assert_eq!(fake.observed(|o| o.requests.len()), before);
 }
 
