@@ -58,11 +58,6 @@ impl SyncMode {
         if has_key { self } else { SyncMode::Append }
     }
 
-    /// Whether records are matched by a key (everything but `Append`).
-    pub fn has_key(self) -> bool {
-        self != SyncMode::Append
-    }
-
     /// Whether records the destination does not have are created.
     pub fn inserts(self) -> bool {
         matches!(
