@@ -247,8 +247,15 @@ impl SyncRun {
             None
         } else {
             let lock = self.state.lock(id, &self.run_id).await?;
-            if let Some(dead) = &lock.taken_over {
-                self.state.mark_interrupted(id, dead).await?;
+            // Before this run's own record: runs that died without recording their end
+            // (killed, or stopped between releasing the lock and recording it) are settled.
+            let settled = self.state.settle_dead_runs(id).await?;
+            if settled > 0 || lock.taken_over.is_some() {
+                tracing::warn!(
+                    sync = %self.spec.label(),
+                    runs = settled,
+                    "Earlier runs of this sync stopped before they finished; recorded them as interrupted. Records they sent without a commit are sent again."
+                );
             }
             Some(lock)
         };

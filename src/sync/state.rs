@@ -866,25 +866,32 @@ impl StateStore {
         Ok(runs)
     }
 
-    /// Records run `run_id` of `sync` as interrupted, if it is still recorded as running (its
-    /// process died holding the lock). Lists the sync's records; reads only that one.
-    pub async fn mark_interrupted(&self, sync: &str, run_id: &str) -> Result<()> {
-        let suffix = format!("-{run_id}.json");
-        for o in self.list(&self.path(&["runs", sync])).await? {
-            if !o.location.filename().is_some_and(|f| f.ends_with(&suffix)) {
-                continue;
-            }
+    /// Records as interrupted every run of `sync` still recorded as running: called by the run
+    /// that holds the sync's lock, so no other run of it is alive. Reads records newest first and
+    /// stops at the first that ended, since every run that took the lock before settled those
+    /// older than itself. This covers a chain of deaths (a run killed right after taking over a
+    /// dead run's lock, before recording it interrupted), which the lock file alone cannot: it
+    /// names only the last holder. Returns how many records it settled.
+    pub async fn settle_dead_runs(&self, sync: &str) -> Result<usize> {
+        let mut objects = self.list(&self.path(&["runs", sync])).await?;
+        objects.sort_by(|a, b| b.location.cmp(&a.location));
+        let mut settled = 0;
+        for o in objects {
             let Some(bytes) = self.read(&o.location).await? else {
                 continue;
             };
-            if let Ok(mut run) = serde_json::from_slice::<RunRecord>(&bytes)
-                && run.status == "running"
-            {
-                interrupted(&mut run);
-                self.put_run(&run).await?;
+            let Ok(mut run) = serde_json::from_slice::<RunRecord>(&bytes) else {
+                continue;
+            };
+            if run.status != "running" {
+                break;
             }
+            interrupted(&mut run);
+            run.finished_at.get_or_insert_with(now);
+            self.put_run(&run).await?;
+            settled += 1;
         }
-        Ok(())
+        Ok(settled)
     }
 
     /// The latest run record of `sync` (record names start with the run's start time).
@@ -1393,6 +1400,33 @@ mod tests {
         drop(lock);
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         state.lock("s", "run3").await.unwrap();
+    }
+
+    /// A run killed right after taking over a dead run's lock leaves two runs recorded as
+    /// running; the next run's lock names only the second. Both are settled, and the records
+    /// of runs that ended are left as they are.
+    #[tokio::test]
+    async fn a_chain_of_dead_runs_is_recorded_interrupted() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateStore::local(dir.path()).unwrap();
+        for (i, status) in ["succeeded", "running", "running"].iter().enumerate() {
+            state
+                .put_run(&RunRecord {
+                    run_id: format!("r{i}"),
+                    sync: "s".into(),
+                    started_at: format!("2026-12-07T10:00:0{i}.000Z"),
+                    status: status.to_string(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+        }
+        assert_eq!(state.settle_dead_runs("s").await.unwrap(), 2);
+        let runs = state.runs().await.unwrap();
+        let statuses: Vec<_> = runs.iter().map(|r| r.status.as_str()).collect();
+        assert_eq!(statuses, ["succeeded", "interrupted", "interrupted"]);
+        assert!(runs[1].finished_at.is_some() && runs[0].finished_at.is_none());
+        assert_eq!(state.settle_dead_runs("s").await.unwrap(), 0);
     }
 
     #[tokio::test]
