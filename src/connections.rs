@@ -26,6 +26,12 @@ pub trait ConnectorKind: Send + Sync + 'static {
     /// The name used in `TYPE kind`.
     fn kind(&self) -> &'static str;
 
+    /// One line on what it connects to, for `SHOW CONNECTION TYPES` and the book.
+    fn summary(&self) -> &'static str;
+
+    /// Whether its objects can be read, written or both.
+    fn role(&self) -> Role;
+
     /// The options this kind accepts.
     fn options(&self) -> &'static [OptionSpec];
 
@@ -33,6 +39,26 @@ pub trait ConnectorKind: Send + Sync + 'static {
     /// `sluice check` too.
     fn connect(&self, name: &str, options: &Options, context: &ConnectContext)
     -> Result<Connected>;
+}
+
+/// What a connection kind's objects can be used as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Read with `SELECT`.
+    Source,
+    /// Written with `INSERT`, `MERGE`, `DELETE` and syncs.
+    Destination,
+    Both,
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Role::Source => "source",
+            Role::Destination => "destination",
+            Role::Both => "source, destination",
+        })
+    }
 }
 
 /// What opening a connection gives the session.
@@ -96,6 +122,11 @@ impl Connections {
     pub fn add_kind(&mut self, kind: Arc<dyn ConnectorKind>) {
         self.kinds.retain(|k| k.kind() != kind.kind());
         self.kinds.push(kind);
+    }
+
+    /// Every kind, in the order they were added.
+    pub fn kinds(&self) -> &[Arc<dyn ConnectorKind>] {
+        &self.kinds
     }
 
     /// Finds a kind by name, or says which kinds exist.

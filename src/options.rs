@@ -62,17 +62,45 @@ impl fmt::Debug for Secret {
 }
 
 /// The documentation of one option a connection kind accepts. A key ending in `.*` (such as
-/// `header.*`) accepts any key with that prefix.
+/// `header.*`) accepts any key with that prefix. `DESCRIBE CONNECTION TYPE`, the REPL's
+/// completion and the book's option tables (`sluice docs options`) all read these.
 #[derive(Debug, Clone, Copy)]
 pub struct OptionSpec {
     pub key: &'static str,
-    /// One line for users: what it does, its values and default.
+    /// The values it takes: `integer`, `duration`, `url`, … or the choices (`jsonl | csv`).
+    pub value: &'static str,
+    /// What applies when it is not given; empty when nothing does (required, or off).
+    pub default: &'static str,
+    /// One line for users: what it does.
     pub doc: &'static str,
     /// A secret option's literal value is never shown.
     pub secret: bool,
 }
 
 impl OptionSpec {
+    pub const fn new(
+        key: &'static str,
+        value: &'static str,
+        default: &'static str,
+        doc: &'static str,
+    ) -> Self {
+        Self {
+            key,
+            value,
+            default,
+            doc,
+            secret: false,
+        }
+    }
+
+    /// The same option, as a secret.
+    pub const fn secret(self) -> Self {
+        Self {
+            secret: true,
+            ..self
+        }
+    }
+
     fn matches(&self, key: &str) -> bool {
         match self.key.strip_suffix('*') {
             Some(prefix) => key.starts_with(prefix) && key.len() > prefix.len(),
@@ -199,7 +227,13 @@ impl Options {
         };
         raw.parse::<T>().map(Some).map_err(|e| Error::Option {
             key: key.to_string(),
-            message: format!("option '{key}' = '{raw}' is not valid: {e}"),
+            message: match self.spec(key) {
+                Some(spec) => format!(
+                    "option '{key}' = '{raw}' is not valid: {e}; it takes {}",
+                    spec.value
+                ),
+                None => format!("option '{key}' = '{raw}' is not valid: {e}"),
+            },
         })
     }
 
@@ -309,16 +343,8 @@ mod tests {
     use super::*;
 
     const SPECS: &[OptionSpec] = &[
-        OptionSpec {
-            key: "url",
-            doc: "where",
-            secret: false,
-        },
-        OptionSpec {
-            key: "token",
-            doc: "api token",
-            secret: true,
-        },
+        OptionSpec::new("url", "url", "", "where"),
+        OptionSpec::new("token", "text", "", "api token").secret(),
     ];
 
     fn lit(s: &str) -> OptionValue {
@@ -382,11 +408,7 @@ mod tests {
 
     #[test]
     fn prefixed_options() {
-        const P: &[OptionSpec] = &[OptionSpec {
-            key: "header.*",
-            doc: "",
-            secret: true,
-        }];
+        const P: &[OptionSpec] = &[OptionSpec::new("header.*", "text", "", "").secret()];
         let opts = Options::new("x", P, vec![("header.x-team".into(), lit("growth"))]).unwrap();
         let headers = opts.prefixed("header.").unwrap();
         assert_eq!(headers[0].0, "x-team");

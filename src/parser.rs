@@ -22,6 +22,12 @@ pub enum Statement {
     DropConnection { name: String, if_exists: bool },
     /// `SHOW CONNECTIONS`
     ShowConnections,
+    /// `SHOW CONNECTION TYPES`
+    ShowConnectionTypes,
+    /// `DESCRIBE CONNECTION TYPE kind`: the options a kind takes.
+    DescribeConnectionType { kind: String },
+    /// `SHOW OBJECTS IN connection` (or `FROM`): its objects, keys and modes.
+    ShowObjects { connection: String },
     /// `CREATE [OR REPLACE] SYNC [IF NOT EXISTS] name [SCHEDULE EVERY '…' | CRON '…']
     /// [OPTIONS (…)] AS <INSERT | MERGE | DELETE>`
     CreateSync(CreateSync),
@@ -261,6 +267,17 @@ impl SluiceParser<'_> {
         }
         if self.words(&["SHOW", "CONNECTIONS"]) {
             return Ok(Statement::ShowConnections);
+        }
+        if self.words(&["SHOW", "CONNECTION", "TYPES"]) {
+            return Ok(Statement::ShowConnectionTypes);
+        }
+        if self.words(&["DESCRIBE", "CONNECTION", "TYPE"]) {
+            let kind = self.df.parser.parse_identifier()?.value.to_lowercase();
+            return Ok(Statement::DescribeConnectionType { kind });
+        }
+        if self.words(&["SHOW", "OBJECTS", "IN"]) || self.words(&["SHOW", "OBJECTS", "FROM"]) {
+            let connection = normalize(self.df.parser.parse_identifier()?);
+            return Ok(Statement::ShowObjects { connection });
         }
         let statement = self.df.parse_statement().map_err(parse_error)?;
         Ok(Statement::Sql(Box::new(statement)))

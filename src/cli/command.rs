@@ -34,10 +34,12 @@ pub(super) const HELP: &str = "\
 \\timing [on|off]   print how long each statement takes
 \\format FORMAT     print results as table, csv or json
 
-Statements end with ';' and may span lines. Ctrl-C cancels a running statement.
+Statements end with ';' and may span lines. Ctrl-C cancels a running statement. Tab completes
+keywords, connections, objects, columns, and option names inside OPTIONS (…).
 SQL: everything DataFusion runs, plus
   CREATE [OR REPLACE] CONNECTION name TYPE kind OPTIONS (key 'value', secret env('VAR'), ...);
   DROP CONNECTION [IF EXISTS] name;   SHOW CONNECTIONS;
+  SHOW CONNECTION TYPES;   DESCRIBE CONNECTION TYPE kind;   SHOW OBJECTS IN name;
   INSERT INTO conn.object SELECT ...;   MERGE INTO conn.object AS t USING ... ON t.key = s.key WHEN ...;
   DELETE FROM conn.object WHERE key IN (SELECT ...);
   CREATE [OR REPLACE] SYNC name [SCHEDULE EVERY '1 hour' | CRON '0 * * * *'] [OPTIONS (...)] AS <INSERT|MERGE|DELETE>;

@@ -268,7 +268,10 @@ pub async fn repl(engine: &Engine, print: &mut PrintOptions) -> rustyline::Resul
     let words = Arc::new(RwLock::new(engine.completion_words().await));
     let config = Config::builder().auto_add_history(false).build();
     let mut editor: Editor<SluiceHelper, FileHistory> = Editor::with_config(config)?;
-    editor.set_helper(Some(SluiceHelper::new(Arc::clone(&words))));
+    editor.set_helper(Some(SluiceHelper::new(
+        Arc::clone(&words),
+        engine.option_keys(),
+    )));
     let history = history_path();
     let _ = editor.load_history(&history);
     println!(

@@ -39,6 +39,19 @@ pub enum SyncMode {
 }
 
 impl SyncMode {
+    /// Every mode, the keyless one first.
+    pub const ALL: [SyncMode; 9] = [
+        SyncMode::Append,
+        SyncMode::Upsert,
+        SyncMode::Mirror,
+        SyncMode::CreateOnly,
+        SyncMode::CreateAndDelete,
+        SyncMode::UpdateOnly,
+        SyncMode::UpdateAndDelete,
+        SyncMode::DeleteMissing,
+        SyncMode::DeleteListed,
+    ];
+
     /// The mode of a MERGE with these kinds of clause; `None` without any.
     pub fn merge(insert: bool, update: bool, delete: bool) -> Option<SyncMode> {
         Some(match (insert, update, delete) {
@@ -166,17 +179,7 @@ impl fmt::Display for SyncMode {
 mod tests {
     use super::*;
 
-    const ALL: [SyncMode; 9] = [
-        SyncMode::Append,
-        SyncMode::Upsert,
-        SyncMode::Mirror,
-        SyncMode::CreateOnly,
-        SyncMode::CreateAndDelete,
-        SyncMode::UpdateOnly,
-        SyncMode::UpdateAndDelete,
-        SyncMode::DeleteMissing,
-        SyncMode::DeleteListed,
-    ];
+    const ALL: [SyncMode; 9] = SyncMode::ALL;
 
     #[test]
     fn every_merge_clause_set_is_one_mode_and_back() {

@@ -33,53 +33,42 @@ impl Defaults {
     pub fn options(&self, docs: Docs) -> Vec<OptionSpec> {
         let retry = RetryPolicy::default();
         let text = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
-        let spec = |key, doc| OptionSpec {
-            key,
-            doc,
-            secret: false,
-        };
         vec![
-            spec(
+            OptionSpec::new(
                 "batch_size",
-                text(format!(
-                    "{}, 1-{} (default {})",
-                    docs.batch, self.max_batch_size, self.batch_size
-                )),
+                text(format!("integer 1-{}", self.max_batch_size)),
+                text(self.batch_size.to_string()),
+                docs.batch,
             ),
-            spec(
+            OptionSpec::new(
                 "concurrency",
-                text(format!(
-                    "requests in flight at once (default {})",
-                    self.concurrency
-                )),
+                "integer",
+                text(self.concurrency.to_string()),
+                "requests in flight at once",
             ),
-            spec(
+            OptionSpec::new(
                 "rate_limit",
-                text(format!(
-                    "requests per second at most, shared by every statement on the connection (default: {})",
-                    docs.rate_limit
-                )),
+                "number (requests/s)",
+                docs.rate_limit,
+                "requests per second at most, shared by every statement on the connection",
             ),
-            spec(
+            OptionSpec::new(
                 "timeout",
-                text(format!(
-                    "per-request timeout, e.g. '{0}s' (default {0}s)",
-                    self.timeout.as_secs()
-                )),
+                "duration",
+                text(format!("{}s", self.timeout.as_secs())),
+                "per-request timeout",
             ),
-            spec(
+            OptionSpec::new(
                 "max_attempts",
-                text(format!(
-                    "attempts per request, and per record failing transiently, before giving up (default {}; rate-limited answers do not count)",
-                    retry.max_attempts
-                )),
+                "integer",
+                text(retry.max_attempts.to_string()),
+                "attempts per request, and per record failing transiently, before giving up (rate-limited answers do not count)",
             ),
-            spec(
+            OptionSpec::new(
                 "max_retry_time",
-                text(format!(
-                    "longest time one request may be retried, e.g. '5m' (default {}m)",
-                    retry.max_elapsed.as_secs() / 60
-                )),
+                "duration",
+                text(format!("{}m", retry.max_elapsed.as_secs() / 60)),
+                "longest time one request may be retried",
             ),
         ]
     }
@@ -238,12 +227,15 @@ mod tests {
         });
         let keys: Vec<&str> = options.iter().map(|o| o.key).collect();
         assert_eq!(keys, SHARED);
-        let doc = |key: &str| options.iter().find(|o| o.key == key).unwrap().doc;
-        assert_eq!(doc("batch_size"), "inputs per call, 1-200 (default 100)");
-        assert!(doc("concurrency").contains("(default 3)"));
-        assert!(doc("timeout").contains("(default 45s)"));
-        assert!(doc("max_attempts").contains("(default 7;"));
-        assert!(doc("max_retry_time").contains("(default 5m)"));
+        let spec = |key: &str| *options.iter().find(|o| o.key == key).unwrap();
+        assert_eq!(spec("batch_size").doc, "inputs per call");
+        assert_eq!(spec("batch_size").value, "integer 1-200");
+        assert_eq!(spec("batch_size").default, "100");
+        assert_eq!(spec("concurrency").default, "3");
+        assert_eq!(spec("rate_limit").default, "none");
+        assert_eq!(spec("timeout").default, "45s");
+        assert_eq!(spec("max_attempts").default, "7");
+        assert_eq!(spec("max_retry_time").default, "5m");
         assert!(options.iter().all(|o| !o.secret));
     }
 }

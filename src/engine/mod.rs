@@ -2,6 +2,7 @@
 //!
 //! The same engine serves the REPL, `sluice run`, `sluice check` and the library API.
 
+mod discover;
 mod insert;
 mod outcome;
 mod sync;
@@ -23,6 +24,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 
+pub use discover::{OPTION_COLUMNS, option_row};
 pub use outcome::{DryRunReport, Outcome, WriteSummary, format_duration};
 pub use sync::SyncContext;
 
@@ -185,6 +187,14 @@ impl Engine {
             Statement::CreateConnection(create) => self.create_connection(create, mode).await,
             Statement::DropConnection { name, if_exists } => self.drop_connection(name, *if_exists),
             Statement::ShowConnections => self.show_connections(),
+            Statement::ShowConnectionTypes => self.show_connection_types(),
+            Statement::DescribeConnectionType { kind } => self.describe_connection_type(kind),
+            Statement::ShowObjects { connection } => {
+                if mode == Mode::Check {
+                    return Ok(Outcome::Checked);
+                }
+                self.show_objects(connection).await
+            }
             Statement::CreateSync(create) => self.create_sync(create).await,
             Statement::RunSync { name } => {
                 let def = self.sync_def(name)?;
@@ -327,27 +337,13 @@ impl Engine {
     }
 
     fn show_connections(&self) -> Result<Outcome> {
-        let list = self.connections.list();
-        let column = |f: fn(&ConnectionInfo) -> &str| -> ArrayRef {
-            Arc::new(StringArray::from_iter_values(list.iter().map(f)))
-        };
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("name", DataType::Utf8, false),
-            Field::new("type", DataType::Utf8, false),
-            Field::new("options", DataType::Utf8, false),
-        ]));
-        let batch = RecordBatch::try_new(
-            Arc::clone(&schema),
-            vec![
-                column(|c| &c.name),
-                column(|c| &c.kind),
-                column(|c| &c.options),
-            ],
-        )?;
-        Ok(Outcome::Rows {
-            schema,
-            batches: vec![batch],
-        })
+        let rows = self
+            .connections
+            .list()
+            .into_iter()
+            .map(|c| vec![Some(c.name), Some(c.kind), Some(c.options)])
+            .collect();
+        discover::text_rows(&["name", "type", "options"], rows)
     }
 
     /// Plans a destination write (INSERT, MERGE, DELETE) as sluice does; `None` for anything

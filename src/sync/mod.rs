@@ -38,46 +38,54 @@ pub enum NullPolicy {
 
 /// The options a sync accepts (`CREATE SYNC … OPTIONS (…)`).
 pub const OPTIONS: &[OptionSpec] = &[
-    OptionSpec {
-        key: "max_deletes",
-        doc: "refuse to run if the sync would delete more records than this",
-        secret: false,
-    },
-    OptionSpec {
-        key: "max_delete_pct",
-        doc: "refuse to run if the sync would delete more than this percentage of the synced records",
-        secret: false,
-    },
-    OptionSpec {
-        key: "on_empty_source",
-        doc: "'abort' (default for syncs that delete) or 'allow': what to do when the model returns no rows",
-        secret: false,
-    },
-    OptionSpec {
-        key: "null_policy",
-        doc: "'clear' (default: a null clears the destination value) or 'skip' (leave it alone)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "duplicate_keys",
-        doc: "'error' (default: fail, showing a few) or 'keep_last'",
-        secret: false,
-    },
-    OptionSpec {
-        key: "checkpoint_every",
-        doc: "while a run delivers, commit what the destination acknowledged this often (default '30s'; '0' turns checkpoints off): a crash then re-sends at most what was in flight and one interval's work",
-        secret: false,
-    },
-    OptionSpec {
-        key: "checkpoint_records",
-        doc: "also commit a checkpoint after this many records are answered (default: by time only)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "diff",
-        doc: "'local' (default: the state is a snapshot next to the sync's other state) or 'warehouse' (the state is a table in the Postgres source and the diff runs there as SQL)",
-        secret: false,
-    },
+    OptionSpec::new(
+        "max_deletes",
+        "integer",
+        "",
+        "refuse to run if the sync would delete more records than this",
+    ),
+    OptionSpec::new(
+        "max_delete_pct",
+        "number 0-100",
+        "",
+        "refuse to run if the sync would delete more than this percentage of the synced records",
+    ),
+    OptionSpec::new(
+        "on_empty_source",
+        "abort | allow",
+        "abort",
+        "what to do when the model returns no rows; 'abort' protects syncs that delete from wiping the destination",
+    ),
+    OptionSpec::new(
+        "null_policy",
+        "clear | skip",
+        "clear",
+        "'clear' sends the null (the destination value is cleared); 'skip' leaves the field alone",
+    ),
+    OptionSpec::new(
+        "duplicate_keys",
+        "error | keep_last",
+        "error",
+        "'error' fails the run, showing a few duplicate keys; 'keep_last' keeps the last row of each key",
+    ),
+    OptionSpec::new(
+        "checkpoint_every",
+        "duration",
+        "30s",
+        "while a run delivers, commit what the destination acknowledged this often ('0' turns checkpoints off): a crash then re-sends at most what was in flight and one interval's work",
+    ),
+    OptionSpec::new(
+        "checkpoint_records",
+        "integer",
+        "",
+        "also commit a checkpoint after this many records are answered (unset: by time only)",
+    ),
+    OptionSpec::new(
+        "diff",
+        "local | warehouse",
+        "local",
+        "'local': the state is a snapshot next to the sync's other state; 'warehouse': the state is a table in the Postgres source and the diff runs there as SQL",
+    ),
 ];
 
 /// A sync's safety rails and policies.

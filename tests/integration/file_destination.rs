@@ -13,7 +13,7 @@ use datafusion::datasource::sink::DataSink;
 use datafusion::execution::TaskContext;
 use datafusion::physical_plan::{DisplayAs, DisplayFormatType, SendableRecordBatchStream};
 use futures::StreamExt;
-use sluice::connections::{ConnectContext, Connected, ConnectorKind};
+use sluice::connections::{ConnectContext, Connected, ConnectorKind, Role};
 use sluice::connectors::{Destination, DestinationSchema, ObjectSpec, WriteReport};
 use sluice::options::{OptionSpec, Options};
 use sluice::{Engine, Outcome};
@@ -198,6 +198,12 @@ struct CaptureKind(Arc<Mutex<Vec<RecordBatch>>>);
 impl ConnectorKind for CaptureKind {
     fn kind(&self) -> &'static str {
         "capture"
+    }
+    fn summary(&self) -> &'static str {
+        "records kept in memory, for tests"
+    }
+    fn role(&self) -> Role {
+        Role::Destination
     }
     fn options(&self) -> &'static [OptionSpec] {
         &[]

@@ -652,6 +652,36 @@ async fn completion_sees_every_schema() {
     assert!(words.contains(&"lead_key".to_string()), "{words:?}");
 }
 
+/// `SHOW OBJECTS IN wh`: each table with its key (primary, or composite), the modes a sync may
+/// use, and an append-only table without a key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn show_objects_lists_keys_and_modes() {
+    let Some(pg) = PgSchema::new("sluice_objects").await else {
+        return;
+    };
+    pg.sql(
+        "CREATE TABLE $S.leads (lead_id int PRIMARY KEY, email text UNIQUE, score int);
+         CREATE TABLE $S.pairs (a int, b int, PRIMARY KEY (a, b));
+         CREATE TABLE $S.events (at timestamptz, what text);",
+    )
+    .await;
+    let engine = engine(&pg).await;
+    let text = query(&engine, "SHOW OBJECTS IN wh").await;
+    let keyed = "upsert, mirror, create-only, create-only+delete, update-only, update-only+delete, delete-only, delete";
+    for row in [
+        "| events | | | append | yes | 2 |".to_string(),
+        format!("| leads | lead_id | | {keyed} | yes | 3 |"),
+        format!("| pairs | a, b | | {keyed} | yes | 2 |"),
+    ] {
+        let squeezed: String = text
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>()
+            .join("\n");
+        assert!(squeezed.contains(&row), "{row} missing from\n{text}");
+    }
+}
+
 /// The latest run of `sync` as `rows_read/inserted/updated/deleted/unchanged/rejected`.
 async fn last_run(engine: &sluice::Engine, sync: &str) -> String {
     let table = query(

@@ -10,17 +10,19 @@ use crate::options::{OptionSpec, Options};
 
 /// The options `CREATE CONNECTION ... TYPE file` accepts.
 pub const OPTIONS: &[OptionSpec] = &[
-    OptionSpec {
-        key: "url",
-        doc: "the folder objects are written under: a local path or an s3://, gs://, az:// URL; \
+    OptionSpec::new(
+        "url",
+        "path or URL",
+        "",
+        "the folder objects are written under: a local path or an s3://, gs://, az:// URL; \
               `INSERT INTO conn.obj` writes files under <url>/obj/",
-        secret: false,
-    },
-    OptionSpec {
-        key: "format",
-        doc: "file format: 'jsonl' (default), 'csv' or 'parquet'",
-        secret: false,
-    },
+    ),
+    OptionSpec::new(
+        "format",
+        "jsonl | csv | parquet",
+        "jsonl",
+        "the file format objects are written in (and read back)",
+    ),
 ];
 
 /// A file format the `file` destination writes (and reads back).

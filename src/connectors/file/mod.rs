@@ -29,7 +29,7 @@ use futures::TryStreamExt;
 pub use config::{FileConfig, FileFormat, OPTIONS};
 pub use sink::FileSink;
 
-use crate::connections::{ConnectContext, Connected, ConnectorKind};
+use crate::connections::{ConnectContext, Connected, ConnectorKind, Role};
 use crate::connectors::{Destination, DestinationSchema, ObjectSpec, WriteReport};
 use crate::error::{Error, Result};
 use crate::options::{OptionSpec, Options};
@@ -40,6 +40,14 @@ pub struct FileConnector;
 impl ConnectorKind for FileConnector {
     fn kind(&self) -> &'static str {
         "file"
+    }
+
+    fn summary(&self) -> &'static str {
+        "files (JSON lines, CSV, Parquet) in a local folder or on S3, GCS or Azure: written one file per statement, read back as a table"
+    }
+
+    fn role(&self) -> Role {
+        Role::Both
     }
 
     fn options(&self) -> &'static [OptionSpec] {

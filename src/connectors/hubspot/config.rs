@@ -29,21 +29,25 @@ pub const DEFAULTS: Defaults = Defaults {
 /// The options `CREATE CONNECTION … TYPE hubspot` accepts: its own, then the shared delivery options.
 pub static OPTIONS: LazyLock<Vec<OptionSpec>> = LazyLock::new(|| {
     let mut options = vec![
-        OptionSpec {
-            key: "token",
-            doc: "a private app token or OAuth access token (sent as Authorization: Bearer)",
-            secret: true,
-        },
-        OptionSpec {
-            key: "base_url",
-            doc: "the API's base URL (default https://api.hubapi.com)",
-            secret: false,
-        },
-        OptionSpec {
-            key: "tier",
-            doc: "'free', 'starter', 'pro' or 'enterprise': sets the default rate budget (100 or 190 requests per 10 s)",
-            secret: false,
-        },
+        OptionSpec::new(
+            "token",
+            "text",
+            "",
+            "a private app token or OAuth access token (sent as Authorization: Bearer)",
+        )
+        .secret(),
+        OptionSpec::new(
+            "base_url",
+            "url",
+            "https://api.hubapi.com",
+            "the API's base URL (a proxy or a test server)",
+        ),
+        OptionSpec::new(
+            "tier",
+            "free | starter | pro | enterprise",
+            "free",
+            "'free', 'starter', 'pro' or 'enterprise': sets the default rate budget (100 or 190 requests per 10 s)",
+        ),
     ];
     options.extend(DEFAULTS.options(Docs {
         batch: "inputs per batch call",

@@ -32,7 +32,7 @@ pub use api::HubspotConnection;
 pub use config::{HubspotConfig, OPTIONS};
 pub use sink::HubspotSink;
 
-use crate::connections::{ConnectContext, Connected, ConnectorKind};
+use crate::connections::{ConnectContext, Connected, ConnectorKind, Role};
 use crate::connectors::{Destination, DestinationSchema, ObjectSpec, WriteReport, key_index};
 use crate::delivery::settings::Redirects;
 use crate::error::{Error, Result};
@@ -45,6 +45,14 @@ pub struct HubspotConnector;
 impl ConnectorKind for HubspotConnector {
     fn kind(&self) -> &'static str {
         "hubspot"
+    }
+
+    fn summary(&self) -> &'static str {
+        "HubSpot CRM objects (contacts, companies, deals, custom objects) and list memberships through the batch APIs"
+    }
+
+    fn role(&self) -> Role {
+        Role::Destination
     }
 
     fn options(&self) -> &'static [OptionSpec] {

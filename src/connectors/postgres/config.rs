@@ -23,56 +23,16 @@ pub const DEFAULT_POOL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The options `CREATE CONNECTION … TYPE postgres` accepts.
 pub const OPTIONS: &[OptionSpec] = &[
-    OptionSpec {
-        key: "url",
-        doc: "postgres://user:password@host:port/database (or key=value form); keep passwords out of files: url env('WAREHOUSE_URL')",
-        secret: true,
-    },
-    OptionSpec {
-        key: "schema",
-        doc: "the schema whose tables are also reachable as conn.table (default public)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "tls",
-        doc: "disable | prefer | require (encrypt, do not verify) | verify-full (verify the certificate and host name); default: the url's sslmode, else prefer",
-        secret: false,
-    },
-    OptionSpec {
-        key: "tls_root_cert",
-        doc: "a PEM file of CA certificates to verify the server with (needs tls 'verify-full'); default the system's roots",
-        secret: false,
-    },
-    OptionSpec {
-        key: "pool_size",
-        doc: "connections kept open at most (default 4)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "batch_size",
-        doc: "rows written per transaction (default 100000)",
-        secret: false,
-    },
-    OptionSpec {
-        key: "connect_timeout",
-        doc: "how long opening a connection may take (default '10s')",
-        secret: false,
-    },
-    OptionSpec {
-        key: "statement_timeout",
-        doc: "how long one statement (a read, a batch's COPY, the warehouse-side diff) may run before Postgres cancels it (default '1h')",
-        secret: false,
-    },
-    OptionSpec {
-        key: "pool_timeout",
-        doc: "how long a statement waits for a free pooled connection (default '60s')",
-        secret: false,
-    },
-    OptionSpec {
-        key: "defer_key_index",
-        doc: "true (default): a sync's first run into an empty table drops the index of its match key and builds it once when the rows are in, faster than an insertion per row; the table is locked (ACCESS EXCLUSIVE) until the run commits. false keeps the index and a lighter lock",
-        secret: false,
-    },
+    OptionSpec::new("url", "postgres URL", "", "postgres://user:password@host:port/database (or key=value form); keep passwords out of files: url env('WAREHOUSE_URL')").secret(),
+    OptionSpec::new("schema", "name", "public", "the schema whose tables are also reachable as conn.table"),
+    OptionSpec::new("tls", "disable | prefer | require | verify-full", "the url's sslmode, else prefer", "'require' encrypts without verifying; 'verify-full' verifies the certificate and host name"),
+    OptionSpec::new("tls_root_cert", "path", "the system's roots", "a PEM file of CA certificates to verify the server with (needs tls 'verify-full')"),
+    OptionSpec::new("pool_size", "integer", "4", "connections kept open at most"),
+    OptionSpec::new("batch_size", "integer", "100000", "rows written per transaction"),
+    OptionSpec::new("connect_timeout", "duration", "10s", "how long opening a connection may take"),
+    OptionSpec::new("statement_timeout", "duration", "1h", "how long one statement (a read, a batch's COPY, the warehouse-side diff) may run before Postgres cancels it"),
+    OptionSpec::new("pool_timeout", "duration", "60s", "how long a statement waits for a free pooled connection"),
+    OptionSpec::new("defer_key_index", "boolean", "true", "true: a sync's first run into an empty table drops the index of its match key and builds it once when the rows are in, faster than an insertion per row; the table is locked (ACCESS EXCLUSIVE) until the run commits. false keeps the index and a lighter lock"),
 ];
 
 /// How to secure the connection.

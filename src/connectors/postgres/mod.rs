@@ -38,7 +38,7 @@ use datafusion::datasource::sink::DataSink;
 pub use config::{OPTIONS, PgConfig};
 pub use metadata::Relation;
 
-use crate::connections::{ConnectContext, Connected, ConnectorKind};
+use crate::connections::{ConnectContext, Connected, ConnectorKind, Role};
 use crate::connectors::{Destination, DestinationSchema, ObjectSpec, WriteReport};
 use crate::error::{Error, Result};
 use crate::options::{OptionSpec, Options};
@@ -50,6 +50,14 @@ pub struct PostgresConnector;
 impl ConnectorKind for PostgresConnector {
     fn kind(&self) -> &'static str {
         "postgres"
+    }
+
+    fn summary(&self) -> &'static str {
+        "a PostgreSQL database: read its tables (with pushdown), write them with COPY and upserts, or diff in the database"
+    }
+
+    fn role(&self) -> Role {
+        Role::Both
     }
 
     fn options(&self) -> &'static [OptionSpec] {

@@ -30,71 +30,82 @@ pub const DEFAULTS: Defaults = Defaults {
 /// The options `CREATE CONNECTION … TYPE salesforce` accepts: its own, then the shared delivery options.
 pub static OPTIONS: LazyLock<Vec<OptionSpec>> = LazyLock::new(|| {
     let mut options = vec![
-        OptionSpec {
-            key: "login_url",
-            doc: "the OAuth host: https://login.salesforce.com (default), https://test.salesforce.com or the org's My Domain (needed for client credentials)",
-            secret: false,
-        },
-        OptionSpec {
-            key: "client_id",
-            doc: "the connected app's consumer key",
-            secret: true,
-        },
-        OptionSpec {
-            key: "client_secret",
-            doc: "the connected app's consumer secret (client credentials and refresh token flows)",
-            secret: true,
-        },
-        OptionSpec {
-            key: "refresh_token",
-            doc: "a refresh token: selects the refresh token flow",
-            secret: true,
-        },
-        OptionSpec {
-            key: "username",
-            doc: "the user a JWT bearer token is issued for (with private_key)",
-            secret: false,
-        },
-        OptionSpec {
-            key: "private_key",
-            doc: "the RS256 private key (PEM) of the JWT bearer flow, e.g. file('sf.key')",
-            secret: true,
-        },
-        OptionSpec {
-            key: "audience",
-            doc: "the JWT's aud claim (default: login_url when it is login or test.salesforce.com, else https://login.salesforce.com)",
-            secret: false,
-        },
-        OptionSpec {
-            key: "api_version",
-            doc: "the REST API version, e.g. '62.0' (default 62.0)",
-            secret: false,
-        },
-        OptionSpec {
-            key: "api",
-            doc: "'auto' (default: Bulk API 2.0 above bulk_threshold changed records of an operation, else sObject Collections), 'rest' or 'bulk'",
-            secret: false,
-        },
-        OptionSpec {
-            key: "bulk_threshold",
-            doc: "changed records of one operation above which 'auto' uses Bulk API 2.0 (default 2000)",
-            secret: false,
-        },
-        OptionSpec {
-            key: "max_api_usage_pct",
-            doc: "stop before the org's rolling 24 h API usage passes this percentage of its allocation (default 80)",
-            secret: false,
-        },
-        OptionSpec {
-            key: "poll_interval",
-            doc: "first wait between Bulk job status polls; it grows by half each poll, up to 10x (default 1s)",
-            secret: false,
-        },
-        OptionSpec {
-            key: "bulk_timeout",
-            doc: "longest a Bulk job may take, from its upload to its end, before the run fails (its records are sent again next run; default 4h)",
-            secret: false,
-        },
+        OptionSpec::new(
+            "login_url",
+            "url",
+            "https://login.salesforce.com",
+            "the OAuth host: https://login.salesforce.com, https://test.salesforce.com or the org's My Domain (needed for client credentials)",
+        ),
+        OptionSpec::new("client_id", "text", "", "the connected app's consumer key").secret(),
+        OptionSpec::new(
+            "client_secret",
+            "text",
+            "",
+            "the connected app's consumer secret (client credentials and refresh token flows)",
+        )
+        .secret(),
+        OptionSpec::new(
+            "refresh_token",
+            "text",
+            "",
+            "a refresh token: selects the refresh token flow",
+        )
+        .secret(),
+        OptionSpec::new(
+            "username",
+            "text",
+            "",
+            "the user a JWT bearer token is issued for (with private_key)",
+        ),
+        OptionSpec::new(
+            "private_key",
+            "PEM text",
+            "",
+            "the RS256 private key (PEM) of the JWT bearer flow, e.g. file('sf.key')",
+        )
+        .secret(),
+        OptionSpec::new(
+            "audience",
+            "url",
+            "login_url when it is login or test.salesforce.com, else https://login.salesforce.com",
+            "the JWT's aud claim",
+        ),
+        OptionSpec::new(
+            "api_version",
+            "version",
+            "62.0",
+            "the REST API version, e.g. '62.0'",
+        ),
+        OptionSpec::new(
+            "api",
+            "auto | rest | bulk",
+            "auto",
+            "'auto': Bulk API 2.0 above bulk_threshold changed records of an operation, else sObject Collections; 'rest' or 'bulk' always",
+        ),
+        OptionSpec::new(
+            "bulk_threshold",
+            "integer",
+            "2000",
+            "changed records of one operation above which 'auto' uses Bulk API 2.0",
+        ),
+        OptionSpec::new(
+            "max_api_usage_pct",
+            "number 0-100",
+            "80",
+            "stop before the org's rolling 24 h API usage passes this percentage of its allocation",
+        ),
+        OptionSpec::new(
+            "poll_interval",
+            "duration",
+            "1s",
+            "first wait between Bulk job status polls; it grows by half each poll, up to 10x",
+        ),
+        OptionSpec::new(
+            "bulk_timeout",
+            "duration",
+            "4h",
+            "longest a Bulk job may take, from its upload to its end, before the run fails (its records are sent again next run)",
+        ),
     ];
     options.extend(DEFAULTS.options(Docs {
         batch: "records per sObject Collections call",

@@ -34,7 +34,7 @@ pub use api::SalesforceConnection;
 pub use config::{OPTIONS, SalesforceConfig};
 pub use sink::SalesforceSink;
 
-use crate::connections::{ConnectContext, Connected, ConnectorKind};
+use crate::connections::{ConnectContext, Connected, ConnectorKind, Role};
 use crate::connectors::{Destination, DestinationSchema, ObjectSpec, WriteReport, key_index};
 use crate::error::{Error, Result};
 use crate::options::{OptionSpec, Options};
@@ -46,6 +46,14 @@ pub struct SalesforceConnector;
 impl ConnectorKind for SalesforceConnector {
     fn kind(&self) -> &'static str {
         "salesforce"
+    }
+
+    fn summary(&self) -> &'static str {
+        "Salesforce sObjects by Id or External ID, through sObject Collections or Bulk API 2.0"
+    }
+
+    fn role(&self) -> Role {
+        Role::Destination
     }
 
     fn options(&self) -> &'static [OptionSpec] {

@@ -32,41 +32,50 @@ pub const DEFAULTS: Defaults = Defaults {
 /// The options `CREATE CONNECTION ... TYPE webhook` accepts: its own, then the shared delivery options.
 pub static OPTIONS: LazyLock<Vec<OptionSpec>> = LazyLock::new(|| {
     let mut options = vec![
-        OptionSpec {
-            key: "url",
-            doc: "the endpoint records are sent to (http or https)",
-            secret: false,
-        },
-        OptionSpec {
-            key: "key",
-            doc: "the record field that identifies a record (for rejects, diffs and deletes)",
-            secret: false,
-        },
-        OptionSpec {
-            key: "method",
-            doc: "POST (default), PUT or PATCH",
-            secret: false,
-        },
-        OptionSpec {
-            key: "header.*",
-            doc: "an extra request header, e.g. 'header.Authorization' env('HOOK_TOKEN')",
-            secret: true,
-        },
-        OptionSpec {
-            key: "max_bytes",
-            doc: "largest request body in bytes (default 5 MiB); a batch closes before exceeding it",
-            secret: false,
-        },
-        OptionSpec {
-            key: "signing_secret",
-            doc: "HMAC-SHA256 key: signs timestamp.body into X-Sluice-Signature: t=...,v1=...",
-            secret: true,
-        },
-        OptionSpec {
-            key: "follow_redirects",
-            doc: "none (default): a 3xx answer fails the run, since following it would re-send the records, headers and signature to another address; 'same-origin' follows redirects to the url's own scheme, host and port",
-            secret: false,
-        },
+        OptionSpec::new(
+            "url",
+            "url",
+            "",
+            "the endpoint records are sent to (http or https)",
+        ),
+        OptionSpec::new(
+            "key",
+            "field name",
+            "",
+            "the record field that identifies a record (for rejects, diffs and deletes)",
+        ),
+        OptionSpec::new(
+            "method",
+            "POST | PUT | PATCH",
+            "POST",
+            "the HTTP method of each request",
+        ),
+        OptionSpec::new(
+            "header.*",
+            "text",
+            "",
+            "an extra request header, e.g. 'header.Authorization' env('HOOK_TOKEN')",
+        )
+        .secret(),
+        OptionSpec::new(
+            "max_bytes",
+            "integer (bytes)",
+            "5242880",
+            "largest request body; a batch closes before exceeding it",
+        ),
+        OptionSpec::new(
+            "signing_secret",
+            "text",
+            "",
+            "HMAC-SHA256 key: signs timestamp.body into X-Sluice-Signature: t=...,v1=...",
+        )
+        .secret(),
+        OptionSpec::new(
+            "follow_redirects",
+            "none | same-origin",
+            "none",
+            "'none': a 3xx answer fails the run, since following it would re-send the records, headers and signature to another address; 'same-origin' follows redirects to the url's own scheme, host and port",
+        ),
     ];
     options.extend(DEFAULTS.options(Docs {
         batch: "records per request",

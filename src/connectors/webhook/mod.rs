@@ -27,7 +27,7 @@ pub use api::{IDEMPOTENCY_HEADER, SIGNATURE_HEADER, WebhookConnection, signature
 pub use config::{OPTIONS, WebhookConfig};
 pub use sink::WebhookSink;
 
-use crate::connections::{ConnectContext, Connected, ConnectorKind};
+use crate::connections::{ConnectContext, Connected, ConnectorKind, Role};
 use crate::connectors::{Destination, DestinationSchema, ObjectSpec, WriteReport, key_index};
 use crate::delivery::AdaptiveLimiter;
 use crate::error::Result;
@@ -40,6 +40,14 @@ pub struct WebhookConnector;
 impl ConnectorKind for WebhookConnector {
     fn kind(&self) -> &'static str {
         "webhook"
+    }
+
+    fn summary(&self) -> &'static str {
+        "any HTTP endpoint: records in batches of JSON, signed, rate-limited and retried, with per-record rejects"
+    }
+
+    fn role(&self) -> Role {
+        Role::Destination
     }
 
     fn options(&self) -> &'static [OptionSpec] {
