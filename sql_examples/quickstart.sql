@@ -1,5 +1,5 @@
 -- Quickstart: sync bundled sample data into a file destination. No services, no credentials.
---   cargo run --release -- run sql_examples/quickstart.sql
+--   cargo run -- run sql_examples/quickstart.sql
 -- Every run adds one new file under out/contacts/.
 
 -- Sources: any Parquet, CSV or JSON file or folder, local or s3:// gs:// az:// http(s)://.

@@ -11,6 +11,7 @@ use rustyline::{Config, Editor};
 use super::Status;
 use super::command::{Command, Flow, HELP};
 use super::helper::SluiceHelper;
+use super::json_output::{self, Output};
 use super::print_format::PrintOptions;
 use crate::engine::{Engine, Mode, Outcome};
 use crate::error::{Error, Result};
@@ -49,9 +50,17 @@ pub fn error_position(statement: Option<&ParsedStatement>, error: &Error) -> (u6
     (statement.line, statement.column)
 }
 
-fn report(source: &str, statement: Option<&ParsedStatement>, error: &Error) {
+/// Reports an error at `file:line:col` on stderr, and with `--output json` as a JSON line
+/// on stdout too.
+fn report(source: &str, statement: Option<&ParsedStatement>, error: &Error, output: Output) {
     let (line, column) = error_position(statement, error);
     eprintln!("{source}:{line}:{column}: {error}");
+    if output == Output::Json {
+        println!(
+            "{}",
+            json_output::error(source, statement, (line, column), error)
+        );
+    }
 }
 
 /// Problems of one file, printed in line order.
@@ -64,10 +73,18 @@ impl Problems {
         self.0.push((line, column, error.to_string()));
     }
 
-    fn print(mut self, source: &str) -> usize {
+    fn print(mut self, source: &str, output: Output) -> usize {
         self.0.sort_by_key(|(line, column, _)| (*line, *column));
         for (line, column, message) in &self.0 {
             eprintln!("{source}:{line}:{column}: {message}");
+            if output == Output::Json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "file": source, "line": line, "column": column, "problem": message,
+                    })
+                );
+            }
         }
         self.0.len()
     }
@@ -84,7 +101,7 @@ pub async fn run_source(
     let (statements, errors) = parse_sql_recovering(sql);
     if !errors.is_empty() {
         for e in &errors {
-            report(source, None, e);
+            report(source, None, e, print.output);
         }
         return Status::Error;
     }
@@ -106,14 +123,17 @@ async fn run_statements(
                 if outcome.rejected() > 0 {
                     status = Status::Rejected;
                 }
-                if let Err(e) = print.print(&outcome, &mut stdout) {
-                    report(source, Some(statement), &e);
+                if print.output == Output::Json {
+                    let line = json_output::outcome(source, statement, &outcome);
+                    let _ = writeln!(stdout, "{line}");
+                } else if let Err(e) = print.print(&outcome, &mut stdout) {
+                    report(source, Some(statement), &e, print.output);
                     return Status::Error;
                 }
                 let _ = stdout.flush();
             }
             Err(e) => {
-                report(source, Some(statement), &e);
+                report(source, Some(statement), &e, print.output);
                 return Status::Error;
             }
         }
@@ -183,7 +203,7 @@ pub async fn run_paths(
         };
         let (statements, errors) = parse_sql_recovering(&sql);
         for e in &errors {
-            report(&file.display().to_string(), None, e);
+            report(&file.display().to_string(), None, e, print.output);
         }
         failed |= !errors.is_empty();
         parsed.push((file.display().to_string(), statements));
@@ -205,7 +225,7 @@ pub async fn run_paths(
 }
 
 /// `sluice check`: parses and plans every statement, reporting every problem.
-pub async fn check_paths(engine: &Engine, paths: &[PathBuf]) -> Status {
+pub async fn check_paths(engine: &Engine, paths: &[PathBuf], output: Output) -> Status {
     let files = match expand(paths) {
         Ok(files) => files,
         Err(e) => {
@@ -236,9 +256,20 @@ pub async fn check_paths(engine: &Engine, paths: &[PathBuf]) -> Status {
                 found.add(Some(statement), &e);
             }
         }
-        problems += found.print(&source);
+        problems += found.print(&source, output);
     }
     let files_word = if files.len() == 1 { "file" } else { "files" };
+    if output == Output::Json {
+        println!(
+            "{}",
+            serde_json::json!({"checked": checked, "files": files.len(), "problems": problems})
+        );
+        return if problems == 0 {
+            Status::Ok
+        } else {
+            Status::Error
+        };
+    }
     if problems == 0 {
         println!(
             "checked {checked} statements in {} {files_word}: ok",

@@ -223,26 +223,42 @@ mod tests {
         let helper = SluiceHelper::new(
             Arc::default(),
             vec![
-                ("webhook".into(), vec!["url".into(), "key".into(), "max_bytes".into()]),
+                (
+                    "webhook".into(),
+                    vec!["url".into(), "key".into(), "max_bytes".into()],
+                ),
                 ("sync".into(), vec!["max_deletes".into(), "diff".into()]),
             ],
         );
         let keys = |before: &str| helper.option_keys(before).map(|k| k.to_vec());
         let webhook = Some(vec!["url".to_string(), "key".into(), "max_bytes".into()]);
         assert_eq!(keys("CREATE CONNECTION h TYPE webhook OPTIONS ("), webhook);
-        assert_eq!(keys("create connection h type webhook options (url 'x', "), webhook);
+        assert_eq!(
+            keys("create connection h type webhook options (url 'x', "),
+            webhook
+        );
         assert_eq!(
             keys("CREATE OR REPLACE SYNC s OPTIONS ("),
             Some(vec!["max_deletes".to_string(), "diff".into()])
         );
         // After a key (its value comes next), after the list, in another statement or type.
         assert_eq!(keys("CREATE CONNECTION h TYPE webhook OPTIONS (url "), None);
-        assert_eq!(keys("CREATE CONNECTION h TYPE webhook OPTIONS (url 'x') "), None);
-        assert_eq!(keys("CREATE CONNECTION h TYPE webhook OPTIONS (url 'x'); SELECT ("), None);
+        assert_eq!(
+            keys("CREATE CONNECTION h TYPE webhook OPTIONS (url 'x') "),
+            None
+        );
+        assert_eq!(
+            keys("CREATE CONNECTION h TYPE webhook OPTIONS (url 'x'); SELECT ("),
+            None
+        );
         assert_eq!(keys("CREATE CONNECTION h TYPE nope OPTIONS ("), None);
         let line = "CREATE CONNECTION h TYPE webhook OPTIONS (url 'x', ma";
         let (start, pairs) = helper
-            .complete(line, line.len(), &Context::new(&rustyline::history::DefaultHistory::new()))
+            .complete(
+                line,
+                line.len(),
+                &Context::new(&rustyline::history::DefaultHistory::new()),
+            )
             .unwrap();
         assert_eq!(start, line.len() - 2);
         let shown: Vec<_> = pairs.iter().map(|p| p.replacement.as_str()).collect();

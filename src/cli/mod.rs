@@ -3,8 +3,11 @@
 //! Exit codes are a contract: 0 ok, 1 finished but some records were rejected, 2 error.
 
 mod command;
+mod docs;
 mod exec;
 mod helper;
+mod init;
+mod json_output;
 mod print_format;
 
 use std::path::PathBuf;
@@ -12,6 +15,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+pub use json_output::Output;
 pub use print_format::{PrintFormat, PrintOptions};
 
 /// sluice: reverse ETL as SQL. Run with no arguments for the interactive shell.
@@ -29,6 +33,11 @@ pub struct Args {
     /// Print only query results and errors (no statement summaries).
     #[arg(short, long, global = true)]
     pub quiet: bool,
+
+    /// `json`: one JSON object per line on stdout for each statement run (its counts, rejects,
+    /// run id) or each problem `check` finds, then a summary; for CI.
+    #[arg(long, value_enum, default_value_t = Output::Text, global = true)]
+    pub output: Output,
 
     /// Where sync state, run history and rejects live: a directory or an object store URL
     /// (s3://bucket/prefix, gs://…, az://…, file://…). Default: `.sluice` next to the files
@@ -57,6 +66,40 @@ pub enum Command {
         #[arg(required = true, value_name = "PATH")]
         paths: Vec<PathBuf>,
     },
+    /// Write a new project: connections with env() placeholders, an example sync on bundled
+    /// sample data, .gitignore and a README telling how to check, dry-run and run it.
+    Init {
+        /// Where (created if missing; files that exist are never overwritten).
+        #[arg(default_value = ".")]
+        dir: PathBuf,
+        /// Connection types to declare, comma-separated (SHOW CONNECTION TYPES lists them).
+        #[arg(long, value_delimiter = ',', default_value = "webhook")]
+        with: Vec<String>,
+    },
+    /// Print a shell completion script: `sluice completions bash > /etc/bash_completion.d/sluice`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Generate the book's option tables from the connectors' option specs.
+    Docs {
+        #[command(subcommand)]
+        what: DocsCommand,
+    },
+}
+
+/// `sluice docs …`
+#[derive(Debug, Subcommand)]
+pub enum DocsCommand {
+    /// Write docs/src/reference/options/<type>.md for every connection type (and syncs.md);
+    /// with --check, change nothing and fail if a committed page differs.
+    Options {
+        /// The book's source folder.
+        #[arg(long, default_value = "docs/src")]
+        dir: PathBuf,
+        #[arg(long)]
+        check: bool,
+    },
 }
 
 /// Exit status of a finished invocation.
@@ -82,6 +125,18 @@ impl From<Status> for ExitCode {
 pub fn main() -> ExitCode {
     let args = Args::parse();
     init_logging();
+    match &args.command {
+        Some(Command::Completions { shell }) => {
+            let mut command = <Args as clap::CommandFactory>::command();
+            clap_complete::generate(*shell, &mut command, "sluice", &mut std::io::stdout());
+            return Status::Ok.into();
+        }
+        Some(Command::Init { dir, with }) => return init::init(dir, with).into(),
+        Some(Command::Docs {
+            what: DocsCommand::Options { dir, check },
+        }) => return docs::docs_options(dir, *check).into(),
+        _ => {}
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -113,7 +168,7 @@ async fn run(args: Args) -> Status {
     let state = args.state.clone().unwrap_or_else(|| {
         let paths = match &args.command {
             Some(Command::Run { paths, .. } | Command::Check { paths }) => paths.as_slice(),
-            None => &[],
+            _ => &[],
         };
         let dir = match paths.first() {
             Some(p) if p.is_dir() => p.clone(),
@@ -130,6 +185,7 @@ async fn run(args: Args) -> Status {
         format: args.format,
         quiet: args.quiet,
         timing: false,
+        output: args.output,
     };
     let mut status = Status::Ok;
     for (i, sql) in args.commands.iter().enumerate() {
@@ -159,7 +215,10 @@ async fn run(args: Args) -> Status {
             };
             worst(status, exec::run_paths(&engine, &paths, &print, mode).await)
         }
-        Some(Command::Check { paths }) => worst(status, exec::check_paths(&engine, &paths).await),
+        Some(Command::Check { paths }) => worst(
+            status,
+            exec::check_paths(&engine, &paths, args.output).await,
+        ),
         None if args.commands.is_empty() => match exec::repl(&engine, &mut print).await {
             Ok(()) => Status::Ok,
             Err(e) => {
@@ -167,7 +226,9 @@ async fn run(args: Args) -> Status {
                 Status::Error
             }
         },
-        None => status,
+        None | Some(Command::Init { .. } | Command::Completions { .. } | Command::Docs { .. }) => {
+            status
+        }
     }
 }
 

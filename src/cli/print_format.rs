@@ -42,6 +42,8 @@ pub struct PrintOptions {
     pub quiet: bool,
     /// Print each statement's elapsed time (REPL `\timing`).
     pub timing: bool,
+    /// `--output json`: one JSON object per statement instead of text.
+    pub output: super::json_output::Output,
 }
 
 impl PrintOptions {

@@ -9,7 +9,7 @@
 //! blanked. Sinks do all I/O in `write_all`, never while planning (DataFusion plans DML under
 //! `EXPLAIN` too). In a sync the sink reads its rows as a [`crate::contract::ChangeBatch`].
 //!
-//! Every folder has the same roles (docs/architecture.md draws the whole path):
+//! Every folder has the same roles (docs/src/architecture.md draws the whole path):
 //!
 //! | file | role |
 //! | --- | --- |

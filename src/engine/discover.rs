@@ -22,9 +22,7 @@ pub(super) fn text_rows(columns: &[&str], rows: Vec<Vec<Option<String>>>) -> Res
             .collect::<Vec<_>>(),
     ));
     let arrays: Vec<ArrayRef> = (0..columns.len())
-        .map(|i| {
-            Arc::new(StringArray::from_iter(rows.iter().map(|r| r[i].as_deref()))) as ArrayRef
-        })
+        .map(|i| Arc::new(StringArray::from_iter(rows.iter().map(|r| r[i].as_deref()))) as ArrayRef)
         .collect();
     let batch = RecordBatch::try_new(Arc::clone(&schema), arrays)?;
     Ok(Outcome::Rows {
@@ -143,7 +141,14 @@ impl Engine {
                         key,
                         (!spec.match_keys.is_empty()).then(|| spec.match_keys.join(", ")),
                         Some(modes(keyed)),
-                        Some(if object.reader().is_some() { "yes" } else { "no" }.into()),
+                        Some(
+                            if object.reader().is_some() {
+                                "yes"
+                            } else {
+                                "no"
+                            }
+                            .into(),
+                        ),
                         Some(match &spec.fields {
                             Some(fields) => fields.fields().len().to_string(),
                             None => "any".to_string(),

@@ -3,6 +3,7 @@
 mod cli;
 mod fakes;
 mod file_destination;
+mod front_door;
 mod hostile;
 mod hubspot;
 mod postgres;

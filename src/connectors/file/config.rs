@@ -15,7 +15,7 @@ pub const OPTIONS: &[OptionSpec] = &[
         "path or URL",
         "",
         "the folder objects are written under: a local path or an s3://, gs://, az:// URL; \
-              `INSERT INTO conn.obj` writes files under <url>/obj/",
+              `INSERT INTO conn.obj` writes files under the folder obj/ of it",
     ),
     OptionSpec::new(
         "format",
