@@ -272,6 +272,26 @@ async fn wrong_names_fail_at_plan_time_with_the_closest_name() {
         "{described}"
     );
     assert!(described.contains("external_id"), "{described}");
+
+    // SHOW OBJECTS: the objects with their keys, the unique properties records can be matched
+    // by, and the modes; read from the properties API, never by a batch call.
+    let objects = query(&engine, "SHOW OBJECTS IN crm").await;
+    let contacts = objects
+        .lines()
+        .find(|l| l.contains("| contacts "))
+        .unwrap_or_else(|| panic!("{objects}"));
+    assert!(
+        contacts.contains("email")
+            && contacts.contains("external_id")
+            && contacts.contains("mirror"),
+        "{objects}"
+    );
+    assert!(objects.contains("| companies "), "{objects}");
+    assert_eq!(
+        fake.observed(|o| o.requests.len()),
+        0,
+        "a batch call was made"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
