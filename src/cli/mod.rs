@@ -91,8 +91,8 @@ pub enum Command {
 /// `sluice docs …`
 #[derive(Debug, Subcommand)]
 pub enum DocsCommand {
-    /// Write docs/src/reference/options/<type>.md for every connection type (and syncs.md);
-    /// with --check, change nothing and fail if a committed page differs.
+    /// Rewrite the option table of every connection type's page (docs/src/connectors/<type>.md)
+    /// and of the sync options' page; with --check, change nothing and fail if one differs.
     Options {
         /// The book's source folder.
         #[arg(long, default_value = "docs/src")]
