@@ -192,6 +192,14 @@ pub trait Destination: Debug + Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Why `SELECT … FROM conn.object` cannot read `object` (it has no reader), and what to do.
+    fn unreadable(&self, object: &str) -> String {
+        format!(
+            "{}.{object} cannot be read: this connection's objects are written to, not read; sluice.runs shows what was sent and sluice.rejects what was refused",
+            self.connection()
+        )
+    }
+
     /// The diff in the warehouse this connection's tables are read from (`diff 'warehouse'`),
     /// if the connection is a source that can run one.
     fn warehouse_diff(&self) -> Option<Arc<dyn WarehouseDiff>> {

@@ -142,11 +142,9 @@ impl TableProvider for DestinationTable {
     ) -> Result<Arc<dyn ExecutionPlan>> {
         match &self.reader {
             Some(reader) => reader.scan(state, projection, filters, limit).await,
-            None => Err(DataFusionError::Plan(format!(
-                "{}.{} holds nothing to read yet, or its destination cannot be read",
-                self.destination.connection(),
-                self.object.name
-            ))),
+            None => Err(DataFusionError::Plan(
+                self.destination.unreadable(&self.object.name),
+            )),
         }
     }
 

@@ -257,6 +257,12 @@ async fn wrong_names_fail_at_plan_time_with_the_closest_name() {
         e.contains("not 'firstname'") && e.contains("external_id"),
         "{e}"
     );
+    // Reading a CRM object is not built yet: the error says so and what to use instead.
+    let e = error("SELECT email FROM crm.contacts LIMIT 1").await;
+    assert!(
+        e.contains("does not read them yet") && e.contains("DESCRIBE crm.contacts"),
+        "{e}"
+    );
     let e = error("INSERT INTO crm.widgets SELECT 1 AS x").await;
     assert!(e.to_lowercase().contains("widgets"), "{e}");
     assert_eq!(

@@ -117,6 +117,13 @@ impl FileDestination {
 
 #[async_trait]
 impl Destination for FileDestination {
+    fn unreadable(&self, object: &str) -> String {
+        format!(
+            "{0}.{object} holds nothing to read yet: no file has been written under it; INSERT INTO {0}.{object} … first",
+            self.connection()
+        )
+    }
+
     fn connection(&self) -> &str {
         &self.connection
     }

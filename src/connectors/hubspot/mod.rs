@@ -81,6 +81,13 @@ pub struct HubspotDestination(Arc<HubspotConnection>);
 
 #[async_trait]
 impl Destination for HubspotDestination {
+    fn unreadable(&self, object: &str) -> String {
+        format!(
+            "{0}.{object} cannot be read: sluice writes HubSpot objects but does not read them yet; DESCRIBE {0}.{object} shows its properties, sluice.runs what was sent and sluice.rejects what HubSpot refused",
+            self.connection()
+        )
+    }
+
     fn connection(&self) -> &str {
         &self.0.name
     }

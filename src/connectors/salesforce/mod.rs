@@ -84,6 +84,13 @@ pub struct SalesforceDestination(Arc<SalesforceConnection>);
 
 #[async_trait]
 impl Destination for SalesforceDestination {
+    fn unreadable(&self, object: &str) -> String {
+        format!(
+            "{0}.{object} cannot be read: sluice writes Salesforce objects but does not read them yet; DESCRIBE {0}.{object} shows its fields, sluice.runs what was sent and sluice.rejects what Salesforce refused",
+            self.connection()
+        )
+    }
+
     fn connection(&self) -> &str {
         &self.0.name
     }
