@@ -247,10 +247,10 @@ impl SyncRun {
             None
         } else {
             let lock = self.state.lock(id, &self.run_id).await?;
-            // Before this run's own record: runs that died without recording their end
-            // (killed, or stopped between releasing the lock and recording it) are settled.
-            let settled = self.state.settle_dead_runs(id).await?;
-            if settled > 0 || lock.taken_over.is_some() {
+            // A lock left by a dead process: before this run's own record, the runs that died
+            // without recording their end are settled (only then: it lists the sync's history).
+            if lock.taken_over.is_some() {
+                let settled = self.state.settle_dead_runs(id).await?;
                 tracing::warn!(
                     sync = %self.spec.label(),
                     runs = settled,

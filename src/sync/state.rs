@@ -866,12 +866,13 @@ impl StateStore {
         Ok(runs)
     }
 
-    /// Records as interrupted every run of `sync` still recorded as running: called by the run
-    /// that holds the sync's lock, so no other run of it is alive. Reads records newest first and
-    /// stops at the first that ended, since every run that took the lock before settled those
-    /// older than itself. This covers a chain of deaths (a run killed right after taking over a
-    /// dead run's lock, before recording it interrupted), which the lock file alone cannot: it
-    /// names only the last holder. Returns how many records it settled.
+    /// Records as interrupted every run of `sync` still recorded as running: called by a run
+    /// that took over the lock of a dead process, so no other run of it is alive. Reads records
+    /// newest first and stops at the first that ended, since every run that took over before
+    /// settled those older than itself. This covers a chain of deaths (a run killed right after
+    /// taking over a dead run's lock, before settling it: its own lock file is then what the
+    /// next run takes over), which marking only the lock's last holder did not. Returns how many
+    /// records it settled.
     pub async fn settle_dead_runs(&self, sync: &str) -> Result<usize> {
         let mut objects = self.list(&self.path(&["runs", sync])).await?;
         objects.sort_by(|a, b| b.location.cmp(&a.location));
