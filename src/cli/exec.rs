@@ -80,9 +80,7 @@ impl Problems {
             if output == Output::Json {
                 println!(
                     "{}",
-                    serde_json::json!({
-                        "file": source, "line": line, "column": column, "problem": message,
-                    })
+                    json_output::problem(source, (*line, *column), message)
                 );
             }
         }
@@ -260,10 +258,7 @@ pub async fn check_paths(engine: &Engine, paths: &[PathBuf], output: Output) -> 
     }
     let files_word = if files.len() == 1 { "file" } else { "files" };
     if output == Output::Json {
-        println!(
-            "{}",
-            serde_json::json!({"checked": checked, "files": files.len(), "problems": problems})
-        );
+        println!("{}", json_output::checked(checked, files.len(), problems));
         return if problems == 0 {
             Status::Ok
         } else {

@@ -78,14 +78,10 @@ pub fn outcome(source: &str, statement: &ParsedStatement, outcome: &Outcome) -> 
     o.insert("status".into(), json!(status));
     match outcome {
         Outcome::Rows { batches, .. } => {
-            let mut buf = Vec::new();
-            let mut writer = datafusion::arrow::json::ArrayWriter::new(&mut buf);
-            for batch in batches {
-                let _ = writer.write(batch);
-            }
-            let _ = writer.finish();
-            drop(writer);
-            let rows: Value = serde_json::from_slice(&buf).unwrap_or(json!([]));
+            let rows = match super::print_format::json_array(batches) {
+                Ok(buf) => serde_json::from_slice(&buf).unwrap_or(json!([])),
+                Err(e) => json!({ "error": e.to_string() }),
+            };
             o.insert(
                 "row_count".into(),
                 json!(rows.as_array().map_or(0, Vec::len)),
@@ -158,6 +154,16 @@ pub fn outcome(source: &str, statement: &ParsedStatement, outcome: &Outcome) -> 
         }
     }
     Value::Object(o)
+}
+
+/// A problem `sluice check` found.
+pub fn problem(source: &str, (line, column): (u64, u64), message: &str) -> Value {
+    json!({ "file": source, "line": line, "column": column, "problem": message })
+}
+
+/// What `sluice check` found in all.
+pub fn checked(statements: usize, files: usize, problems: usize) -> Value {
+    json!({ "checked": statements, "files": files, "problems": problems })
 }
 
 /// A statement that failed (or, without a statement, a file that did not parse).

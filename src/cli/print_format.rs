@@ -81,22 +81,27 @@ impl PrintOptions {
                 }
             }
             PrintFormat::Json => {
-                let mut buf = Vec::new();
-                let mut writer = ArrayWriter::new(&mut buf);
-                for batch in batches {
-                    writer.write(batch)?;
-                }
-                writer.finish()?;
-                drop(writer);
-                if buf.is_empty() {
-                    buf.extend_from_slice(b"[]");
-                }
-                out.write_all(&buf).map_err(io)?;
+                out.write_all(&json_array(batches)?).map_err(io)?;
                 writeln!(out).map_err(io)?;
             }
         }
         Ok(())
     }
+}
+
+/// Rows as one JSON array of objects (`[]` when there are none).
+pub fn json_array(batches: &[RecordBatch]) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut writer = ArrayWriter::new(&mut buf);
+    for batch in batches {
+        writer.write(batch)?;
+    }
+    writer.finish()?;
+    drop(writer);
+    if buf.is_empty() {
+        buf.extend_from_slice(b"[]");
+    }
+    Ok(buf)
 }
 
 fn io(e: std::io::Error) -> crate::Error {

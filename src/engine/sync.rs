@@ -7,11 +7,7 @@
 //! the USING relation becomes the model query.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
 
-use datafusion::arrow::array::{ArrayRef, StringArray};
-use datafusion::arrow::datatypes::{DataType, Field, Schema};
-use datafusion::arrow::record_batch::RecordBatch;
 use datafusion::sql::sqlparser::ast::{
     AssignmentTarget, BinaryOperator, Delete, Expr as SqlExpr, FromTable, Merge, MergeAction,
     MergeClauseKind, MergeInsertKind, ObjectName, TableFactor,
@@ -518,56 +514,30 @@ impl Engine {
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
-        let mut last = vec![];
-        for (name, _) in &defs {
-            let run = self.state.last_run(name).await?;
-            last.push(run.map(|r| (r.status, r.started_at)));
+        let mut rows = vec![];
+        for (name, def) in defs {
+            let last = self.state.last_run(&name).await?;
+            let (status, started) = last.map(|r| (r.status, r.started_at)).unzip();
+            rows.push(vec![
+                Some(name),
+                def.schedule.as_ref().map(|s| s.to_string()),
+                Some(def.body_text),
+                Some(def.options_text),
+                status,
+                started,
+            ]);
         }
-        let text =
-            |values: Vec<Option<String>>| -> ArrayRef { Arc::new(StringArray::from(values)) };
-        let schema = Arc::new(Schema::new(vec![
-            Field::new("name", DataType::Utf8, false),
-            Field::new("schedule", DataType::Utf8, true),
-            Field::new("statement", DataType::Utf8, false),
-            Field::new("options", DataType::Utf8, false),
-            Field::new("last_status", DataType::Utf8, true),
-            Field::new("last_started_at", DataType::Utf8, true),
-        ]));
-        let batch = RecordBatch::try_new(
-            Arc::clone(&schema),
-            vec![
-                text(defs.iter().map(|(n, _)| Some(n.clone())).collect()),
-                text(
-                    defs.iter()
-                        .map(|(_, d)| d.schedule.as_ref().map(|s| s.to_string()))
-                        .collect(),
-                ),
-                text(
-                    defs.iter()
-                        .map(|(_, d)| Some(d.body_text.clone()))
-                        .collect(),
-                ),
-                text(
-                    defs.iter()
-                        .map(|(_, d)| Some(d.options_text.clone()))
-                        .collect(),
-                ),
-                text(
-                    last.iter()
-                        .map(|l| l.as_ref().map(|(s, _)| s.clone()))
-                        .collect(),
-                ),
-                text(
-                    last.iter()
-                        .map(|l| l.as_ref().map(|(_, t)| t.clone()))
-                        .collect(),
-                ),
+        super::discover::text_rows(
+            &[
+                "name",
+                "schedule",
+                "statement",
+                "options",
+                "last_status",
+                "last_started_at",
             ],
-        )?;
-        Ok(Outcome::Rows {
-            schema,
-            batches: vec![batch],
-        })
+            rows,
+        )
     }
 
     pub(super) async fn reset_sync(&self, name: &str) -> Result<Outcome> {
