@@ -1574,8 +1574,11 @@ async fn a_cancelled_write_leaves_no_open_transaction_in_the_pool() {
         }
         // (The cancelled run's tasks stop asynchronously.)
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        // A cancel that lands after the destination's commit (while the run commits its own
-        // state) leaves every row committed by the run itself: sent again next run, not lost.
+        // A cancel that lands after a commit of the destination leaves those rows, committed by
+        // the run itself and sent again next run, not lost: all of them after a first run's one
+        // transaction (cancelled while the run commits its own state); after a run that follows
+        // a cancelled one (its keys are then in the state as "maybe sent", so it does not
+        // stream), each whole transaction of batch_size (100000) rows already committed.
         let before = pg.rows("SELECT count(*) FROM $S.dst").await;
         // Another write on the one pooled connection, committed on its own.
         engine
@@ -1588,8 +1591,8 @@ async fn a_cancelled_write_leaves_no_open_transaction_in_the_pool() {
             "cancelled after {ms} ms: the next write committed the cancelled run's rows"
         );
         assert!(
-            after == ["0"] || after == ["200000"],
-            "cancelled after {ms} ms: {after:?} rows committed, not all or none"
+            ["0", "100000", "200000"].contains(&after[0].as_str()),
+            "cancelled after {ms} ms: {after:?} rows committed, not whole transactions"
         );
         assert_eq!(
             indexes(&pg, "dst").await.len(),
@@ -1614,7 +1617,7 @@ async fn a_cancelled_write_leaves_no_open_transaction_in_the_pool() {
             [""],
             "cancelled after {ms} ms: sessions still hold locks 10 s later"
         );
-        if after == ["200000"] {
+        if after != ["0"] {
             // Start the next round from an empty table, as after a run that finished.
             pg.sql("TRUNCATE $S.dst").await;
             engine.run_sql("RESET SYNC copy_all").await.unwrap();
