@@ -6,9 +6,11 @@
 //! - [`Op`]: what one record asks of the destination.
 //! - [`ChangeBatch`]: a typed view of the batches `DiffExec` hands a sink (the mapped fields,
 //!   then the change columns), so that no sink reads the change columns by position.
+//! - [`Clauses`]: which fields each MERGE clause sends, and when it applies.
 //! - [`Ack`] and [`Rejected`]: what the destination said about one change.
 
 mod changes;
+mod clauses;
 mod mode;
 
 use std::fmt;
@@ -18,6 +20,9 @@ use bytes::Bytes;
 pub use changes::{
     CHANGE_COLUMN, CHANGE_COLUMNS, CHANGED_COLUMN, ChangeBatch, OP_COLUMN, change_schema,
     is_change_column,
+};
+pub use clauses::{
+    Clause, Clauses, WHEN_MATCHED_COLUMN, WHEN_NOT_MATCHED_COLUMN, is_clause_column,
 };
 pub use mode::SyncMode;
 

@@ -24,7 +24,9 @@ use datafusion::sql::sqlparser::ast::{
 
 use super::{Engine, Planned, SyncContext};
 use crate::connectors::{DestinationTable, WriteReport, key_index};
-use crate::contract::SyncMode;
+use crate::contract::{
+    Clause, Clauses, SyncMode, WHEN_MATCHED_COLUMN, WHEN_NOT_MATCHED_COLUMN, is_clause_column,
+};
 use crate::error::{Error, Result, did_you_mean};
 use crate::sync::SyncRun;
 use crate::sync::diff::DiffSpec;
@@ -170,8 +172,16 @@ impl Engine {
     ) -> Result<Planned> {
         let target = table_ref.to_string();
         let (mapped, key_parts) = with_composite_key(table, &target, mapped, &write)?;
-        let fields = Arc::new(mapped.schema().as_arrow().clone());
-        let names: Vec<String> = fields.fields().iter().map(|f| f.name().clone()).collect();
+        // The model's schema: the mapped fields, then a conditional MERGE's clause columns,
+        // which the diff reads and the sink never sees.
+        let model = Arc::new(mapped.schema().as_arrow().clone());
+        let names: Vec<String> = model
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .filter(|n| !is_clause_column(n))
+            .collect();
+        let fields = Arc::new(model.project(&(0..names.len()).collect::<Vec<_>>())?);
         let report = Arc::new(WriteReport::for_object(
             table.connection(),
             &table.object().name,
@@ -197,12 +207,17 @@ impl Engine {
                     table.object().name.clone(),
                 ));
             }
+            let clauses = match &write.clauses {
+                Some(merge) => merge.masks(&names, key_index, &key_parts),
+                None => Clauses::every_field(),
+            };
             let diff = DiffSpec {
                 key: key_index,
                 fields: names.clone(),
                 mode: write.mode.keyed(key_index.is_some()),
                 keep_last: sync.options.keep_last,
                 key_parts,
+                clauses,
             };
             let id = sync.name.clone().unwrap_or_else(|| {
                 SyncSpec::unnamed_id(&target, key.as_deref(), &names, &write.signature())
@@ -240,7 +255,7 @@ impl Engine {
             }
             None
         };
-        let write_table = table.mapped(Arc::clone(&fields), Arc::clone(&report), run.clone());
+        let write_table = table.mapped(Arc::clone(&model), Arc::clone(&report), run.clone());
         let writes = (
             table.connection().to_string(),
             table.object().name.clone(),
@@ -305,7 +320,10 @@ fn with_composite_key(
         .into_iter()
         .map(Expr::Column)
         .collect();
-    exprs.push(
+    // After the fields, before a conditional MERGE's clause columns.
+    let at = names.iter().filter(|n| !is_clause_column(n)).count();
+    exprs.insert(
+        at,
         composite_key_expr(
             parts
                 .iter()
@@ -330,6 +348,8 @@ pub(super) struct Write {
     pub key: Option<String>,
     /// The columns of a key made of several (`MERGE … ON t.a = … AND t.b = …`).
     pub key_parts: Vec<String>,
+    /// A MERGE's clauses (`None`: every clause writes every field).
+    pub clauses: Option<MergeClauses>,
 }
 
 impl Write {
@@ -339,12 +359,106 @@ impl Write {
             mode: SyncMode::Upsert,
             key: None,
             key_parts: vec![],
+            clauses: None,
         }
     }
 
     /// Distinguishes the state of unnamed statements that differ in what they may do.
     fn signature(&self) -> String {
         format!("{}:{}", self.statement, self.mode.signature_bits())
+    }
+}
+
+/// A MERGE's `WHEN MATCHED … UPDATE` and `WHEN NOT MATCHED … INSERT` clauses: the fields each
+/// writes, by name (the match key's among them), and its condition as written.
+#[derive(Debug, Clone, Default)]
+pub(super) struct MergeClauses {
+    pub inserts: Vec<(Vec<String>, Option<String>)>,
+    pub updates: Vec<(Vec<String>, Option<String>)>,
+}
+
+impl MergeClauses {
+    /// Adds a clause; an error if one of its kind without a condition came before (this one
+    /// would never apply).
+    pub fn add(
+        &mut self,
+        update: bool,
+        fields: Vec<String>,
+        condition: Option<String>,
+        target: &str,
+    ) -> Result<()> {
+        let (list, kind) = match update {
+            true => (&mut self.updates, "MATCHED"),
+            false => (&mut self.inserts, "NOT MATCHED"),
+        };
+        if list.last().is_some_and(|(_, c)| c.is_none()) {
+            return Err(Error::plan(
+                format!(
+                    "MERGE INTO {target}: a WHEN {kind} clause follows a WHEN {kind} clause without a condition, so it never applies; give the earlier one a condition (WHEN {kind} AND <condition> THEN …) or remove this one"
+                ),
+                target.to_string(),
+            ));
+        }
+        list.push((fields, condition));
+        Ok(())
+    }
+
+    pub fn conditional(&self) -> bool {
+        self.inserts
+            .iter()
+            .chain(&self.updates)
+            .any(|(_, c)| c.is_some())
+    }
+
+    /// The model's clause columns (see [`Clauses`]), as SQL select items: for each kind, the
+    /// index of the first clause whose condition holds, or null. None without conditions.
+    pub fn choice_columns(&self) -> Vec<String> {
+        if !self.conditional() {
+            return vec![];
+        }
+        [
+            (&self.updates, WHEN_MATCHED_COLUMN),
+            (&self.inserts, WHEN_NOT_MATCHED_COLUMN),
+        ]
+        .iter()
+        .map(|(list, column)| {
+            let choice = if list.is_empty() {
+                "CAST(NULL AS SMALLINT)".to_string()
+            } else {
+                let whens: Vec<String> = list
+                    .iter()
+                    .enumerate()
+                    .map(|(i, (_, c))| format!("WHEN {} THEN {i}", c.as_deref().unwrap_or("TRUE")))
+                    .collect();
+                format!("CASE {} END", whens.join(" "))
+            };
+            format!("{choice} AS \"{column}\"")
+        })
+        .collect()
+    }
+
+    /// The clauses as masks over the model's fields `names`; the key (and a composite key's
+    /// parts) are written by every clause.
+    pub fn masks(&self, names: &[String], key: Option<usize>, key_parts: &[String]) -> Clauses {
+        let bit = |name: &str| {
+            names
+                .iter()
+                .position(|n| n == name)
+                .filter(|i| *i < 64)
+                .map_or(0, |i| 1u64 << i)
+        };
+        let mut always = key.filter(|k| *k < 64).map_or(0, |k| 1u64 << k);
+        for part in key_parts {
+            always |= bit(part);
+        }
+        let clause = |(fields, condition): &(Vec<String>, Option<String>)| Clause {
+            fields: fields.iter().fold(always, |mask, f| mask | bit(f)),
+            condition: condition.clone(),
+        };
+        Clauses {
+            inserts: self.inserts.iter().map(clause).collect(),
+            updates: self.updates.iter().map(clause).collect(),
+        }
     }
 }
 
@@ -424,6 +538,12 @@ pub(super) fn map_fields(
             }
         }
         exprs.push(expr.alias(name));
+    }
+    // A conditional MERGE's clause columns follow the fields, as they are.
+    for (qualifier, field) in query_schema.iter().skip(names.len()) {
+        if is_clause_column(field.name()) {
+            exprs.push(Expr::Column(Column::new(qualifier.cloned(), field.name())));
+        }
     }
     Ok(LogicalPlanBuilder::from(query).project(exprs)?.build()?)
 }

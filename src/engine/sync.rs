@@ -13,7 +13,7 @@ use datafusion::sql::sqlparser::ast::{
     MergeClauseKind, MergeInsertKind, ObjectName, TableFactor,
 };
 
-use super::insert::{Write, map_fields};
+use super::insert::{MergeClauses, Write, map_fields};
 use super::{Engine, Outcome, Planned};
 use crate::contract::SyncMode;
 use crate::error::{Error, Result};
@@ -66,6 +66,20 @@ fn target_column(expr: &SqlExpr, target_names: &[String]) -> Option<String> {
         SqlExpr::Nested(e) => target_column(e, target_names),
         _ => None,
     }
+}
+
+/// The first reference to the target (`t.field`, by alias or table name) in `expr`, if any.
+fn target_reference(expr: &SqlExpr, target_names: &[String]) -> Option<String> {
+    use std::ops::ControlFlow;
+    let mut found = None;
+    let _ = datafusion::sql::sqlparser::ast::visit_expressions(expr, |e| {
+        if let Some(column) = target_column(e, target_names) {
+            found = Some(format!("{e} ('{column}')"));
+            return ControlFlow::Break(());
+        }
+        ControlFlow::<()>::Continue(())
+    });
+    found
 }
 
 /// The `(target column, source expression)` pairs of `ON t.a = s.x [AND t.b = s.y …]`; on
@@ -161,9 +175,8 @@ impl Engine {
             ));
         }
 
-        // Clauses → mode and mapping.
+        // Clauses → mode, mapping, and the fields each clause writes.
         let composite = keys.len() > 1;
-        let (mut inserts, mut updates, mut deletes) = (false, false, false);
         let mut fields: Vec<(String, String)> = vec![];
         for (key, expr) in &on {
             if fields.iter().any(|(k, _)| k == key) {
@@ -173,47 +186,61 @@ impl Engine {
             }
             fields.push((key.clone(), expr.to_string()));
         }
-        let mut add_field = |name: String, expr: String| -> Result<()> {
+        let mut add_field = |name: String, expr: String| -> Result<String> {
             if let Some((_, existing)) = fields.iter().find(|(n, _)| *n == name) {
                 if *existing != expr {
                     return Err(Error::plan(
                         format!(
-                            "MERGE INTO {target} sets '{name}' to `{existing}` in one clause and `{expr}` in another; a field has one mapping"
+                            "MERGE INTO {target} sets '{name}' to `{existing}` in one clause and `{expr}` in another; a field has one mapping: compute it once in the USING query (e.g. CASE WHEN … END AS {name}) and use s.{name} in every clause"
                         ),
                         name,
                     ));
                 }
-                return Ok(());
+                return Ok(name);
             }
-            fields.push((name, expr));
-            Ok(())
+            fields.push((name.clone(), expr));
+            Ok(name)
         };
+        let mut clauses = MergeClauses::default();
+        let mut deletes = false;
         for clause in &merge.clauses {
-            if clause.predicate.is_some() {
-                return refuse(format!(
-                    "MERGE INTO {target}: WHEN … AND <condition> is not supported; filter the USING query instead"
-                ));
-            }
-            match (&clause.clause_kind, &clause.action) {
+            let condition = match &clause.predicate {
+                None => None,
+                Some(_) if clause.clause_kind == MergeClauseKind::NotMatchedBySource => {
+                    return refuse(format!(
+                        "MERGE INTO {target}: WHEN NOT MATCHED BY SOURCE AND <condition> is not supported (the condition would need the destination's values, which sluice does not read); write WHEN NOT MATCHED BY SOURCE THEN DELETE, or delete chosen records with DELETE FROM {target} WHERE <key> IN (SELECT …)"
+                    ));
+                }
+                Some(predicate) => {
+                    if let Some(column) = target_reference(predicate, &target_names) {
+                        return refuse(format!(
+                            "MERGE INTO {target}: the condition `{predicate}` reads the destination's field {column}; a condition may use only the source's columns (sluice compares with what it last synced, not the destination's current values), e.g. WHEN MATCHED AND s.score > 0.5 THEN …"
+                        ));
+                    }
+                    Some(predicate.to_string())
+                }
+            };
+            let kind = &clause.clause_kind;
+            match (kind, &clause.action) {
                 (MergeClauseKind::Matched, MergeAction::Update(update)) => {
-                    updates = true;
+                    let mut names = keys.clone();
                     for a in &update.assignments {
                         let AssignmentTarget::ColumnName(column) = &a.target else {
                             return refuse(format!(
                                 "MERGE INTO {target}: set one field per assignment"
                             ));
                         };
-                        add_field(
+                        names.push(add_field(
                             table.object().canonical_field(&last_ident(column)),
                             a.value.to_string(),
-                        )?;
+                        )?);
                     }
+                    clauses.add(true, names, condition, &target)?;
                 }
                 (
                     MergeClauseKind::NotMatched | MergeClauseKind::NotMatchedByTarget,
                     MergeAction::Insert(insert),
                 ) => {
-                    inserts = true;
                     let MergeInsertKind::Values(values) = &insert.kind else {
                         return refuse(format!(
                             "MERGE INTO {target}: write WHEN NOT MATCHED THEN INSERT (fields) VALUES (source expressions)"
@@ -229,15 +256,22 @@ impl Engine {
                             row.len()
                         ));
                     }
+                    let mut names = keys.clone();
                     for (column, value) in insert.columns.iter().zip(row.iter()) {
-                        add_field(
+                        names.push(add_field(
                             table.object().canonical_field(&last_ident(column)),
                             value.to_string(),
-                        )?;
+                        )?);
                     }
+                    clauses.add(false, names, condition, &target)?;
                 }
                 (MergeClauseKind::NotMatchedBySource, MergeAction::Delete { .. }) => {
                     deletes = true;
+                }
+                (MergeClauseKind::Matched, MergeAction::Delete { .. }) => {
+                    return refuse(format!(
+                        "MERGE INTO {target}: WHEN MATCHED THEN DELETE is not supported; delete the records the model marks with a statement of its own, e.g. DELETE FROM {target} WHERE <key> IN (SELECT <key> FROM … WHERE <condition>), or let a mirror sync delete records that left the model (WHEN NOT MATCHED BY SOURCE THEN DELETE)"
+                    ));
                 }
                 (kind, action) => {
                     return refuse(format!(
@@ -251,22 +285,35 @@ impl Engine {
                 }
             }
         }
-        let Some(mode) = SyncMode::merge(inserts, updates, deletes) else {
+        let Some(mode) = SyncMode::merge(
+            !clauses.inserts.is_empty(),
+            !clauses.updates.is_empty(),
+            deletes,
+        ) else {
             return refuse(format!("MERGE INTO {target} has no WHEN clause"));
         };
+        let mut select: Vec<String> = fields
+            .iter()
+            .map(|(name, expr)| format!("{expr} AS {}", quote(name)))
+            .collect();
+        select.extend(clauses.choice_columns());
         let write = Write {
             statement: "merge",
             mode,
             key: (!composite).then(|| keys[0].clone()),
             key_parts: if composite { keys.clone() } else { vec![] },
+            clauses: Some(clauses),
         };
-        let select = fields
-            .iter()
-            .map(|(name, expr)| format!("{expr} AS {}", quote(name)))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let sql = format!("SELECT {select} FROM {}", merge.source);
-        let query = self.plan_sql_query(&sql).await?;
+        let sql = format!("SELECT {} FROM {}", select.join(", "), merge.source);
+        let query = self.plan_sql_query(&sql).await.map_err(|e| match &write.clauses {
+            Some(c) if c.conditional() => Error::plan(
+                format!(
+                    "MERGE INTO {target}: {e} (a WHEN … AND condition may use the source's columns, e.g. s.score)"
+                ),
+                object.clone(),
+            ),
+            _ => e,
+        })?;
         let names: Vec<String> = fields.into_iter().map(|(n, _)| n).collect();
         let mapped = map_fields(&table, &target, query, &names)?;
         self.plan_write(&table, table_ref, mapped, write, sync)
@@ -407,6 +454,7 @@ impl Engine {
             mode: SyncMode::DeleteListed,
             key: Some(key),
             key_parts: vec![],
+            clauses: None,
         };
         self.plan_write(&table, table_ref, mapped, write, sync)
             .map(Some)
@@ -590,6 +638,11 @@ mod tests {
 
     /// The mode the planner gives `sql` (nothing runs).
     async fn mode(engine: &Engine, sql: &str) -> Result<SyncMode> {
+        Ok(diff_spec(engine, sql).await?.mode)
+    }
+
+    /// The diff the planner gives `sql` (nothing runs).
+    async fn diff_spec(engine: &Engine, sql: &str) -> Result<crate::sync::diff::DiffSpec> {
         let parsed = parse_sql(sql)?;
         let Statement::Sql(statement) = &parsed[0].statement else {
             panic!("{sql} is not a write");
@@ -600,7 +653,62 @@ mod tests {
             dry_run: false,
         };
         let planned = engine.plan(statement, &context).await?;
-        Ok(planned.sync.expect("a sync").spec.diff.mode)
+        Ok(planned.sync.expect("a sync").spec.diff.clone())
+    }
+
+    #[tokio::test]
+    async fn each_merge_clause_keeps_its_fields_and_its_condition() {
+        use crate::contract::{Clause, Clauses};
+        let dir = tempfile::tempdir().unwrap();
+        let engine = engine(dir.path()).await;
+        // id, email, plan: the key in every clause; email only on create.
+        let diff = diff_spec(
+            &engine,
+            "MERGE INTO hooks.people AS t USING people AS s ON t.id = s.id \
+             WHEN MATCHED THEN UPDATE SET plan = s.plan \
+             WHEN NOT MATCHED THEN INSERT (id, email, plan) VALUES (s.id, s.email, s.plan)",
+        )
+        .await
+        .unwrap();
+        assert_eq!(diff.fields, ["id", "plan", "email"]);
+        let clause = |fields: u64, condition: Option<&str>| Clause {
+            fields,
+            condition: condition.map(str::to_string),
+        };
+        assert_eq!(
+            diff.clauses,
+            Clauses {
+                inserts: vec![clause(0b111, None)],
+                updates: vec![clause(0b011, None)],
+            }
+        );
+        // Conditions on the source's columns, several clauses of a kind, first match wins.
+        let diff = diff_spec(
+            &engine,
+            "MERGE INTO hooks.people AS t USING people AS s ON t.id = s.id \
+             WHEN MATCHED AND s.plan = 'pro' THEN UPDATE SET plan = s.plan \
+             WHEN MATCHED THEN UPDATE SET email = s.email \
+             WHEN NOT MATCHED AND s.email IS NOT NULL THEN INSERT (id, email) VALUES (s.id, s.email)",
+        )
+        .await
+        .unwrap();
+        assert_eq!(diff.mode, SyncMode::Upsert);
+        assert_eq!(diff.fields, ["id", "plan", "email"]);
+        assert_eq!(
+            diff.clauses,
+            Clauses {
+                inserts: vec![clause(0b101, Some("s.email IS NOT NULL"))],
+                updates: vec![clause(0b011, Some("s.plan = 'pro'")), clause(0b101, None)],
+            }
+        );
+        // An INSERT INTO writes every field in every clause.
+        let diff = diff_spec(
+            &engine,
+            "INSERT INTO hooks.people SELECT id, plan FROM people",
+        )
+        .await
+        .unwrap();
+        assert_eq!(diff.clauses, Clauses::every_field());
     }
 
     #[tokio::test]
@@ -658,8 +766,28 @@ mod tests {
         let engine = engine(dir.path()).await;
         let refusals = [
             (
-                "MERGE INTO hooks.people AS t USING people AS s ON t.id = s.id WHEN MATCHED AND s.plan = 'pro' THEN UPDATE SET plan = s.plan",
-                "filter the USING query instead",
+                "MERGE INTO hooks.people AS t USING people AS s ON t.id = s.id WHEN MATCHED AND t.plan <> s.plan THEN UPDATE SET plan = s.plan",
+                "reads the destination's field t.plan ('plan'); a condition may use only the source's columns",
+            ),
+            (
+                "MERGE INTO hooks.people AS t USING people AS s ON t.id = s.id WHEN MATCHED AND s.nope = 1 THEN UPDATE SET plan = s.plan",
+                "a WHEN … AND condition may use the source's columns",
+            ),
+            (
+                "MERGE INTO hooks.people AS t USING people AS s ON t.id = s.id WHEN MATCHED THEN UPDATE SET plan = s.plan WHEN MATCHED AND s.plan = 'x' THEN UPDATE SET email = s.email",
+                "a WHEN MATCHED clause follows a WHEN MATCHED clause without a condition, so it never applies",
+            ),
+            (
+                "MERGE INTO hooks.people AS t USING people AS s ON t.id = s.id WHEN NOT MATCHED BY SOURCE AND t.plan = 'free' THEN DELETE",
+                "WHEN NOT MATCHED BY SOURCE AND <condition> is not supported",
+            ),
+            (
+                "MERGE INTO hooks.people AS t USING people AS s ON t.id = s.id WHEN MATCHED AND s.plan = 'gone' THEN DELETE",
+                "DELETE FROM hooks.people WHERE <key> IN (SELECT <key> FROM … WHERE <condition>)",
+            ),
+            (
+                "MERGE INTO hooks.people AS t USING people AS s ON t.id = s.id WHEN MATCHED THEN UPDATE SET plan = s.plan WHEN NOT MATCHED THEN INSERT (id, plan) VALUES (s.id, upper(s.plan))",
+                "compute it once in the USING query",
             ),
             (
                 "MERGE INTO hooks.people AS t USING people AS s ON t.email = s.email WHEN MATCHED THEN UPDATE SET plan = s.plan",

@@ -8,14 +8,14 @@
 
 use std::sync::Arc;
 
-use datafusion::arrow::array::{Array, ArrayRef, UInt64Array};
+use datafusion::arrow::array::{Array, ArrayRef, AsArray, UInt8Array, UInt64Array};
 use datafusion::arrow::datatypes::DataType;
 use datafusion::arrow::record_batch::RecordBatch;
 use hashbrown::HashTable;
 
 use super::hash::{Key, ROW_SEED, combine, fold_row, hash_array, normalize_key};
 use super::snapshot::{FieldHashes, KeyRef, Locator, Snapshot, TypedKeys, key_after, key_hash};
-use crate::contract::{Op, SyncMode};
+use crate::contract::{Clauses, Op, SyncMode};
 use crate::error::{Error, Result};
 
 /// An entry of the live-change table: the change and 32 bits of its key's hash, from which the
@@ -52,6 +52,9 @@ pub struct DiffSpec {
     /// For a key made of several fields: their names (the key field is then
     /// [`super::hash::COMPOSITE_KEY`], which joins them).
     pub key_parts: Vec<String>,
+    /// Which fields each clause sends, and when it applies (the model then ends with the clause
+    /// columns, after `fields`).
+    pub clauses: Clauses,
 }
 
 impl DiffSpec {
@@ -67,6 +70,44 @@ impl DiffSpec {
             n => (1u64 << n) - 1,
         }
     }
+
+    /// The key's bit (0 without a key).
+    pub fn key_bit(&self) -> u64 {
+        self.key.map_or(0, |k| 1u64 << k)
+    }
+
+    /// The fields sent to a record the destination is not known to have: those of the
+    /// `WHEN NOT MATCHED` clause the row picked (for a sync that only updates, of its
+    /// `WHEN MATCHED` clause); `None` if no clause applies to the row.
+    pub fn new_fields(&self, choice: Choice) -> Option<u64> {
+        let fields = if self.mode.inserts() {
+            self.clauses.insert_fields(choice.not_matched)
+        } else {
+            self.clauses.update_fields(choice.matched)
+        };
+        Some(fields? & self.all_fields() | self.key_bit())
+    }
+
+    /// The fields a changed record may send: those of the `WHEN MATCHED` clause the row picked
+    /// (the key's always); `None` if no clause applies to the row.
+    pub fn update_fields(&self, choice: Choice) -> Option<u64> {
+        Some(self.clauses.update_fields(choice.matched)? & self.all_fields() | self.key_bit())
+    }
+}
+
+/// The clause of each kind a model row picked (see [`Clauses`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choice {
+    pub matched: Option<u8>,
+    pub not_matched: Option<u8>,
+}
+
+impl Choice {
+    /// The first clause of each kind: a write without conditions.
+    pub const FIRST: Choice = Choice {
+        matched: Some(0),
+        not_matched: Some(0),
+    };
 }
 
 /// One record to send.
@@ -91,6 +132,13 @@ impl Change {
     /// Whether it carries the model row's field hashes (every change but a delete).
     pub fn has_hashes(&self) -> bool {
         self.hashes_at != NO_HASHES
+    }
+
+    /// Whether it is sent. A change to a synced record that sends nothing (only fields its
+    /// `WHEN MATCHED` clause does not update changed) is not: its new hashes are committed as
+    /// if the destination had acknowledged it, so it is not found again next run.
+    pub fn sends(&self) -> bool {
+        self.op == Op::Delete || self.changed != 0
     }
 }
 
@@ -197,17 +245,20 @@ pub struct DiffCounts {
     pub updates: u64,
     pub deletes: u64,
     pub unchanged: u64,
-    /// Changed rows the mode does not send (create-only syncs).
+    /// Rows the sync does not send: changed rows of a create-only sync, rows no clause applies
+    /// to (`WHEN … AND <condition>`), changes only to fields no `WHEN MATCHED` clause updates.
     pub skipped: u64,
     pub null_keys: u64,
     pub duplicates: u64,
 }
 
 impl DiffCounts {
-    /// Counts the live changes as inserts (new records), updates and deletes.
+    /// Counts the live changes as inserts (new records), updates and deletes (and those that
+    /// send nothing as skipped).
     pub fn count_changes(&mut self, changes: &[Change]) {
         for c in changes.iter().filter(|c| c.live) {
             match (c.op, c.row) {
+                _ if !c.sends() => self.skipped += 1,
                 (Op::Delete, _) => self.deletes += 1,
                 (_, None) => self.inserts += 1,
                 (_, Some(_)) => self.updates += 1,
@@ -223,14 +274,28 @@ pub struct Hashed {
     /// Per field, one hash per row (none for a DELETE's listed keys).
     hashes: Vec<Vec<u64>>,
     keys: Option<ArrayRef>,
+    /// The clause columns (`WHEN MATCHED`, `WHEN NOT MATCHED`) of a conditional write.
+    choices: Option<(UInt8Array, UInt8Array)>,
 }
 
 impl Hashed {
+    /// Hashes the spec's fields of `batch` (its first columns; a conditional write's clause
+    /// columns follow them).
     pub fn of(spec: &DiffSpec, batch: &RecordBatch) -> Result<Self> {
         let rows = batch.num_rows();
-        let mut hashes: Vec<Vec<u64>> = Vec::with_capacity(batch.num_columns());
+        let fields = spec.fields.len();
+        if batch.num_columns() != fields + spec.clauses.columns() {
+            return Err(Error::State {
+                message: format!(
+                    "internal: the diff expected {fields} field(s) and {} clause column(s), and read {} column(s)",
+                    spec.clauses.columns(),
+                    batch.num_columns()
+                ),
+            });
+        }
+        let mut hashes: Vec<Vec<u64>> = Vec::with_capacity(fields);
         if !spec.mode.listed_deletes() {
-            for column in batch.columns() {
+            for column in &batch.columns()[..fields] {
                 let mut h = Vec::with_capacity(rows);
                 hash_array(column.as_ref(), &mut h)?;
                 hashes.push(h);
@@ -240,7 +305,39 @@ impl Hashed {
             Some(k) => Some(normalize_key(batch.column(k), &spec.fields[k])?),
             None => None,
         };
-        Ok(Self { rows, hashes, keys })
+        let choices = match spec.clauses.conditional() {
+            true => {
+                let choice = |i: usize| -> Result<UInt8Array> {
+                    let column = datafusion::arrow::compute::cast(
+                        batch.column(fields + i),
+                        &DataType::UInt8,
+                    )?;
+                    Ok(column.as_primitive().clone())
+                };
+                Some((choice(0)?, choice(1)?))
+            }
+            false => None,
+        };
+        Ok(Self {
+            rows,
+            hashes,
+            keys,
+            choices,
+        })
+    }
+
+    /// The clauses row `row` picked.
+    fn choice(&self, row: usize) -> Choice {
+        match &self.choices {
+            None => Choice::FIRST,
+            Some((matched, not_matched)) => {
+                let at = |c: &UInt8Array| c.is_valid(row).then(|| c.value(row));
+                Choice {
+                    matched: at(matched),
+                    not_matched: at(not_matched),
+                }
+            }
+        }
     }
 }
 
@@ -265,8 +362,9 @@ pub struct Differ {
     row_map: Option<Vec<Option<usize>>>,
     /// Mapped fields the snapshot has no hash of: changed for every record.
     unstored: u64,
-    /// Changes whose row hash differed: which fields changed is settled by [`Differ::resolve`].
-    pending: Vec<u32>,
+    /// Changes of synced records: (change id, the fields its clause may update, whether its row
+    /// hash differed and which fields changed is settled by [`Differ::resolve`]).
+    updates: Vec<(u32, u64, bool)>,
     /// Snapshot hash columns already resolved.
     resolved: Vec<bool>,
     seen: Vec<u64>,
@@ -281,7 +379,6 @@ pub struct Differ {
     changes: Changes,
     counts: DiffCounts,
     duplicate_samples: Vec<String>,
-    all_fields: u64,
 }
 
 impl Differ {
@@ -300,7 +397,6 @@ impl Differ {
             .iter()
             .map(|f| snapshot.fields.iter().position(|s| s == f))
             .collect();
-        let all_fields = spec.all_fields();
         let row_map = row_map(&spec, &snapshot);
         if row_map.is_none() && matches!(snapshot.hashes, FieldHashes::Stored(_)) {
             return Err(Error::State {
@@ -319,7 +415,7 @@ impl Differ {
             field_map,
             row_map,
             unstored,
-            pending: vec![],
+            updates: vec![],
             resolved: vec![false; snapshot.fields.len()],
             live: HashTable::new(),
             newest: None,
@@ -327,7 +423,6 @@ impl Differ {
             changes: Changes::new(spec.fields.len()),
             counts: DiffCounts::default(),
             duplicate_samples: vec![],
-            all_fields,
             spec,
             snapshot,
         })
@@ -402,17 +497,13 @@ impl Differ {
                     if self.snapshot.unknown(j as usize) {
                         // Sent by a run that stopped before its commit: it may or may not be at
                         // the destination, so it is sent again as a new record.
-                        let Some(op) = self.new_op() else {
+                        let (Some(op), Some(fields)) =
+                            (self.new_op(), self.spec.new_fields(batch.choice(row)))
+                        else {
                             self.counts.skipped += 1;
                             continue;
                         };
-                        let id = self.add(
-                            op,
-                            key_ref.to_owned(),
-                            Some(j),
-                            row_hashes(row),
-                            self.all_fields,
-                        );
+                        let id = self.add(op, key_ref.to_owned(), Some(j), row_hashes(row), fields);
                         self.live_put(id);
                         out.change_of_row[row] = Some(id);
                         continue;
@@ -447,21 +538,22 @@ impl Differ {
                     }
                     if changed == 0 && !pending {
                         self.counts.unchanged += 1;
-                    } else if let Some(op) = self.spec.mode.changed_op() {
-                        let key_bit = key_index.map(|k| 1u64 << k).unwrap_or(0);
+                    } else if let (Some(op), Some(fields)) = (
+                        self.spec.mode.changed_op(),
+                        self.spec.update_fields(batch.choice(row)),
+                    ) {
                         let id = self.add(
                             op,
                             key_ref.to_owned(),
                             Some(j),
                             row_hashes(row),
-                            changed | key_bit,
+                            changed & fields | self.spec.key_bit(),
                         );
-                        if pending {
-                            self.pending.push(id);
-                        }
+                        self.updates.push((id, fields, pending));
                         self.live_put(id);
                         out.change_of_row[row] = Some(id);
                     } else {
+                        // (The committed state keeps what the destination has.)
                         self.counts.skipped += 1;
                     }
                 }
@@ -482,17 +574,13 @@ impl Differ {
                             self.changes[prev as usize].live = false;
                         }
                     }
-                    let Some(op) = self.new_op() else {
+                    let (Some(op), Some(fields)) =
+                        (self.new_op(), self.spec.new_fields(batch.choice(row)))
+                    else {
                         self.counts.skipped += 1;
                         continue;
                     };
-                    let id = self.add(
-                        op,
-                        key_ref.to_owned(),
-                        None,
-                        row_hashes(row),
-                        self.all_fields,
-                    );
+                    let id = self.add(op, key_ref.to_owned(), None, row_hashes(row), fields);
                     if past_newest {
                         self.newest = Some(id);
                     } else {
@@ -618,11 +706,15 @@ impl Differ {
         if Some(i) == self.spec.key {
             return;
         }
-        for id in &self.pending {
+        let bit = 1u64 << i;
+        for (id, fields, pending) in &self.updates {
+            if !pending || fields & bit == 0 {
+                continue;
+            }
             let c = &self.changes[*id as usize];
             let j = c.row.expect("a pending update has a snapshot row") as usize;
             if !old.is_valid(j) || old.value(j) != self.changes.hashes(c)[i] {
-                self.changes[*id as usize].changed |= 1 << i;
+                self.changes[*id as usize].changed |= bit;
             }
         }
     }
@@ -648,10 +740,18 @@ impl Differ {
                 &self.duplicate_samples,
             ));
         }
-        if !self.pending.is_empty() && self.resolved.iter().any(|r| !r) {
+        if self.updates.iter().any(|(_, _, pending)| *pending) && self.resolved.iter().any(|r| !r) {
             return Err(Error::State {
                 message: "internal: the diff ended before its updates' fields were resolved".into(),
             });
+        }
+        // An update whose changed fields are all ones its clause does not update sends nothing.
+        let key_bit = self.spec.key_bit();
+        for (id, _, _) in &self.updates {
+            let c = &mut self.changes[*id as usize];
+            if c.changed & !key_bit == 0 {
+                c.changed = 0;
+            }
         }
         if self.spec.mode.deletes_missing() {
             for j in 0..self.snapshot.len() {
@@ -736,6 +836,7 @@ mod tests {
             mode: SyncMode::merge(insert, update, delete).unwrap(),
             keep_last: false,
             key_parts: vec![],
+            clauses: Clauses::every_field(),
         }
     }
 
@@ -852,6 +953,138 @@ mod tests {
                 (Op::Delete, "3".into(), 0),
             ]
         );
+    }
+
+    /// `WHEN MATCHED THEN UPDATE SET plan` and `WHEN NOT MATCHED THEN INSERT (id, email, plan)`.
+    fn create_only_email() -> DiffSpec {
+        use crate::contract::Clause;
+        let clause = |fields: u64| Clause {
+            fields,
+            condition: None,
+        };
+        DiffSpec {
+            clauses: Clauses {
+                inserts: vec![clause(0b111)],
+                updates: vec![clause(0b101)],
+            },
+            ..spec(true, true, false)
+        }
+    }
+
+    #[test]
+    fn an_update_sends_only_its_clause_fields_and_a_change_to_the_others_sends_nothing() {
+        let snap = snapshot_of(&[(1, "a", None), (2, "b", Some("pro")), (3, "c", None)]);
+        let rows = [
+            (1, "a2", None),
+            (2, "b2", Some("free")),
+            (3, "c", None),
+            (4, "d", None),
+        ];
+        let out = run(create_only_email(), Arc::clone(&snap), &rows);
+        assert_eq!(
+            out,
+            vec![
+                // Only the create-only email changed: nothing is sent (its hash is committed).
+                (Op::Upsert, "1".into(), 0),
+                // email and plan changed: only plan (and the key) is sent.
+                (Op::Upsert, "2".into(), 0b101),
+                // A new record gets every field its INSERT lists.
+                (Op::Upsert, "4".into(), 0b111),
+            ]
+        );
+        let mut d = Differ::new(create_only_email(), snap).unwrap();
+        d.push(&batch(&rows)).unwrap();
+        for f in d.fields_to_read() {
+            let FieldHashes::Loaded(h) = &d.snapshot.hashes else {
+                unreachable!()
+            };
+            let column = h[f].clone();
+            d.resolve(f, &column);
+        }
+        let (changes, counts) = d.finish().unwrap();
+        assert!(!changes[0].sends() && changes[1].sends());
+        assert_eq!(
+            (
+                counts.inserts,
+                counts.updates,
+                counts.skipped,
+                counts.unchanged
+            ),
+            (1, 1, 1, 1)
+        );
+    }
+
+    #[test]
+    fn conditions_pick_a_clause_per_row_and_rows_no_clause_takes_are_not_sent() {
+        use crate::contract::Clause;
+        use datafusion::arrow::array::UInt8Array;
+        let conditional = |fields: u64| Clause {
+            fields,
+            condition: Some("s.ok".into()),
+        };
+        let spec = DiffSpec {
+            clauses: Clauses {
+                inserts: vec![conditional(0b011)],
+                updates: vec![conditional(0b101)],
+            },
+            ..spec(true, true, false)
+        };
+        let snap = snapshot_of(&[(1, "a", None), (2, "b", Some("pro"))]);
+        let rows = [
+            (1, "a", Some("x")),
+            (2, "b", Some("free")),
+            (4, "d", None),
+            (5, "e", None),
+        ];
+        let model = batch(&rows);
+        let mut columns = model.columns().to_vec();
+        // (matched, not matched): row 1 matches no UPDATE, row 4 no INSERT.
+        columns.push(Arc::new(UInt8Array::from(vec![None, Some(0), None, None])));
+        columns.push(Arc::new(UInt8Array::from(vec![None, None, None, Some(0)])));
+        let mut fields = model.schema().fields().to_vec();
+        fields.push(Arc::new(Field::new(
+            "__when_matched",
+            DataType::UInt8,
+            true,
+        )));
+        fields.push(Arc::new(Field::new(
+            "__when_not_matched",
+            DataType::UInt8,
+            true,
+        )));
+        let model = RecordBatch::try_new(Arc::new(Schema::new(fields)), columns).unwrap();
+        let mut d = Differ::new(spec.clone(), snap).unwrap();
+        let classified = d.push(&model).unwrap();
+        assert_eq!(
+            classified
+                .change_of_row
+                .iter()
+                .map(|c| c.is_some())
+                .collect::<Vec<_>>(),
+            [false, true, false, true]
+        );
+        for f in d.fields_to_read() {
+            let FieldHashes::Loaded(h) = &d.snapshot.hashes else {
+                unreachable!()
+            };
+            let column = h[f].clone();
+            d.resolve(f, &column);
+        }
+        let (changes, counts) = d.finish().unwrap();
+        let sent: Vec<(Op, String, u64)> = changes
+            .iter()
+            .map(|c| (c.op, c.key.to_string(), c.changed))
+            .collect();
+        assert_eq!(
+            sent,
+            [
+                (Op::Upsert, "2".into(), 0b101),
+                (Op::Upsert, "5".into(), 0b011)
+            ]
+        );
+        assert_eq!(counts.skipped, 2);
+        // A batch without its clause columns is an error, not a misread.
+        assert!(Hashed::of(&spec, &batch(&rows)).is_err());
     }
 
     #[test]

@@ -50,7 +50,7 @@ pub struct DiffExec {
 
 impl DiffExec {
     pub fn new(input: Arc<dyn ExecutionPlan>, run: Arc<SyncRun>) -> Self {
-        let schema = change_schema(&input.schema());
+        let schema = change_schema(&model_fields(&input.schema(), &run));
         let properties = Arc::new(PlanProperties::new(
             EquivalenceProperties::new(Arc::clone(&schema)),
             Partitioning::UnknownPartitioning(1),
@@ -67,6 +67,17 @@ impl DiffExec {
     }
 }
 
+/// The model's mapped fields: its schema without a conditional write's clause columns (the diff
+/// reads them; the sink never sees them).
+pub fn model_fields(model: &SchemaRef, run: &SyncRun) -> SchemaRef {
+    let fields = run.spec.diff.fields.len().min(model.fields().len());
+    Arc::new(
+        model
+            .project(&(0..fields).collect::<Vec<_>>())
+            .expect("the mapped fields are the model's first columns"),
+    )
+}
+
 /// What a sync matches records by, for EXPLAIN: `id`, `(tenant, id)` or `(row hash)`.
 pub fn key_label(spec: &super::run::SyncSpec) -> String {
     if !spec.diff.key_parts.is_empty() {
@@ -75,15 +86,29 @@ pub fn key_label(spec: &super::run::SyncSpec) -> String {
     spec.key_name().unwrap_or("(row hash)").to_string()
 }
 
-/// What a diff operator shows in EXPLAIN: `sync=… mode=… key=… fields=[…] state=…`.
+/// What a diff operator shows in EXPLAIN: `sync=… mode=… key=… fields=[…] state=…`, and for a
+/// MERGE whose clauses send different fields, what each sends (`insert=[…] update=[…]`).
 pub fn describe_diff(run: &SyncRun) -> String {
     let spec = &run.spec;
+    let diff = &spec.diff;
+    let clauses = if diff.clauses.uniform(diff.all_fields()) || diff.mode.listed_deletes() {
+        String::new()
+    } else {
+        // The key, and a composite key's parts, are sent by every clause.
+        let mut key = diff.key_bit();
+        for part in &diff.key_parts {
+            if let Some(i) = diff.fields.iter().position(|f| f == part) {
+                key |= 1 << i;
+            }
+        }
+        format!(" {}", diff.clauses.describe(&diff.fields, key))
+    };
     format!(
-        "sync={} mode={} key={} fields=[{}] state={}",
+        "sync={} mode={} key={} fields=[{}]{clauses} state={}",
         spec.label(),
-        spec.diff.mode,
+        diff.mode,
         key_label(spec),
-        spec.diff.fields.join(", "),
+        diff.fields.join(", "),
         run.state_location()
     )
 }
@@ -296,10 +321,16 @@ async fn diff_stream(
     let streaming = run.stream_first_run()?;
     let mut kept: Vec<(RecordBatch, Vec<u32>)> = vec![];
     let mut key_rejects = vec![];
-    let model_schema = input.schema;
+    let model_schema = model_fields(&input.schema, &run);
+    let fields: Vec<usize> = (0..spec.fields.len()).collect();
     while let Some(batch) = input.batches.next().await {
         let (stream, batch, hashed) = batch?;
         let d = differ.push_from(&hashed, stream)?;
+        // (A conditional write's clause columns have served.)
+        let batch = match batch.num_columns() == fields.len() {
+            true => batch,
+            false => batch.project(&fields)?,
+        };
         let rows: Vec<u32> = (0..batch.num_rows() as u32)
             .filter(|r| d.change_of_row[*r as usize].is_some())
             .collect();
@@ -378,18 +409,14 @@ pub(crate) async fn emit_changes(
     run.write_intent(&changes).await?;
     let mut out = Vec::with_capacity(kept.len() + 1);
     for (batch, ids) in kept {
-        // Rows replaced by a later row with the same key (keep_last) are dropped.
-        let (batch, ids) = if ids.iter().all(|id| changes[*id as usize].live) {
+        // Rows replaced by a later row with the same key (keep_last) are dropped, and so are
+        // changes that send nothing.
+        let sent = |id: &u32| changes[*id as usize].live && changes[*id as usize].sends();
+        let (batch, ids) = if ids.iter().all(sent) {
             (batch, ids)
         } else {
-            let live: BooleanArray = ids
-                .iter()
-                .map(|id| Some(changes[*id as usize].live))
-                .collect();
-            let ids: Vec<u32> = ids
-                .into_iter()
-                .filter(|id| changes[*id as usize].live)
-                .collect();
+            let live: BooleanArray = ids.iter().map(|id| Some(sent(id))).collect();
+            let ids: Vec<u32> = ids.into_iter().filter(sent).collect();
             (filter_record_batch(&batch, &live)?, ids)
         };
         if !ids.is_empty() {

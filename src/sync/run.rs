@@ -391,7 +391,11 @@ impl SyncRun {
         if self.dry_run || self.spec.diff.key.is_none() || self.spec.diff.mode.listed_deletes() {
             return Ok(());
         }
-        let keys: Vec<&Key> = changes.iter().filter(|c| c.live).map(|c| &c.key).collect();
+        let keys: Vec<&Key> = changes
+            .iter()
+            .filter(|c| c.live && c.sends())
+            .map(|c| &c.key)
+            .collect();
         if keys.is_empty() {
             return Ok(());
         }
@@ -595,6 +599,7 @@ impl SyncRun {
                 record.retries = d.retries;
             }
             let commit = (snapshot.is_some() && !self.dry_run).then(|| {
+                let acked = with_unsent(&changes, acked);
                 let rejects = self.merge_rejects(
                     &inner.previous_rejects,
                     &changes,
@@ -1012,6 +1017,19 @@ impl SyncRun {
     }
 }
 
+/// `acked` and the changes that send nothing, which are committed as if acknowledged (see
+/// [`Change::sends`]).
+fn with_unsent(changes: &Changes, mut acked: Vec<Ack>) -> Vec<Ack> {
+    acked.extend(
+        changes
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.live && !c.sends())
+            .map(|(id, _)| Ack::done(id as u32)),
+    );
+    acked
+}
+
 /// Per change: whether the destination answered it (acknowledged or rejected).
 fn settled(changes: usize, acked: &[Ack], rejected: &[Rejected]) -> Vec<bool> {
     let mut settled = vec![false; changes];
@@ -1110,15 +1128,16 @@ impl Checkpoints for SyncRun {
         let Some(snapshot) = snapshot else {
             return Ok(());
         };
-        let settled = settled(changes.len(), &outcome.acked, &outcome.rejected);
+        let acked = with_unsent(&changes, outcome.acked.clone());
+        let settled = settled(changes.len(), &acked, &outcome.rejected);
         let tag = format!("{}-c{n}", self.run_id);
         let next = self
-            .next_snapshot(&snapshot, &changes, &outcome.acked, &settled, &tag)
+            .next_snapshot(&snapshot, &changes, &acked, &settled, &tag)
             .await?;
         let rejects = self.merge_rejects(
             &previous_rejects,
             &changes,
-            &outcome.acked,
+            &acked,
             &outcome.rejected,
             false,
         );
@@ -1169,6 +1188,7 @@ mod tests {
                 mode: SyncMode::Upsert,
                 keep_last: false,
                 key_parts: vec![],
+                clauses: Default::default(),
             },
             options: SyncOptions::default(),
             pacing: (None, None),

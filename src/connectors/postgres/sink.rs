@@ -957,7 +957,25 @@ impl Statements {
                 sets.join(", ")
             )
         };
-        let values: Vec<String> = (0..columns.len()).map(|i| format!("s.c{i}")).collect();
+        // A field that some `WHEN NOT MATCHED … INSERT` clause does not list is inserted only
+        // by rows whose clause lists it (see `Clauses`); the others always are.
+        let inserted_by_all = sink.sync.as_ref().map_or(u64::MAX, |r| {
+            r.spec
+                .diff
+                .clauses
+                .inserts
+                .iter()
+                .fold(u64::MAX, |all, c| all & c.fields)
+        });
+        let values: Vec<String> = (0..columns.len())
+            .map(|i| match i < 64 && inserted_by_all & (1 << i) == 0 {
+                true => format!(
+                    "CASE WHEN (s.__changed & {}) <> 0 THEN s.c{i} END",
+                    1u64 << i
+                ),
+                false => format!("s.c{i}"),
+            })
+            .collect();
         Self {
             update: Some(update_sql),
             insert: format!(

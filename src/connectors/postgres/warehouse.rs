@@ -100,6 +100,11 @@ fn plan(
             "diff 'warehouse' applies to INSERT and MERGE syncs; a DELETE statement sends the keys it lists and keeps no state".into(),
         );
     }
+    if diff.clauses.conditional() {
+        return refuse(
+            "diff 'warehouse' does not evaluate WHEN … AND <condition> clauses yet; use the local diff (drop the option), or filter the USING query".into(),
+        );
+    }
     if diff.keep_last {
         return refuse(
             "duplicate_keys 'keep_last' needs the local diff (a SQL result has no row order to take the last row from); make the key unique in the model".into(),
@@ -764,8 +769,8 @@ impl DiffRun {
         };
         let n = spec.fields.len();
         let stored: Vec<usize> = (0..n).filter(|i| *i != self.state.key).collect();
-        let all_fields = spec.all_fields();
         let key_bit = 1u64 << self.state.key;
+        let choice = crate::sync::diff::Choice::FIRST;
         let new_op = spec.new_op();
         // Model rows the diff returned that have a key (the rest of the keyed rows are unchanged).
         let mut returned = 0u64;
@@ -812,9 +817,9 @@ impl DiffRun {
                 }
                 let is_known = known.value(r);
                 let (op, changed) = if !is_known || pending.value(r) {
-                    match new_op {
-                        Some(op) => (op, all_fields),
-                        None => {
+                    match (new_op, spec.new_fields(choice)) {
+                        (Some(op), Some(fields)) => (op, fields),
+                        _ => {
                             counts.skipped += 1;
                             continue;
                         }
@@ -831,11 +836,18 @@ impl DiffRun {
                         counts.unchanged += 1;
                         continue;
                     }
-                    let Some(op) = spec.mode.changed_op() else {
+                    let (Some(op), Some(fields)) =
+                        (spec.mode.changed_op(), spec.update_fields(choice))
+                    else {
                         counts.skipped += 1;
                         continue;
                     };
-                    (op, changed | key_bit)
+                    // Only fields the UPDATE does not set changed: nothing is sent, and the new
+                    // hashes are committed (see `Change::sends`).
+                    match changed & fields {
+                        0 => (op, 0),
+                        sent => (op, sent | key_bit),
+                    }
                 };
                 rows_out.push(r as u32);
                 ids.push(changes.push(

@@ -161,7 +161,7 @@ impl Encoder {
                     let send = if is_key {
                         self.matching != Matching::Id && op != Op::Update
                     } else {
-                        op == Op::Insert || mask & (1 << i) != 0
+                        mask & (1 << i) != 0
                     };
                     if !send {
                         continue;
