@@ -506,6 +506,7 @@ impl Engine {
                         rate_limit: run.spec.pacing.0,
                         concurrency: run.spec.pacing.1,
                         refusal: run.refusal(),
+                        clauses: crate::sync::exec::clause_fields(&run.spec.diff),
                     })));
                 }
                 (

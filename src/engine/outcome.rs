@@ -81,6 +81,8 @@ pub struct DryRunReport {
     pub concurrency: Option<usize>,
     /// Why a real run would refuse to send anything (a safety rail), if it would.
     pub refusal: Option<String>,
+    /// What each MERGE clause sends, when they differ (`insert=[…] update=[…]`).
+    pub clauses: Option<String>,
 }
 
 impl fmt::Display for DryRunReport {
@@ -96,9 +98,12 @@ impl fmt::Display for DryRunReport {
         )?;
         writeln!(
             f,
-            "  model rows {}: {} to insert, {} to update, {} to delete, {} unchanged, {} rejected by key (null), {} not sent by this mode",
+            "  model rows {}: {} to insert, {} to update, {} to delete, {} unchanged, {} rejected by key (null), {} not sent by this mode or its clauses",
             c.rows, c.inserts, c.updates, c.deletes, c.unchanged, self.rejected, c.skipped
         )?;
+        if let Some(clauses) = &self.clauses {
+            writeln!(f, "  fields sent (besides the key): {clauses}")?;
+        }
         if let Some(refusal) = &self.refusal {
             return write!(f, "  a real run would refuse: {refusal}");
         }
@@ -174,7 +179,7 @@ impl fmt::Display for WriteSummary {
             if sync.counts.skipped > 0 {
                 write!(
                     f,
-                    ", {} changed but not sent by this mode",
+                    ", {} changed but not sent by this mode or its clauses",
                     sync.counts.skipped
                 )?;
             }

@@ -86,23 +86,29 @@ pub fn key_label(spec: &super::run::SyncSpec) -> String {
     spec.key_name().unwrap_or("(row hash)").to_string()
 }
 
+/// What each clause of a MERGE sends, when its clauses send different fields or have
+/// conditions (`insert=[…] update when s.x > 1=[…]`; the key, sent by every clause, is left out).
+pub fn clause_fields(diff: &super::diff::DiffSpec) -> Option<String> {
+    if diff.clauses.uniform(diff.all_fields()) || diff.mode.listed_deletes() {
+        return None;
+    }
+    let mut key = diff.key_bit();
+    for part in &diff.key_parts {
+        if let Some(i) = diff.fields.iter().position(|f| f == part) {
+            key |= 1 << i;
+        }
+    }
+    Some(diff.clauses.describe(&diff.fields, key))
+}
+
 /// What a diff operator shows in EXPLAIN: `sync=… mode=… key=… fields=[…] state=…`, and for a
-/// MERGE whose clauses send different fields, what each sends (`insert=[…] update=[…]`).
+/// MERGE whose clauses send different fields, what each sends ([`clause_fields`]).
 pub fn describe_diff(run: &SyncRun) -> String {
     let spec = &run.spec;
     let diff = &spec.diff;
-    let clauses = if diff.clauses.uniform(diff.all_fields()) || diff.mode.listed_deletes() {
-        String::new()
-    } else {
-        // The key, and a composite key's parts, are sent by every clause.
-        let mut key = diff.key_bit();
-        for part in &diff.key_parts {
-            if let Some(i) = diff.fields.iter().position(|f| f == part) {
-                key |= 1 << i;
-            }
-        }
-        format!(" {}", diff.clauses.describe(&diff.fields, key))
-    };
+    let clauses = clause_fields(diff)
+        .map(|c| format!(" {c}"))
+        .unwrap_or_default();
     format!(
         "sync={} mode={} key={} fields=[{}]{clauses} state={}",
         spec.label(),
