@@ -88,6 +88,34 @@ impl DiffSpec {
         Some(fields? & self.all_fields() | self.key_bit())
     }
 
+    /// The fields sent to a record a run sent without an answer (it may or may not be at the
+    /// destination): those of its new-record clause, so that it is created whole if it is not
+    /// there, and those of its `WHEN MATCHED` clause, so that it is made current if it is.
+    /// `None` if no clause applies.
+    pub fn unknown_fields(&self, choice: Choice) -> Option<u64> {
+        let updated = match self.mode.updates() {
+            true => self.update_fields(choice),
+            false => None,
+        };
+        match (self.new_fields(choice), updated) {
+            (None, None) => None,
+            (a, b) => Some(a.unwrap_or(0) | b.unwrap_or(0)),
+        }
+    }
+
+    /// The fields whose new hash a run commits for an acknowledged change that sent `changed`:
+    /// those it sent, and those no UPDATE clause sends (a field only in INSERT is stored, so a
+    /// change to it alone is not found again every run). Any other field keeps what the
+    /// destination has: its old hash, or for a new record none yet (see
+    /// [`super::hash::UNSENT_HASH`]), so that an UPDATE sends it next run.
+    pub fn committed_fields(&self, changed: u64) -> u64 {
+        if self.clauses.uniform(self.all_fields()) {
+            return u64::MAX;
+        }
+        let updated = self.clauses.updates.iter().fold(0, |m, c| m | c.fields);
+        changed | !updated
+    }
+
     /// The fields a changed record may send: those of the `WHEN MATCHED` clause the row picked
     /// (the key's always); `None` if no clause applies to the row.
     pub fn update_fields(&self, choice: Choice) -> Option<u64> {
@@ -123,6 +151,9 @@ pub struct Change {
     pub changed: u64,
     /// False once a later row with the same key replaced it (`keep_last`).
     pub live: bool,
+    /// The record was sent by a run that stopped before its commit (a warehouse diff's pending
+    /// record): what the destination holds of the fields this change does not send is unknown.
+    pub unknown: bool,
 }
 
 /// `Change::hashes_at` of a change without field hashes (a delete).
@@ -206,6 +237,7 @@ impl Changes {
             hashes_at,
             changed,
             live: true,
+            unknown: false,
         });
         id
     }
@@ -498,7 +530,7 @@ impl Differ {
                         // Sent by a run that stopped before its commit: it may or may not be at
                         // the destination, so it is sent again as a new record.
                         let (Some(op), Some(fields)) =
-                            (self.new_op(), self.spec.new_fields(batch.choice(row)))
+                            (self.new_op(), self.spec.unknown_fields(batch.choice(row)))
                         else {
                             self.counts.skipped += 1;
                             continue;

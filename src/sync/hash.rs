@@ -171,6 +171,13 @@ pub fn combine(field_hashes: impl IntoIterator<Item = u64>) -> u64 {
 /// The start of a record's row hash (see [`fold_row`]).
 pub const ROW_SEED: u64 = 0x2545_f491_4f6c_dd1d;
 
+/// The stored hash of a field a new record was created without (its `WHEN NOT MATCHED … INSERT`
+/// does not list it) and that an UPDATE may send: no model value hashes to it (but with
+/// probability 2^-64), so the next run finds the field changed and its UPDATE sends it, as a
+/// second SQL MERGE would. (Not null: a record whose every hash is null is one sent without an
+/// answer.)
+pub const UNSENT_HASH: u64 = 0x756e_7365_6e74_2e2e;
+
 /// What an unknown field hash (a field mapped after the record was sent) contributes to a row
 /// hash: no model value hashes to it, so such a record always goes on to the field-by-field check.
 const UNKNOWN_FIELD: u64 = 0xd6e8_feb8_6659_fd93;

@@ -34,8 +34,10 @@ pub trait WarehouseDiff: fmt::Debug + Send + Sync {
 #[derive(Debug, Default)]
 pub struct RemoteCommit<'a> {
     /// Acknowledged inserts and updates: key, the destination's record id, the hash of every
-    /// mapped field (in the sync's field order).
-    pub upserts: Vec<(&'a Key, Option<&'a str>, &'a [u64])>,
+    /// mapped field (in the sync's field order), which of those hashes to commit (bit i: field
+    /// i; see `DiffSpec::committed_fields`), and whether the record was unknown (pending): the
+    /// hashes not committed then become unknown, else they keep what the state holds.
+    pub upserts: Vec<(&'a Key, Option<&'a str>, &'a [u64], u64, bool)>,
     /// Acknowledged deletes.
     pub deletes: Vec<&'a Key>,
     /// New records announced by an intent and then refused by the destination: they are not

@@ -12,7 +12,7 @@ use datafusion::arrow::datatypes::UInt64Type;
 
 use super::SyncOptions;
 use super::diff::{Change, Changes, DiffCounts, DiffSpec};
-use super::hash::{HASH_VERSION, Key, RowHashes};
+use super::hash::{HASH_VERSION, Key, RowHashes, UNSENT_HASH};
 use super::remote::{RemoteCommit, RemoteState};
 use super::snapshot::{FieldHashes, Snapshot, key_array, key_order};
 use super::state::{
@@ -655,7 +655,7 @@ impl SyncRun {
                 let next = match &self.spec.remote {
                     Some(remote) => {
                         remote
-                            .commit(remote_commit(&changes, &acked, &settled))
+                            .commit(remote_commit(&self.spec.diff, &changes, &acked, &settled))
                             .await?;
                         Snapshot::empty(self.spec.diff.fields.clone())
                     }
@@ -967,19 +967,34 @@ impl SyncRun {
                 Some(f) => Some(old.field_column(*f).await?),
                 None => None,
             };
-            // The change's hash of this field (0 for the marker column).
+            // The change's hash of this field (0 for the marker column), if the run commits it
+            // (see `DiffSpec::committed_fields`).
             let hash_of = |c: &Change| {
                 if marker {
-                    0
+                    Some(0)
                 } else {
-                    changes.hashes(c)[stored[n]]
+                    let i = stored[n];
+                    (i >= 64 || diff.committed_fields(c.changed) & (1 << i) != 0)
+                        .then(|| changes.hashes(c)[i])
                 }
+            };
+            let old_hash = |j: u32| {
+                old_col
+                    .as_ref()
+                    .filter(|col| col.is_valid(j as usize))
+                    .map(|col| col.value(j as usize))
             };
             let mut b = UInt64Array::builder(kept.len() + new_rows.len());
             for &j in &kept {
                 let id = row_change[j as usize];
                 if id != u32::MAX {
-                    b.append_value(hash_of(&changes[id as usize]));
+                    // A field the change did not send keeps what the destination has (not null
+                    // if unknown: a record with every hash null is one sent without an answer).
+                    b.append_value(
+                        hash_of(&changes[id as usize])
+                            .or_else(|| old_hash(j))
+                            .unwrap_or(UNSENT_HASH),
+                    );
                 } else if unanswered[j as usize] {
                     b.append_null();
                 } else {
@@ -994,7 +1009,7 @@ impl SyncRun {
             drop(old_col);
             for (id, _, known) in &new_rows {
                 if *known {
-                    b.append_value(hash_of(&changes[*id as usize]));
+                    b.append_value(hash_of(&changes[*id as usize]).unwrap_or(UNSENT_HASH));
                 } else {
                     b.append_null();
                 }
@@ -1047,7 +1062,12 @@ fn settled(changes: usize, acked: &[Ack], rejected: &[Rejected]) -> Vec<bool> {
 
 /// What a run commits to a remote state: acknowledged changes, and the intents of new records
 /// the destination refused.
-fn remote_commit<'a>(changes: &'a Changes, acked: &'a [Ack], settled: &[bool]) -> RemoteCommit<'a> {
+fn remote_commit<'a>(
+    diff: &DiffSpec,
+    changes: &'a Changes,
+    acked: &'a [Ack],
+    settled: &[bool],
+) -> RemoteCommit<'a> {
     let mut commit = RemoteCommit::default();
     let mut acknowledged = vec![false; changes.len()];
     for Ack {
@@ -1061,9 +1081,13 @@ fn remote_commit<'a>(changes: &'a Changes, acked: &'a [Ack], settled: &[bool]) -
         acknowledged[*id as usize] = true;
         match c.op {
             Op::Delete => commit.deletes.push(&c.key),
-            _ => commit
-                .upserts
-                .push((&c.key, record_id.as_deref(), changes.hashes(c))),
+            _ => commit.upserts.push((
+                &c.key,
+                record_id.as_deref(),
+                changes.hashes(c),
+                diff.committed_fields(c.changed),
+                c.unknown,
+            )),
         }
     }
     for (c, _) in changes

@@ -700,6 +700,145 @@ async fn last_run(engine: &sluice::Engine, sync: &str) -> String {
         .to_string()
 }
 
+/// Issue 19: MERGE clauses keep their own fields, with the local diff and the warehouse diff
+/// alike: a field only in INSERT is set on create and never overwritten (a rep's edit stays), a
+/// field only in UPDATE SET is left to the table's default on create, and a change only to
+/// create-only fields sends nothing and is remembered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_clauses_keep_their_fields_in_both_diffs() {
+    let Some(pg) = PgSchema::new("sluice_clauses").await else {
+        return;
+    };
+    pg.sql(
+        "CREATE TABLE $S.people (id bigint PRIMARY KEY, firstname text, score numeric(10,2), note text);
+         CREATE TABLE $S.dst_local (id bigint PRIMARY KEY, firstname text, lead_source text,
+            score numeric(10,2), note text NOT NULL DEFAULT 'by default');
+         CREATE TABLE $S.dst_wh (LIKE $S.dst_local INCLUDING ALL);
+         INSERT INTO $S.people VALUES (1, 'Ann', 1.50, 'n1'), (2, 'Bob', 2.50, 'n2'), (3, 'Cy', 3.50, 'n3');",
+    )
+    .await;
+    let engine = engine(&pg).await;
+    let suffix = &pg.name[pg.name.len() - 8..];
+    let (local, remote) = (format!("cl_local_{suffix}"), format!("cl_remote_{suffix}"));
+    let body = |dst: &str| {
+        format!(
+            "MERGE INTO wh.{dst} AS t USING (SELECT id, firstname, score, note FROM wh.people) AS s
+             ON t.id = s.id
+             WHEN MATCHED THEN UPDATE SET score = s.score, note = s.note
+             WHEN NOT MATCHED THEN INSERT (id, firstname, lead_source, score)
+                                   VALUES (s.id, s.firstname, 'warehouse', s.score)"
+        )
+    };
+    engine
+        .run_sql(&format!(
+            "CREATE SYNC {local} AS {}; CREATE SYNC {remote} OPTIONS (diff 'warehouse') AS {};",
+            body("dst_local"),
+            body("dst_wh")
+        ))
+        .await
+        .unwrap();
+    let run_both = || async {
+        engine.run_sql(&format!("RUN SYNC {local}")).await.unwrap();
+        engine.run_sql(&format!("RUN SYNC {remote}")).await.unwrap();
+        let (a, b) = (
+            last_run(&engine, &local).await,
+            last_run(&engine, &remote).await,
+        );
+        assert_eq!(a, b, "the two diffs counted differently");
+        let cols = "id, firstname, lead_source, score, note";
+        let (x, y) = (
+            pg.rows(&format!("SELECT {cols} FROM $S.dst_local ORDER BY id"))
+                .await,
+            pg.rows(&format!("SELECT {cols} FROM $S.dst_wh ORDER BY id"))
+                .await,
+        );
+        assert_eq!(x, y, "the two destinations differ");
+        (a, y)
+    };
+
+    // Created with the INSERT's fields; note, only in UPDATE SET, takes the table's default.
+    let (counts, rows) = run_both().await;
+    assert_eq!(counts, "3/3/0/0/0/0");
+    assert_eq!(
+        rows,
+        [
+            "1|Ann|warehouse|1.50|by default",
+            "2|Bob|warehouse|2.50|by default",
+            "3|Cy|warehouse|3.50|by default"
+        ]
+    );
+
+    // A rep renames record 1; the model renames records 1 and 2 and rescores record 1.
+    pg.sql("UPDATE $S.dst_local SET firstname = 'Rep' WHERE id = 1; UPDATE $S.dst_wh SET firstname = 'Rep' WHERE id = 1;
+            UPDATE $S.people SET firstname = 'Ann2', score = 9 WHERE id = 1; UPDATE $S.people SET firstname = 'Bob2' WHERE id = 2")
+        .await;
+    let (counts, rows) = run_both().await;
+    // As a second SQL MERGE would: every record is matched now, so UPDATE SET writes note
+    // (which the INSERT left out) and record 1's score; neither first name is sent.
+    assert_eq!(counts, "3/0/3/0/0/0");
+    assert_eq!(
+        rows,
+        [
+            "1|Rep|warehouse|9.00|n1",
+            "2|Bob|warehouse|2.50|n2",
+            "3|Cy|warehouse|3.50|n3"
+        ]
+    );
+    // Record 2's new first name was remembered, not sent: a rerun finds nothing to do.
+    let (counts, _) = run_both().await;
+    assert_eq!(counts, "3/0/0/0/3/0");
+
+    // A condition on the source's columns: the local diff takes it; the warehouse diff says
+    // what to do instead.
+    let conditional = |dst: &str| {
+        format!(
+            "MERGE INTO wh.{dst} AS t USING (SELECT id, firstname, score, note FROM wh.people) AS s
+             ON t.id = s.id
+             WHEN MATCHED AND s.score >= 5 THEN UPDATE SET score = s.score, note = s.note
+             WHEN NOT MATCHED THEN INSERT (id, firstname, lead_source, score)
+                                   VALUES (s.id, s.firstname, 'warehouse', s.score)"
+        )
+    };
+    let refused = engine
+        .run_sql(&format!(
+            "CREATE OR REPLACE SYNC {remote} OPTIONS (diff 'warehouse') AS {}",
+            conditional("dst_wh")
+        ))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("diff 'warehouse' does not evaluate WHEN … AND <condition> clauses"),
+        "{refused}"
+    );
+    engine
+        .run_sql(&format!(
+            "CREATE OR REPLACE SYNC {local} AS {}",
+            conditional("dst_local")
+        ))
+        .await
+        .unwrap();
+    pg.sql("UPDATE $S.people SET score = 4, note = 'low' WHERE id = 2; UPDATE $S.people SET score = 8, note = 'high' WHERE id = 3;
+            INSERT INTO $S.people VALUES (4, 'Di', 0.5, 'n4')")
+        .await;
+    engine.run_sql(&format!("RUN SYNC {local}")).await.unwrap();
+    assert_eq!(last_run(&engine, &local).await, "4/1/1/0/1/0");
+    assert_eq!(
+        pg.rows("SELECT id, firstname, lead_source, score, note FROM $S.dst_local ORDER BY id")
+            .await,
+        [
+            "1|Rep|warehouse|9.00|n1",
+            "2|Bob|warehouse|2.50|n2",
+            "3|Cy|warehouse|8.00|high",
+            "4|Di|warehouse|0.50|by default"
+        ]
+    );
+    // Records 2 and 4 (whose note its UPDATE would send), which no clause takes, are found
+    // again and still not taken.
+    engine.run_sql(&format!("RUN SYNC {local}")).await.unwrap();
+    assert_eq!(last_run(&engine, &local).await, "4/0/0/0/2/0");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warehouse_diff_gives_the_same_results_as_the_local_diff() {
     let Some(pg) = PgSchema::new("sluice_whdiff").await else {

@@ -757,6 +757,76 @@ async fn an_unanswered_change_is_sent_again_even_when_the_model_goes_back() {
     unanswered_change_is_sent_again(&engine, &fake, "s", "m", "", set_model).await;
 }
 
+/// Issue 19: a MERGE whose clauses write different fields (name only on create, plan only on
+/// update). An unanswered update leaves the record unknown: the next run sends it whole (the
+/// INSERT's fields, in case it is not there, and the UPDATE's, in case it is), so it converges
+/// at once, and a rerun sends nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unanswered_change_to_a_merge_with_per_clause_fields_converges() {
+    let fake = FakeWebhook::start(Script::default()).await;
+    let engine = super::support::engine();
+    let model = |rows: &str| {
+        format!("CREATE OR REPLACE TABLE m AS SELECT * FROM (VALUES {rows}) AS v(id, name, plan)")
+    };
+    engine
+        .run_sql(&format!(
+            "CREATE CONNECTION hooks TYPE webhook OPTIONS (url '{}', key 'id', max_attempts '1');
+             {};
+             CREATE SYNC s AS MERGE INTO hooks.users AS t USING m ON t.id = m.id
+               WHEN MATCHED THEN UPDATE SET plan = m.plan
+               WHEN NOT MATCHED THEN INSERT (id, name) VALUES (m.id, m.name)",
+            fake.url,
+            model("(1, 'Ann', 'free'), (2, 'Bob', 'free')")
+        ))
+        .await
+        .unwrap();
+    let held = || {
+        let mut rows: Vec<String> = fake.state_rows().into_iter().map(|r| r.2).collect();
+        rows.sort();
+        rows
+    };
+    let write = |sql: &'static str| super::support::write(&engine, sql);
+    // Created with the INSERT's fields; the next run's UPDATE writes plan; then settled.
+    assert_eq!(write("RUN SYNC s").await.rows_written, 2);
+    assert_eq!(
+        held(),
+        [r#"{"id":1,"name":"Ann"}"#, r#"{"id":2,"name":"Bob"}"#]
+    );
+    assert_eq!(write("RUN SYNC s").await.rows_written, 2);
+    assert_eq!(write("RUN SYNC s").await.rows_written, 0);
+
+    // The receiver applies an update and drops the connection unanswered.
+    fake.script(|s| s.faults = [Fault::DropAfter].into());
+    engine
+        .run_sql(&model("(1, 'Ann2', 'pro'), (2, 'Bob', 'free')"))
+        .await
+        .unwrap();
+    let err = super::support::error(&engine, "RUN SYNC s").await;
+    assert!(err.contains("gave up"), "{err}");
+    assert_eq!(
+        held(),
+        [
+            r#"{"id":1,"name":"Ann","plan":"pro"}"#,
+            r#"{"id":2,"name":"Bob","plan":"free"}"#
+        ]
+    );
+    // The model goes back; record 1 is sent whole, once.
+    fake.script(|s| s.faults.clear());
+    engine
+        .run_sql(&model("(1, 'Ann2', 'free'), (2, 'Bob', 'free')"))
+        .await
+        .unwrap();
+    assert_eq!(write("RUN SYNC s").await.rows_written, 1);
+    assert_eq!(
+        held(),
+        [
+            r#"{"id":1,"name":"Ann2","plan":"free"}"#,
+            r#"{"id":2,"name":"Bob","plan":"free"}"#
+        ]
+    );
+    assert_eq!(write("RUN SYNC s").await.rows_written, 0);
+}
+
 /// The scenario of [`an_unanswered_change_is_sent_again_even_when_the_model_goes_back`], for a
 /// sync named `sync` with extra `options`, whose model `table` (id, plan) `set_model` fills with
 /// SQL VALUES rows.

@@ -150,6 +150,24 @@ impl PgSink {
         })
     }
 
+    /// The fields each `WHEN NOT MATCHED … INSERT` clause writes, as a new record's `__changed`
+    /// holds them (`all`: every field, as without a sync).
+    fn inserted_fields(&self, all: u64) -> Vec<u64> {
+        let Some(run) = &self.sync else {
+            return vec![all];
+        };
+        let diff = &run.spec.diff;
+        let mut fields: Vec<u64> = diff
+            .clauses
+            .inserts
+            .iter()
+            .map(|c| c.fields & diff.all_fields() | diff.key_bit())
+            .collect();
+        fields.sort_unstable();
+        fields.dedup();
+        fields
+    }
+
     /// What records are matched by: `id`, or `(tenant, id)`.
     fn key_label(&self) -> Option<String> {
         match self.matches.as_slice() {
@@ -459,22 +477,50 @@ impl Writer<'_> {
         let mut rejected: Vec<Rejected> = vec![];
         let mut bytes = 0;
 
-        // 1. New records straight into the table.
-        let (direct, mut staged): (Vec<Row>, Vec<Row>) = rows
-            .into_iter()
-            .partition(|r| matches!(r.op, Op::Insert | Op::Upsert) && r.changed == all);
+        // 1. New records straight into the table, each with the fields its INSERT lists (the
+        // table's defaults fill the others): one COPY per INSERT clause.
+        let inserted = sink.inserted_fields(all);
+        let (direct, mut staged): (Vec<Row>, Vec<Row>) = rows.into_iter().partition(|r| {
+            matches!(r.op, Op::Insert | Op::Upsert) && inserted.contains(&r.changed)
+        });
         if !direct.is_empty() {
-            let columns: Vec<String> = sink.fields.iter().map(|(n, _)| quote_ident(n)).collect();
-            let copy = format!(
-                "COPY {} ({}) FROM STDIN (FORMAT binary)",
-                sink.relation.qualified(),
-                columns.join(", ")
-            );
             client
                 .batch_execute("SAVEPOINT sluice_direct")
                 .await
                 .map_err(pg)?;
-            let (sent, bad) = copy_rows(client, &copy, batches, &direct, sink, false).await;
+            let (mut sent, mut bad) = (Ok(0), vec![]);
+            for fields in &inserted {
+                let rows: Vec<Row> = direct
+                    .iter()
+                    .filter(|r| r.changed == *fields)
+                    .copied()
+                    .collect();
+                if rows.is_empty() {
+                    continue;
+                }
+                let columns: Vec<String> = sink
+                    .fields
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| copied(*fields, *i))
+                    .map(|(_, (n, _))| quote_ident(n))
+                    .collect();
+                let copy = format!(
+                    "COPY {} ({}) FROM STDIN (FORMAT binary)",
+                    sink.relation.qualified(),
+                    columns.join(", ")
+                );
+                let (result, refused) =
+                    copy_rows(client, &copy, batches, &rows, sink, *fields, false).await;
+                bad.extend(refused);
+                sent = match (sent, result) {
+                    (Ok(a), Ok(b)) => Ok(a + b),
+                    (Err(e), _) | (_, Err(e)) => Err(e),
+                };
+                if sent.is_err() || !bad.is_empty() {
+                    break;
+                }
+            }
             match sent {
                 Ok(b) if bad.is_empty() => {
                     bytes += b;
@@ -521,7 +567,8 @@ impl Writer<'_> {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
-            let (sent, bad) = copy_rows(client, &copy, batches, &staged, sink, true).await;
+            let (sent, bad) =
+                copy_rows(client, &copy, batches, &staged, sink, u64::MAX, true).await;
             bytes += sent.map_err(pg)?;
             let bad: HashSet<u32> = bad
                 .into_iter()
@@ -813,12 +860,19 @@ impl DeferredIndex {
 /// Sends `rows` with binary COPY. Returns the bytes sent (or the error that ended the COPY) and
 /// the rows whose values could not be encoded (left out). With `meta`, each row also carries its
 /// operation, changed-fields mask and change id.
+/// Whether field `i` is among `fields` (fields past the 64th always are).
+fn copied(fields: u64, i: usize) -> bool {
+    i >= 64 || fields & (1 << i) != 0
+}
+
+/// COPYs `rows`: the sink's fields among `fields`, then with `meta` the change columns.
 async fn copy_rows(
     client: &deadpool_postgres::Object,
     copy: &str,
     batches: &[RecordBatch],
     rows: &[Row],
     sink: &PgSink,
+    fields: u64,
     meta: bool,
 ) -> (
     std::result::Result<usize, tokio_postgres::Error>,
@@ -828,16 +882,22 @@ async fn copy_rows(
     let result = async {
         let copy_in = client.copy_in(copy).await?;
         let mut copy_in = Box::pin(copy_in);
-        let fields = sink.fields.len() as i16 + if meta { 3 } else { 0 };
+        let columns = (0..sink.fields.len())
+            .filter(|i| copied(fields, *i))
+            .count();
+        let count = columns as i16 + if meta { 3 } else { 0 };
         let mut buf = Vec::with_capacity(COPY_CHUNK + 4096);
         buf.extend_from_slice(COPY_HEADER);
         let mut sent = 0;
         for row in rows {
             let start = buf.len();
-            buf.extend_from_slice(&fields.to_be_bytes());
+            buf.extend_from_slice(&count.to_be_bytes());
             let batch = &batches[row.batch];
             let mut failed = None;
             for (i, (name, pg_type)) in sink.fields.iter().enumerate() {
+                if !copied(fields, i) {
+                    continue;
+                }
                 if let Err(message) =
                     encode_field(&mut buf, batch.column(i).as_ref(), row.row, pg_type)
                 {

@@ -60,6 +60,10 @@ pub const STATE_SCHEMA: &str = "sluice_state";
 /// The hash of a null value (any fixed value; a real value hashing to it is a 2^-64 event).
 const NULL_HASH: i64 = 0x61c8_8646_80b5_83eb;
 
+/// What a commit passes for a hash that becomes unknown (null): a field a pending record's change
+/// did not send. (Null in the commit's arrays means "keep what the state holds".)
+const UNKNOWN_HASH: i64 = i64::MIN;
+
 /// Names of the columns the diff query adds after the model's fields.
 const KEY: &str = "__sluice_key_text";
 
@@ -599,7 +603,7 @@ impl RemoteState for PgState {
              ON CONFLICT (key) DO UPDATE SET record_id = coalesce(EXCLUDED.record_id, t.record_id), pending = false{sets}",
             cols = columns.iter().map(|c| format!(", {c}")).collect::<String>(),
             vals = (0..stored.len())
-                .map(|n| format!(", u.h{n}"))
+                .map(|n| format!(", nullif(u.h{n}, {UNKNOWN_HASH})"))
                 .collect::<String>(),
             arrays = (0..stored.len())
                 .map(|n| format!(", ${}::int8[]", n + 3))
@@ -607,17 +611,32 @@ impl RemoteState for PgState {
             names = (0..stored.len())
                 .map(|n| format!(", h{n}"))
                 .collect::<String>(),
+            // A hash not committed (null) keeps what the state holds; UNKNOWN_HASH sets it
+            // unknown (null).
             sets = columns
                 .iter()
-                .map(|c| format!(", {c} = EXCLUDED.{c}"))
+                .map(|c| format!(
+                    ", {c} = CASE WHEN EXCLUDED.{c} IS NULL THEN t.{c} ELSE nullif(EXCLUDED.{c}, {UNKNOWN_HASH}) END"
+                ))
                 .collect::<String>(),
         );
         for chunk in commit.upserts.chunks(COMMIT_CHUNK) {
-            let keys: Vec<String> = chunk.iter().map(|(k, _, _)| k.to_string()).collect();
-            let ids: Vec<Option<&str>> = chunk.iter().map(|(_, r, _)| *r).collect();
-            let hashes: Vec<Vec<i64>> = stored
+            let keys: Vec<String> = chunk.iter().map(|(k, _, _, _, _)| k.to_string()).collect();
+            let ids: Vec<Option<&str>> = chunk.iter().map(|(_, r, _, _, _)| *r).collect();
+            let hashes: Vec<Vec<Option<i64>>> = stored
                 .iter()
-                .map(|(i, _)| chunk.iter().map(|(_, _, h)| h[*i] as i64).collect())
+                .map(|(i, _)| {
+                    chunk
+                        .iter()
+                        .map(|(_, _, h, committed, unknown)| {
+                            match *i >= 64 || committed & (1 << i) != 0 {
+                                true => Some(h[*i] as i64),
+                                false if *unknown => Some(UNKNOWN_HASH),
+                                false => None,
+                            }
+                        })
+                        .collect()
+                })
                 .collect();
             let mut params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = vec![&keys, &ids];
             for h in &hashes {
@@ -816,8 +835,12 @@ impl DiffRun {
                     hashes[*i] = new_hashes[j].value(r) as u64;
                 }
                 let is_known = known.value(r);
+                let fields = match is_known {
+                    false => spec.new_fields(choice),
+                    true => spec.unknown_fields(choice),
+                };
                 let (op, changed) = if !is_known || pending.value(r) {
-                    match (new_op, spec.new_fields(choice)) {
+                    match (new_op, fields) {
                         (Some(op), Some(fields)) => (op, fields),
                         _ => {
                             counts.skipped += 1;
@@ -850,13 +873,15 @@ impl DiffRun {
                     }
                 };
                 rows_out.push(r as u32);
-                ids.push(changes.push(
+                let id = changes.push(
                     op,
                     Key::Str(keys.value(r).into()),
                     is_known.then_some(0),
                     hashes,
                     changed,
-                ));
+                );
+                changes[id as usize].unknown = pending.value(r);
+                ids.push(id);
             }
             if rows_out.is_empty() && null_rows.is_empty() {
                 continue;
