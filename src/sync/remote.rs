@@ -33,16 +33,28 @@ pub trait WarehouseDiff: fmt::Debug + Send + Sync {
 /// What a run commits to a remote state: acknowledged writes and settled intents.
 #[derive(Debug, Default)]
 pub struct RemoteCommit<'a> {
-    /// Acknowledged inserts and updates: key, the destination's record id, the hash of every
-    /// mapped field (in the sync's field order), which of those hashes to commit (bit i: field
-    /// i; see `DiffSpec::committed_fields`), and whether the record was unknown (pending): the
-    /// hashes not committed then become unknown, else they keep what the state holds.
-    pub upserts: Vec<(&'a Key, Option<&'a str>, &'a [u64], u64, bool)>,
+    /// Acknowledged inserts and updates.
+    pub upserts: Vec<RemoteUpsert<'a>>,
     /// Acknowledged deletes.
     pub deletes: Vec<&'a Key>,
     /// New records announced by an intent and then refused by the destination: they are not
     /// there, so the intent is withdrawn.
     pub withdrawn: Vec<&'a Key>,
+}
+
+/// An acknowledged insert or update, as a remote state commits it.
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteUpsert<'a> {
+    pub key: &'a Key,
+    /// The destination's record id, when it gives one.
+    pub record_id: Option<&'a str>,
+    /// The hash of every mapped field, in the sync's field order.
+    pub hashes: &'a [u64],
+    /// Which of those hashes to commit (bit i: field i; see `DiffSpec::committed_fields`).
+    pub committed: u64,
+    /// The record was unknown (pending): the hashes not committed become unknown; else they
+    /// keep what the state holds.
+    pub unknown: bool,
 }
 
 /// A sync's snapshot held by the warehouse the model reads from.

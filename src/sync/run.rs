@@ -13,7 +13,7 @@ use datafusion::arrow::datatypes::UInt64Type;
 use super::SyncOptions;
 use super::diff::{Change, Changes, DiffCounts, DiffSpec};
 use super::hash::{HASH_VERSION, Key, RowHashes, UNSENT_HASH};
-use super::remote::{RemoteCommit, RemoteState};
+use super::remote::{RemoteCommit, RemoteState, RemoteUpsert};
 use super::snapshot::{FieldHashes, Snapshot, key_array, key_order};
 use super::state::{
     FORMAT, Manifest, RejectEntry, RunRecord, StateStore, SyncLock, now, snapshot_file,
@@ -1081,13 +1081,13 @@ fn remote_commit<'a>(
         acknowledged[*id as usize] = true;
         match c.op {
             Op::Delete => commit.deletes.push(&c.key),
-            _ => commit.upserts.push((
-                &c.key,
-                record_id.as_deref(),
-                changes.hashes(c),
-                diff.committed_fields(c.changed),
-                c.unknown,
-            )),
+            _ => commit.upserts.push(RemoteUpsert {
+                key: &c.key,
+                record_id: record_id.as_deref(),
+                hashes: changes.hashes(c),
+                committed: diff.committed_fields(c.changed),
+                unknown: c.unknown,
+            }),
         }
     }
     for (c, _) in changes

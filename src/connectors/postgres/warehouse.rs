@@ -621,19 +621,17 @@ impl RemoteState for PgState {
                 .collect::<String>(),
         );
         for chunk in commit.upserts.chunks(COMMIT_CHUNK) {
-            let keys: Vec<String> = chunk.iter().map(|(k, _, _, _, _)| k.to_string()).collect();
-            let ids: Vec<Option<&str>> = chunk.iter().map(|(_, r, _, _, _)| *r).collect();
+            let keys: Vec<String> = chunk.iter().map(|u| u.key.to_string()).collect();
+            let ids: Vec<Option<&str>> = chunk.iter().map(|u| u.record_id).collect();
             let hashes: Vec<Vec<Option<i64>>> = stored
                 .iter()
                 .map(|(i, _)| {
                     chunk
                         .iter()
-                        .map(|(_, _, h, committed, unknown)| {
-                            match *i >= 64 || committed & (1 << i) != 0 {
-                                true => Some(h[*i] as i64),
-                                false if *unknown => Some(UNKNOWN_HASH),
-                                false => None,
-                            }
+                        .map(|u| match *i >= 64 || u.committed & (1 << i) != 0 {
+                            true => Some(u.hashes[*i] as i64),
+                            false if u.unknown => Some(UNKNOWN_HASH),
+                            false => None,
                         })
                         .collect()
                 })
