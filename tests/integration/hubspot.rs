@@ -234,6 +234,84 @@ async fn update_only_create_only_and_mirror() {
     assert_eq!(fake.records("contacts").len(), 2);
 }
 
+/// Issue 19: "set on create only". A matched contact gets only the changed fields of UPDATE SET;
+/// the first name is written when the contact is created and a rep's later edit is never
+/// overwritten. A change only to the first name sends nothing and is remembered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_clauses_keep_their_fields_across_runs() {
+    let fake = FakeHubspot::start(Script::default()).await;
+    let engine = connect(&fake, "").await;
+    let merge = "MERGE INTO crm.contacts AS t USING people AS s ON t.email = s.email
+        WHEN MATCHED THEN UPDATE SET churn_score = s.churn_score
+        WHEN NOT MATCHED THEN INSERT (email, firstname, lifecyclestage, churn_score)
+                              VALUES (s.email, s.firstname, 'lead', s.churn_score)";
+    model(&engine, &people(3)).await;
+    assert_eq!(write(&engine, merge).await.rows_written, 3);
+    let property = |email: &str, name: &str| fake.property("contacts", "email", email, name);
+    assert_eq!(
+        property("user0@example.com", "firstname").as_deref(),
+        Some("User0")
+    );
+    assert_eq!(
+        property("user0@example.com", "lifecyclestage").as_deref(),
+        Some("lead")
+    );
+
+    // A rep renames user0; the model renames all three and rescores user0 and user1.
+    let (id, _) = fake.records("contacts")[0].clone();
+    fake.edit("contacts", id, "firstname", json!("Rep's pick"));
+    model(
+        &engine,
+        "('user0@example.com', 'New0', 9.5, 'lead'), ('user1@example.com', 'New1', 8.5, 'lead'),
+         ('user2@example.com', 'New2', 2.5, 'lead')",
+    )
+    .await;
+    let upserts = fake.calls("upsert");
+    let run = write(&engine, merge).await;
+    assert_eq!((run.rows_written, run.rows_rejected), (2, 0));
+    assert_eq!(fake.calls("upsert"), upserts + 1);
+    assert_eq!(
+        property("user0@example.com", "churn_score").as_deref(),
+        Some("9.5")
+    );
+    assert_eq!(
+        property("user0@example.com", "firstname").as_deref(),
+        Some("Rep's pick")
+    );
+    assert_eq!(
+        property("user1@example.com", "firstname").as_deref(),
+        Some("User1")
+    );
+    assert_eq!(
+        property("user2@example.com", "firstname").as_deref(),
+        Some("User2")
+    );
+    let counts = run.sync.as_ref().unwrap().counts;
+    assert_eq!((counts.updates, counts.skipped), (2, 1), "{counts:?}");
+
+    // The renames were remembered without being sent: a rerun sends nothing.
+    let rerun = write(&engine, merge).await;
+    assert_eq!(rerun.rows_written, 0);
+    assert_eq!(fake.calls("upsert"), upserts + 1);
+
+    // A new contact gets every field its INSERT lists.
+    model(
+        &engine,
+        "('user0@example.com', 'New0', 9.5, 'lead'), ('user1@example.com', 'New1', 8.5, 'lead'),
+         ('user2@example.com', 'New2', 2.5, 'lead'), ('user3@example.com', 'New3', 3.5, 'lead')",
+    )
+    .await;
+    assert_eq!(write(&engine, merge).await.rows_written, 1);
+    assert_eq!(
+        property("user3@example.com", "firstname").as_deref(),
+        Some("New3")
+    );
+    assert_eq!(
+        property("user3@example.com", "churn_score").as_deref(),
+        Some("3.5")
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_names_fail_at_plan_time_with_the_closest_name() {
     let fake = FakeHubspot::start(Script::default()).await;

@@ -334,6 +334,71 @@ async fn update_only_create_only_and_delete_on_both_apis() {
     }
 }
 
+/// Issue 19: "set on create only" on both APIs. A matched contact gets only the changed fields
+/// of UPDATE SET; the email is written when the contact is created and a rep's later edit is
+/// never overwritten. A change only to the email sends nothing and is remembered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merge_clauses_keep_their_fields_on_both_apis() {
+    for api in ["rest", "bulk"] {
+        let fake = FakeSalesforce::start(Script::default()).await;
+        let engine = connect(&fake, &format!(", api '{api}'")).await;
+        let merge = "MERGE INTO sf.contact t USING leads s ON t.External_Id__c = s.id
+            WHEN MATCHED THEN UPDATE SET Lead_Score__c = s.score
+            WHEN NOT MATCHED THEN INSERT (External_Id__c, LastName, Email, Lead_Score__c)
+                                  VALUES (s.id, s.last_name, s.email, s.score)";
+        model(&engine, 3, |r| r).await;
+        assert_eq!(write(&engine, merge).await.rows_written, 3, "{api}");
+        let value = |key: &str, field: &str| fake.value("Contact", "External_Id__c", key, field);
+        assert_eq!(
+            value("C-0", "Email").as_deref(),
+            Some("user0@example.com"),
+            "{api}"
+        );
+
+        // A rep fixes C-0's email; the model changes every email and C-0's and C-1's scores.
+        let (id, _) = fake.find("Contact", "External_Id__c", "C-0").unwrap();
+        fake.edit(
+            "Contact",
+            &id,
+            "Email",
+            serde_json::json!("rep@example.com"),
+        );
+        let emails = |r: String| r.replace("@example.com", "@new.example.com");
+        model(&engine, 3, |r| {
+            emails(r).replace("0.5)", "9.5)").replace("1.5)", "8.5)")
+        })
+        .await;
+        let run = write(&engine, merge).await;
+        assert_eq!((run.rows_written, run.rows_rejected), (2, 0), "{api}");
+        assert_eq!(
+            value("C-0", "Lead_Score__c").as_deref(),
+            Some("9.5"),
+            "{api}"
+        );
+        assert_eq!(
+            value("C-0", "Email").as_deref(),
+            Some("rep@example.com"),
+            "{api}"
+        );
+        assert_eq!(
+            value("C-1", "Email").as_deref(),
+            Some("user1@example.com"),
+            "{api}"
+        );
+        assert_eq!(
+            value("C-2", "Email").as_deref(),
+            Some("user2@example.com"),
+            "{api}"
+        );
+        assert_eq!(value("C-1", "LastName").as_deref(), Some("Last1"), "{api}");
+
+        // Remembered without being sent: a rerun sends nothing.
+        let calls = fake.api_calls();
+        assert_eq!(write(&engine, merge).await.rows_written, 0, "{api}");
+        assert_eq!(fake.api_calls(), calls, "{api}: nothing to send, no call");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_three_oauth_flows_and_clear_token_errors() {
     let fake = FakeSalesforce::start(Script::default()).await;

@@ -279,6 +279,12 @@ impl FakeHubspot {
         id
     }
 
+    /// Changes a record's property directly (as a rep would in HubSpot's UI).
+    pub fn edit(&self, object: &str, id: u64, property: &str, value: Value) {
+        let mut o = self.shared.observed.lock().unwrap();
+        o.set(object, id, property, value);
+    }
+
     /// Creates a static list directly; returns its id.
     pub fn seed_list(&self, name: &str) -> String {
         let mut o = self.shared.observed.lock().unwrap();

@@ -387,6 +387,19 @@ impl FakeSalesforce {
         fields.get(field).filter(|v| !v.is_null()).map(text)
     }
 
+    /// Changes a record's field directly (as a rep would in Salesforce's UI).
+    pub fn edit(&self, object: &str, id: &str, field: &str, value: Value) {
+        let mut o = self.shared.observed.lock().unwrap();
+        let mut fields = o
+            .records
+            .get(object)
+            .and_then(|r| r.get(id))
+            .cloned()
+            .expect("the record exists");
+        fields.insert(field.to_string(), value);
+        o.put(object, id, fields);
+    }
+
     /// Creates a record directly (as if made in Salesforce's UI); returns its Id.
     pub fn seed(&self, object: &str, fields: Value) -> String {
         let prefix = self
