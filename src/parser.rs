@@ -31,8 +31,11 @@ pub enum Statement {
     /// `CREATE [OR REPLACE] SYNC [IF NOT EXISTS] name [SCHEDULE EVERY '…' | CRON '…']
     /// [OPTIONS (…)] AS <INSERT | MERGE | DELETE>`
     CreateSync(CreateSync),
-    /// `RUN SYNC name`
-    RunSync { name: String },
+    /// `RUN SYNC name [SAMPLE n | SAMPLE WHERE key IN (value, …)]`
+    RunSync {
+        name: String,
+        sample: Option<crate::contract::Sample>,
+    },
     /// `EXPLAIN SYNC name`: a dry run.
     ExplainSync { name: String },
     /// `RESET SYNC name`
@@ -241,12 +244,19 @@ impl SluiceParser<'_> {
                 return self.parse_create_sync(or_replace);
             }
         }
+        if self.words(&["RUN", "SYNC"]) {
+            let name = normalize(self.df.parser.parse_identifier()?);
+            let sample = match self.words(&["SAMPLE"]) {
+                true => Some(self.parse_sample(&name)?),
+                false => None,
+            };
+            return Ok(Statement::RunSync { name, sample });
+        }
         for (first, make) in [
             (
-                "RUN",
-                (|name| Statement::RunSync { name }) as fn(String) -> Statement,
+                "EXPLAIN",
+                (|name| Statement::ExplainSync { name }) as fn(String) -> Statement,
             ),
-            ("EXPLAIN", |name| Statement::ExplainSync { name }),
             ("RESET", |name| Statement::ResetSync { name }),
         ] {
             if self.words(&[first, "SYNC"]) {
@@ -281,6 +291,66 @@ impl SluiceParser<'_> {
         }
         let statement = self.df.parse_statement().map_err(parse_error)?;
         Ok(Statement::Sql(Box::new(statement)))
+    }
+
+    /// `n` or `WHERE key IN (value, …)` after `RUN SYNC name SAMPLE`.
+    fn parse_sample(&mut self, name: &str) -> Result<crate::contract::Sample> {
+        use crate::contract::Sample;
+        let usage = format!(
+            "write RUN SYNC {name} SAMPLE <number of records>, or RUN SYNC {name} SAMPLE WHERE <key> IN (<value>, …)"
+        );
+        let found = self.df.parser.peek_token();
+        if let Token::Number(n, _) = &found.token {
+            let n: usize = n
+                .parse()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| located(format!("SAMPLE {n}: {usage}"), found.span.start))?;
+            self.df.parser.next_token();
+            return Ok(Sample::First(n));
+        }
+        if !self.df.parser.parse_keyword(Keyword::WHERE) {
+            return Err(located(
+                format!(
+                    "expected a number or WHERE after SAMPLE, found {}; {usage}",
+                    found.token
+                ),
+                found.span.start,
+            ));
+        }
+        let field = normalize(self.df.parser.parse_identifier()?);
+        if !self.df.parser.parse_keyword(Keyword::IN) {
+            let found = self.df.parser.peek_token();
+            return Err(located(
+                format!(
+                    "expected IN after SAMPLE WHERE {field}, found {}; {usage}",
+                    found.token
+                ),
+                found.span.start,
+            ));
+        }
+        self.df.parser.expect_token(&Token::LParen)?;
+        let mut keys = vec![];
+        loop {
+            let token = self.df.parser.next_token();
+            match &token.token {
+                Token::Number(v, _) => keys.push(v.clone()),
+                Token::SingleQuotedString(v) => keys.push(v.clone()),
+                other => {
+                    return Err(located(
+                        format!(
+                            "SAMPLE WHERE {field} IN takes literal keys, found {other}; {usage}"
+                        ),
+                        token.span.start,
+                    ));
+                }
+            }
+            if !self.df.parser.consume_token(&Token::Comma) {
+                break;
+            }
+        }
+        self.df.parser.expect_token(&Token::RParen)?;
+        Ok(Sample::Keys { field, keys })
     }
 
     fn parse_create_connection(&mut self, or_replace: bool) -> Result<Statement> {
@@ -545,6 +615,61 @@ mod tests {
             &parsed[3].statement,
             Statement::DropConnection { name, if_exists: true } if name == "out"
         ));
+    }
+
+    #[test]
+    fn run_sync_takes_a_sample_by_count_or_by_key() {
+        use crate::contract::Sample;
+        let parsed = parse_sql(
+            "RUN SYNC s; RUN SYNC S SAMPLE 5; run sync s sample where Email in ('a@x.io', 7)",
+        )
+        .unwrap();
+        let samples: Vec<_> = parsed
+            .iter()
+            .map(|p| match &p.statement {
+                Statement::RunSync { name, sample } => (name.clone(), sample.clone()),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            samples,
+            [
+                ("s".to_string(), None),
+                ("s".to_string(), Some(Sample::First(5))),
+                (
+                    "s".to_string(),
+                    Some(Sample::Keys {
+                        field: "email".into(),
+                        keys: vec!["a@x.io".into(), "7".into()]
+                    })
+                ),
+            ]
+        );
+        assert_eq!(
+            samples[2].1.as_ref().unwrap().to_string(),
+            "SAMPLE WHERE email IN ('a@x.io', '7')"
+        );
+        for (sql, says) in [
+            (
+                "RUN SYNC s SAMPLE 0",
+                "SAMPLE 0: write RUN SYNC s SAMPLE <number of records>",
+            ),
+            (
+                "RUN SYNC s SAMPLE all",
+                "expected a number or WHERE after SAMPLE",
+            ),
+            (
+                "RUN SYNC s SAMPLE WHERE id = 1",
+                "expected IN after SAMPLE WHERE id",
+            ),
+            (
+                "RUN SYNC s SAMPLE WHERE id IN (other.id)",
+                "takes literal keys",
+            ),
+        ] {
+            let err = parse_sql(sql).unwrap_err().to_string();
+            assert!(err.contains(says), "{sql}: {err}");
+        }
     }
 
     #[test]

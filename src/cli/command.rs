@@ -43,7 +43,8 @@ SQL: everything DataFusion runs, plus
   INSERT INTO conn.object SELECT ...;   MERGE INTO conn.object AS t USING ... ON t.key = s.key WHEN ...;
   DELETE FROM conn.object WHERE key IN (SELECT ...);
   CREATE [OR REPLACE] SYNC name [SCHEDULE EVERY '1 hour' | CRON '0 * * * *'] [OPTIONS (...)] AS <INSERT|MERGE|DELETE>;
-  RUN SYNC name;   EXPLAIN SYNC name;   RESET SYNC name;   SHOW SYNCS;   DROP SYNC name;
+  RUN SYNC name [SAMPLE n | SAMPLE WHERE key IN (...)];   EXPLAIN SYNC name;   RESET SYNC name;
+  SHOW SYNCS;   DROP SYNC name;
   SELECT * FROM sluice.runs;   SELECT * FROM sluice.rejects;";
 
 impl FromStr for Command {

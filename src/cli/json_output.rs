@@ -128,6 +128,25 @@ pub fn outcome(source: &str, statement: &ParsedStatement, outcome: &Outcome) -> 
                         "not_sent_by_mode": sync.counts.skipped,
                     }),
                 );
+                if let Some((sent, of)) = sync.sampled {
+                    o.insert("sample".into(), json!({"sent": sent, "of": of}));
+                }
+            }
+            if !w.exchanges.is_empty() {
+                let exchanges: Vec<serde_json::Value> = w
+                    .exchanges
+                    .iter()
+                    .map(|e| {
+                        json!({
+                            "method": e.method,
+                            "url": e.url,
+                            "request": e.request,
+                            "status": e.status,
+                            "response": e.response,
+                        })
+                    })
+                    .collect();
+                o.insert("exchanges".into(), json!(exchanges));
             }
         }
         Outcome::DryRun(report) => {

@@ -59,6 +59,11 @@ pub enum Command {
         /// calls it would make, samples and an estimated duration. State is not changed.
         #[arg(long)]
         dry_run: bool,
+        /// Try each sync on a few real records first: send only the first N records of each
+        /// sync's diff (in key order), show every request and answer, and commit only those
+        /// records' state. A later run sends the rest.
+        #[arg(long, value_name = "N", conflicts_with = "dry_run", value_parser = clap::value_parser!(u64).range(1..))]
+        sample: Option<u64>,
     },
     /// Parse and plan every statement without executing any query or write; report every
     /// problem as file:line:col: message.
@@ -181,6 +186,12 @@ async fn run(args: Args) -> Status {
         eprintln!("error: {e}");
         return Status::Error;
     }
+    if let Some(Command::Run {
+        sample: Some(n), ..
+    }) = &args.command
+    {
+        engine.set_sample(Some(crate::contract::Sample::First(*n as usize)));
+    }
     let mut print = PrintOptions {
         format: args.format,
         quiet: args.quiet,
@@ -207,7 +218,7 @@ async fn run(args: Args) -> Status {
         }
     }
     match args.command {
-        Some(Command::Run { paths, dry_run }) => {
+        Some(Command::Run { paths, dry_run, .. }) => {
             let mode = if dry_run {
                 crate::Mode::DryRun
             } else {

@@ -258,6 +258,8 @@ pub struct WriteReport {
     rejects: Mutex<Vec<Rejected>>,
     acked: Mutex<Vec<Ack>>,
     dry_run: Mutex<Option<DryRun>>,
+    /// A sample run's requests and answers.
+    exchanges: Mutex<Vec<crate::delivery::Exchange>>,
 }
 
 impl WriteReport {
@@ -321,6 +323,11 @@ impl WriteReport {
         self.dry_run.lock().expect("report lock").clone()
     }
 
+    /// A sample run's requests and answers.
+    pub fn take_exchanges(&self) -> Vec<crate::delivery::Exchange> {
+        std::mem::take(&mut *self.exchanges.lock().expect("report lock"))
+    }
+
     /// Opens the delivery session of a write into `label` (`connection.object`): the sync's run
     /// id, dry run and checkpoints, or a fresh run id for a plain INSERT.
     pub fn open_session(label: &str, sync: Option<&Arc<SyncRun>>) -> Session {
@@ -330,6 +337,7 @@ impl WriteReport {
             sync.is_some_and(|r| r.dry_run),
             sync.and_then(|r| r.checkpoints()),
         )
+        .traced(sync.is_some_and(|r| r.sample.is_some() && !r.dry_run))
     }
 
     /// Ends a write's delivery session: its figures (also published on `sink_metrics`), its
@@ -346,6 +354,10 @@ impl WriteReport {
         if let Some(dry_run) = ended.dry_run {
             self.set_dry_run(dry_run);
         }
+        self.exchanges
+            .lock()
+            .expect("report lock")
+            .extend(ended.exchanges);
         self.set_delivery(ended.stats);
         self.add_location(location);
         self.settle(delivered)

@@ -67,6 +67,33 @@ impl fmt::Display for Op {
     }
 }
 
+/// A sample run (`RUN SYNC name SAMPLE 5`, `sluice run --sample 5`): only these records of the
+/// diff are sent, and only their state is committed; the others are left for the next run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sample {
+    /// The first n records to send, in key order (so that a rerun picks the same ones).
+    First(usize),
+    /// The records with these keys (`SAMPLE WHERE key IN (…)`): the key field as written, and
+    /// the keys as text.
+    Keys { field: String, keys: Vec<String> },
+}
+
+impl fmt::Display for Sample {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Sample::First(n) => write!(f, "SAMPLE {n}"),
+            Sample::Keys { field, keys } => write!(
+                f,
+                "SAMPLE WHERE {field} IN ({})",
+                keys.iter()
+                    .map(|k| format!("'{}'", k.replace('\'', "''")))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+}
+
 /// A change the destination acknowledged, with the record id it gave (when it gives one).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Ack {

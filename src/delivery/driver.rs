@@ -15,6 +15,7 @@ use super::batch::{Batch, Batcher};
 use super::limiter::AdaptiveLimiter;
 use super::metrics::DeliveryMetrics;
 use super::retry::{RetryPolicy, retry_after};
+use super::trace::{Exchange, Trace, shown_body};
 use super::{Checkpoints, HttpResponse, HttpService, Rejection, ResponseClass};
 use crate::contract::{Ack, Rejected};
 use crate::error::{Error, Failure, Result};
@@ -125,6 +126,8 @@ pub struct Driver<S> {
     policy: RetryPolicy,
     metrics: Arc<DeliveryMetrics>,
     checkpoints: Option<Arc<dyn Checkpoints>>,
+    /// A sample run's record of its requests and answers.
+    trace: Option<Trace>,
 }
 
 impl<S> Clone for Driver<S> {
@@ -136,6 +139,7 @@ impl<S> Clone for Driver<S> {
             policy: self.policy,
             metrics: Arc::clone(&self.metrics),
             checkpoints: self.checkpoints.clone(),
+            trace: self.trace.clone(),
         }
     }
 }
@@ -155,7 +159,14 @@ impl<S: HttpService> Driver<S> {
             policy,
             metrics,
             checkpoints: None,
+            trace: None,
         }
+    }
+
+    /// Keeps every request and answer in `trace` (a sample run shows them).
+    pub fn with_trace(mut self, trace: Option<Trace>) -> Self {
+        self.trace = trace;
+        self
     }
 
     /// Commits what is settled as the delivery goes (a sync's checkpoints).
@@ -441,9 +452,23 @@ impl<S: HttpService> Driver<S> {
                 return Err(e);
             }
         };
+        let (request, mut exchange) = match &self.trace {
+            Some(_) => traced(request, self.service.as_ref()),
+            None => (request, None),
+        };
         let t0 = Instant::now();
         let response = send(request, MAX_ANSWER_BYTES).await;
         self.metrics.record_request(batch.bytes, t0.elapsed());
+        if let (Some(trace), Some(mut exchange)) = (&self.trace, exchange.take()) {
+            match &response {
+                Ok(r) => {
+                    exchange.status = Some(r.status.as_u16());
+                    exchange.response = shown_body(&r.body);
+                }
+                Err(e) => exchange.response = e.reason(),
+            }
+            trace.push(exchange);
+        }
         let answer = match response {
             Ok(response) => {
                 let window = self.service.rate_window(&response.headers);
@@ -592,6 +617,29 @@ impl std::fmt::Display for SendError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(&self.reason())
     }
+}
+
+/// The request as a sample run shows it (read from a copy; the request is sent as built).
+fn traced<S: HttpService>(
+    request: reqwest::RequestBuilder,
+    service: &S,
+) -> (reqwest::RequestBuilder, Option<Exchange>) {
+    let Some(Ok(built)) = request.try_clone().map(|copy| copy.build()) else {
+        // (A request that cannot be built fails at its send, with its own error.)
+        return (request, None);
+    };
+    let exchange = Exchange {
+        method: built.method().to_string(),
+        url: service.shown_url(built.url()),
+        request: built
+            .body()
+            .and_then(|b| b.as_bytes())
+            .map(shown_body)
+            .unwrap_or_default(),
+        status: None,
+        response: String::new(),
+    };
+    (request, Some(exchange))
 }
 
 /// Sends a request and reads its answer, at most `limit` bytes of it.

@@ -19,6 +19,7 @@ pub mod progress;
 pub mod retry;
 pub mod session;
 pub mod settings;
+pub mod trace;
 
 use std::time::Duration;
 
@@ -32,6 +33,7 @@ pub use limiter::{AdaptiveLimiter, Ticket};
 pub use metrics::DeliveryMetrics;
 pub use retry::RetryPolicy;
 pub use session::Session;
+pub use trace::{Exchange, Trace};
 
 use crate::error::Result;
 
@@ -129,4 +131,10 @@ pub trait HttpService: Send + Sync + 'static {
 
     /// What is being called, for messages (never containing secrets).
     fn describe(&self) -> String;
+
+    /// A request's URL as a sample run shows it (never containing secrets): by default without
+    /// its query string or password.
+    fn shown_url(&self, url: &url::Url) -> String {
+        trace::shown_url(url)
+    }
 }

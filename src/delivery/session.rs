@@ -19,8 +19,8 @@ use datafusion::physical_plan::metrics::ExecutionPlanMetricsSet;
 use super::metrics::DeliveryStats;
 use super::progress::Progress;
 use super::{
-    AdaptiveLimiter, Batcher, Checkpoints, Delivered, DeliveryMetrics, Driver, DryRun, HttpService,
-    Record, RetryPolicy,
+    AdaptiveLimiter, Batcher, Checkpoints, Delivered, DeliveryMetrics, Driver, DryRun, Exchange,
+    HttpService, Record, RetryPolicy, Trace,
 };
 use crate::error::Result;
 
@@ -31,6 +31,8 @@ pub struct Session {
     progress: Option<Progress>,
     dry_run: Option<DryRun>,
     checkpoints: Option<Arc<dyn Checkpoints>>,
+    /// A sample run's requests and answers.
+    trace: Option<Trace>,
 }
 
 /// What an ended session hands back to the sink's report.
@@ -40,6 +42,8 @@ pub struct Ended {
     pub stats: DeliveryStats,
     /// What a dry run would have sent (`None`: a real run).
     pub dry_run: Option<DryRun>,
+    /// A sample run's requests and answers, in the order they were answered.
+    pub exchanges: Vec<Exchange>,
 }
 
 impl Session {
@@ -59,7 +63,15 @@ impl Session {
             metrics,
             dry_run: dry_run.then(DryRun::default),
             checkpoints,
+            trace: None,
         }
+    }
+
+    /// With `on`, the session's drivers keep every request and answer (a sample run shows
+    /// them; see [`Trace`]).
+    pub fn traced(mut self, on: bool) -> Self {
+        self.trace = on.then(Trace::default);
+        self
     }
 
     /// The run id (batches' idempotency keys and envelopes carry it).
@@ -92,6 +104,7 @@ impl Session {
     ) -> Driver<S> {
         Driver::new(service, client, limiter, policy, Arc::clone(&self.metrics))
             .with_checkpoints(self.checkpoints.clone())
+            .with_trace(self.trace.clone())
     }
 
     /// A batcher of at most `records` records and `bytes` bytes per request.
@@ -136,6 +149,7 @@ impl Session {
         Ended {
             stats,
             dry_run: self.dry_run.take(),
+            exchanges: self.trace.take().map(|t| t.take()).unwrap_or_default(),
         }
     }
 }

@@ -230,19 +230,46 @@ impl Engine {
             } else {
                 None
             };
-            Some(Arc::new(SyncRun::new(
-                SyncSpec {
-                    id,
-                    name: sync.name.clone(),
-                    target: target.clone(),
-                    diff,
-                    options: sync.options.clone(),
-                    pacing: table.pacing(),
-                    remote,
-                },
-                self.state.clone(),
-                sync.dry_run,
-            )))
+            if let Some(crate::contract::Sample::Keys { field, .. }) = &sync.sample {
+                let field = table.object().canonical_field(field);
+                match diff.key.map(|k| &diff.fields[k]) {
+                    Some(k) if *k == field && diff.key_parts.is_empty() => {}
+                    _ => {
+                        return Err(Error::plan(
+                            format!(
+                                "SAMPLE WHERE {field} IN (…): records of {target} are matched by {}; write SAMPLE WHERE <that key> IN (…), or SAMPLE <number of records>",
+                                match (&diff.key, diff.key_parts.is_empty()) {
+                                    (Some(k), true) => format!("'{}'", diff.fields[*k]),
+                                    (Some(_), false) => format!(
+                                        "({}), which SAMPLE WHERE cannot list",
+                                        diff.key_parts.join(", ")
+                                    ),
+                                    (None, _) =>
+                                        "their content (no key), which SAMPLE WHERE cannot list"
+                                            .into(),
+                                }
+                            ),
+                            field,
+                        ));
+                    }
+                }
+            }
+            Some(Arc::new(
+                SyncRun::new(
+                    SyncSpec {
+                        id,
+                        name: sync.name.clone(),
+                        target: target.clone(),
+                        diff,
+                        options: sync.options.clone(),
+                        pacing: table.pacing(),
+                        remote,
+                    },
+                    self.state.clone(),
+                    sync.dry_run,
+                )
+                .with_sample(sync.sample.clone()),
+            ))
         } else {
             if write.statement != "insert" {
                 return Err(Error::plan(
@@ -254,6 +281,21 @@ impl Engine {
                 ));
             }
             None
+        };
+        // A sample of a write that keeps no state: its first rows.
+        let mapped = match (&sync.sample, &run) {
+            (Some(crate::contract::Sample::First(n)), None) => LogicalPlanBuilder::from(mapped)
+                .limit(0, Some(*n))?
+                .build()?,
+            (Some(sample @ crate::contract::Sample::Keys { .. }), None) => {
+                return Err(Error::plan(
+                    format!(
+                        "{sample}: {target} keeps no sync state and has no key to pick records by; write SAMPLE <number of rows>"
+                    ),
+                    table.object().name.clone(),
+                ));
+            }
+            _ => mapped,
         };
         let write_table = table.mapped(Arc::clone(&model), Arc::clone(&report), run.clone());
         let writes = (

@@ -66,6 +66,8 @@ pub struct Engine {
     syncs: sync::SyncDefs,
     /// What DROP CONNECTION calls, per connection that registered a hook.
     on_drop: std::sync::Mutex<std::collections::HashMap<String, Box<dyn FnOnce() + Send + Sync>>>,
+    /// `sluice run --sample n`: every sync this session runs sends only a sample.
+    sample: Option<crate::contract::Sample>,
 }
 
 /// A statement planned and ready to execute.
@@ -121,12 +123,19 @@ impl Engine {
             sluice_schema,
             syncs: Default::default(),
             on_drop: Default::default(),
+            sample: None,
         };
         engine.set_state(engine.state.clone())?;
         Ok(engine)
     }
 
     /// Keeps sync state at `state` (default: `.sluice` in the working directory).
+    /// Makes every sync this session runs a sample run (`sluice run --sample n`): only `sample`
+    /// of its records are sent and committed.
+    pub fn set_sample(&mut self, sample: Option<crate::contract::Sample>) {
+        self.sample = sample;
+    }
+
     pub fn set_state(&mut self, state: StateStore) -> Result<()> {
         for (name, kind) in [
             ("runs", StateTableKind::Runs),
@@ -196,12 +205,13 @@ impl Engine {
                 self.show_objects(connection).await
             }
             Statement::CreateSync(create) => self.create_sync(create).await,
-            Statement::RunSync { name } => {
+            Statement::RunSync { name, sample } => {
                 let def = self.sync_def(name)?;
                 let context = SyncContext {
                     name: Some(name.clone()),
                     options: def.options.clone(),
                     dry_run: mode == Mode::DryRun,
+                    sample: sample.clone().or_else(|| self.sample.clone()),
                 };
                 if mode == Mode::Check {
                     self.plan_sync_body(name, &def.body, &context).await?;
@@ -216,6 +226,7 @@ impl Engine {
                     name: Some(name.clone()),
                     options: def.options.clone(),
                     dry_run: true,
+                    sample: None,
                 };
                 let planned = self.plan_sync_body(name, &def.body, &context).await?;
                 if mode == Mode::Check {
@@ -234,6 +245,7 @@ impl Engine {
             Statement::Sql(sql) => {
                 let context = SyncContext {
                     dry_run: mode == Mode::DryRun,
+                    sample: self.sample.clone(),
                     ..Default::default()
                 };
                 let planned = self.plan(sql, &context).await?;
@@ -524,7 +536,23 @@ impl Engine {
                     .unwrap_or_default(),
             ),
         };
-        let (schema, physical, batches) = result?;
+        let exchanges = report
+            .as_ref()
+            .map(|r| r.take_exchanges())
+            .unwrap_or_default();
+        let (schema, physical, batches) = match result {
+            Ok(done) => done,
+            // A sample run that failed shows what it sent and what it was told.
+            Err(e) if !exchanges.is_empty() => {
+                return Err(Error::Write {
+                    message: format!(
+                        "{e}\n  the requests and answers of this sample run:\n{}",
+                        outcome::indented(&exchanges)
+                    ),
+                });
+            }
+            Err(e) => return Err(e),
+        };
         let Some((verb, target)) = write_target else {
             return Ok(Outcome::Rows { schema, batches });
         };
@@ -552,6 +580,7 @@ impl Engine {
             delivery: report.as_ref().and_then(|r| r.delivery()),
             rejects,
             sync: run_summary,
+            exchanges,
         })))
     }
 

@@ -62,6 +62,22 @@ pub struct WriteSummary {
     pub rejects: Vec<Rejected>,
     /// For syncs: the run (inserted / updated / deleted / unchanged, run id).
     pub sync: Option<RunSummary>,
+    /// A sample run's requests and answers (`RUN SYNC … SAMPLE`).
+    pub exchanges: Vec<crate::delivery::Exchange>,
+}
+
+/// Exchanges as a sample run prints them: each line indented by four spaces.
+pub fn indented(exchanges: &[crate::delivery::Exchange]) -> String {
+    exchanges
+        .iter()
+        .flat_map(|e| {
+            e.to_string()
+                .lines()
+                .map(|l| format!("    {l}"))
+                .collect::<Vec<_>>()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// What a sync would do (`EXPLAIN SYNC`, `sluice run --dry-run`). Nothing was sent and the
@@ -183,6 +199,20 @@ impl fmt::Display for WriteSummary {
                     sync.counts.skipped
                 )?;
             }
+            if let Some((sent, of)) = sync.sampled {
+                write!(
+                    f,
+                    "\n  sample: {sent} of the {of} records this run would send were sent, and only their state was committed; the other {} are left for the next run",
+                    of - sent
+                )?;
+            }
+        }
+        if !self.exchanges.is_empty() {
+            write!(
+                f,
+                "\n  requests and answers:\n{}",
+                indented(&self.exchanges)
+            )?;
         }
         // A few rejects inline; all of them are in sluice.rejects.
         for r in self.rejects.iter().take(MAX_REJECTS_SHOWN) {

@@ -27,6 +27,8 @@ pub struct SyncContext {
     pub name: Option<String>,
     pub options: SyncOptions,
     pub dry_run: bool,
+    /// A sample run: only these records are sent (`RUN SYNC … SAMPLE`).
+    pub sample: Option<crate::contract::Sample>,
 }
 
 /// A named sync, as defined in this session.
@@ -496,6 +498,7 @@ impl Engine {
             name: Some(name.clone()),
             options: parsed.clone(),
             dry_run: true,
+            sample: None,
         };
         let planned = self.plan_sync_body(name, &create.body, &context).await?;
         let target = planned
@@ -651,6 +654,7 @@ mod tests {
             name: None,
             options: SyncOptions::default(),
             dry_run: false,
+            sample: None,
         };
         let planned = engine.plan(statement, &context).await?;
         Ok(planned.sync.expect("a sync").spec.diff.clone())

@@ -32,9 +32,9 @@ use futures::{StreamExt, TryStreamExt};
 
 use super::SyncRun;
 use super::diff::{Change, Changes, DiffCounts, Differ, Hashed, needs_field_hashes};
-use super::hash::split_composite_key;
+use super::hash::{Key, split_composite_key};
 use super::snapshot::key_array;
-use crate::contract::{Op, Rejected, change_schema};
+use crate::contract::{Op, Rejected, Sample, change_schema};
 use crate::delivery::encode::json_lines;
 use crate::error::Error;
 
@@ -401,6 +401,27 @@ pub(crate) async fn emit_changes(
     counts: DiffCounts,
     key_rejects: Vec<Rejected>,
 ) -> Result<Vec<RecordBatch>> {
+    // A sample run: only its records are sent, and the rails weigh those.
+    let (mut changes, mut counts) = (changes, counts);
+    if let Some(sample) = &run.sample {
+        let (kept, of) = take_sample(&mut changes, sample);
+        run.set_sampled(kept, of);
+        let DiffCounts {
+            rows,
+            unchanged,
+            null_keys,
+            duplicates,
+            ..
+        } = counts;
+        counts = DiffCounts {
+            rows,
+            unchanged,
+            null_keys,
+            duplicates,
+            ..Default::default()
+        };
+        counts.count_changes(&changes);
+    }
     if let Err(refusal) = check_rails(run, &counts) {
         if !run.dry_run {
             return Err(DataFusionError::from(Error::Write { message: refusal }));
@@ -439,6 +460,42 @@ pub(crate) async fn emit_changes(
     }
     run.set_changes(changes, counts, key_rejects)?;
     Ok(out)
+}
+
+/// Keeps only a sample run's records among the changes: the others are no longer live, so they
+/// are neither sent nor committed (the state keeps what it had for them, and the next run finds
+/// them again). Returns (records kept, records the diff found to send).
+fn take_sample(changes: &mut Changes, sample: &Sample) -> (u64, u64) {
+    let mut sent: Vec<u32> = (0..changes.len() as u32)
+        .filter(|id| changes[*id as usize].live && changes[*id as usize].sends())
+        .collect();
+    let of = sent.len() as u64;
+    match sample {
+        Sample::First(n) => {
+            // Key order: integers by value, text by bytes (and integers before text).
+            sent.sort_by(
+                |a, b| match (&changes[*a as usize].key, &changes[*b as usize].key) {
+                    (Key::Int(x), Key::Int(y)) => x.cmp(y),
+                    (Key::Str(x), Key::Str(y)) => x.cmp(y),
+                    (Key::Int(_), Key::Str(_)) => std::cmp::Ordering::Less,
+                    (Key::Str(_), Key::Int(_)) => std::cmp::Ordering::Greater,
+                },
+            );
+            sent.truncate(*n);
+        }
+        Sample::Keys { keys, .. } => {
+            let wanted: std::collections::HashSet<&str> = keys.iter().map(String::as_str).collect();
+            sent.retain(|id| wanted.contains(changes[*id as usize].key.to_string().as_str()));
+        }
+    }
+    let mut keep = vec![false; changes.len()];
+    for id in &sent {
+        keep[*id as usize] = true;
+    }
+    for (c, keep) in changes.iter_mut().zip(keep) {
+        c.live &= keep;
+    }
+    (sent.len() as u64, of)
 }
 
 /// Copies only the strings a few taken rows use: a taken view array still points into the

@@ -18,7 +18,7 @@ use super::snapshot::{FieldHashes, Snapshot, key_array, key_order};
 use super::state::{
     FORMAT, Manifest, RejectEntry, RunRecord, StateStore, SyncLock, now, snapshot_file,
 };
-use crate::contract::{Ack, Op, Rejected};
+use crate::contract::{Ack, Op, Rejected, Sample};
 use crate::delivery::metrics::DeliveryStats;
 use crate::delivery::{Checkpoints, DeliveryOutcome};
 use crate::error::{Error, Result};
@@ -78,6 +78,8 @@ pub struct RunSummary {
     pub counts: DiffCounts,
     /// Every record refused this run (by the destination, or for a null key).
     pub rejects: Vec<Rejected>,
+    /// A sample run's (records sent, records the diff found to send).
+    pub sampled: Option<(u64, u64)>,
 }
 
 /// Where a run is in its life. The engine, `DiffExec` and the sink each drive part of it; every
@@ -133,6 +135,8 @@ struct Inner {
     checkpointed_at: Option<std::time::Instant>,
     checkpointed_settled: usize,
     checkpoints_taken: u32,
+    /// A sample run's (records kept, records the diff found to send).
+    sampled: Option<(u64, u64)>,
 }
 
 /// One run, shared by the engine, `DiffExec` and the sink.
@@ -140,6 +144,8 @@ pub struct SyncRun {
     pub spec: SyncSpec,
     pub run_id: String,
     pub dry_run: bool,
+    /// A sample run: only these records of the diff are sent and committed.
+    pub sample: Option<Sample>,
     state: StateStore,
     inner: Mutex<Inner>,
 }
@@ -182,9 +188,26 @@ impl SyncRun {
             spec,
             run_id: new_run_id(),
             dry_run,
+            sample: None,
             state,
             inner: Mutex::default(),
         }
+    }
+
+    /// A sample run of `sample` (see [`Sample`]).
+    pub fn with_sample(mut self, sample: Option<Sample>) -> Self {
+        self.sample = sample;
+        self
+    }
+
+    /// A sample run's (records kept, records the diff found to send), once its diff has ended.
+    pub fn sampled(&self) -> Option<(u64, u64)> {
+        self.inner().sampled
+    }
+
+    /// Records what a sample run kept of the diff.
+    pub fn set_sampled(&self, kept: u64, of: u64) {
+        self.inner().sampled = Some((kept, of));
     }
 
     fn inner(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -466,6 +489,7 @@ impl SyncRun {
         )?;
         inner.streaming = inner.atomic_sink
             && !self.dry_run
+            && self.sample.is_none()
             && self.spec.remote.is_none()
             && d.key.is_some()
             && !d.mode.listed_deletes()
@@ -730,6 +754,7 @@ impl SyncRun {
             record,
             counts,
             rejects: rejected,
+            sampled: self.sampled(),
         })
     }
 

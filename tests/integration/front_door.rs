@@ -88,6 +88,29 @@ async fn init_then_check_dry_run_and_run_against_the_webhook_fake() {
         "a dry run sent a request"
     );
 
+    // A sample run first: two real records, the request and the answer shown, only their state
+    // committed.
+    let sample = run(
+        &project,
+        &fake.url,
+        &["run", "--sample", "2", "--output", "json", "."],
+    );
+    assert!(sample.status.success(), "{}", text(&sample));
+    let lines = json_lines(&sample);
+    let sync = lines
+        .iter()
+        .find(|l| l["statement"] == "RUN SYNC")
+        .unwrap_or_else(|| panic!("no RUN SYNC line\n{}", text(&sample)));
+    assert_eq!(sync["sample"], serde_json::json!({"sent": 2, "of": 5}));
+    assert_eq!(sync["exchanges"][0]["status"], 200, "{}", text(&sample));
+    assert_eq!(fake.observed(|o| o.record_count), 2);
+    let conflict = run(
+        &project,
+        &fake.url,
+        &["run", "--sample", "2", "--dry-run", "."],
+    );
+    assert_eq!(conflict.status.code(), Some(2), "{}", text(&conflict));
+
     // The real run, with machine-readable output: one object per statement, the sync's counts.
     let real = run(&project, &fake.url, &["run", "--output", "json", "."]);
     assert!(real.status.success(), "{}", text(&real));
@@ -99,7 +122,10 @@ async fn init_then_check_dry_run_and_run_against_the_webhook_fake() {
     assert_eq!(sync["status"], "ok");
     assert_eq!(sync["file"], "./syncs.sql");
     assert_eq!(sync["sync"]["name"], "customers_to_hook");
-    assert_eq!(sync["sync"]["inserted"], 5);
+    assert_eq!(
+        sync["sync"]["inserted"], 3,
+        "the sample's two were sent already"
+    );
     assert!(
         sync["sync"]["run_id"]
             .as_str()

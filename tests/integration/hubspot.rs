@@ -689,3 +689,52 @@ async fn a_failing_describe_is_tried_max_attempts_times() {
     assert!(err.contains("gave up after 2 attempts"), "{err}");
     assert_eq!(fake.observed(|o| o.properties_calls), 2);
 }
+
+/// Issue 19: a sample run against HubSpot sends the first records by key, shows the batch
+/// request and HubSpot's answer (never the token, which travels in a header) and commits only
+/// their state; the next run sends the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sample_run_shows_the_request_and_answer_and_commits_only_its_records() {
+    let fake = FakeHubspot::start(Script::default()).await;
+    let engine = connect(&fake, "").await;
+    model(&engine, &people(5)).await;
+    engine
+        .run_sql(&format!("CREATE SYNC contacts AS {UPSERT}"))
+        .await
+        .unwrap();
+    let sample = write(&engine, "RUN SYNC contacts SAMPLE 2").await;
+    assert_eq!((sample.rows_written, sample.rows_rejected), (2, 0));
+    assert_eq!(sample.sync.as_ref().unwrap().sampled, Some((2, 5)));
+    assert_eq!(fake.records("contacts").len(), 2);
+    let [exchange] = sample.exchanges.as_slice() else {
+        panic!("one request: {:?}", sample.exchanges);
+    };
+    assert_eq!(exchange.method, "POST");
+    assert!(
+        exchange
+            .url
+            .ends_with("/crm/v3/objects/contacts/batch/upsert"),
+        "{}",
+        exchange.url
+    );
+    assert!(
+        exchange.request.contains("user0@example.com")
+            && exchange.request.contains("user1@example.com")
+            && !exchange.request.contains("user2@example.com"),
+        "{}",
+        exchange.request
+    );
+    assert_eq!(exchange.status, Some(200));
+    assert!(
+        exchange.response.contains("\"results\""),
+        "{}",
+        exchange.response
+    );
+    let shown = sample.to_string();
+    assert!(!shown.contains(TOKEN), "{shown}");
+
+    let rest = write(&engine, "RUN SYNC contacts").await;
+    assert_eq!(rest.rows_written, 3);
+    assert_eq!(fake.records("contacts").len(), 5);
+    assert_eq!(write(&engine, "RUN SYNC contacts").await.rows_written, 0);
+}

@@ -640,3 +640,89 @@ async fn secrets_never_reach_state_files() {
         "manifest, snapshot, rejects and run records were written"
     );
 }
+
+/// Issue 19: `RUN SYNC … SAMPLE n` sends the first n records of the diff in key order, shows
+/// each request and answer (no secret: the endpoint came from env() and is shown as its origin,
+/// the signing secret travels in a header, which is never shown) and commits only their state:
+/// the next run sends the rest. `SAMPLE WHERE key IN (…)` picks records by key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sample_run_sends_a_few_records_shows_the_exchange_and_leaves_the_rest() {
+    let fake = FakeWebhook::start(Script {
+        secret: Some("whsec-sample-secret".into()),
+        ..Script::default()
+    })
+    .await;
+    let endpoint = format!("{}/s3cret-path-token", fake.url.trim_end_matches('/'));
+    // SAFETY: set before the engine reads it; no other test reads this variable.
+    unsafe { std::env::set_var("SLUICE_TEST_SAMPLE_URL", &endpoint) };
+    let engine = super::support::engine();
+    engine
+        .run_sql(
+            "CREATE CONNECTION hooks TYPE webhook OPTIONS (url env('SLUICE_TEST_SAMPLE_URL'), key 'id', signing_secret 'whsec-sample-secret');
+             CREATE TABLE people AS SELECT value AS id, 'user' || value || '@example.com' AS email FROM range(10);
+             CREATE SYNC s AS INSERT INTO hooks.users SELECT id, email FROM people ORDER BY id DESC",
+        )
+        .await
+        .unwrap();
+
+    let sample = write(&engine, "RUN SYNC s SAMPLE 3").await;
+    assert_eq!((sample.rows_written, sample.rows_rejected), (3, 0));
+    let run = sample.sync.as_ref().unwrap();
+    assert_eq!(run.sampled, Some((3, 10)));
+    assert_eq!(
+        ids(&fake.observed(|o| o.records.clone())),
+        [0, 1, 2],
+        "the first three keys"
+    );
+    assert_eq!(sample.exchanges.len(), 1);
+    let exchange = &sample.exchanges[0];
+    assert_eq!(exchange.method, "POST");
+    assert_eq!(exchange.status, Some(200));
+    assert!(
+        exchange.request.contains("user2@example.com")
+            && !exchange.request.contains("user3@example.com"),
+        "{}",
+        exchange.request
+    );
+    let shown = sample.to_string();
+    assert!(
+        shown.contains("sample: 3 of the 10 records this run would send were sent")
+            && shown.contains("← 200"),
+        "{shown}"
+    );
+    assert!(
+        !shown.contains("s3cret-path-token") && !shown.contains("whsec-sample-secret"),
+        "{shown}"
+    );
+    assert!(fake.observed(|o| o.requests.iter().all(|r| r.signature_ok == Some(true))));
+
+    // The next run sends the other seven, and only them.
+    let rest = write(&engine, "RUN SYNC s").await;
+    assert_eq!(rest.rows_written, 7);
+    assert!(rest.exchanges.is_empty(), "only a sample run keeps them");
+    assert_eq!(
+        ids(&fake.observed(|o| o.records.clone())),
+        (0..10).collect::<Vec<_>>()
+    );
+
+    // By key: two changed records, one sampled; a key with no change sends nothing.
+    engine
+        .run_sql("CREATE OR REPLACE TABLE people AS SELECT value AS id, 'new' || value || '@example.com' AS email FROM range(10) WHERE value IN (4, 5) UNION ALL SELECT value, 'user' || value || '@example.com' FROM range(10) WHERE value NOT IN (4, 5)")
+        .await
+        .unwrap();
+    let by_key = write(&engine, "RUN SYNC s SAMPLE WHERE id IN (5, 9)").await;
+    assert_eq!(by_key.rows_written, 1);
+    assert_eq!(by_key.sync.as_ref().unwrap().sampled, Some((1, 2)));
+    assert!(by_key.exchanges[0].request.contains("new5@example.com"));
+    let rest = write(&engine, "RUN SYNC s").await;
+    assert_eq!(rest.rows_written, 1, "record 4 was left for this run");
+
+    // A key the sync is not matched by is a plan error that names the key.
+    let err = super::support::error(&engine, "RUN SYNC s SAMPLE WHERE email IN ('x')").await;
+    assert!(
+        err.contains("records of hooks.users are matched by 'id'"),
+        "{err}"
+    );
+    let err = super::support::error(&engine, "RUN SYNC s SAMPLE 0").await;
+    assert!(err.contains("SAMPLE <number of records>"), "{err}");
+}

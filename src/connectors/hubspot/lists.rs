@@ -433,7 +433,8 @@ impl DataSink for ListMembersSink {
             self.sync.run_id.clone(),
             self.sync.dry_run,
             None,
-        );
+        )
+        .traced(self.sync.sample.is_some() && !self.sync.dry_run);
         // 1. Upsert the contacts of added members, for their record ids.
         let Delivered {
             outcome: upserted,

@@ -37,6 +37,12 @@ impl HttpService for WebhookService {
     fn describe(&self) -> String {
         self.describe.clone()
     }
+
+    /// The endpoint as configured and shown everywhere (only its origin when it came from
+    /// `env()` or `file()`: a webhook URL may carry its secret in the path).
+    fn shown_url(&self, _url: &url::Url) -> String {
+        self.config.shown_url.clone()
+    }
 }
 
 /// What every statement on one webhook connection shares: its options, HTTP client (connection
