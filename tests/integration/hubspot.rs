@@ -335,10 +335,10 @@ async fn wrong_names_fail_at_plan_time_with_the_closest_name() {
         e.contains("not 'firstname'") && e.contains("external_id"),
         "{e}"
     );
-    // Reading a CRM object is not built yet: the error says so and what to use instead.
-    let e = error("SELECT email FROM crm.contacts LIMIT 1").await;
+    // List memberships are written by syncs, not read: the error says where to read instead.
+    let e = error("SELECT email FROM crm.list_members LIMIT 1").await;
     assert!(
-        e.contains("does not read them yet") && e.contains("DESCRIBE crm.contacts"),
+        e.contains("written by list syncs only") && e.contains("crm.contacts"),
         "{e}"
     );
     let e = error("INSERT INTO crm.widgets SELECT 1 AS x").await;
@@ -737,4 +737,81 @@ async fn a_sample_run_shows_the_request_and_answer_and_commits_only_its_records(
     assert_eq!(rest.rows_written, 3);
     assert_eq!(fake.records("contacts").len(), 5);
     assert_eq!(write(&engine, "RUN SYNC contacts").await.rows_written, 0);
+}
+
+/// Issue 19: HubSpot objects are tables to read too, through HubSpot's own read APIs: pages of
+/// `GET /crm/v3/objects/{object}` with only the selected properties and the LIMIT pushed down,
+/// `batch/read` for a filter on a property that identifies records, typed values, and a drift
+/// check between the model and HubSpot in plain SQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_are_read_with_projection_limit_and_key_lookups_pushed_down() {
+    let fake = FakeHubspot::start(Script::default()).await;
+    let engine = connect(&fake, "").await;
+    model(&engine, &people(250)).await;
+    assert_eq!(write(&engine, UPSERT).await.rows_written, 250);
+
+    // LIMIT: one page of 10, not a scan of 250.
+    let first = query(
+        &engine,
+        "SELECT email, firstname FROM crm.contacts LIMIT 10",
+    )
+    .await;
+    assert_eq!(
+        first.lines().filter(|l| l.contains("@example.com")).count(),
+        10,
+        "{first}"
+    );
+    assert_eq!(fake.list_calls("contacts"), 1);
+
+    // A filter HubSpot cannot apply: pages of 100 through every record, filtered here.
+    let count = query(
+        &engine,
+        "SELECT count(*) AS n, sum(churn_score) AS total FROM crm.contacts WHERE lifecyclestage = 'lead'",
+    )
+    .await;
+    assert!(
+        count.contains("| 250 ") && count.contains("| 31250.0 "),
+        "{count}"
+    );
+    assert_eq!(fake.list_calls("contacts"), 1 + 3);
+
+    // Key lookups: batch/read by email, then SQL's own comparison (HubSpot ignores case).
+    let reads = fake.calls("read");
+    let sql = "SELECT email, churn_score FROM crm.contacts WHERE email IN ('user3@example.com', 'USER4@example.com', 'nobody@example.com') ORDER BY email";
+    let found = query(&engine, sql).await;
+    assert!(found.contains("| user3@example.com | 3.5 "), "{found}");
+    assert!(!found.contains("user4"), "{found}");
+    assert_eq!(fake.calls("read"), reads + 1);
+    assert_eq!(fake.list_calls("contacts"), 4, "no scan for a lookup");
+    let plan = query(&engine, &format!("EXPLAIN {sql}")).await;
+    assert!(
+        plan.contains("HubspotScanExec: connection=crm object=contacts properties=[email, churn_score] batch/read by email (3 values)"),
+        "{plan}"
+    );
+
+    // Drift: what the model says and HubSpot holds differ where a rep edited a record.
+    let drift =
+        "SELECT email, firstname FROM crm.contacts EXCEPT SELECT email, firstname FROM people";
+    assert!(!query(&engine, drift).await.contains("@example.com"));
+    let (id, _) = fake.records("contacts")[7].clone();
+    fake.edit("contacts", id, "firstname", json!("Edited"));
+    let drifted = query(&engine, drift).await;
+    assert!(drifted.contains("| Edited "), "{drifted}");
+    assert_eq!(
+        drifted
+            .lines()
+            .filter(|l| l.contains("@example.com"))
+            .count(),
+        1
+    );
+
+    // A CRM object feeds a sync like any table: only what changed is sent again.
+    let copy = "INSERT INTO crm.contacts SELECT email, upper(firstname) AS firstname FROM crm.contacts WHERE email IN ('user1@example.com', 'user2@example.com')";
+    assert_eq!(write(&engine, copy).await.rows_written, 2);
+    assert_eq!(
+        fake.property("contacts", "email", "user1@example.com", "firstname")
+            .as_deref(),
+        Some("USER1")
+    );
+    assert_eq!(write(&engine, copy).await.rows_written, 0);
 }

@@ -19,6 +19,7 @@ pub mod api;
 mod config;
 pub mod encode;
 mod lists;
+mod read;
 pub mod retry;
 mod sink;
 
@@ -26,6 +27,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::TableProvider;
 use datafusion::datasource::sink::DataSink;
 
 pub use api::HubspotConnection;
@@ -83,9 +85,18 @@ pub struct HubspotDestination(Arc<HubspotConnection>);
 impl Destination for HubspotDestination {
     fn unreadable(&self, object: &str) -> String {
         format!(
-            "{0}.{object} cannot be read: sluice writes HubSpot objects but does not read them yet; DESCRIBE {0}.{object} shows its properties, sluice.runs what was sent and sluice.rejects what HubSpot refused",
+            "{0}.{object} cannot be read: it is written by list syncs only; read list members from {0}.contacts, sluice.runs shows what was sent and sluice.rejects what HubSpot refused",
             self.connection()
         )
+    }
+
+    async fn reader(&self, object: &ObjectSpec) -> Result<Option<Arc<dyn TableProvider>>> {
+        if object.name == lists::LIST_MEMBERS {
+            return Ok(None);
+        }
+        Ok(self.0.object_schema(&object.name).await?.map(|o| {
+            Arc::new(read::HubspotReader::new(Arc::clone(&self.0), o)) as Arc<dyn TableProvider>
+        }))
     }
 
     fn connection(&self) -> &str {

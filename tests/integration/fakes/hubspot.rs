@@ -317,6 +317,12 @@ impl FakeHubspot {
         })
     }
 
+    /// Pages read by `GET /crm/v3/objects/{object}`.
+    pub fn list_calls(&self, object: &str) -> usize {
+        let path = format!("/crm/v3/objects/{object}");
+        self.observed(|o| o.requests.iter().filter(|r| r.path == path).count())
+    }
+
     /// Batch calls by action (`upsert`, `create`, …).
     pub fn calls(&self, action: &str) -> usize {
         self.observed(|o| {
@@ -450,11 +456,102 @@ async fn handle(
             rate_headers.push(("x-hubspot-ratelimit-daily-remaining", daily - o.day_count));
         }
     }
-    let mut response = route(&shared, &method, uri.path(), &body);
+    let mut response = match (
+        method.as_str(),
+        uri.path()
+            .trim_matches('/')
+            .split('/')
+            .collect::<Vec<_>>()
+            .as_slice(),
+    ) {
+        ("GET", ["crm", "v3", "objects", object]) => {
+            list_objects(&shared, object, uri.query().unwrap_or(""))
+        }
+        _ => route(&shared, &method, uri.path(), &body),
+    };
     for (name, value) in rate_headers {
         response.headers_mut().insert(name, value.into());
     }
     response
+}
+
+/// `GET /crm/v3/objects/{object}?limit=&after=&properties=&archived=`: live records by id, a page
+/// of at most 100 (`limit`, default 10), the properties asked for (null when unset) and
+/// `hs_object_id`, and `paging.next.after` while more remain.
+fn list_objects(shared: &Shared, object: &str, query: &str) -> Response {
+    if !shared.objects.contains_key(object) {
+        return error_body(
+            StatusCode::BAD_REQUEST,
+            &format!("Unable to infer object type from: {object}"),
+            "VALIDATION_ERROR",
+            json!({}),
+        );
+    }
+    let params: HashMap<String, String> = url::form_urlencoded::parse(query.as_bytes())
+        .into_owned()
+        .collect();
+    let limit = params
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .unwrap_or(10);
+    if !(1..=100).contains(&limit) {
+        return error_body(
+            StatusCode::BAD_REQUEST,
+            "limit must be between 1 and 100",
+            "VALIDATION_ERROR",
+            json!({}),
+        );
+    }
+    let after = params
+        .get("after")
+        .and_then(|a| a.parse::<u64>().ok())
+        .unwrap_or(0);
+    let asked: Vec<String> = params
+        .get("properties")
+        .map(|p| {
+            p.split(',')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut o = shared.observed.lock().unwrap();
+    let live: Vec<(u64, Map<String, Value>)> = o
+        .records
+        .get(object)
+        .map(|r| {
+            r.values()
+                .filter(|s| !s.archived && s.id > after)
+                .map(|s| (s.id, s.properties.clone()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let page = &live[..live.len().min(limit)];
+    let results: Vec<Value> = page
+        .iter()
+        .map(|(id, props)| {
+            let mut properties = Map::new();
+            for name in &asked {
+                properties.insert(name.clone(), props.get(name).cloned().unwrap_or(Value::Null));
+            }
+            properties.insert("hs_object_id".into(), json!(id.to_string()));
+            json!({"id": id.to_string(), "properties": properties, "createdAt": "2024-01-15T10:00:00.000Z", "updatedAt": "2024-01-15T10:00:00.000Z", "archived": false})
+        })
+        .collect();
+    let mut body = json!({ "results": results });
+    if live.len() > limit
+        && let Some((last, _)) = page.last()
+    {
+        body["paging"] = json!({"next": {"after": last.to_string(), "link": format!("/crm/v3/objects/{object}?after={last}")}});
+    }
+    o.requests.push(Seen {
+        at: Instant::now(),
+        path: format!("/crm/v3/objects/{object}"),
+        status: 200,
+        inputs: 0,
+        ids: vec![],
+    });
+    axum::Json(body).into_response()
 }
 
 /// Counts a properties call; whether it answers an injected fault (and counts that down).
@@ -909,7 +1006,27 @@ fn batch(shared: &Shared, object: &str, action: &str, body: &[u8]) -> Response {
             match find(&o, &property, &id) {
                 Some(rid) => {
                     let r = &o.records[object][&rid];
-                    results.push(json!({"id": rid.to_string(), "properties": {property.clone(): r.properties.get(&property).cloned().unwrap_or(Value::Null), "hs_object_id": rid.to_string()}, "archived": false}));
+                    // The id property and the properties asked for (null when unset).
+                    let mut properties = Map::new();
+                    let asked = request
+                        .get("properties")
+                        .and_then(Value::as_array)
+                        .cloned()
+                        .unwrap_or_default();
+                    for name in asked
+                        .iter()
+                        .filter_map(Value::as_str)
+                        .chain([property.as_str()])
+                    {
+                        properties.insert(
+                            name.to_string(),
+                            r.properties.get(name).cloned().unwrap_or(Value::Null),
+                        );
+                    }
+                    properties.insert("hs_object_id".into(), json!(rid.to_string()));
+                    results.push(
+                        json!({"id": rid.to_string(), "properties": properties, "archived": false}),
+                    );
                 }
                 None => missing.push(id),
             }
