@@ -32,6 +32,7 @@ pub mod postgres;
 pub mod salesforce;
 mod schema;
 mod table;
+pub mod typed;
 pub mod webhook;
 
 use std::fmt::Debug;

@@ -16,11 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use datafusion::arrow::array::{
-    ArrayRef, BooleanBuilder, Date32Builder, Float64Builder, RecordBatch, RecordBatchOptions,
-    StringBuilder, TimestampMillisecondBuilder,
-};
-use datafusion::arrow::datatypes::{DataType, SchemaRef, TimeUnit};
+use datafusion::arrow::array::{ArrayRef, RecordBatch, RecordBatchOptions};
+use datafusion::arrow::datatypes::SchemaRef;
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::ScalarValue;
 use datafusion::common::tree_node::TreeNodeRecursion;
@@ -41,6 +38,7 @@ use serde_json::{Map, Value, json};
 
 use super::api::{HubspotConnection, ObjectSchema};
 use super::config::MAX_BATCH_SIZE;
+use crate::connectors::typed::{json_text, typed_column};
 use crate::delivery::control::expect_success;
 
 /// Records per page of a scan (HubSpot's maximum).
@@ -466,30 +464,23 @@ impl Read {
             .fields()
             .iter()
             .map(|field| {
-                let value = |r: &'_ Found| -> Option<String> {
-                    let v = r.properties.get(field.name());
-                    match v {
-                        Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
-                        Some(Value::Number(n)) => Some(n.to_string()),
-                        Some(Value::Bool(b)) => Some(b.to_string()),
-                        _ if field.name() == "hs_object_id" => Some(r.id.clone()),
-                        _ => None,
-                    }
-                };
-                typed(
-                    field.data_type(),
-                    found.iter().map(|r| (r, value(r))),
-                    |r, v| {
-                        self.connection.error(format!(
-                            "{}.{} record {}: property '{}' holds '{v}', which is not a {}",
-                            self.connection.name,
-                            self.object.name,
-                            r.id,
-                            field.name(),
-                            field.data_type()
-                        ))
-                    },
-                )
+                let values: Vec<Option<String>> = found
+                    .iter()
+                    .map(|r| match json_text(r.properties.get(field.name())) {
+                        None if field.name() == "hs_object_id" => Some(r.id.clone()),
+                        v => v,
+                    })
+                    .collect();
+                typed_column(field.data_type(), &values, |i, v| {
+                    self.connection.error(format!(
+                        "{}.{} record {}: property '{}' holds '{v}', which is not a {}",
+                        self.connection.name,
+                        self.object.name,
+                        found[i].id,
+                        field.name(),
+                        field.data_type()
+                    ))
+                })
                 .map_err(DataFusionError::from)
             })
             .collect::<Result<Vec<ArrayRef>>>()?;
@@ -501,148 +492,18 @@ impl Read {
     }
 }
 
-/// One column of `values` typed as `data_type`; `bad` makes the error of a value that does not
-/// parse.
-fn typed<'a>(
-    data_type: &DataType,
-    values: impl Iterator<Item = (&'a Found, Option<String>)>,
-    bad: impl Fn(&Found, &str) -> crate::error::Error,
-) -> crate::error::Result<ArrayRef> {
-    let epoch_ms = |s: &str| -> Option<i64> {
-        (!s.is_empty() && s.bytes().all(|b| b.is_ascii_digit() || b == b'-'))
-            .then(|| s.parse().ok())
-            .flatten()
-    };
-    Ok(match data_type {
-        DataType::Float64 => {
-            let mut b = Float64Builder::new();
-            for (r, v) in values {
-                match v {
-                    None => b.append_null(),
-                    Some(v) => b.append_value(v.parse().map_err(|_| bad(r, &v))?),
-                }
-            }
-            Arc::new(b.finish())
-        }
-        DataType::Boolean => {
-            let mut b = BooleanBuilder::new();
-            for (r, v) in values {
-                match v.as_deref() {
-                    None => b.append_null(),
-                    Some("true") => b.append_value(true),
-                    Some("false") => b.append_value(false),
-                    Some(other) => return Err(bad(r, other)),
-                }
-            }
-            Arc::new(b.finish())
-        }
-        DataType::Date32 => {
-            let mut b = Date32Builder::new();
-            for (r, v) in values {
-                let Some(v) = v else {
-                    b.append_null();
-                    continue;
-                };
-                let days = match epoch_ms(&v) {
-                    Some(ms) => ms.div_euclid(86_400_000) as i32,
-                    None => {
-                        chrono::NaiveDate::parse_from_str(v.get(..10).unwrap_or(&v), "%Y-%m-%d")
-                            .map(|d| (d - chrono::NaiveDate::default()).num_days() as i32)
-                            .map_err(|_| bad(r, &v))?
-                    }
-                };
-                b.append_value(days);
-            }
-            Arc::new(b.finish())
-        }
-        DataType::Timestamp(TimeUnit::Millisecond, tz) => {
-            let mut b = TimestampMillisecondBuilder::new();
-            for (r, v) in values {
-                let Some(v) = v else {
-                    b.append_null();
-                    continue;
-                };
-                let ms = match epoch_ms(&v) {
-                    Some(ms) => ms,
-                    None => chrono::DateTime::parse_from_rfc3339(&v)
-                        .map(|t| t.timestamp_millis())
-                        .map_err(|_| bad(r, &v))?,
-                };
-                b.append_value(ms);
-            }
-            Arc::new(b.finish().with_timezone_opt(tz.clone()))
-        }
-        _ => {
-            let mut b = StringBuilder::new();
-            for (_, v) in values {
-                b.append_option(v);
-            }
-            Arc::new(b.finish())
-        }
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use datafusion::arrow::array::{Array, AsArray};
-    use datafusion::arrow::datatypes::{Date32Type, Float64Type, TimestampMillisecondType};
-
-    fn found(id: &str) -> Found {
-        Found {
-            id: id.into(),
-            properties: Map::new(),
-        }
-    }
 
     #[test]
-    fn values_are_typed_as_declared_and_a_bad_one_names_the_record() {
-        let r = found("7");
-        let bad = |r: &Found, v: &str| crate::error::Error::Write {
-            message: format!("{} {v}", r.id),
-        };
-        let days = typed(
-            &DataType::Date32,
-            [
-                (&r, Some("2024-01-15".into())),
-                (&r, Some("1705276800000".into())),
-                (&r, None),
-            ]
-            .into_iter(),
-            bad,
-        )
-        .unwrap();
-        let days = days.as_primitive::<Date32Type>();
-        assert_eq!((days.value(0), days.value(1)), (19737, 19737));
-        assert!(days.is_null(2));
-        let ts = typed(
-            &DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
-            [(&r, Some("2024-01-15T10:00:00.123Z".into()))].into_iter(),
-            bad,
-        )
-        .unwrap();
+    fn literals_are_spelled_as_hubspot_spells_values() {
+        assert_eq!(literal_text(&ScalarValue::Float64(Some(12.0))).as_deref(), Some("12"));
+        assert_eq!(literal_text(&ScalarValue::Float64(Some(1.5))).as_deref(), Some("1.5"));
         assert_eq!(
-            ts.as_primitive::<TimestampMillisecondType>().value(0),
-            1705312800123
+            literal_text(&ScalarValue::Utf8(Some("a@x.io".into()))).as_deref(),
+            Some("a@x.io")
         );
-        let n = typed(
-            &DataType::Float64,
-            [(&r, Some("7.5".into()))].into_iter(),
-            bad,
-        )
-        .unwrap();
-        assert_eq!(n.as_primitive::<Float64Type>().value(0), 7.5);
-        let err = typed(
-            &DataType::Float64,
-            [(&r, Some("seven".into()))].into_iter(),
-            bad,
-        )
-        .unwrap_err()
-        .to_string();
-        assert!(err.contains("7 seven"), "{err}");
-        assert_eq!(
-            literal_text(&ScalarValue::Float64(Some(12.0))).as_deref(),
-            Some("12")
-        );
+        assert_eq!(literal_text(&ScalarValue::Boolean(Some(true))), None);
     }
 }
