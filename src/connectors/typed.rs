@@ -78,10 +78,15 @@ pub fn typed_column(
         DataType::Int64 => build(
             Int64Builder::new(),
             values,
-            |s| s.parse::<i64>().ok().or_else(|| {
-                // (Some APIs write whole numbers as `12.0`.)
-                s.parse::<f64>().ok().filter(|f| f.fract() == 0.0).map(|f| f as i64)
-            }),
+            |s| {
+                s.parse::<i64>().ok().or_else(|| {
+                    // (Some APIs write whole numbers as `12.0`.)
+                    s.parse::<f64>()
+                        .ok()
+                        .filter(|f| f.fract() == 0.0)
+                        .map(|f| f as i64)
+                })
+            },
             bad,
             |b, v| b.append_option(v),
             |mut b| Arc::new(b.finish()),
@@ -139,7 +144,9 @@ pub fn json_text(value: Option<&serde_json::Value>) -> Option<String> {
 mod tests {
     use super::*;
     use datafusion::arrow::array::{Array, AsArray};
-    use datafusion::arrow::datatypes::{Date32Type, Float64Type, Int64Type, TimestampMillisecondType};
+    use datafusion::arrow::datatypes::{
+        Date32Type, Float64Type, Int64Type, TimestampMillisecondType,
+    };
 
     fn v(values: &[Option<&str>]) -> Vec<Option<String>> {
         values.iter().map(|v| v.map(str::to_string)).collect()
@@ -161,7 +168,10 @@ mod tests {
         assert!(days.is_null(2));
         let ts = typed_column(
             &DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into())),
-            &v(&[Some("2024-01-15T10:00:00.123Z"), Some("2024-01-15T10:00:00.123+0000")]),
+            &v(&[
+                Some("2024-01-15T10:00:00.123Z"),
+                Some("2024-01-15T10:00:00.123+0000"),
+            ]),
             bad,
         )
         .unwrap();
@@ -177,7 +187,10 @@ mod tests {
         assert!(err.contains("row 1: seven"), "{err}");
         let err = typed_column(&DataType::Boolean, &v(&[Some("yes")]), bad).unwrap_err();
         assert!(err.to_string().contains("yes"));
-        assert_eq!(json_text(Some(&serde_json::json!(12))).as_deref(), Some("12"));
+        assert_eq!(
+            json_text(Some(&serde_json::json!(12))).as_deref(),
+            Some("12")
+        );
         assert_eq!(json_text(Some(&serde_json::json!(""))), None);
     }
 }

@@ -769,3 +769,66 @@ async fn a_bulk_job_past_bulk_timeout_is_aborted() {
     write(&engine, UPSERT).await;
     assert_eq!(fake.records("Contact").len(), 20);
 }
+
+/// Issue 19: Salesforce objects are tables to read too: SOQL through the REST query API, only
+/// the selected fields and the LIMIT pushed down, pages followed by nextRecordsUrl, `=` / `IN`
+/// on a match key as `WHERE … IN`, typed values, and a drift check in plain SQL. (Salesforce's
+/// API names are mixed case: SQL reads them quoted.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn objects_are_read_with_soql_paging_and_key_lookups() {
+    let fake = FakeSalesforce::start(Script {
+        query_batch: 50,
+        ..Script::default()
+    })
+    .await;
+    let engine = connect(&fake, ", api 'rest'").await;
+    model(&engine, 120, |r| r).await;
+    assert_eq!(write(&engine, UPSERT).await.rows_written, 120);
+
+    let calls = fake.api_calls();
+    let first = query(
+        &engine,
+        r#"SELECT "External_Id__c", "LastName", "Lead_Score__c" FROM sf.contact LIMIT 5"#,
+    )
+    .await;
+    assert_eq!(
+        first.lines().filter(|l| l.contains("| C-")).count(),
+        5,
+        "{first}"
+    );
+    assert_eq!(fake.api_calls(), calls + 1, "one query of 5 records");
+
+    // Every record: three pages of 50, followed by nextRecordsUrl.
+    let calls = fake.api_calls();
+    let total = query(
+        &engine,
+        r#"SELECT count(*) AS n, sum("Lead_Score__c") AS total FROM sf.contact"#,
+    )
+    .await;
+    assert!(
+        total.contains("| 120 ") && total.contains("| 7200.0 "),
+        "{total}"
+    );
+    assert_eq!(fake.api_calls(), calls + 3);
+
+    // By external id: one SOQL query with WHERE … IN; SQL's comparison applied after.
+    let sql = r#"SELECT "External_Id__c", "Lead_Score__c" FROM sf.contact WHERE "External_Id__c" IN ('C-3', 'c-4', 'C-999') ORDER BY 1"#;
+    let calls = fake.api_calls();
+    let found = query(&engine, sql).await;
+    assert!(found.contains("| C-3            | 3.5 "), "{found}");
+    assert!(!found.contains("C-4"), "{found}");
+    assert_eq!(fake.api_calls(), calls + 1);
+    let plan = query(&engine, &format!("EXPLAIN {sql}")).await;
+    assert!(
+        plan.contains("SalesforceScanExec: connection=sf soql=[SELECT External_Id__c, Lead_Score__c FROM Contact WHERE External_Id__c IN ('C-3','c-4','C-999')]"),
+        "{plan}"
+    );
+
+    // Drift: a record a rep edited differs from the model.
+    let drift = r#"SELECT "External_Id__c", "LastName" FROM sf.contact EXCEPT SELECT id, last_name FROM leads"#;
+    assert!(!query(&engine, drift).await.contains("| C-"));
+    let (id, _) = fake.find("Contact", "External_Id__c", "C-7").unwrap();
+    fake.edit("Contact", &id, "LastName", serde_json::json!("Edited"));
+    let drifted = query(&engine, drift).await;
+    assert!(drifted.contains("| C-7            | Edited "), "{drifted}");
+}

@@ -498,8 +498,14 @@ mod tests {
 
     #[test]
     fn literals_are_spelled_as_hubspot_spells_values() {
-        assert_eq!(literal_text(&ScalarValue::Float64(Some(12.0))).as_deref(), Some("12"));
-        assert_eq!(literal_text(&ScalarValue::Float64(Some(1.5))).as_deref(), Some("1.5"));
+        assert_eq!(
+            literal_text(&ScalarValue::Float64(Some(12.0))).as_deref(),
+            Some("12")
+        );
+        assert_eq!(
+            literal_text(&ScalarValue::Float64(Some(1.5))).as_deref(),
+            Some("1.5")
+        );
         assert_eq!(
             literal_text(&ScalarValue::Utf8(Some("a@x.io".into()))).as_deref(),
             Some("a@x.io")

@@ -29,7 +29,7 @@ use crate::delivery::{
 use crate::error::{Error, Result};
 
 /// Values per SOQL `IN (…)` lookup (keeps the URL well under Salesforce's 16 KB).
-const LOOKUP_CHUNK: usize = 100;
+pub const LOOKUP_CHUNK: usize = 100;
 
 /// Objects offered for completion before the org's own list has been read.
 pub const STANDARD_OBJECTS: &[&str] = &["account", "contact", "lead", "opportunity", "case"];
@@ -372,52 +372,88 @@ impl SalesforceConnection {
     ) -> Result<HashMap<String, String>> {
         let mut found = HashMap::new();
         for chunk in values.chunks(LOOKUP_CHUNK) {
-            let list: Vec<String> = chunk.iter().map(|v| soql_string(v)).collect();
             let soql = format!(
                 "SELECT Id, {field} FROM {object} WHERE {field} IN ({})",
-                list.join(",")
+                soql_list(chunk)
             );
-            let query: String = url::form_urlencoded::byte_serialize(soql.as_bytes()).collect();
-            let mut path = format!("{}/query?q={query}", self.config.data_path());
+            let what = format!("looking up {object} Ids by {field}");
+            let mut page = QueryPage::first(self, &soql);
             // A chunk matches at most a few pages of records; a server that keeps sending
             // nextRecordsUrl is not followed forever.
-            for page in 0.. {
-                if page == MAX_QUERY_PAGES {
+            for n in 0.. {
+                if n == MAX_QUERY_PAGES {
                     return Err(self.error(format!(
-                        "looking up {object} Ids by {field}: the answer went on past {MAX_QUERY_PAGES} pages for {} values",
+                        "{what}: the answer went on past {MAX_QUERY_PAGES} pages for {} values",
                         chunk.len()
                     )));
                 }
-                let response = self.call(Method::GET, &path, None, metrics).await?;
-                expect_success(
-                    self,
-                    &response,
-                    &format!("looking up {object} Ids by {field}"),
-                )?;
-                let result: QueryResult = serde_json::from_slice(&response.body)
-                    .map_err(|e| self.error(format!("a query answer sluice cannot read ({e})")))?;
-                for record in result.records {
+                let Some(records) = self.query_page(&mut page, &what, metrics).await? else {
+                    break;
+                };
+                for record in records {
                     let id = record.get("Id").map(crate::delivery::retry::value_text);
                     let value = record.get(field).map(crate::delivery::retry::value_text);
                     if let (Some(id), Some(value)) = (id, value) {
                         found.insert(value.to_lowercase(), id);
                     }
                 }
-                match result.next_records_url {
-                    // Always a path on the same instance.
-                    Some(next) if next.starts_with('/') && !next.starts_with("//") => path = next,
-                    Some(_) => {
-                        return Err(self.error(
-                            "a query answer's nextRecordsUrl is not a path on this instance"
-                                .to_string(),
-                        ));
-                    }
-                    None => break,
-                }
             }
         }
         Ok(found)
     }
+
+    /// The next page of a SOQL query's records (`GET …/query?q=`, then its `nextRecordsUrl`);
+    /// `None` once the query is done. `what` names the query in errors.
+    pub async fn query_page(
+        &self,
+        page: &mut QueryPage,
+        what: &str,
+        metrics: Option<&DeliveryMetrics>,
+    ) -> Result<Option<Vec<Value>>> {
+        let Some(path) = page.next.take() else {
+            return Ok(None);
+        };
+        let response = self.call(Method::GET, &path, None, metrics).await?;
+        expect_success(self, &response, what)?;
+        let result: QueryResult = serde_json::from_slice(&response.body)
+            .map_err(|e| self.error(format!("{what}: a query answer sluice cannot read ({e})")))?;
+        page.next = match result.next_records_url {
+            // Always a path on the same instance.
+            Some(next) if next.starts_with('/') && !next.starts_with("//") => Some(next),
+            Some(_) => {
+                return Err(self.error(format!(
+                    "{what}: a query answer's nextRecordsUrl is not a path on this instance"
+                )));
+            }
+            None => None,
+        };
+        Ok(Some(result.records))
+    }
+}
+
+/// Where a SOQL query goes on: its first request, then each `nextRecordsUrl`.
+#[derive(Debug, Clone)]
+pub struct QueryPage {
+    next: Option<String>,
+}
+
+impl QueryPage {
+    /// The first page of `soql` on `connection`.
+    pub fn first(connection: &SalesforceConnection, soql: &str) -> Self {
+        let query: String = url::form_urlencoded::byte_serialize(soql.as_bytes()).collect();
+        Self {
+            next: Some(format!("{}/query?q={query}", connection.config.data_path())),
+        }
+    }
+}
+
+/// Values as a SOQL `IN` list of string literals.
+pub fn soql_list(values: &[String]) -> String {
+    values
+        .iter()
+        .map(|v| soql_string(v))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Pages of one lookup query followed at most.

@@ -21,6 +21,7 @@ mod auth;
 mod bulk;
 mod config;
 pub mod encode;
+mod read;
 pub mod retry;
 mod sink;
 
@@ -28,6 +29,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use datafusion::arrow::datatypes::SchemaRef;
+use datafusion::catalog::TableProvider;
 use datafusion::datasource::sink::DataSink;
 
 pub use api::SalesforceConnection;
@@ -84,11 +86,10 @@ pub struct SalesforceDestination(Arc<SalesforceConnection>);
 
 #[async_trait]
 impl Destination for SalesforceDestination {
-    fn unreadable(&self, object: &str) -> String {
-        format!(
-            "{0}.{object} cannot be read: sluice writes Salesforce objects but does not read them yet; DESCRIBE {0}.{object} shows its fields, sluice.runs what was sent and sluice.rejects what Salesforce refused",
-            self.connection()
-        )
+    async fn reader(&self, object: &ObjectSpec) -> Result<Option<Arc<dyn TableProvider>>> {
+        Ok(self.0.describe(&object.name).await?.map(|o| {
+            Arc::new(read::SalesforceReader::new(Arc::clone(&self.0), o)) as Arc<dyn TableProvider>
+        }))
     }
 
     fn connection(&self) -> &str {

@@ -61,6 +61,8 @@ pub struct Script {
     pub latency: Duration,
     /// Every session stops working when this many collection calls have arrived (once).
     pub expire_after_collections: Option<usize>,
+    /// Records per page of a query answer (Salesforce's default: 2,000).
+    pub query_batch: usize,
 }
 
 impl Default for Script {
@@ -76,6 +78,7 @@ impl Default for Script {
             bulk_fail: None,
             latency: Duration::ZERO,
             expire_after_collections: None,
+            query_batch: 2000,
         }
     }
 }
@@ -245,6 +248,8 @@ pub struct Observed {
     jobs: BTreeMap<String, Job>,
     /// (object, External ID field) → lowercase value → Ids, for lookups by external id.
     index: HashMap<(String, String), HashMap<String, std::collections::BTreeSet<String>>>,
+    /// Query cursors: the records of a query's pages not read yet.
+    cursors: HashMap<String, Vec<Value>>,
 }
 
 struct Shared {
@@ -786,6 +791,18 @@ fn data(
             soql(shared, query.get("q").map(String::as_str).unwrap_or("")),
             0,
         ),
+        (Method::GET, ["query", cursor]) => {
+            let rest = shared.observed.lock().unwrap().cursors.remove(*cursor);
+            let answer = match rest {
+                Some(records) => query_page(shared, records),
+                None => top_error(
+                    StatusCode::BAD_REQUEST,
+                    "INVALID_QUERY_LOCATOR",
+                    "invalid query locator",
+                ),
+            };
+            as_json(kind, answer, 0)
+        }
         (_, ["composite", "sobjects", rest @ ..]) => {
             let (status, v, n) = collections(shared, method, rest, &query, body);
             as_json(kind, (status, v), n)
@@ -885,10 +902,12 @@ fn describe(shared: &Shared, object: &str) -> (StatusCode, Value) {
     )
 }
 
-/// `SELECT Id, F FROM O WHERE F IN ('a', …)`.
+/// `SELECT f, … FROM Object [WHERE f IN ('v', …)] [LIMIT n]`: records by Id (a `WHERE … IN`
+/// compares text as Salesforce does, without regard to case), the fields asked for (null when
+/// unset), in pages of `query_batch` with a `nextRecordsUrl`.
 fn soql(shared: &Shared, q: &str) -> (StatusCode, Value) {
     let re = regex::Regex::new(
-        r"(?is)^SELECT\s+Id\s*,\s*(\w+)\s+FROM\s+(\w+)\s+WHERE\s+(\w+)\s+IN\s*\((.*)\)\s*$",
+        r"(?is)^SELECT\s+(.+?)\s+FROM\s+(\w+)(?:\s+WHERE\s+(\w+)\s+IN\s*\((.*)\))?(?:\s+LIMIT\s+(\d+))?\s*$",
     )
     .unwrap();
     let Some(c) = re.captures(q.trim()) else {
@@ -898,46 +917,112 @@ fn soql(shared: &Shared, q: &str) -> (StatusCode, Value) {
             "unexpected token",
         );
     };
-    let (field, object) = (c[1].to_string(), c[2].to_string());
-    let Some((name, _, _)) = object_of(shared, &object) else {
+    let selected: Vec<String> = c[1].split(',').map(|f| f.trim().to_string()).collect();
+    let object = c[2].to_string();
+    let Some((name, _, fields)) = object_of(shared, &object) else {
         return top_error(
             StatusCode::BAD_REQUEST,
             "INVALID_TYPE",
             &format!("sObject type '{object}' is not supported."),
         );
     };
-    let mut values = vec![];
-    let mut chars = c[4].chars().peekable();
-    while let Some(ch) = chars.next() {
-        if ch == '\'' {
-            let mut v = String::new();
-            while let Some(ch) = chars.next() {
-                match ch {
-                    '\\' => match chars.next() {
-                        Some('n') => v.push('\n'),
-                        Some('r') => v.push('\r'),
-                        Some('t') => v.push('\t'),
-                        Some(other) => v.push(other),
-                        None => {}
-                    },
-                    '\'' => break,
-                    other => v.push(other),
-                }
-            }
-            values.push(v);
+    for f in selected
+        .iter()
+        .chain(c.get(3).map(|m| m.as_str().to_string()).iter())
+    {
+        if f != "Id" && !fields.iter().any(|sf| sf.name == f.as_str()) {
+            return top_error(
+                StatusCode::BAD_REQUEST,
+                "INVALID_FIELD",
+                &format!("No such column '{f}' on entity '{name}'."),
+            );
         }
     }
     let o = shared.observed.lock().unwrap();
-    let mut records = vec![];
-    for v in values {
-        for id in o.find_by(name, &field, &v) {
-            let fields = &o.records[*name][&id];
-            records.push(json!({"attributes": {"type": name}, "Id": id, field.clone(): fields.get(&field).cloned().unwrap_or(Value::Null)}));
+    let ids: Vec<String> = match (c.get(3), c.get(4)) {
+        (Some(field), Some(list)) => {
+            let mut values = vec![];
+            let mut chars = list.as_str().chars().peekable();
+            while let Some(ch) = chars.next() {
+                if ch == '\'' {
+                    let mut v = String::new();
+                    while let Some(ch) = chars.next() {
+                        match ch {
+                            '\\' => match chars.next() {
+                                Some('n') => v.push('\n'),
+                                Some('r') => v.push('\r'),
+                                Some('t') => v.push('\t'),
+                                Some(other) => v.push(other),
+                                None => {}
+                            },
+                            '\'' => break,
+                            other => v.push(other),
+                        }
+                    }
+                    values.push(v);
+                }
+            }
+            let mut ids = std::collections::BTreeSet::new();
+            for v in values {
+                if field.as_str() == "Id" {
+                    if o.records.get(*name).is_some_and(|r| r.contains_key(&v)) {
+                        ids.insert(v);
+                    }
+                } else {
+                    ids.extend(o.find_by(name, field.as_str(), &v));
+                }
+            }
+            ids.into_iter().collect()
         }
+        _ => o
+            .records
+            .get(*name)
+            .map(|r| r.keys().cloned().collect())
+            .unwrap_or_default(),
+    };
+    let limit = c.get(5).and_then(|l| l.as_str().parse::<usize>().ok());
+    let records: Vec<Value> = ids
+        .iter()
+        .take(limit.unwrap_or(usize::MAX))
+        .map(|id| {
+            let stored = &o.records[*name][id];
+            let mut record = Map::new();
+            record.insert(
+                "attributes".into(),
+                json!({"type": name, "url": format!("/services/data/v62.0/sobjects/{name}/{id}")}),
+            );
+            for f in &selected {
+                let value = match f.as_str() {
+                    "Id" => json!(id),
+                    f => stored.get(f).cloned().unwrap_or(Value::Null),
+                };
+                record.insert(f.clone(), value);
+            }
+            Value::Object(record)
+        })
+        .collect();
+    drop(o);
+    query_page(shared, records)
+}
+
+/// The first `query_batch` of `records` as a query answer; the rest behind a cursor.
+fn query_page(shared: &Shared, mut records: Vec<Value>) -> (StatusCode, Value) {
+    let batch = shared.script.lock().unwrap().query_batch;
+    let total = records.len();
+    if records.len() <= batch {
+        return (
+            StatusCode::OK,
+            json!({"totalSize": total, "done": true, "records": records}),
+        );
     }
+    let rest = records.split_off(batch);
+    let mut o = shared.observed.lock().unwrap();
+    o.next_id += 1;
+    let cursor = format!("01gFAKE{:011}-{batch}", o.next_id);
+    o.cursors.insert(cursor.clone(), rest);
     (
         StatusCode::OK,
-        json!({"totalSize": records.len(), "done": true, "records": records}),
+        json!({"totalSize": total, "done": false, "nextRecordsUrl": format!("/services/data/v62.0/query/{cursor}"), "records": records}),
     )
 }
 
