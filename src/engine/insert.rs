@@ -541,6 +541,23 @@ pub(super) fn map_fields(
                     .iter()
                     .map(|f| f.name().as_str())
                     .collect();
+                // `Account.Name`: a relationship column names one of the parent's External IDs.
+                if let Some((relationship, _)) = name.split_once('.') {
+                    let same: Vec<&str> = candidates
+                        .iter()
+                        .copied()
+                        .filter(|c| c.split_once('.').is_some_and(|(r, _)| r == relationship))
+                        .collect();
+                    if !same.is_empty() {
+                        return Err(Error::plan(
+                            format!(
+                                "{target} has no field '{name}': the relationship {relationship} is set by an External ID field of its parent, as {}; DESCRIBE {target} lists them",
+                                same.join(" or ")
+                            ),
+                            name.clone(),
+                        ));
+                    }
+                }
                 return Err(Error::plan(
                     format!(
                         "{target} has no field '{name}'{}; DESCRIBE {target} lists its fields",

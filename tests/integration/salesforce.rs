@@ -680,11 +680,13 @@ async fn explain_sync_reports_calls_and_the_remaining_allocation() {
         other => panic!("{other:?}"),
     };
     assert!(text.contains("Bulk API 2.0"), "{text}");
+    // 1,000 used before, plus the sObject list and the describes of Contact and of Account
+    // (the parent of its AccountId lookup, for relationship columns).
     assert!(
-        text.contains("Salesforce API usage: 1002 of 10000"),
+        text.contains("Salesforce API usage: 1003 of 10000"),
         "{text}"
     );
-    assert!(text.contains("leaves 6998"), "{text}");
+    assert!(text.contains("leaves 6997"), "{text}");
     assert_eq!(
         fake.calls("collections:") + fake.calls("jobs:"),
         before,
@@ -831,4 +833,88 @@ async fn objects_are_read_with_soql_paging_and_key_lookups() {
     fake.edit("Contact", &id, "LastName", serde_json::json!("Edited"));
     let drifted = query(&engine, drift).await;
     assert!(drifted.contains("| C-7            | Edited "), "{drifted}");
+}
+
+/// Issue 19: a lookup set by the parent's External ID. `Account.Account_Ref__c` is a column of
+/// sf.contact (from the describe: the relationship, the parent, its External ID field), sent as
+/// `"Account": {"Account_Ref__c": "…"}` by REST and under that header by Bulk; a parent that does
+/// not exist is a reject kept and sent again once fixed; the column reads back in SELECT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relationship_columns_set_lookups_by_the_parents_external_id_on_both_apis() {
+    for api in ["rest", "bulk"] {
+        let fake = FakeSalesforce::start(Script::default()).await;
+        let acme = fake.seed(
+            "Account",
+            serde_json::json!({"Name": "Acme", "Account_Ref__c": "A-1"}),
+        );
+        let globex = fake.seed(
+            "Account",
+            serde_json::json!({"Name": "Globex", "Account_Ref__c": "A-2"}),
+        );
+        let engine = connect(&fake, &format!(", api '{api}'")).await;
+        let described = query(&engine, "DESCRIBE sf.contact").await;
+        assert!(
+            described.contains("Account.Account_Ref__c")
+                && described.contains("reference to Account by Account_Ref__c"),
+            "{api}: {described}"
+        );
+        let links = |rows: &str| {
+            format!(
+                "CREATE OR REPLACE TABLE links AS SELECT * FROM (VALUES {rows}) AS v(id, last_name, acct)"
+            )
+        };
+        let sync = r#"INSERT INTO sf.contact SELECT id AS External_Id__c, last_name AS LastName, acct AS "Account.Account_Ref__c" FROM links"#;
+        engine
+            .run_sql(&links(
+                "('C-0', 'Ada', 'A-1'), ('C-1', 'Bob', 'A-1'), ('C-2', 'Cy', 'A-99')",
+            ))
+            .await
+            .unwrap();
+        let first = write(&engine, sync).await;
+        assert_eq!((first.rows_written, first.rows_rejected), (2, 1), "{api}");
+        assert!(
+            first.rejects[0]
+                .message
+                .contains("Foreign key external ID: A-99 not found"),
+            "{api}: {:?}",
+            first.rejects
+        );
+        let account_of = |key: &str| fake.value("Contact", "External_Id__c", key, "AccountId");
+        assert_eq!(account_of("C-0"), Some(acme.clone()), "{api}");
+
+        // Fixed in the model and moved: only those two are sent.
+        engine
+            .run_sql(&links(
+                "('C-0', 'Ada', 'A-1'), ('C-1', 'Bob', 'A-2'), ('C-2', 'Cy', 'A-2')",
+            ))
+            .await
+            .unwrap();
+        let second = write(&engine, sync).await;
+        assert_eq!((second.rows_written, second.rows_rejected), (2, 0), "{api}");
+        assert_eq!(account_of("C-1"), Some(globex.clone()), "{api}");
+        assert_eq!(account_of("C-2"), Some(globex.clone()), "{api}");
+        assert_eq!(write(&engine, sync).await.rows_written, 0, "{api}");
+
+        // It reads back.
+        let read = query(
+            &engine,
+            r#"SELECT "External_Id__c", "Account.Account_Ref__c" FROM sf.contact ORDER BY 1"#,
+        )
+        .await;
+        assert!(
+            read.contains("| C-1            | A-2 ") && read.contains("| C-0            | A-1 "),
+            "{api}: {read}"
+        );
+
+        // A parent field that is not an External ID is a plan error naming the one that is.
+        let err = error(
+            &engine,
+            r#"INSERT INTO sf.contact SELECT id AS External_Id__c, acct AS "Account.Name" FROM links"#,
+        )
+        .await;
+        assert!(
+            err.contains("the relationship Account is set by an External ID field of its parent, as Account.Account_Ref__c"),
+            "{api}: {err}"
+        );
+    }
 }

@@ -58,6 +58,22 @@ pub struct SObject {
     pub info: HashMap<String, FieldInfo>,
     /// The default match key: the External ID field if there is exactly one, else `Id`.
     pub key: String,
+    /// Lookups set by a parent's External ID, by column (`Account.Account_Ref__c`).
+    pub relationships: HashMap<String, Relationship>,
+}
+
+/// A lookup field set by its parent's External ID: the column `Account.Account_Ref__c` is sent
+/// as `"Account": {"Account_Ref__c": "…"}` (REST) and under that header (Bulk CSV).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relationship {
+    /// The relationship's name (`Account`).
+    pub name: String,
+    /// The parent object (`Account`).
+    pub parent: String,
+    /// The parent's External ID field (`Account_Ref__c`).
+    pub field: String,
+    /// The lookup field that holds the parent's Id (`AccountId`).
+    pub lookup: String,
 }
 
 impl SObject {
@@ -113,6 +129,12 @@ struct DescribeField {
     restricted_picklist: bool,
     #[serde(default)]
     picklist_values: Vec<PicklistValue>,
+    /// A lookup's relationship (`Account` for `AccountId`).
+    #[serde(default)]
+    relationship_name: Option<String>,
+    /// The objects a lookup points to.
+    #[serde(default)]
+    reference_to: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -342,23 +364,52 @@ impl SalesforceConnection {
         let Some(api_name) = self.object_name(name).await? else {
             return Ok(None);
         };
+        let Some(describe) = self.fetch_describe(&api_name).await? else {
+            return Ok(None);
+        };
+        // The External ID fields of each parent a writable lookup points to (one describe per
+        // parent object), for relationship columns.
+        let mut parents: HashMap<String, Vec<String>> = HashMap::new();
+        for f in &describe.fields {
+            let ([parent], Some(_)) = (f.reference_to.as_slice(), &f.relationship_name) else {
+                continue;
+            };
+            if !(f.createable || f.updateable) || parents.contains_key(parent) {
+                continue;
+            }
+            let external = if parent.eq_ignore_ascii_case(&describe.name) {
+                external_ids(&describe)
+            } else {
+                match self.fetch_describe(parent).await? {
+                    Some(p) => external_ids(&p),
+                    None => vec![],
+                }
+            };
+            parents.insert(parent.clone(), external);
+        }
+        let object = Arc::new(sobject(describe, &parents));
+        self.described
+            .lock()
+            .expect("described lock")
+            .insert(name.to_lowercase(), Arc::clone(&object));
+        Ok(Some(object))
+    }
+
+    /// An object's describe, or `None` when the org has no such object.
+    async fn fetch_describe(&self, api_name: &str) -> Result<Option<Describe>> {
         let path = format!("{}/sobjects/{api_name}/describe", self.config.data_path());
         let response = self.call(Method::GET, &path, None, None).await?;
         if response.status.as_u16() == 404 {
             return Ok(None);
         }
         expect_success(self, &response, &format!("describing {api_name}"))?;
-        let describe: Describe = serde_json::from_slice(&response.body).map_err(|e| {
-            self.error(format!(
-                "the describe of {api_name} came back in a shape sluice does not know ({e})"
-            ))
-        })?;
-        let object = Arc::new(sobject(describe));
-        self.described
-            .lock()
-            .expect("described lock")
-            .insert(name.to_lowercase(), Arc::clone(&object));
-        Ok(Some(object))
+        serde_json::from_slice(&response.body)
+            .map(Some)
+            .map_err(|e| {
+                self.error(format!(
+                    "the describe of {api_name} came back in a shape sluice does not know ({e})"
+                ))
+            })
     }
 
     /// Record Ids of the `object` records whose `field` has one of `values` (SOQL, a chunk of
@@ -537,9 +588,76 @@ impl ControlPlane for SalesforceConnection {
 /// Arrow fields from a describe: text-like types → Utf8, boolean → Boolean, int and long →
 /// Int64, double / currency / percent → Float64, date → Date32, datetime → Timestamp(ms, UTC);
 /// the Salesforce type, permissions, length and picklist values travel as field metadata.
-fn sobject(describe: Describe) -> SObject {
+/// The External ID fields of a describe.
+fn external_ids(describe: &Describe) -> Vec<String> {
+    describe
+        .fields
+        .iter()
+        .filter(|f| f.external_id)
+        .map(|f| f.name.clone())
+        .collect()
+}
+
+/// A lookup field's relationship columns: `<relationship>.<External ID field>` for each of
+/// `parents`' External ID fields (Utf8, writable as the lookup is).
+fn relationship_columns(
+    f: &DescribeField,
+    parents: &HashMap<String, Vec<String>>,
+) -> Vec<(Field, FieldInfo, Relationship)> {
+    let ([parent], Some(name)) = (f.reference_to.as_slice(), &f.relationship_name) else {
+        return vec![];
+    };
+    let Some(external) = parents.get(parent) else {
+        return vec![];
+    };
+    external
+        .iter()
+        .map(|field| {
+            let column = format!("{name}.{field}");
+            let flag = |b: bool| if b { "true" } else { "false" }.to_string();
+            let meta = HashMap::from([
+                (
+                    field_meta::TYPE.to_string(),
+                    format!("reference to {parent} by {field}"),
+                ),
+                (field_meta::NILLABLE.to_string(), flag(f.nillable)),
+                (field_meta::CREATEABLE.to_string(), flag(f.createable)),
+                (field_meta::UPDATEABLE.to_string(), flag(f.updateable)),
+            ]);
+            (
+                Field::new(&column, DataType::Utf8, true).with_metadata(meta),
+                FieldInfo {
+                    name: column.clone(),
+                    kind: "reference".into(),
+                    createable: f.createable,
+                    updateable: f.updateable,
+                    external_id: false,
+                    length: None,
+                    picklist: None,
+                },
+                Relationship {
+                    name: name.clone(),
+                    parent: parent.clone(),
+                    field: field.clone(),
+                    lookup: f.name.clone(),
+                },
+            )
+        })
+        .collect()
+}
+
+fn sobject(describe: Describe, parents: &HashMap<String, Vec<String>>) -> SObject {
     let mut fields = Vec::with_capacity(describe.fields.len());
     let mut info = HashMap::new();
+    let mut relationships = HashMap::new();
+    let mut relationship_fields = vec![];
+    for f in &describe.fields {
+        for (field, field_info, relationship) in relationship_columns(f, parents) {
+            relationships.insert(field.name().clone(), relationship);
+            info.insert(field.name().clone(), field_info);
+            relationship_fields.push(field);
+        }
+    }
     for f in describe.fields {
         let data_type = match f.kind.as_str() {
             "boolean" => DataType::Boolean,
@@ -595,6 +713,8 @@ fn sobject(describe: Describe) -> SObject {
         );
         fields.push(Field::new(&f.name, data_type, true).with_metadata(meta));
     }
+    // (After the object's own fields.)
+    fields.extend(relationship_fields);
     let external: Vec<&FieldInfo> = info.values().filter(|f| f.external_id).collect();
     let key = match external.as_slice() {
         [one] => one.name.clone(),
@@ -605,6 +725,7 @@ fn sobject(describe: Describe) -> SObject {
         fields: Arc::new(Schema::new(fields)),
         info,
         key,
+        relationships,
     }
 }
 
@@ -634,7 +755,7 @@ mod tests {
             {"name":"External_Id__c","type":"string","nillable":true,"createable":true,"updateable":true,"externalId":true,"length":40},
             {"name":"Tier__c","type":"picklist","nillable":true,"createable":true,"updateable":true,"restrictedPicklist":true,
              "picklistValues":[{"value":"Gold","active":true},{"value":"Old","active":false}]}]}"#;
-        let object = sobject(serde_json::from_str(body).unwrap());
+        let object = sobject(serde_json::from_str(body).unwrap(), &HashMap::new());
         assert_eq!(object.key, "External_Id__c", "the one External ID field");
         assert_eq!(object.match_keys(), ["External_Id__c", "Id"]);
         let f = &object.fields;

@@ -16,7 +16,7 @@ use datafusion::arrow::array::{Array, StringArray};
 use datafusion::arrow::datatypes::DataType;
 use datafusion::arrow::record_batch::RecordBatch;
 
-use super::api::SObject;
+use super::api::{Relationship, SObject};
 use crate::contract::{ChangeBatch, Op, Rejected};
 use crate::delivery::Record;
 use crate::delivery::encode::{DateStyle, json_str, text_values};
@@ -98,6 +98,8 @@ pub struct Encoder {
     picklist: Vec<Option<Arc<HashSet<String>>>>,
     /// Per field: the longest string it holds.
     length: Vec<Option<usize>>,
+    /// Per field: the lookup it sets by its parent's External ID (`Account.Account_Ref__c`).
+    relationship: Vec<Option<Relationship>>,
 }
 
 impl Encoder {
@@ -123,6 +125,10 @@ impl Encoder {
             length: fields
                 .iter()
                 .map(|f| info(f).and_then(|i| i.length))
+                .collect(),
+            relationship: fields
+                .iter()
+                .map(|f| object.relationships.get(f).cloned())
                 .collect(),
             matching: Matching::new(&fields[key]),
             fields,
@@ -268,6 +274,25 @@ impl Encoder {
         for (i, cell) in row.cells.iter().enumerate() {
             let Some(cell) = cell else { continue };
             json.push(b',');
+            // A lookup by the parent's External ID: `"Account":{"Account_Ref__c":"A-1"}`; a
+            // null clears the lookup itself (`"AccountId":null`).
+            if let Some(r) = &self.relationship[i] {
+                match cell {
+                    None => {
+                        json_str(&mut json, &r.lookup);
+                        json.extend_from_slice(b":null");
+                    }
+                    Some(v) => {
+                        json_str(&mut json, &r.name);
+                        json.extend_from_slice(b":{");
+                        json_str(&mut json, &r.field);
+                        json.push(b':');
+                        json_str(&mut json, v);
+                        json.push(b'}');
+                    }
+                }
+                continue;
+            }
             json_str(&mut json, &self.fields[i]);
             json.push(b':');
             match cell {
@@ -387,6 +412,7 @@ mod tests {
                 ),
             ]),
             key: "External_Id__c".into(),
+            relationships: HashMap::new(),
         }
     }
 

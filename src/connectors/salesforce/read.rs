@@ -349,7 +349,13 @@ impl Read {
             .map(|field| {
                 let values: Vec<Option<String>> = records
                     .iter()
-                    .map(|r| json_text(r.get(field.name())))
+                    .map(|r| match field.name().split_once('.') {
+                        // A relationship column comes back nested: `"Account":{"Ext__c":"A-1"}`.
+                        Some((relationship, parent_field)) => {
+                            json_text(r.get(relationship).and_then(|p| p.get(parent_field)))
+                        }
+                        None => json_text(r.get(field.name())),
+                    })
                     .collect();
                 typed_column(field.data_type(), &values, |i, v| {
                     self.connection.error(format!(

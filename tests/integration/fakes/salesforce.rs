@@ -94,6 +94,8 @@ pub struct SfField {
     pub external_id: bool,
     pub length: usize,
     pub picklist: Vec<&'static str>,
+    /// A lookup: (relationship name, parent object).
+    pub reference: Option<(&'static str, &'static str)>,
 }
 
 fn field(name: &'static str, kind: &'static str) -> SfField {
@@ -110,6 +112,7 @@ fn field(name: &'static str, kind: &'static str) -> SfField {
             0
         },
         picklist: vec![],
+        reference: None,
     }
 }
 
@@ -171,6 +174,11 @@ pub fn default_objects() -> Vec<(&'static str, &'static str, Vec<SfField>)> {
         SfField {
             updateable: false,
             ..field("Legacy_Code__c", "string")
+        },
+        SfField {
+            length: 18,
+            reference: Some(("Account", "Account")),
+            ..field("AccountId", "reference")
         },
     ]);
     let mut account = system_fields();
@@ -892,6 +900,8 @@ fn describe(shared: &Shared, object: &str) -> (StatusCode, Value) {
                 "idLookup": f.external_id || f.name == "Id", "unique": f.external_id,
                 "caseSensitive": false, "length": f.length, "defaultedOnCreate": f.kind == "boolean",
                 "restrictedPicklist": !f.picklist.is_empty(),
+                "relationshipName": f.reference.map(|(r, _)| r),
+                "referenceTo": f.reference.map(|(_, p)| vec![p]).unwrap_or_default(),
                 "picklistValues": f.picklist.iter().map(|v| json!({"value": v, "label": v, "active": true, "defaultValue": false})).collect::<Vec<_>>()
             })
         })
@@ -926,11 +936,27 @@ fn soql(shared: &Shared, q: &str) -> (StatusCode, Value) {
             &format!("sObject type '{object}' is not supported."),
         );
     };
+    // `Account.Account_Ref__c`: a field of the parent a lookup points to: (lookup field,
+    // relationship, parent object, parent field).
+    let parent_field = |f: &str| -> Option<(&'static str, &'static str, &'static str, String)> {
+        let (relationship, field) = f.split_once('.')?;
+        let lookup = fields.iter().find(|sf| {
+            sf.reference
+                .is_some_and(|(r, _)| r.eq_ignore_ascii_case(relationship))
+        })?;
+        let (r, parent) = lookup.reference?;
+        let (_, _, parent_fields) = object_of(shared, parent)?;
+        parent_fields
+            .iter()
+            .any(|pf| pf.name.eq_ignore_ascii_case(field))
+            .then(|| (lookup.name, r, parent, field.to_string()))
+    };
     for f in selected
         .iter()
         .chain(c.get(3).map(|m| m.as_str().to_string()).iter())
     {
-        if f != "Id" && !fields.iter().any(|sf| sf.name == f.as_str()) {
+        if f != "Id" && parent_field(f).is_none() && !fields.iter().any(|sf| sf.name == f.as_str())
+        {
             return top_error(
                 StatusCode::BAD_REQUEST,
                 "INVALID_FIELD",
@@ -992,6 +1018,25 @@ fn soql(shared: &Shared, q: &str) -> (StatusCode, Value) {
                 json!({"type": name, "url": format!("/services/data/v62.0/sobjects/{name}/{id}")}),
             );
             for f in &selected {
+                if let Some((lookup, relationship, parent, field)) = parent_field(f) {
+                    let found = stored
+                        .get(lookup)
+                        .filter(|v| !v.is_null())
+                        .map(text)
+                        .and_then(|pid| o.records.get(parent)?.get(&pid).cloned());
+                    match found {
+                        None => {
+                            record.insert(relationship.to_string(), Value::Null);
+                        }
+                        Some(p) => {
+                            let entry = record
+                                .entry(relationship.to_string())
+                                .or_insert_with(|| json!({"attributes": {"type": parent}}));
+                            entry[field.as_str()] = p.get(&field).cloned().unwrap_or(Value::Null);
+                        }
+                    }
+                    continue;
+                }
                 let value = match f.as_str() {
                     "Id" => json!(id),
                     f => stored.get(f).cloned().unwrap_or(Value::Null),
@@ -1129,15 +1174,111 @@ fn validate(
 }
 
 /// One write: create / update / upsert / delete of one record. Returns (Id, created).
+/// A record whose relationships are set by a parent's External ID (`"Account":
+/// {"Account_Ref__c": "A-1"}` in JSON, an `Account.Account_Ref__c` column in CSV) with the lookup
+/// field set to the parent's Id instead, as Salesforce resolves them; a parent that does not
+/// exist, or a field that is not its External ID, is the record's error.
+fn resolve_relationships(
+    o: &Observed,
+    objects: &[(&'static str, &'static str, Vec<SfField>)],
+    fields: &[SfField],
+    record: &Map<String, Value>,
+) -> Result<Map<String, Value>, Value> {
+    let mut out = Map::new();
+    for (k, v) in record {
+        let (relationship, by) = match (k.split_once('.'), v) {
+            (Some((r, f)), _) => (r.to_string(), Some((f.to_string(), v.clone()))),
+            (None, Value::Object(inner)) if k != "attributes" => (
+                k.clone(),
+                inner
+                    .iter()
+                    .find(|(f, _)| f.as_str() != "attributes")
+                    .map(|(f, v)| (f.clone(), v.clone())),
+            ),
+            _ => {
+                out.insert(k.clone(), v.clone());
+                continue;
+            }
+        };
+        let Some(lookup) = fields.iter().find(|f| {
+            f.reference
+                .is_some_and(|(r, _)| r.eq_ignore_ascii_case(&relationship))
+        }) else {
+            return Err(sf_error(
+                "INVALID_FIELD",
+                &format!("No such column '{k}' on sobject"),
+                &[],
+            ));
+        };
+        let parent = lookup.reference.map(|(_, p)| p).unwrap_or_default();
+        let Some((field, value)) = by else {
+            return Err(sf_error(
+                "INVALID_FIELD",
+                &format!("{k}: no External ID given"),
+                &[],
+            ));
+        };
+        let parent_fields = objects
+            .iter()
+            .find(|(n, _, _)| *n == parent)
+            .map(|(_, _, f)| f.as_slice())
+            .unwrap_or_default();
+        if !parent_fields
+            .iter()
+            .any(|f| f.external_id && f.name.eq_ignore_ascii_case(&field))
+        {
+            return Err(sf_error(
+                "INVALID_FIELD",
+                &format!(
+                    "The field {field} on entity {parent} is not an External ID or indexed field"
+                ),
+                &[],
+            ));
+        }
+        if value.is_null() {
+            out.insert(lookup.name.to_string(), Value::Null);
+            continue;
+        }
+        let text_value = text(&value);
+        match o.find_by(parent, &field, &text_value).as_slice() {
+            [id] => {
+                out.insert(lookup.name.to_string(), json!(id));
+            }
+            [] => {
+                return Err(sf_error(
+                    "INVALID_FIELD",
+                    &format!(
+                        "Foreign key external ID: {text_value} not found for field {field} in entity {parent}"
+                    ),
+                    &[],
+                ));
+            }
+            _ => {
+                return Err(sf_error(
+                    "INVALID_FIELD",
+                    &format!(
+                        "Foreign key external ID: {text_value} matches more than one {parent} by {field}"
+                    ),
+                    &[],
+                ));
+            }
+        }
+    }
+    Ok(out)
+}
+
 fn write_one(
     o: &mut Observed,
     script: &mut Script,
+    objects: &[(&'static str, &'static str, Vec<SfField>)],
     object: &(&'static str, &'static str, Vec<SfField>),
     op: &str,
     external_id: Option<&str>,
     record: &Map<String, Value>,
 ) -> Result<(String, bool), Value> {
     let (name, prefix, fields) = object;
+    let resolved = resolve_relationships(o, objects, fields, record)?;
+    let record = &resolved;
     let key = match op {
         "upsert" | "create" => external_id
             .and_then(|f| record.get(f))
@@ -1245,11 +1386,11 @@ fn write_one(
             };
             let matches = o.find_by(name, field, &value);
             match matches.as_slice() {
-                [] => write_one(o, script, object, "create", external_id, record),
+                [] => write_one(o, script, objects, object, "create", external_id, record),
                 [id] => {
                     let mut r = record.clone();
                     r.insert("Id".into(), json!(id));
-                    write_one(o, script, object, "update", None, &r)
+                    write_one(o, script, objects, object, "update", None, &r)
                 }
                 many => Err(sf_error(
                     "DUPLICATE_EXTERNAL_ID",
@@ -1384,7 +1525,11 @@ fn collections(
                 .keys()
                 .filter(|k| !matches!(k.as_str(), "attributes" | "Id" | "id"))
             {
-                if !obj.2.iter().any(|f| f.name.eq_ignore_ascii_case(k)) {
+                let relationship = obj
+                    .2
+                    .iter()
+                    .any(|f| f.reference.is_some_and(|(r, _)| r.eq_ignore_ascii_case(k)));
+                if !relationship && !obj.2.iter().any(|f| f.name.eq_ignore_ascii_case(k)) {
                     let (s, e) = top_error(
                         StatusCode::BAD_REQUEST,
                         "INVALID_FIELD",
@@ -1426,7 +1571,15 @@ fn collections(
                 &format!("malformed id {}", r.get("Id").map(text).unwrap_or_default()),
                 &[],
             )),
-            (None, Some(obj)) => write_one(&mut o, &mut script, obj, op, external_id, r),
+            (None, Some(obj)) => write_one(
+                &mut o,
+                &mut script,
+                &shared.objects,
+                obj,
+                op,
+                external_id,
+                r,
+            ),
         };
         results.push(result);
     }
@@ -1788,6 +1941,7 @@ fn process(shared: &Shared, o: &mut Observed, id: &str) {
             None => write_one(
                 o,
                 &mut script,
+                &shared.objects,
                 object,
                 op,
                 job.external_id.as_deref(),
