@@ -28,6 +28,7 @@
 
 pub mod file;
 pub mod hubspot;
+pub mod paged;
 pub mod postgres;
 pub mod salesforce;
 mod schema;

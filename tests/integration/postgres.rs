@@ -700,6 +700,32 @@ async fn last_run(engine: &sluice::Engine, sync: &str) -> String {
         .to_string()
 }
 
+/// Runs the sync `local` (the local diff, into `dst_local`) and `remote` (the warehouse diff,
+/// into `dst_wh`); checks that they counted alike and left the same `cols` in their tables, and
+/// returns the counts and the rows.
+async fn run_both(
+    engine: &sluice::Engine,
+    pg: &PgSchema,
+    (local, remote): (&str, &str),
+    cols: &str,
+) -> (String, Vec<String>) {
+    engine.run_sql(&format!("RUN SYNC {local}")).await.unwrap();
+    engine.run_sql(&format!("RUN SYNC {remote}")).await.unwrap();
+    let (a, b) = (
+        last_run(engine, local).await,
+        last_run(engine, remote).await,
+    );
+    assert_eq!(a, b, "the two diffs counted differently");
+    let (x, y) = (
+        pg.rows(&format!("SELECT {cols} FROM $S.dst_local ORDER BY id"))
+            .await,
+        pg.rows(&format!("SELECT {cols} FROM $S.dst_wh ORDER BY id"))
+            .await,
+    );
+    assert_eq!(x, y, "the two destinations differ");
+    (a, y)
+}
+
 /// Issue 19: MERGE clauses keep their own fields, with the local diff and the warehouse diff
 /// alike: a field only in INSERT is set on create and never overwritten (a rep's edit stays), a
 /// field only in UPDATE SET is left to the table's default on create, and a change only to
@@ -737,23 +763,13 @@ async fn merge_clauses_keep_their_fields_in_both_diffs() {
         ))
         .await
         .unwrap();
-    let run_both = || async {
-        engine.run_sql(&format!("RUN SYNC {local}")).await.unwrap();
-        engine.run_sql(&format!("RUN SYNC {remote}")).await.unwrap();
-        let (a, b) = (
-            last_run(&engine, &local).await,
-            last_run(&engine, &remote).await,
-        );
-        assert_eq!(a, b, "the two diffs counted differently");
-        let cols = "id, firstname, lead_source, score, note";
-        let (x, y) = (
-            pg.rows(&format!("SELECT {cols} FROM $S.dst_local ORDER BY id"))
-                .await,
-            pg.rows(&format!("SELECT {cols} FROM $S.dst_wh ORDER BY id"))
-                .await,
-        );
-        assert_eq!(x, y, "the two destinations differ");
-        (a, y)
+    let run_both = || {
+        run_both(
+            &engine,
+            &pg,
+            (&local, &remote),
+            "id, firstname, lead_source, score, note",
+        )
     };
 
     // Created with the INSERT's fields; note, only in UPDATE SET, takes the table's default.
@@ -879,23 +895,13 @@ async fn warehouse_diff_gives_the_same_results_as_the_local_diff() {
             body("dst_wh", fields)
         )
     };
-    let run_both = || async {
-        engine.run_sql(&format!("RUN SYNC {local}")).await.unwrap();
-        engine.run_sql(&format!("RUN SYNC {remote}")).await.unwrap();
-        let (a, b) = (
-            last_run(&engine, &local).await,
-            last_run(&engine, &remote).await,
-        );
-        assert_eq!(a, b, "the two diffs counted differently");
-        let cols = "id, email, score, plan, seen";
-        let (x, y) = (
-            pg.rows(&format!("SELECT {cols} FROM $S.dst_local ORDER BY id"))
-                .await,
-            pg.rows(&format!("SELECT {cols} FROM $S.dst_wh ORDER BY id"))
-                .await,
-        );
-        assert_eq!(x, y, "the two destinations differ");
-        (a, y)
+    let run_both = || {
+        run_both(
+            &engine,
+            &pg,
+            (&local, &remote),
+            "id, email, score, plan, seen",
+        )
     };
 
     engine.run_sql(&define("")).await.unwrap();

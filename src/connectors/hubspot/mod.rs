@@ -35,6 +35,7 @@ pub use config::{HubspotConfig, OPTIONS};
 pub use sink::HubspotSink;
 
 use crate::connections::{ConnectContext, Connected, ConnectorKind, Role};
+use crate::connectors::paged::PagedTable;
 use crate::connectors::{Destination, DestinationSchema, ObjectSpec, WriteReport, key_index};
 use crate::delivery::settings::Redirects;
 use crate::error::{Error, Result};
@@ -95,7 +96,8 @@ impl Destination for HubspotDestination {
             return Ok(None);
         }
         Ok(self.0.object_schema(&object.name).await?.map(|o| {
-            Arc::new(read::HubspotReader::new(Arc::clone(&self.0), o)) as Arc<dyn TableProvider>
+            Arc::new(PagedTable(read::HubspotReader::new(Arc::clone(&self.0), o)))
+                as Arc<dyn TableProvider>
         }))
     }
 

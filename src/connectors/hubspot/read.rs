@@ -11,33 +11,22 @@
 //!   booleans, dates as `YYYY-MM-DD` or epoch milliseconds, datetimes as ISO 8601 or epoch
 //!   milliseconds); a value that does not parse is an error naming the record and the property.
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{ArrayRef, RecordBatch, RecordBatchOptions};
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::ScalarValue;
-use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::datasource::TableType;
 use datafusion::error::{DataFusionError, Result};
-use datafusion::execution::TaskContext;
-use datafusion::logical_expr::{Expr, Operator, TableProviderFilterPushDown};
-use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
-use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::{
-    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
-    ReplaceChildrenOptions, SendableRecordBatchStream,
-};
+use datafusion::logical_expr::Expr;
 use http::Method;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::api::{HubspotConnection, ObjectSchema};
 use super::config::MAX_BATCH_SIZE;
+use crate::connectors::paged::{PagedScanExec, PagedSource, Pages, key_lookup};
 use crate::connectors::typed::{json_text, typed_column};
 use crate::delivery::control::expect_success;
 
@@ -62,38 +51,7 @@ impl HubspotReader {
 
 /// The records a filter names by a property that identifies them: (property, values).
 fn lookup_of(filter: &Expr, object: &ObjectSchema) -> Option<(String, Vec<String>)> {
-    let id_column = |e: &Expr| match e {
-        Expr::Column(c) if object.is_id_property(&c.name) => Some(c.name.clone()),
-        _ => None,
-    };
-    let value = |e: &Expr| match e {
-        Expr::Literal(v, _) => literal_text(v),
-        _ => None,
-    };
-    match filter {
-        Expr::BinaryExpr(b) if b.op == Operator::Eq => {
-            match (id_column(&b.left), id_column(&b.right)) {
-                (Some(c), None) => Some((c, vec![value(&b.right)?])),
-                (None, Some(c)) => Some((c, vec![value(&b.left)?])),
-                _ => None,
-            }
-        }
-        Expr::InList(list) if !list.negated => {
-            let column = id_column(&list.expr)?;
-            let values = list.list.iter().map(value).collect::<Option<Vec<_>>>()?;
-            Some((column, values))
-        }
-        // (DataFusion writes a short IN list as equalities joined by OR.)
-        Expr::BinaryExpr(b) if b.op == Operator::Or => {
-            let (left, mut values) = lookup_of(&b.left, object)?;
-            let (right, more) = lookup_of(&b.right, object)?;
-            (left == right).then(|| {
-                values.extend(more);
-                (left, values)
-            })
-        }
-        _ => None,
-    }
+    key_lookup(filter, &|c| object.is_id_property(c), &literal_text)
 }
 
 /// A literal as HubSpot spells the value (`12` for the number 12.0).
@@ -112,88 +70,49 @@ fn literal_text(v: &ScalarValue) -> Option<String> {
     }
 }
 
-#[async_trait]
-impl TableProvider for HubspotReader {
+impl PagedSource for HubspotReader {
     fn schema(&self) -> SchemaRef {
         Arc::clone(&self.object.fields)
     }
 
-    fn table_type(&self) -> TableType {
-        TableType::Base
+    /// (HubSpot matches emails whatever their case: the filter is applied again after.)
+    fn lookup(&self, filter: &Expr) -> Option<(String, Vec<String>)> {
+        lookup_of(filter, &self.object)
     }
 
-    fn supports_filters_pushdown(
+    fn scan(
         &self,
-        filters: &[&Expr],
-    ) -> Result<Vec<TableProviderFilterPushDown>> {
-        Ok(filters
-            .iter()
-            .map(|f| match lookup_of(f, &self.object) {
-                // (Applied again after: HubSpot matches emails whatever their case.)
-                Some(_) => TableProviderFilterPushDown::Inexact,
-                None => TableProviderFilterPushDown::Unsupported,
-            })
-            .collect())
-    }
-
-    async fn scan(
-        &self,
-        _state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        filters: &[Expr],
+        schema: SchemaRef,
+        lookup: Option<(String, Vec<String>)>,
         limit: Option<usize>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        let schema = match projection {
-            Some(p) => Arc::new(self.object.fields.project(p)?),
-            None => Arc::clone(&self.object.fields),
-        };
-        // Several lookups: the first narrows the read; the rest are applied after.
-        let lookup = filters.iter().find_map(|f| lookup_of(f, &self.object));
-        Ok(Arc::new(HubspotScanExec::new(
-            Arc::clone(&self.connection),
-            Arc::clone(&self.object),
-            schema,
+    ) -> PagedScanExec {
+        let plan = Plan {
+            connection: Arc::clone(&self.connection),
+            object: Arc::clone(&self.object),
+            schema: Arc::clone(&schema),
             lookup,
             limit,
-        )))
+        };
+        PagedScanExec::new(
+            "HubspotScanExec",
+            plan.shown(),
+            schema,
+            Arc::new(move || Box::new(plan.start()) as Box<dyn Pages>),
+        )
     }
 }
 
-/// Reads a HubSpot object: pages of a scan, or `batch/read` of the records a filter names.
-#[derive(Debug)]
-pub struct HubspotScanExec {
+/// What a read asks for, and what EXPLAIN shows of it.
+#[derive(Debug, Clone)]
+struct Plan {
     connection: Arc<HubspotConnection>,
     object: Arc<ObjectSchema>,
     schema: SchemaRef,
     lookup: Option<(String, Vec<String>)>,
     limit: Option<usize>,
-    properties: Arc<PlanProperties>,
 }
 
-impl HubspotScanExec {
-    fn new(
-        connection: Arc<HubspotConnection>,
-        object: Arc<ObjectSchema>,
-        schema: SchemaRef,
-        lookup: Option<(String, Vec<String>)>,
-        limit: Option<usize>,
-    ) -> Self {
-        let properties = Arc::new(PlanProperties::new(
-            EquivalenceProperties::new(Arc::clone(&schema)),
-            Partitioning::UnknownPartitioning(1),
-            EmissionType::Incremental,
-            Boundedness::Bounded,
-        ));
-        Self {
-            connection,
-            object,
-            schema,
-            lookup,
-            limit,
-            properties,
-        }
-    }
-
+impl Plan {
     /// The properties each call asks for (at least one, so that a count reads ids only).
     fn asked(&self) -> Vec<String> {
         let mut names: Vec<String> = self
@@ -207,80 +126,31 @@ impl HubspotScanExec {
         }
         names
     }
-}
 
-impl DisplayAs for HubspotScanExec {
-    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "HubspotScanExec: connection={} object={} properties=[{}]",
+    /// `connection=… object=… properties=[…] batch/read by email (2 values) limit=10`.
+    fn shown(&self) -> String {
+        let mut shown = format!(
+            "connection={} object={} properties=[{}]",
             self.connection.name,
             self.object.name,
             self.asked().join(", ")
-        )?;
+        );
         match &self.lookup {
-            Some((property, values)) => write!(
-                f,
+            Some((property, values)) => shown.push_str(&format!(
                 " batch/read by {property} ({} value{})",
                 values.len(),
                 if values.len() == 1 { "" } else { "s" }
-            )?,
-            None => write!(f, " scan pages of {PAGE}")?,
+            )),
+            None => shown.push_str(&format!(" scan pages of {PAGE}")),
         }
         if let Some(limit) = self.limit {
-            write!(f, " limit={limit}")?;
+            shown.push_str(&format!(" limit={limit}"));
         }
-        Ok(())
-    }
-}
-
-impl ExecutionPlan for HubspotScanExec {
-    fn name(&self) -> &'static str {
-        "HubspotScanExec"
+        shown
     }
 
-    fn properties(&self) -> &Arc<PlanProperties> {
-        &self.properties
-    }
-
-    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![]
-    }
-
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
-    ) -> Result<TreeNodeRecursion> {
-        Ok(TreeNodeRecursion::Continue)
-    }
-
-    fn replace_children(
-        self: Arc<Self>,
-        _children: Vec<Arc<dyn ExecutionPlan>>,
-        _options: ReplaceChildrenOptions,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        Ok(self)
-    }
-
-    #[allow(deprecated)]
-    fn with_new_children(
-        self: Arc<Self>,
-        _children: Vec<Arc<dyn ExecutionPlan>>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        Ok(self)
-    }
-
-    fn execute(
-        &self,
-        partition: usize,
-        _context: Arc<TaskContext>,
-    ) -> Result<SendableRecordBatchStream> {
-        if partition != 0 {
-            return Err(DataFusionError::Internal(format!(
-                "HubspotScanExec has one partition, not {partition}"
-            )));
-        }
-        let read = Read {
+    fn start(&self) -> Read {
+        Read {
             connection: Arc::clone(&self.connection),
             object: Arc::clone(&self.object),
             schema: Arc::clone(&self.schema),
@@ -294,14 +164,7 @@ impl ExecutionPlan for HubspotScanExec {
             done: false,
             records: 0,
             logged: Instant::now(),
-        };
-        let stream = futures::stream::try_unfold(read, |mut read| async move {
-            Ok(read.next_batch().await?.map(|b| (b, read)))
-        });
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
-            Arc::clone(&self.schema),
-            stream,
-        )))
+        }
     }
 }
 
@@ -347,7 +210,8 @@ struct Next {
     after: String,
 }
 
-impl Read {
+#[async_trait]
+impl Pages for Read {
     /// The next page (or lookup chunk) as a batch; `None` at the end.
     async fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
         loop {
@@ -387,7 +251,9 @@ impl Read {
             return self.batch(&found).map(Some);
         }
     }
+}
 
+impl Read {
     /// One page of a scan.
     async fn page(&mut self) -> Result<Vec<Found>> {
         let limit = self.left.map_or(PAGE, |l| l.clamp(1, PAGE));

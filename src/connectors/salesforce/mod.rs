@@ -37,6 +37,7 @@ pub use config::{OPTIONS, SalesforceConfig};
 pub use sink::SalesforceSink;
 
 use crate::connections::{ConnectContext, Connected, ConnectorKind, Role};
+use crate::connectors::paged::PagedTable;
 use crate::connectors::{Destination, DestinationSchema, ObjectSpec, WriteReport, key_index};
 use crate::error::{Error, Result};
 use crate::options::{OptionSpec, Options};
@@ -88,7 +89,10 @@ pub struct SalesforceDestination(Arc<SalesforceConnection>);
 impl Destination for SalesforceDestination {
     async fn reader(&self, object: &ObjectSpec) -> Result<Option<Arc<dyn TableProvider>>> {
         Ok(self.0.describe(&object.name).await?.map(|o| {
-            Arc::new(read::SalesforceReader::new(Arc::clone(&self.0), o)) as Arc<dyn TableProvider>
+            Arc::new(PagedTable(read::SalesforceReader::new(
+                Arc::clone(&self.0),
+                o,
+            ))) as Arc<dyn TableProvider>
         }))
     }
 

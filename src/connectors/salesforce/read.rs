@@ -12,30 +12,19 @@
 //! Not built yet: Bulk API 2.0 query jobs for very large reads (a REST query reads 2,000 records
 //! per call).
 
-use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use datafusion::arrow::array::{ArrayRef, RecordBatch, RecordBatchOptions};
 use datafusion::arrow::datatypes::SchemaRef;
-use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::ScalarValue;
-use datafusion::common::tree_node::TreeNodeRecursion;
-use datafusion::datasource::TableType;
 use datafusion::error::{DataFusionError, Result};
-use datafusion::execution::TaskContext;
-use datafusion::logical_expr::{Expr, Operator, TableProviderFilterPushDown};
-use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
-use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::{
-    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
-    ReplaceChildrenOptions, SendableRecordBatchStream,
-};
+use datafusion::logical_expr::Expr;
 use serde_json::Value;
 
 use super::api::{LOOKUP_CHUNK, QueryPage, SObject, SalesforceConnection, soql_list};
+use crate::connectors::paged::{PagedScanExec, PagedSource, Pages, key_lookup};
 use crate::connectors::typed::{json_text, typed_column};
 
 /// How often a long read logs how far it got.
@@ -57,126 +46,57 @@ impl SalesforceReader {
 /// The records a filter names by a field they are matched by: (field, values).
 fn lookup_of(filter: &Expr, object: &SObject) -> Option<(String, Vec<String>)> {
     let keys = object.match_keys();
-    let key_column = |e: &Expr| match e {
-        Expr::Column(c) if keys.contains(&c.name) => Some(c.name.clone()),
+    key_lookup(filter, &|c| keys.iter().any(|k| k == c), &|v| match v {
+        ScalarValue::Utf8(Some(s))
+        | ScalarValue::Utf8View(Some(s))
+        | ScalarValue::LargeUtf8(Some(s)) => Some(s.clone()),
         _ => None,
-    };
-    let value = |e: &Expr| match e {
-        Expr::Literal(
-            ScalarValue::Utf8(Some(s))
-            | ScalarValue::Utf8View(Some(s))
-            | ScalarValue::LargeUtf8(Some(s)),
-            _,
-        ) => Some(s.clone()),
-        _ => None,
-    };
-    match filter {
-        Expr::BinaryExpr(b) if b.op == Operator::Eq => {
-            match (key_column(&b.left), key_column(&b.right)) {
-                (Some(c), None) => Some((c, vec![value(&b.right)?])),
-                (None, Some(c)) => Some((c, vec![value(&b.left)?])),
-                _ => None,
-            }
-        }
-        Expr::InList(list) if !list.negated => {
-            let column = key_column(&list.expr)?;
-            let values = list.list.iter().map(value).collect::<Option<Vec<_>>>()?;
-            Some((column, values))
-        }
-        // (DataFusion writes a short IN list as equalities joined by OR.)
-        Expr::BinaryExpr(b) if b.op == Operator::Or => {
-            let (left, mut values) = lookup_of(&b.left, object)?;
-            let (right, more) = lookup_of(&b.right, object)?;
-            (left == right).then(|| {
-                values.extend(more);
-                (left, values)
-            })
-        }
-        _ => None,
-    }
+    })
 }
 
-#[async_trait]
-impl TableProvider for SalesforceReader {
+impl PagedSource for SalesforceReader {
     fn schema(&self) -> SchemaRef {
         Arc::clone(&self.object.fields)
     }
 
-    fn table_type(&self) -> TableType {
-        TableType::Base
+    /// (SOQL compares text whatever its case: the filter is applied again after.)
+    fn lookup(&self, filter: &Expr) -> Option<(String, Vec<String>)> {
+        lookup_of(filter, &self.object)
     }
 
-    fn supports_filters_pushdown(
+    fn scan(
         &self,
-        filters: &[&Expr],
-    ) -> Result<Vec<TableProviderFilterPushDown>> {
-        Ok(filters
-            .iter()
-            .map(|f| match lookup_of(f, &self.object) {
-                // (Applied again after: SOQL compares text whatever its case.)
-                Some(_) => TableProviderFilterPushDown::Inexact,
-                None => TableProviderFilterPushDown::Unsupported,
-            })
-            .collect())
-    }
-
-    async fn scan(
-        &self,
-        _state: &dyn Session,
-        projection: Option<&Vec<usize>>,
-        filters: &[Expr],
+        schema: SchemaRef,
+        lookup: Option<(String, Vec<String>)>,
         limit: Option<usize>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        let schema = match projection {
-            Some(p) => Arc::new(self.object.fields.project(p)?),
-            None => Arc::clone(&self.object.fields),
-        };
-        let lookup = filters.iter().find_map(|f| lookup_of(f, &self.object));
-        Ok(Arc::new(SalesforceScanExec::new(
-            Arc::clone(&self.connection),
-            Arc::clone(&self.object),
-            schema,
+    ) -> PagedScanExec {
+        let plan = Plan {
+            connection: Arc::clone(&self.connection),
+            object: Arc::clone(&self.object),
+            schema: Arc::clone(&schema),
             lookup,
             limit,
-        )))
+        };
+        PagedScanExec::new(
+            "SalesforceScanExec",
+            plan.shown(),
+            schema,
+            Arc::new(move || Box::new(plan.start()) as Box<dyn Pages>),
+        )
     }
 }
 
-/// Reads a Salesforce object with SOQL queries.
-#[derive(Debug)]
-pub struct SalesforceScanExec {
+/// What a read asks for, and what EXPLAIN shows of it.
+#[derive(Debug, Clone)]
+struct Plan {
     connection: Arc<SalesforceConnection>,
     object: Arc<SObject>,
     schema: SchemaRef,
     lookup: Option<(String, Vec<String>)>,
     limit: Option<usize>,
-    properties: Arc<PlanProperties>,
 }
 
-impl SalesforceScanExec {
-    fn new(
-        connection: Arc<SalesforceConnection>,
-        object: Arc<SObject>,
-        schema: SchemaRef,
-        lookup: Option<(String, Vec<String>)>,
-        limit: Option<usize>,
-    ) -> Self {
-        let properties = Arc::new(PlanProperties::new(
-            EquivalenceProperties::new(Arc::clone(&schema)),
-            Partitioning::UnknownPartitioning(1),
-            EmissionType::Incremental,
-            Boundedness::Bounded,
-        ));
-        Self {
-            connection,
-            object,
-            schema,
-            lookup,
-            limit,
-            properties,
-        }
-    }
-
+impl Plan {
     /// The SOQL queries of this read: one for a scan, one per chunk of looked-up values.
     fn queries(&self) -> Vec<String> {
         let mut fields: Vec<&str> = self
@@ -201,71 +121,23 @@ impl SalesforceScanExec {
                 .collect(),
         }
     }
-}
 
-impl DisplayAs for SalesforceScanExec {
-    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+    /// `connection=… soql=[…] and n more queries`.
+    fn shown(&self) -> String {
         let queries = self.queries();
-        write!(
-            f,
-            "SalesforceScanExec: connection={} soql=[{}]",
+        let mut shown = format!(
+            "connection={} soql=[{}]",
             self.connection.name,
             queries.first().map(String::as_str).unwrap_or("")
-        )?;
+        );
         if queries.len() > 1 {
-            write!(f, " and {} more queries", queries.len() - 1)?;
+            shown.push_str(&format!(" and {} more queries", queries.len() - 1));
         }
-        Ok(())
-    }
-}
-
-impl ExecutionPlan for SalesforceScanExec {
-    fn name(&self) -> &'static str {
-        "SalesforceScanExec"
+        shown
     }
 
-    fn properties(&self) -> &Arc<PlanProperties> {
-        &self.properties
-    }
-
-    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![]
-    }
-
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
-    ) -> Result<TreeNodeRecursion> {
-        Ok(TreeNodeRecursion::Continue)
-    }
-
-    fn replace_children(
-        self: Arc<Self>,
-        _children: Vec<Arc<dyn ExecutionPlan>>,
-        _options: ReplaceChildrenOptions,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        Ok(self)
-    }
-
-    #[allow(deprecated)]
-    fn with_new_children(
-        self: Arc<Self>,
-        _children: Vec<Arc<dyn ExecutionPlan>>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        Ok(self)
-    }
-
-    fn execute(
-        &self,
-        partition: usize,
-        _context: Arc<TaskContext>,
-    ) -> Result<SendableRecordBatchStream> {
-        if partition != 0 {
-            return Err(DataFusionError::Internal(format!(
-                "SalesforceScanExec has one partition, not {partition}"
-            )));
-        }
-        let read = Read {
+    fn start(&self) -> Read {
+        Read {
             connection: Arc::clone(&self.connection),
             object: Arc::clone(&self.object),
             schema: Arc::clone(&self.schema),
@@ -274,14 +146,7 @@ impl ExecutionPlan for SalesforceScanExec {
             left: self.limit,
             records: 0,
             logged: Instant::now(),
-        };
-        let stream = futures::stream::try_unfold(read, |mut read| async move {
-            Ok(read.next_batch().await?.map(|b| (b, read)))
-        });
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
-            Arc::clone(&self.schema),
-            stream,
-        )))
+        }
     }
 }
 
@@ -300,7 +165,8 @@ struct Read {
     logged: Instant,
 }
 
-impl Read {
+#[async_trait]
+impl Pages for Read {
     /// The next page as a batch; `None` at the end.
     async fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
         let what = format!("reading {}.{}", self.connection.name, self.object.name);
@@ -339,7 +205,9 @@ impl Read {
             return self.batch(&records).map(Some);
         }
     }
+}
 
+impl Read {
     /// The records as typed columns.
     fn batch(&self, records: &[Value]) -> Result<RecordBatch> {
         let columns = self
