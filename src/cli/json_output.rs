@@ -9,14 +9,6 @@ use crate::engine::Outcome;
 use crate::error::Error;
 use crate::parser::ParsedStatement;
 
-/// Machine-readable output or the text for people.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum Output {
-    #[default]
-    Text,
-    Json,
-}
-
 /// `INSERT`, `CREATE CONNECTION`, `RUN SYNC`, …: the statement's leading keywords only.
 pub fn statement_kind(text: &str) -> String {
     let mut words = text

@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-pub use json_output::Output;
+pub use print_format::Output;
 pub use print_format::{PrintFormat, PrintOptions};
 
 /// sluice: reverse ETL as SQL. Run with no arguments for the interactive shell.

@@ -10,6 +10,14 @@ use datafusion::arrow::util::pretty::pretty_format_batches;
 use crate::engine::Outcome;
 use crate::error::Result;
 
+/// Machine-readable output or the text for people (`--output`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Output {
+    #[default]
+    Text,
+    Json,
+}
+
 /// How query results are printed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PrintFormat {
@@ -43,7 +51,7 @@ pub struct PrintOptions {
     /// Print each statement's elapsed time (REPL `\timing`).
     pub timing: bool,
     /// `--output json`: one JSON object per statement instead of text.
-    pub output: super::json_output::Output,
+    pub output: Output,
 }
 
 impl PrintOptions {
