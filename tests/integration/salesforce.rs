@@ -918,3 +918,65 @@ async fn relationship_columns_set_lookups_by_the_parents_external_id_on_both_api
         );
     }
 }
+
+/// Issue 19: a scan of more than `bulk_threshold` records runs as a Bulk API 2.0 query job
+/// (counted first under `api 'auto'`): created, polled, its CSV results read page by page by
+/// `Sforce-Locator`, typed as the describe says; a smaller read stays on REST.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_scan_reads_through_a_bulk_query_job() {
+    let fake = FakeSalesforce::start(Script {
+        query_batch: 100,
+        ..Script::default()
+    })
+    .await;
+    let engine = connect(&fake, ", bulk_threshold '150'").await;
+    model(&engine, 250, |r| r).await;
+    assert_eq!(write(&engine, UPSERT).await.rows_written, 250);
+
+    let total = query(
+        &engine,
+        r#"SELECT count(*) AS n, sum("Lead_Score__c") AS total, count("Email") AS emails FROM sf.contact"#,
+    )
+    .await;
+    assert!(
+        total.contains("| 250 ") && total.contains("| 31250.0 "),
+        "{total}"
+    );
+    assert_eq!(fake.calls("queryjobs:create"), 1);
+    assert_eq!(
+        fake.calls("queryjobs:results"),
+        3,
+        "pages of at most 100 records"
+    );
+    assert!(fake.calls("queryjobs:poll") >= 1);
+
+    // A LIMIT under the threshold stays on REST; so does a lookup.
+    let limited = query(
+        &engine,
+        r#"SELECT "External_Id__c" FROM sf.contact LIMIT 3"#,
+    )
+    .await;
+    assert_eq!(limited.lines().filter(|l| l.contains("| C-")).count(), 3);
+    let found = query(
+        &engine,
+        r#"SELECT "External_Id__c", "Email" FROM sf.contact WHERE "External_Id__c" = 'C-7'"#,
+    )
+    .await;
+    assert!(found.contains("user7@example.com"), "{found}");
+    assert_eq!(fake.calls("queryjobs:create"), 1, "no other job");
+
+    // A job that never completes is aborted at bulk_timeout, and the read fails saying so.
+    let slow = FakeSalesforce::start(Script {
+        bulk_base: Duration::from_secs(60),
+        ..Script::default()
+    })
+    .await;
+    let engine = connect(&slow, ", api 'bulk', bulk_timeout '300ms'").await;
+    model(&engine, 3, |r| r).await;
+    let err = error(&engine, r#"SELECT count(*) FROM sf.contact"#).await;
+    assert!(
+        err.contains("did not complete within bulk_timeout"),
+        "{err}"
+    );
+    assert_eq!(slow.calls("queryjobs:abort"), 1);
+}

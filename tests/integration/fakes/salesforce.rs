@@ -258,6 +258,10 @@ pub struct Observed {
     index: HashMap<(String, String), HashMap<String, std::collections::BTreeSet<String>>>,
     /// Query cursors: the records of a query's pages not read yet.
     cursors: HashMap<String, Vec<Value>>,
+    /// Bulk query jobs: id → (completes at, CSV rows with the header first, state).
+    query_jobs: HashMap<String, (Instant, Vec<Vec<String>>, String)>,
+    /// The `Sforce-Locator` of the answer being built (Bulk query results).
+    locator: Option<String>,
 }
 
 struct Shared {
@@ -536,6 +540,7 @@ async fn handle(
     }
     let (kind, status, content_type, out, records) = data(&shared, &method, &uri, &headers, &body);
     let mut o = shared.observed.lock().unwrap();
+    let locator = o.locator.take();
     o.requests.push(Seen {
         at: Instant::now(),
         method: method.to_string(),
@@ -548,7 +553,7 @@ async fn handle(
         o.used,
         shared.script.lock().unwrap().allocation
     );
-    (
+    let mut response = (
         status,
         [
             ("content-type", content_type),
@@ -556,7 +561,13 @@ async fn handle(
         ],
         out,
     )
-        .into_response()
+        .into_response();
+    if let Some(locator) = locator {
+        response
+            .headers_mut()
+            .insert("sforce-locator", locator.parse().unwrap());
+    }
+    response
 }
 
 /// The token endpoint.
@@ -815,6 +826,16 @@ fn data(
             let (status, v, n) = collections(shared, method, rest, &query, body);
             as_json(kind, (status, v), n)
         }
+        (_, ["jobs", "query", rest @ ..]) => {
+            let (status, content_type, out, n) = query_job(shared, &method, rest, &query, body);
+            (
+                kind,
+                status,
+                content_type,
+                String::from_utf8_lossy(&out).into_owned(),
+                n,
+            )
+        }
         (_, ["jobs", "ingest", rest @ ..]) => {
             let (status, content_type, out, n) = bulk(shared, method, rest, body);
             (kind, status, content_type, out, n)
@@ -843,6 +864,16 @@ fn kind_of(method: &Method, path: &str) -> String {
             _ => "update",
         };
         return format!("collections:{verb}");
+    }
+    if path.contains("/jobs/query") {
+        let action = match (method.clone(), last) {
+            (Method::POST, "query") => "create",
+            (Method::GET, "results") => "results",
+            (Method::GET, _) => "poll",
+            (Method::PATCH, _) => "abort",
+            _ => "other",
+        };
+        return format!("queryjobs:{action}");
     }
     if path.contains("/jobs/ingest") {
         let action = match (method.clone(), last) {
@@ -916,25 +947,52 @@ fn describe(shared: &Shared, object: &str) -> (StatusCode, Value) {
 /// compares text as Salesforce does, without regard to case), the fields asked for (null when
 /// unset), in pages of `query_batch` with a `nextRecordsUrl`.
 fn soql(shared: &Shared, q: &str) -> (StatusCode, Value) {
+    // `SELECT COUNT() FROM O`: the count alone.
+    let count = regex::Regex::new(r"(?is)^SELECT\s+COUNT\(\)\s+FROM\s+(\w+)\s*$").unwrap();
+    if let Some(c) = count.captures(q.trim()) {
+        let Some((name, _, _)) = object_of(shared, &c[1]) else {
+            return top_error(
+                StatusCode::BAD_REQUEST,
+                "INVALID_TYPE",
+                &format!("sObject type '{}' is not supported.", &c[1]),
+            );
+        };
+        let o = shared.observed.lock().unwrap();
+        let n = o.records.get(*name).map_or(0, |r| r.len());
+        return (
+            StatusCode::OK,
+            json!({"totalSize": n, "done": true, "records": []}),
+        );
+    }
+    match soql_records(shared, q) {
+        Ok((_, records)) => query_page(shared, records),
+        Err(e) => e,
+    }
+}
+
+/// The fields a SOQL query selects, and its records.
+type Selected = (Vec<String>, Vec<Value>);
+
+fn soql_records(shared: &Shared, q: &str) -> Result<Selected, (StatusCode, Value)> {
     let re = regex::Regex::new(
         r"(?is)^SELECT\s+(.+?)\s+FROM\s+(\w+)(?:\s+WHERE\s+(\w+)\s+IN\s*\((.*)\))?(?:\s+LIMIT\s+(\d+))?\s*$",
     )
     .unwrap();
     let Some(c) = re.captures(q.trim()) else {
-        return top_error(
+        return Err(top_error(
             StatusCode::BAD_REQUEST,
             "MALFORMED_QUERY",
             "unexpected token",
-        );
+        ));
     };
     let selected: Vec<String> = c[1].split(',').map(|f| f.trim().to_string()).collect();
     let object = c[2].to_string();
     let Some((name, _, fields)) = object_of(shared, &object) else {
-        return top_error(
+        return Err(top_error(
             StatusCode::BAD_REQUEST,
             "INVALID_TYPE",
             &format!("sObject type '{object}' is not supported."),
-        );
+        ));
     };
     // `Account.Account_Ref__c`: a field of the parent a lookup points to: (lookup field,
     // relationship, parent object, parent field).
@@ -957,11 +1015,11 @@ fn soql(shared: &Shared, q: &str) -> (StatusCode, Value) {
     {
         if f != "Id" && parent_field(f).is_none() && !fields.iter().any(|sf| sf.name == f.as_str())
         {
-            return top_error(
+            return Err(top_error(
                 StatusCode::BAD_REQUEST,
                 "INVALID_FIELD",
                 &format!("No such column '{f}' on entity '{name}'."),
-            );
+            ));
         }
     }
     let o = shared.observed.lock().unwrap();
@@ -1047,7 +1105,139 @@ fn soql(shared: &Shared, q: &str) -> (StatusCode, Value) {
         })
         .collect();
     drop(o);
-    query_page(shared, records)
+    Ok((selected, records))
+}
+
+/// Bulk API 2.0 query jobs: `POST jobs/query` runs the SOQL at once and completes after
+/// `bulk_base`; `GET jobs/query/{id}` polls; `GET …/results?maxRecords=&locator=` answers CSV
+/// pages (null as an empty cell, a relationship field as `Rel.Field`) with `Sforce-Locator`
+/// naming the next page (`null` after the last); `PATCH` aborts.
+fn query_job(
+    shared: &Shared,
+    method: &Method,
+    rest: &[&str],
+    query: &HashMap<String, String>,
+    body: &[u8],
+) -> (StatusCode, &'static str, Vec<u8>, usize) {
+    let json_answer = |(status, v): (StatusCode, Value)| {
+        (status, "application/json", v.to_string().into_bytes(), 0)
+    };
+    match (method.clone(), rest) {
+        (Method::POST, []) => {
+            let request: Value = serde_json::from_slice(body).unwrap_or_default();
+            let q = request.get("query").and_then(Value::as_str).unwrap_or("");
+            let (selected, records) = match soql_records(shared, q) {
+                Ok(found) => found,
+                Err(e) => return json_answer(e),
+            };
+            let mut rows = vec![selected.clone()];
+            for r in &records {
+                rows.push(
+                    selected
+                        .iter()
+                        .map(|f| {
+                            let v = match f.split_once('.') {
+                                Some((rel, field)) => r.get(rel).and_then(|p| p.get(field)),
+                                None => r.get(f),
+                            };
+                            v.filter(|v| !v.is_null()).map(text).unwrap_or_default()
+                        })
+                        .collect(),
+                );
+            }
+            let ready = Instant::now() + shared.script.lock().unwrap().bulk_base;
+            let mut o = shared.observed.lock().unwrap();
+            o.next_id += 1;
+            let id = format!("750FAKE{:011}", o.next_id);
+            o.query_jobs
+                .insert(id.clone(), (ready, rows, "UploadComplete".into()));
+            json_answer((
+                StatusCode::OK,
+                json!({"id": id, "operation": "query", "object": "", "state": "UploadComplete", "concurrencyMode": "Parallel", "contentType": "CSV", "apiVersion": 62.0, "lineEnding": "LF", "columnDelimiter": "COMMA"}),
+            ))
+        }
+        (Method::GET, [id]) => {
+            let mut o = shared.observed.lock().unwrap();
+            let Some((ready, rows, state)) = o.query_jobs.get_mut(*id) else {
+                return json_answer(top_error(
+                    StatusCode::NOT_FOUND,
+                    "NOT_FOUND",
+                    "The requested resource does not exist",
+                ));
+            };
+            if state == "UploadComplete" {
+                *state = if Instant::now() >= *ready {
+                    "JobComplete"
+                } else {
+                    "InProgress"
+                }
+                .into();
+            } else if state == "InProgress" && Instant::now() >= *ready {
+                *state = "JobComplete".into();
+            }
+            let processed = rows.len().saturating_sub(1);
+            json_answer((
+                StatusCode::OK,
+                json!({"id": id, "operation": "query", "state": state, "numberRecordsProcessed": processed, "retries": 0, "totalProcessingTime": 10}),
+            ))
+        }
+        (Method::GET, [id, "results"]) => {
+            let mut o = shared.observed.lock().unwrap();
+            let Some((_, rows, state)) = o.query_jobs.get(*id) else {
+                return json_answer(top_error(
+                    StatusCode::NOT_FOUND,
+                    "NOT_FOUND",
+                    "The requested resource does not exist",
+                ));
+            };
+            if state != "JobComplete" {
+                return json_answer(top_error(
+                    StatusCode::BAD_REQUEST,
+                    "INVALIDJOBSTATE",
+                    "Results are not available until the job is complete",
+                ));
+            }
+            // (Salesforce may answer fewer than maxRecords: at most query_batch here.)
+            let max = query
+                .get("maxRecords")
+                .and_then(|m| m.parse::<usize>().ok())
+                .unwrap_or(usize::MAX)
+                .min(shared.script.lock().unwrap().query_batch);
+            let from = query
+                .get("locator")
+                .and_then(|l| l.parse::<usize>().ok())
+                .unwrap_or(0);
+            let data = &rows[1..];
+            let to = data.len().min(from.saturating_add(max));
+            let mut w = csv::WriterBuilder::new()
+                .terminator(csv::Terminator::Any(b'\n'))
+                .from_writer(vec![]);
+            w.write_record(&rows[0]).unwrap();
+            for row in &data[from.min(to)..to] {
+                w.write_record(row).unwrap();
+            }
+            let out = w.into_inner().unwrap();
+            let n = to - from.min(to);
+            o.locator = Some(if to < data.len() {
+                to.to_string()
+            } else {
+                "null".into()
+            });
+            (StatusCode::OK, "text/csv", out, n)
+        }
+        (Method::PATCH, [id]) => {
+            let mut o = shared.observed.lock().unwrap();
+            if let Some((_, _, state)) = o.query_jobs.get_mut(*id) {
+                *state = "Aborted".into();
+            }
+            json_answer((StatusCode::OK, json!({"id": id, "state": "Aborted"})))
+        }
+        _ => json_answer(top_error(
+            StatusCode::NOT_FOUND,
+            "NOT_FOUND",
+            "The requested resource does not exist",
+        )),
+    }
 }
 
 /// The first `query_batch` of `records` as a query answer; the rest behind a cursor.
