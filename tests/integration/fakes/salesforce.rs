@@ -827,7 +827,7 @@ fn data(
             as_json(kind, (status, v), n)
         }
         (_, ["jobs", "query", rest @ ..]) => {
-            let (status, content_type, out, n) = query_job(shared, &method, rest, &query, body);
+            let (status, content_type, out, n) = query_job(shared, method, rest, &query, body);
             (
                 kind,
                 status,
