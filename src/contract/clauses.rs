@@ -107,7 +107,7 @@ impl Clauses {
             names
                 .iter()
                 .enumerate()
-                .filter(|(i, _)| mask & (1 << i) != 0 && key & (1 << i) == 0)
+                .filter(|(i, _)| *i < 64 && mask & (1 << i) != 0 && key & (1 << i) == 0)
                 .map(|(_, n)| n.as_str())
                 .collect::<Vec<_>>()
                 .join(", ")

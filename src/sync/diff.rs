@@ -73,7 +73,8 @@ impl DiffSpec {
 
     /// The key's bit (0 without a key).
     pub fn key_bit(&self) -> u64 {
-        self.key.map_or(0, |k| 1u64 << k)
+        // (Past 64 fields a sync is refused by `Differ::new`; EXPLAIN may still ask.)
+        self.key.filter(|k| *k < 64).map_or(0, |k| 1u64 << k)
     }
 
     /// The fields sent to a record the destination is not known to have: those of the

@@ -94,7 +94,12 @@ pub fn clause_fields(diff: &super::diff::DiffSpec) -> Option<String> {
     }
     let mut key = diff.key_bit();
     for part in &diff.key_parts {
-        if let Some(i) = diff.fields.iter().position(|f| f == part) {
+        if let Some(i) = diff
+            .fields
+            .iter()
+            .position(|f| f == part)
+            .filter(|i| *i < 64)
+        {
             key |= 1 << i;
         }
     }
