@@ -93,10 +93,10 @@ pub trait Pages: Send + 'static {
     async fn next_batch(&mut self) -> Result<Option<RecordBatch>>;
 }
 
-/// Starts a read (each execution reads anew).
-pub type StartPages = Arc<dyn Fn() -> Box<dyn Pages> + Send + Sync>;
+/// Starts a read (each execution reads anew), in a task's context.
+pub type StartPages = Arc<dyn Fn(&TaskContext) -> Box<dyn Pages> + Send + Sync>;
 
-/// A leaf operator reading one API's pages, in one partition.
+/// A leaf operator reading one API's (or database's) pages, in one partition.
 pub struct PagedScanExec {
     name: &'static str,
     /// What EXPLAIN shows after the name (never a secret).
@@ -175,7 +175,7 @@ impl ExecutionPlan for PagedScanExec {
     fn execute(
         &self,
         partition: usize,
-        _context: Arc<TaskContext>,
+        context: Arc<TaskContext>,
     ) -> Result<SendableRecordBatchStream> {
         if partition != 0 {
             return Err(DataFusionError::Internal(format!(
@@ -183,7 +183,7 @@ impl ExecutionPlan for PagedScanExec {
                 self.name
             )));
         }
-        let pages = (self.start)();
+        let pages = (self.start)(&context);
         let stream = futures::stream::try_unfold(pages, |mut pages| async move {
             Ok(pages.next_batch().await?.map(|b| (b, pages)))
         });

@@ -97,7 +97,7 @@ impl PagedSource for HubspotReader {
             "HubspotScanExec",
             plan.shown(),
             schema,
-            Arc::new(move || Box::new(plan.start()) as Box<dyn Pages>),
+            Arc::new(move |_| Box::new(plan.start()) as Box<dyn Pages>),
         )
     }
 }

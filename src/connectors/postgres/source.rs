@@ -1,8 +1,7 @@
 //! Reading a Postgres relation: `PgTable` (a `TableProvider` with projection, filter and limit
-//! pushdown) and `PostgresScanExec`, which streams `COPY (SELECT …) TO STDOUT (FORMAT binary)`
+//! pushdown) and `postgres_scan` (`PostgresScanExec` in EXPLAIN), which streams `COPY (SELECT …) TO STDOUT (FORMAT binary)`
 //! into Arrow batches without materializing the result.
 
-use std::fmt;
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -11,23 +10,17 @@ use datafusion::arrow::array::{RecordBatch, RecordBatchOptions};
 use datafusion::arrow::datatypes::{DataType, Schema, SchemaRef};
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::ScalarValue;
-use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::datasource::TableType;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
 use datafusion::logical_expr::{Expr, Operator, TableProviderFilterPushDown};
-use datafusion::physical_expr::{EquivalenceProperties, PhysicalExpr};
-use datafusion::physical_plan::execution_plan::{Boundedness, EmissionType};
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::{
-    DisplayAs, DisplayFormatType, ExecutionPlan, Partitioning, PlanProperties,
-    ReplaceChildrenOptions, SendableRecordBatchStream,
-};
+use datafusion::physical_plan::ExecutionPlan;
 use futures::StreamExt;
 
 use super::metadata::{Relation, UNSUPPORTED, quote_ident};
 use super::types::{ColumnBuilder, CopyReader, PgType};
 use super::{PgConnection, pg_message};
+use crate::connectors::paged::{PagedScanExec, Pages};
 use crate::sql_text::Dialect;
 
 /// A Postgres table or view as a DataFusion table.
@@ -130,7 +123,7 @@ impl TableProvider for PgTable {
             sql.push_str(&format!(" LIMIT {n}"));
         }
         let schema = Arc::new(self.schema.project(&indexes)?);
-        Ok(Arc::new(PostgresScanExec::new(
+        Ok(Arc::new(postgres_scan(
             Arc::clone(&self.connection),
             sql,
             schema,
@@ -280,113 +273,38 @@ fn is_text(expr: &Expr, schema: &Schema) -> bool {
     }
 }
 
-/// Streams the rows of one query from Postgres (visible in EXPLAIN with the SQL it sends).
-#[derive(Debug)]
-pub struct PostgresScanExec {
+/// The operator that streams the rows of one query from Postgres, shown in EXPLAIN as
+/// `PostgresScanExec` with the SQL it sends: a [`PagedScanExec`] whose pages are batches of a
+/// `COPY … TO STDOUT`.
+pub fn postgres_scan(
     connection: Arc<PgConnection>,
     sql: String,
     schema: SchemaRef,
     types: Vec<PgType>,
-    properties: Arc<PlanProperties>,
-}
-
-impl PostgresScanExec {
-    pub fn new(
-        connection: Arc<PgConnection>,
-        sql: String,
-        schema: SchemaRef,
-        types: Vec<PgType>,
-    ) -> Self {
-        let properties = Arc::new(PlanProperties::new(
-            EquivalenceProperties::new(Arc::clone(&schema)),
-            Partitioning::UnknownPartitioning(1),
-            EmissionType::Incremental,
-            Boundedness::Bounded,
-        ));
-        Self {
-            connection,
-            sql,
-            schema,
-            types,
-            properties,
-        }
-    }
-}
-
-impl DisplayAs for PostgresScanExec {
-    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "PostgresScanExec: connection={} sql={}",
-            self.connection.name, self.sql
-        )
-    }
-}
-
-impl ExecutionPlan for PostgresScanExec {
-    fn name(&self) -> &'static str {
-        "PostgresScanExec"
-    }
-
-    fn properties(&self) -> &Arc<PlanProperties> {
-        &self.properties
-    }
-
-    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![]
-    }
-
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
-    ) -> Result<TreeNodeRecursion> {
-        Ok(TreeNodeRecursion::Continue)
-    }
-
-    fn replace_children(
-        self: Arc<Self>,
-        _children: Vec<Arc<dyn ExecutionPlan>>,
-        _options: ReplaceChildrenOptions,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        Ok(self)
-    }
-
-    #[allow(deprecated)]
-    fn with_new_children(
-        self: Arc<Self>,
-        _children: Vec<Arc<dyn ExecutionPlan>>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        Ok(self)
-    }
-
-    fn execute(
-        &self,
-        _partition: usize,
-        context: Arc<TaskContext>,
-    ) -> Result<SendableRecordBatchStream> {
-        let batch_size = context.session_config().batch_size();
-        let scan = Scan {
-            connection: Arc::clone(&self.connection),
-            copy: format!("COPY ({}) TO STDOUT (FORMAT binary)", self.sql),
-            schema: Arc::clone(&self.schema),
-            columns: self
-                .types
-                .iter()
-                .map(|t| ColumnBuilder::new(t, batch_size))
-                .collect(),
-            reader: CopyReader::new(),
-            batch_size,
-            client: None,
-            stream: None,
-        };
-        let stream = futures::stream::try_unfold(scan, |mut scan| async move {
-            Ok(scan.next_batch().await?.map(|b| (b, scan)))
-        });
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
-            Arc::clone(&self.schema),
-            stream,
-        )))
-    }
+) -> PagedScanExec {
+    let shown = format!("connection={} sql={sql}", connection.name);
+    let start_schema = Arc::clone(&schema);
+    PagedScanExec::new(
+        "PostgresScanExec",
+        shown,
+        schema,
+        Arc::new(move |context: &TaskContext| {
+            let batch_size = context.session_config().batch_size();
+            Box::new(Scan {
+                connection: Arc::clone(&connection),
+                copy: format!("COPY ({sql}) TO STDOUT (FORMAT binary)"),
+                schema: Arc::clone(&start_schema),
+                columns: types
+                    .iter()
+                    .map(|t| ColumnBuilder::new(t, batch_size))
+                    .collect(),
+                reader: CopyReader::new(),
+                batch_size,
+                client: None,
+                stream: None,
+            }) as Box<dyn Pages>
+        }),
+    )
 }
 
 type CopyStream = Pin<Box<tokio_postgres::CopyOutStream>>;
@@ -403,7 +321,8 @@ struct Scan {
     stream: Option<CopyStream>,
 }
 
-impl Scan {
+#[async_trait]
+impl Pages for Scan {
     async fn next_batch(&mut self) -> Result<Option<RecordBatch>> {
         if self.stream.is_none() {
             if self.reader.done {
@@ -458,7 +377,9 @@ impl Scan {
             &RecordBatchOptions::new().with_row_count(Some(rows)),
         )?))
     }
+}
 
+impl Scan {
     fn error(&self, e: &tokio_postgres::Error) -> DataFusionError {
         DataFusionError::External(
             format!(

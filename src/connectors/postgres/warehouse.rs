@@ -41,7 +41,7 @@ use datafusion::sql::unparser::dialect::PostgreSqlDialect;
 use futures::StreamExt;
 
 use super::metadata::quote_ident;
-use super::source::{PgTable, PostgresScanExec};
+use super::source::{PgTable, postgres_scan};
 use super::types::PgType;
 use super::{PgConnection, pg_message};
 use crate::connectors::table::DestinationTable;
@@ -665,7 +665,7 @@ pub struct WarehouseDiffExec {
 impl WarehouseDiffExec {
     fn new(state: PgState, run: Arc<SyncRun>, model: SchemaRef) -> Self {
         let (columns, types) = state.diff_columns(&model);
-        let input: Arc<dyn ExecutionPlan> = Arc::new(PostgresScanExec::new(
+        let input: Arc<dyn ExecutionPlan> = Arc::new(postgres_scan(
             Arc::clone(&state.connection),
             state.diff_sql(),
             columns,

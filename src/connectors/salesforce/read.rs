@@ -86,7 +86,7 @@ impl PagedSource for SalesforceReader {
             "SalesforceScanExec",
             plan.shown(),
             schema,
-            Arc::new(move || Box::new(plan.start()) as Box<dyn Pages>),
+            Arc::new(move |_| Box::new(plan.start()) as Box<dyn Pages>),
         )
     }
 }
