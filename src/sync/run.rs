@@ -623,7 +623,8 @@ impl SyncRun {
                 record.retries = d.retries;
             }
             let commit = (snapshot.is_some() && !self.dry_run).then(|| {
-                let acked = with_unsent(&changes, acked);
+                let mut acked = acked;
+                acked.extend(unsent_acks(&changes));
                 let rejects = self.merge_rejects(
                     &inner.previous_rejects,
                     &changes,
@@ -1057,17 +1058,14 @@ impl SyncRun {
     }
 }
 
-/// `acked` and the changes that send nothing, which are committed as if acknowledged (see
-/// [`Change::sends`]).
-fn with_unsent(changes: &Changes, mut acked: Vec<Ack>) -> Vec<Ack> {
-    acked.extend(
-        changes
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.live && !c.sends())
-            .map(|(id, _)| Ack::done(id as u32)),
-    );
-    acked
+/// The changes that send nothing, committed as if acknowledged (see [`Change::sends`]).
+fn unsent_acks(changes: &Changes) -> Vec<Ack> {
+    changes
+        .iter()
+        .enumerate()
+        .filter(|(_, c)| c.live && !c.sends())
+        .map(|(id, _)| Ack::done(id as u32))
+        .collect()
 }
 
 /// Per change: whether the destination answered it (acknowledged or rejected).
@@ -1177,7 +1175,13 @@ impl Checkpoints for SyncRun {
         let Some(snapshot) = snapshot else {
             return Ok(());
         };
-        let acked = with_unsent(&changes, outcome.acked.clone());
+        // (Borrowed unless some changes send nothing: a long run's acknowledgements are many.)
+        let unsent = unsent_acks(&changes);
+        let acked: std::borrow::Cow<'_, [Ack]> = if unsent.is_empty() {
+            std::borrow::Cow::Borrowed(&outcome.acked)
+        } else {
+            std::borrow::Cow::Owned([outcome.acked.as_slice(), &unsent].concat())
+        };
         let settled = settled(changes.len(), &acked, &outcome.rejected);
         let tag = format!("{}-c{n}", self.run_id);
         let next = self
