@@ -338,7 +338,7 @@ async fn wrong_names_fail_at_plan_time_with_the_closest_name() {
     // List memberships are written by syncs, not read: the error says where to read instead.
     let e = error("SELECT email FROM crm.list_members LIMIT 1").await;
     assert!(
-        e.contains("written by list syncs only") && e.contains("crm.contacts"),
+        e.contains("written by syncs only (list members, associations)"),
         "{e}"
     );
     let e = error("INSERT INTO crm.widgets SELECT 1 AS x").await;
@@ -814,4 +814,90 @@ async fn objects_are_read_with_projection_limit_and_key_lookups_pushed_down() {
         Some("USER1")
     );
     assert_eq!(write(&engine, copy).await.rows_written, 0);
+}
+
+/// Issue 19: associations as an object of the connection. `crm.contact_company` is matched by
+/// both sides' keys; record ids are read at run time (so records an earlier statement of the
+/// same run created are found); a label is sent with its type; a mirror removes associations
+/// that left the model; a record HubSpot lacks and an unknown label are rejects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn associations_link_records_created_earlier_in_the_same_run() {
+    let fake = FakeHubspot::start(Script::default()).await;
+    let acme = fake.seed("companies", json!({"name": "Acme", "account_ref": "A-1"}));
+    let engine = connect(&fake, "").await;
+    let described = query(&engine, "DESCRIBE crm.contact_company").await;
+    assert!(
+        described.contains("contact_email") && described.contains("company_account_ref"),
+        "{described}"
+    );
+    // One run: the contacts are created, then linked by the next statement.
+    model(&engine, &people(3)).await;
+    engine
+        .run_sql(&format!(
+            "{UPSERT};
+             CREATE SYNC links AS MERGE INTO crm.contact_company AS t
+               USING (SELECT email, 'A-1' AS ref, CASE WHEN email = 'user0@example.com' THEN 'Billing contact' END AS label FROM people) AS s
+               ON t.contact_email = s.email AND t.company_account_ref = s.ref
+             WHEN MATCHED THEN UPDATE SET label = s.label
+             WHEN NOT MATCHED THEN INSERT (contact_email, company_account_ref, label) VALUES (s.email, s.ref, s.label)
+             WHEN NOT MATCHED BY SOURCE THEN DELETE;
+             RUN SYNC links;"
+        ))
+        .await
+        .unwrap();
+    let id = |email: &str| {
+        fake.records("contacts")
+            .into_iter()
+            .find(|(_, p)| p.get("email").and_then(|v| v.as_str()) == Some(email))
+            .map(|(id, _)| id)
+            .unwrap()
+    };
+    let mut linked = fake.associations("contacts", "companies");
+    linked.sort();
+    assert_eq!(
+        linked,
+        [
+            (id("user0@example.com"), acme, Some(36)),
+            (id("user1@example.com"), acme, None),
+            (id("user2@example.com"), acme, None),
+        ]
+    );
+    assert_eq!(write(&engine, "RUN SYNC links").await.rows_written, 0);
+
+    // A contact that left the model loses its association; one HubSpot lacks and an unknown
+    // label are rejects, kept and reported.
+    model(
+        &engine,
+        "('user0@example.com', 'User0', 0.5, 'lead'), ('user1@example.com', 'User1', 1.5, 'lead'),
+         ('ghost@example.com', 'Ghost', 9.5, 'lead')",
+    )
+    .await;
+    let run = write(&engine, "RUN SYNC links").await;
+    assert_eq!(
+        (run.rows_written, run.rows_rejected),
+        (1, 1),
+        "{:?}",
+        run.rejects
+    );
+    assert_eq!(run.rejects[0].code, "NOT_FOUND");
+    assert!(
+        run.rejects[0].message.contains("ghost@example.com"),
+        "{}",
+        run.rejects[0].message
+    );
+    assert_eq!(fake.associations("contacts", "companies").len(), 2);
+    let labeled = write(
+        &engine,
+        "INSERT INTO crm.contact_company SELECT 'user1@example.com' AS contact_email, 'A-1' AS company_account_ref, 'Partner' AS label",
+    )
+    .await;
+    assert_eq!(labeled.rows_rejected, 1);
+    assert!(
+        labeled.rejects[0]
+            .message
+            .contains("'Partner' is not an association label")
+            && labeled.rejects[0].message.contains("Billing contact"),
+        "{}",
+        labeled.rejects[0].message
+    );
 }

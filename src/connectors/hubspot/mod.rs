@@ -16,6 +16,7 @@
 //! `X-HubSpot-RateLimit-*` headers and its 429 policies (`DAILY` stops the sync cleanly).
 
 pub mod api;
+mod associations;
 mod config;
 pub mod encode;
 mod lists;
@@ -86,13 +87,13 @@ pub struct HubspotDestination(Arc<HubspotConnection>);
 impl Destination for HubspotDestination {
     fn unreadable(&self, object: &str) -> String {
         format!(
-            "{0}.{object} cannot be read: it is written by list syncs only; read list members from {0}.contacts, sluice.runs shows what was sent and sluice.rejects what HubSpot refused",
+            "{0}.{object} cannot be read: it is written by syncs only (list members, associations); sluice.runs shows what was sent and sluice.rejects what HubSpot refused",
             self.connection()
         )
     }
 
     async fn reader(&self, object: &ObjectSpec) -> Result<Option<Arc<dyn TableProvider>>> {
-        if object.name == lists::LIST_MEMBERS {
+        if object.name == lists::LIST_MEMBERS || associations::parse(&object.name).is_some() {
             return Ok(None);
         }
         Ok(self.0.object_schema(&object.name).await?.map(|o| {
@@ -111,6 +112,7 @@ impl Destination for HubspotDestination {
             .map(|(n, _)| n.to_string())
             .collect();
         names.push(lists::LIST_MEMBERS.to_string());
+        names.extend(associations::NAMES.iter().map(|n| n.to_string()));
         for name in self.0.cached_names() {
             if !names.contains(&name) {
                 names.push(name);
@@ -139,6 +141,26 @@ impl Destination for HubspotDestination {
     }
 
     async fn object(&self, name: &str) -> Result<Option<ObjectSpec>> {
+        if let Some((from, from_type, to, to_type)) = associations::parse(&name.to_lowercase()) {
+            let (Some(a), Some(b)) = (
+                self.0.object_schema(from_type).await?,
+                self.0.object_schema(to_type).await?,
+            ) else {
+                return Ok(None);
+            };
+            let fields = associations::fields((from, &a), (to, &b));
+            let keys: Vec<String> = fields.fields()[..2]
+                .iter()
+                .map(|f| f.name().clone())
+                .collect();
+            return Ok(Some(ObjectSpec {
+                name: name.to_lowercase(),
+                fields: Some(fields),
+                key: None,
+                composite_key: keys,
+                match_keys: vec![],
+            }));
+        }
         if name.eq_ignore_ascii_case(lists::LIST_MEMBERS) {
             let Some(contacts) = self.0.object_schema("contacts").await? else {
                 return Ok(None);
@@ -180,6 +202,35 @@ impl Destination for HubspotDestination {
             return Ok(Arc::new(lists::ListMembersSink::new(
                 Arc::clone(&self.0),
                 contacts,
+                schema,
+                report,
+                run,
+            )));
+        }
+        if let Some((_, from_type, _, to_type)) = associations::parse(&object.name) {
+            let (Some(from), Some(to), Some(run)) =
+                (self.0.cached(from_type), self.0.cached(to_type), sync)
+            else {
+                return Err(Error::plan(
+                    format!(
+                        "{}.{} is written by syncs only (INSERT INTO, MERGE or DELETE FROM)",
+                        self.0.name, object.name
+                    ),
+                    object.name.clone(),
+                ));
+            };
+            let side = |i: usize| {
+                object
+                    .fields
+                    .as_ref()
+                    .map(|f| f.field(i).name().clone())
+                    .unwrap_or_default()
+            };
+            return Ok(Arc::new(associations::AssociationsSink::new(
+                Arc::clone(&self.0),
+                object.name.clone(),
+                (from, to),
+                (side(0), side(1)),
                 schema,
                 report,
                 run,

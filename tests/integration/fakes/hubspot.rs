@@ -181,6 +181,8 @@ pub struct Observed {
     index: HashMap<(String, String), HashMap<String, u64>>,
     window: VecDeque<Instant>,
     day_count: u64,
+    /// Associations: (from type, from id, to type, to id, label's type id; None: the default).
+    pub associations: std::collections::BTreeSet<(String, u64, String, u64, Option<u64>)>,
 }
 
 struct Shared {
@@ -314,6 +316,17 @@ impl FakeHubspot {
                 .collect();
             emails.sort();
             emails
+        })
+    }
+
+    /// Associations from `from` records to `to` records: (from id, to id, label's type id).
+    pub fn associations(&self, from: &str, to: &str) -> Vec<(u64, u64, Option<u64>)> {
+        self.observed(|o| {
+            o.associations
+                .iter()
+                .filter(|(a, _, b, _, _)| a == from && b == to)
+                .map(|(_, f, _, t, l)| (*f, *t, *l))
+                .collect()
         })
     }
 
@@ -467,6 +480,9 @@ async fn handle(
         ("GET", ["crm", "v3", "objects", object]) => {
             list_objects(&shared, object, uri.query().unwrap_or(""))
         }
+        (_, ["crm", "v4", "associations", from, to, rest @ ..]) => {
+            associations(&shared, &method, from, to, rest, &body)
+        }
         _ => route(&shared, &method, uri.path(), &body),
     };
     for (name, value) in rate_headers {
@@ -552,6 +568,110 @@ fn list_objects(shared: &Shared, object: &str, query: &str) -> Response {
         ids: vec![],
     });
     axum::Json(body).into_response()
+}
+
+/// The labels of every pair of types: the default association and one labeled type.
+const LABELS: [(Option<&str>, &str, u64); 2] = [
+    (None, "HUBSPOT_DEFINED", 1),
+    (Some("Billing contact"), "USER_DEFINED", 36),
+];
+
+/// CRM associations v4: `GET …/{from}/{to}/labels`, `POST …/batch/associate/default`,
+/// `POST …/batch/create` (with a label's type), `POST …/batch/archive` (every association
+/// between the pairs; 204). A record that does not exist is an error of the batch (207).
+fn associations(
+    shared: &Shared,
+    method: &Method,
+    from: &str,
+    to: &str,
+    rest: &[&str],
+    body: &[u8],
+) -> Response {
+    if !shared.objects.contains_key(from) || !shared.objects.contains_key(to) {
+        return error_body(
+            StatusCode::BAD_REQUEST,
+            &format!("Unable to infer object type from: {from}/{to}"),
+            "VALIDATION_ERROR",
+            json!({}),
+        );
+    }
+    let mut o = shared.observed.lock().unwrap();
+    o.requests.push(Seen {
+        at: Instant::now(),
+        path: format!("/crm/v4/associations/{from}/{to}/{}", rest.join("/")),
+        status: 200,
+        inputs: 0,
+        ids: vec![],
+    });
+    let inputs: Vec<Value> = serde_json::from_slice::<Value>(body)
+        .ok()
+        .and_then(|v| v.get("inputs").and_then(Value::as_array).cloned())
+        .unwrap_or_default();
+    let id_of = |v: Option<&Value>| {
+        v.and_then(|v| v.get("id"))
+            .map(text)
+            .and_then(|s| s.parse::<u64>().ok())
+    };
+    let live = |o: &Observed, object: &str, id: u64| {
+        o.records
+            .get(object)
+            .and_then(|r| r.get(&id))
+            .is_some_and(|r| !r.archived)
+    };
+    match (method.as_str(), rest) {
+        ("GET", ["labels"]) => axum::Json(json!({"results": LABELS.iter().map(|(label, category, id)| json!({"category": category, "typeId": id, "label": label})).collect::<Vec<_>>()})).into_response(),
+        ("POST", ["batch", "create"]) | ("POST", ["batch", "associate", "default"]) => {
+            let labeled = rest[1] == "create";
+            let mut results = vec![];
+            let mut errors = vec![];
+            for input in &inputs {
+                let (Some(f), Some(t)) = (id_of(input.get("from")), id_of(input.get("to"))) else {
+                    errors.push(json!({"status": "error", "category": "VALIDATION_ERROR", "message": "missing ids"}));
+                    continue;
+                };
+                if !live(&o, from, f) || !live(&o, to, t) {
+                    errors.push(json!({"status": "error", "category": "OBJECT_NOT_FOUND", "message": format!("No {from} with ID {f} or {to} with ID {t} exists")}));
+                    continue;
+                }
+                let type_id = labeled
+                    .then(|| input.pointer("/types/0/associationTypeId").and_then(Value::as_u64))
+                    .flatten();
+                if let Some(id) = type_id
+                    && !LABELS.iter().any(|(_, _, known)| *known == id)
+                {
+                    errors.push(json!({"status": "error", "category": "VALIDATION_ERROR", "message": format!("unknown association type {id}")}));
+                    continue;
+                }
+                o.associations
+                    .insert((from.to_string(), f, to.to_string(), t, type_id));
+                results.push(json!({"fromObjectTypeId": from, "fromObjectId": f, "toObjectTypeId": to, "toObjectId": t}));
+            }
+            let mut body = json!({"status": "COMPLETE", "results": results});
+            if !errors.is_empty() {
+                body["numErrors"] = json!(errors.len());
+                body["errors"] = json!(errors);
+                return (StatusCode::MULTI_STATUS, axum::Json(body)).into_response();
+            }
+            (StatusCode::CREATED, axum::Json(body)).into_response()
+        }
+        ("POST", ["batch", "archive"]) => {
+            for input in &inputs {
+                let Some(f) = id_of(input.get("from")) else {
+                    continue;
+                };
+                let tos: Vec<u64> = input
+                    .get("to")
+                    .and_then(Value::as_array)
+                    .map(|a| a.iter().filter_map(|t| id_of(Some(t))).collect())
+                    .unwrap_or_default();
+                o.associations.retain(|(a, fi, b, ti, _)| {
+                    !(a == from && *fi == f && b == to && tos.contains(ti))
+                });
+            }
+            StatusCode::NO_CONTENT.into_response()
+        }
+        _ => error_body(StatusCode::NOT_FOUND, "not found", "NOT_FOUND", json!({})),
+    }
 }
 
 /// Counts a properties call; whether it answers an injected fault (and counts that down).
