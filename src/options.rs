@@ -322,7 +322,8 @@ pub fn shown_base_url(url: &url::Url, from_outside: bool) -> String {
     }
 }
 
-fn origin(url: &url::Url) -> String {
+/// `scheme://host[:port]`: a URL without its credentials, path, query or fragment.
+pub fn origin(url: &url::Url) -> String {
     let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
     format!("{}://{}{port}", url.scheme(), url.host_str().unwrap_or(""))
 }

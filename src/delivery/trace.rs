@@ -63,13 +63,7 @@ pub fn shown_body(body: &[u8]) -> String {
 
 /// A URL without its query string, password or fragment: `scheme://host[:port]/path`.
 pub fn shown_url(url: &url::Url) -> String {
-    let port = url.port().map(|p| format!(":{p}")).unwrap_or_default();
-    format!(
-        "{}://{}{port}{}",
-        url.scheme(),
-        url.host_str().unwrap_or(""),
-        url.path()
-    )
+    format!("{}{}", crate::options::origin(url), url.path())
 }
 
 #[cfg(test)]
