@@ -886,6 +886,15 @@ async fn associations_link_records_created_earlier_in_the_same_run() {
         run.rejects[0].message
     );
     assert_eq!(fake.associations("contacts", "companies").len(), 2);
+    // A dry run says what it would do (the rejected record is tried again) and calls nothing.
+    let calls = fake.observed(|o| o.requests.len());
+    let mut explained = engine.run_sql("EXPLAIN SYNC links").await.unwrap();
+    let plan = match explained.pop() {
+        Some(Outcome::DryRun(r)) => r.to_string(),
+        other => panic!("{other:?}"),
+    };
+    assert!(plan.contains("associate: 1 record in 1 request"), "{plan}");
+    assert_eq!(fake.observed(|o| o.requests.len()), calls);
     let labeled = write(
         &engine,
         "INSERT INTO crm.contact_company SELECT 'user1@example.com' AS contact_email, 'A-1' AS company_account_ref, 'Partner' AS label",
