@@ -275,8 +275,20 @@ impl Options {
 /// The longest duration an option may give.
 pub const MAX_DURATION: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
-/// `'30s'`, `'500ms'`, `'5m'`, `'1h'`, or a plain number of seconds (`'2.5'`); at most 30 days.
+/// `'30s'`, `'500ms'`, `'5m'`, `'1h'`, `'2 days'`, or a plain number of seconds (`'2.5'`); at
+/// most 30 days.
 pub fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, String> {
+    parse_duration_within(s, MAX_DURATION)
+}
+
+/// How long a retention option may keep something: ten years.
+pub const MAX_RETENTION: std::time::Duration = std::time::Duration::from_secs(3650 * 24 * 3600);
+
+/// As [`parse_duration`], at most `max`.
+pub fn parse_duration_within(
+    s: &str,
+    max: std::time::Duration,
+) -> std::result::Result<std::time::Duration, String> {
     let s = s.trim();
     let (number, unit) = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -290,14 +302,18 @@ pub fn parse_duration(s: &str) -> std::result::Result<std::time::Duration, Strin
         "ms" => value / 1000.0,
         "m" | "min" | "mins" | "minute" | "minutes" => value * 60.0,
         "h" | "hour" | "hours" => value * 3600.0,
-        other => return Err(format!("unknown unit '{other}'; use ms, s, m or h")),
+        "d" | "day" | "days" => value * 86400.0,
+        other => return Err(format!("unknown unit '{other}'; use ms, s, m, h or days")),
     };
     if !seconds.is_finite() || seconds < 0.0 {
         return Err("a duration must be positive".into());
     }
     match std::time::Duration::try_from_secs_f64(seconds) {
-        Ok(d) if d <= MAX_DURATION => Ok(d),
-        _ => Err("a duration may be at most 30 days".into()),
+        Ok(d) if d <= max => Ok(d),
+        _ => Err(format!(
+            "a duration may be at most {} days",
+            max.as_secs() / 86400
+        )),
     }
 }
 
@@ -405,6 +421,16 @@ mod tests {
             assert!(parse_duration(huge).is_err(), "{huge}");
         }
         assert_eq!(parse_duration("720h"), Ok(MAX_DURATION));
+        assert_eq!(
+            parse_duration("14 days"),
+            Ok(Duration::from_secs(14 * 86400))
+        );
+        assert!(parse_duration("31 days").is_err());
+        assert_eq!(
+            parse_duration_within("365d", MAX_RETENTION),
+            Ok(Duration::from_secs(365 * 86400))
+        );
+        assert!(parse_duration_within("3651 days", MAX_RETENTION).is_err());
     }
 
     #[test]
