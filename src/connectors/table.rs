@@ -15,6 +15,7 @@ use datafusion::physical_plan::ExecutionPlan;
 
 use super::{Destination, ObjectSpec, WriteReport};
 use crate::sync::SyncRun;
+use crate::sync::changelog::ChangeLogExec;
 use crate::sync::exec::DiffExec;
 
 /// A destination object. As looked up by name it describes the object (and reads it, where the
@@ -171,11 +172,17 @@ impl TableProvider for DestinationTable {
             )));
         }
         let input: Arc<dyn ExecutionPlan> = match &self.sync {
-            Some(run) => match &run.spec.remote {
-                // The diff runs in the warehouse: the model is read there, not through `input`.
-                Some(remote) => remote.diff_exec(Arc::clone(run), input.schema()),
-                None => Arc::new(DiffExec::new(input, Arc::clone(run))),
-            },
+            Some(run) => {
+                let diff = match &run.spec.remote {
+                    // The diff runs in the warehouse: the model is read there, not through `input`.
+                    Some(remote) => remote.diff_exec(Arc::clone(run), input.schema()),
+                    None => Arc::new(DiffExec::new(input, Arc::clone(run))),
+                };
+                match run.spec.options.changes_retention {
+                    Some(_) => Arc::new(ChangeLogExec::new(diff, Arc::clone(run))),
+                    None => diff,
+                }
+            }
             None => input,
         };
         let sink = self.destination.sink(

@@ -147,6 +147,11 @@ impl Engine {
                 Arc::new(StateTable::new(state.clone(), kind)),
             )?;
         }
+        self.sluice_schema.deregister_table("changes")?;
+        self.sluice_schema.register_table(
+            "changes".to_string(),
+            Arc::new(crate::sync::changelog::ChangesTable::new(state.clone())),
+        )?;
         self.state = state;
         Ok(())
     }
@@ -519,6 +524,13 @@ impl Engine {
                         concurrency: run.spec.pacing.1,
                         refusal: run.refusal(),
                         clauses: crate::sync::exec::clause_fields(&run.spec.diff),
+                        change_log: run.spec.options.changes_retention.map(|kept| {
+                            format!(
+                                "each record sent is kept {} in sluice.changes ({})",
+                                crate::sync::changelog::shown_retention(kept),
+                                run.changes_location()
+                            )
+                        }),
                     })));
                 }
                 (

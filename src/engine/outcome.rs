@@ -99,6 +99,8 @@ pub struct DryRunReport {
     pub refusal: Option<String>,
     /// What each MERGE clause sends, when they differ (`insert=[…] update=[…]`).
     pub clauses: Option<String>,
+    /// Where a real run logs what it sends (`None`: `changes_retention '0'`).
+    pub change_log: Option<String>,
 }
 
 impl fmt::Display for DryRunReport {
@@ -143,6 +145,7 @@ impl fmt::Display for DryRunReport {
         for note in &self.plan.notes {
             write!(f, "\n  {note}")?;
         }
+
         match self.rate_limit {
             Some(rate) if rate > 0.0 => write!(
                 f,
@@ -157,6 +160,10 @@ impl fmt::Display for DryRunReport {
                 plural(requests),
                 self.concurrency.unwrap_or(1)
             ),
+        }?;
+        match &self.change_log {
+            Some(log) => write!(f, "\n  change log: {log}"),
+            None => write!(f, "\n  change log: off (changes_retention '0')"),
         }
     }
 }

@@ -8,8 +8,11 @@
 //! - [`run`]: one run of a sync: its changes, what the destination acknowledged, the commit.
 //! - [`state`]: snapshots, manifests, rejects, run records and locks in an object store.
 //! - [`tables`]: `sluice.runs` and `sluice.rejects`.
+//! - [`changelog`]: what each run sent per record and what the destination answered
+//!   (`sluice.changes`).
 //! - [`cleanup`]: what a dropped run still has to do before the process exits.
 
+pub mod changelog;
 pub mod cleanup;
 pub mod diff;
 pub mod exec;
@@ -81,6 +84,12 @@ pub const OPTIONS: &[OptionSpec] = &[
         "also commit a checkpoint after this many records are answered (unset: by time only)",
     ),
     OptionSpec::new(
+        "changes_retention",
+        "duration",
+        "14 days",
+        "how long sluice.changes keeps what each run sent and what the destination answered, per record ('30 days', '12h'); '0' keeps no log (and removes this sync's logs at its next run)",
+    ),
+    OptionSpec::new(
         "diff",
         "local | warehouse",
         "local",
@@ -102,7 +111,13 @@ pub struct SyncOptions {
     pub checkpoint_every: Option<std::time::Duration>,
     /// Checkpoints during a run: after this many more records are answered.
     pub checkpoint_records: Option<u64>,
+    /// How long the change log of each run is kept (`None`: no log).
+    pub changes_retention: Option<std::time::Duration>,
 }
+
+/// How long a run's change log is kept unless `changes_retention` says otherwise.
+pub const DEFAULT_CHANGES_RETENTION: std::time::Duration =
+    std::time::Duration::from_secs(14 * 24 * 3600);
 
 /// Checkpoints of a run's state unless `checkpoint_every` says otherwise.
 pub const DEFAULT_CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(30);
@@ -118,6 +133,7 @@ impl Default for SyncOptions {
             warehouse_diff: false,
             checkpoint_every: Some(DEFAULT_CHECKPOINT_EVERY),
             checkpoint_records: None,
+            changes_retention: Some(DEFAULT_CHANGES_RETENTION),
         }
     }
 }
@@ -179,6 +195,26 @@ impl SyncOptions {
                     });
                 }
                 n => n,
+            },
+            changes_retention: match options.string("changes_retention")? {
+                None => Some(DEFAULT_CHANGES_RETENTION),
+                Some(text) => {
+                    match crate::options::parse_duration_within(
+                        &text,
+                        crate::options::MAX_RETENTION,
+                    ) {
+                        Ok(d) if d.is_zero() => None,
+                        Ok(d) => Some(d),
+                        Err(e) => {
+                            return Err(crate::error::Error::Option {
+                                key: "changes_retention".into(),
+                                message: format!(
+                                    "option 'changes_retention' = '{text}' is not valid: {e}; write '14 days', '36h', or '0' for no change log"
+                                ),
+                            });
+                        }
+                    }
+                }
             },
         })
     }

@@ -5,12 +5,13 @@ use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use datafusion::arrow::array::{
-    Array, ArrayRef, AsArray, StringArray, UInt32Array, UInt64Array, make_array,
+    Array, ArrayRef, AsArray, RecordBatch, StringArray, UInt32Array, UInt64Array, make_array,
 };
 use datafusion::arrow::compute::{cast, concat, take};
 use datafusion::arrow::datatypes::UInt64Type;
 
 use super::SyncOptions;
+use super::changelog::{self, ChangeLogWriter};
 use super::diff::{Change, Changes, DiffCounts, DiffSpec};
 use super::hash::{HASH_VERSION, Key, RowHashes, UNSENT_HASH};
 use super::remote::{RemoteCommit, RemoteState, RemoteUpsert};
@@ -148,6 +149,18 @@ pub struct SyncRun {
     pub sample: Option<Sample>,
     state: StateStore,
     inner: Mutex<Inner>,
+    /// The change log, opened when the sink takes the first change batch.
+    log: Mutex<ChangeLog>,
+}
+
+/// A run's change log (see [`super::changelog`]).
+#[derive(Debug, Default)]
+enum ChangeLog {
+    #[default]
+    Closed,
+    Open(Box<ChangeLogWriter>),
+    /// It could not be written (said once); the run goes on.
+    Failed,
 }
 
 impl std::fmt::Debug for SyncRun {
@@ -191,6 +204,7 @@ impl SyncRun {
             sample: None,
             state,
             inner: Mutex::default(),
+            log: Mutex::default(),
         }
     }
 
@@ -243,6 +257,77 @@ impl SyncRun {
         match &self.spec.remote {
             Some(remote) => remote.location(),
             None => format!("{}/syncs/{}", self.state.display(), self.spec.id),
+        }
+    }
+
+    /// Where this sync's change logs are (for EXPLAIN).
+    pub fn changes_location(&self) -> String {
+        format!("{}/changes/{}/", self.state.display(), self.spec.id)
+    }
+
+    /// Logs a change batch the sink has just taken (see [`super::changelog`]). A log that cannot
+    /// be written is reported once and the run goes on: it records the delivery, it is not part
+    /// of it.
+    pub fn log_changes(&self, batch: &RecordBatch) {
+        if self.dry_run || self.spec.options.changes_retention.is_none() || batch.num_rows() == 0 {
+            return;
+        }
+        let mut log = self.log.lock().expect("change log lock");
+        let written = match &mut *log {
+            ChangeLog::Failed => return,
+            ChangeLog::Open(writer) => writer.append(batch),
+            ChangeLog::Closed => {
+                ChangeLogWriter::create(&self.state, &self.spec, &self.run_id, batch.schema_ref())
+                    .and_then(|mut writer| {
+                        writer.append(batch)?;
+                        Ok(writer)
+                    })
+                    .map(|writer| *log = ChangeLog::Open(Box::new(writer)))
+            }
+        };
+        if let Err(e) = written {
+            tracing::warn!(
+                sync = %self.spec.label(),
+                error = %e,
+                "This run's change log (sluice.changes) could not be written; the sync goes on without it."
+            );
+            *log = ChangeLog::Failed;
+        }
+    }
+
+    /// Ends the change log: its file, then what the destination answered per record, then the
+    /// logs the retention no longer keeps. Failures are reported, never the run's.
+    async fn end_change_log(&self, log: Option<(ChangeLogWriter, Option<RecordBatch>)>) {
+        let label = self.spec.label();
+        if let Some((writer, outcomes)) = log {
+            let written = match writer.finish(&self.state).await {
+                Ok(_) => match outcomes {
+                    Some(o) => {
+                        changelog::put_outcomes(&self.state, &self.spec.id, &self.run_id, &o).await
+                    }
+                    None => Ok(()),
+                },
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
+                tracing::warn!(sync = %label, error = %e, "This run's change log (sluice.changes) could not be completed.");
+            }
+        }
+        if self.dry_run {
+            return;
+        }
+        match changelog::expire(
+            &self.state,
+            &self.spec.id,
+            self.spec.options.changes_retention,
+        )
+        .await
+        {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(sync = %label, files = n, "Expired change logs removed."),
+            Err(e) => {
+                tracing::warn!(sync = %label, error = %e, "Expired change logs could not be removed.")
+            }
         }
     }
 
@@ -597,7 +682,11 @@ impl SyncRun {
         };
         let mut committed = false;
         let checkpoint = self.inner().checkpoint.take();
-        let (mut record, counts, manifest, snapshot, commit, rejected, intents) = {
+        let log = match std::mem::take(&mut *self.log.lock().expect("change log lock")) {
+            ChangeLog::Open(writer) => Some(*writer),
+            _ => None,
+        };
+        let (mut record, counts, manifest, snapshot, commit, rejected, intents, log) = {
             let mut inner = self.inner();
             let mut rejected = rejected;
             rejected.extend(std::mem::take(&mut inner.key_rejects));
@@ -618,6 +707,14 @@ impl SyncRun {
                 }
             }
             record.rejected = rejected.len() as u64;
+            let log = log.map(|writer| {
+                let ids = snapshot.as_ref().and_then(|s| s.record_ids.as_ref());
+                let outcomes = changelog::outcomes(&changes, &acked, &rejected, ids);
+                if let Err(e) = &outcomes {
+                    tracing::warn!(error = %e, "This run's outcomes could not be logged.");
+                }
+                (writer, outcomes.ok())
+            });
             if let Some(d) = delivery {
                 record.requests = d.requests;
                 record.retries = d.retries;
@@ -643,8 +740,12 @@ impl SyncRun {
                 commit,
                 rejected,
                 intents,
+                log,
             )
         };
+        // What was sent and answered is logged before the commit: it holds whether or not the
+        // commit then succeeds.
+        self.end_change_log(log).await;
         record.finished_at = Some(now());
         record.duration_ms = chrono::DateTime::parse_from_rfc3339(&record.started_at)
             .map(|t| {

@@ -7,6 +7,8 @@
 //! <state>/syncs/<sync>/rejects-<run>.jsonl    records the destination refused, until they succeed
 //! <state>/syncs/<sync>/lock                   held while a run of the sync is in progress
 //! <state>/runs/<sync>/<started>-<run>.json    one record per run
+//! <state>/changes/<sync>/<run>.arrow          what the run sent, per record (`sluice.changes`)
+//! <state>/changes/<sync>/<run>.outcomes.arrow what the destination answered, per record
 //! ```
 //!
 //! Commit = write the new snapshot and rejects under new names, then replace the manifest in one
@@ -308,7 +310,7 @@ impl StateStore {
         &self.display
     }
 
-    fn path(&self, parts: &[&str]) -> Path {
+    pub(super) fn path(&self, parts: &[&str]) -> Path {
         let mut p = self.root.clone();
         for part in parts {
             p = p.join(*part);
@@ -316,7 +318,7 @@ impl StateStore {
         p
     }
 
-    fn shown(&self, path: &Path) -> String {
+    pub(super) fn shown(&self, path: &Path) -> String {
         let relative = path
             .as_ref()
             .strip_prefix(self.root.as_ref())
@@ -325,14 +327,14 @@ impl StateStore {
         format!("{}/{relative}", self.display.trim_end_matches('/'))
     }
 
-    fn io(&self, path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
+    pub(super) fn io(&self, path: &Path, what: &str, e: impl std::fmt::Display) -> Error {
         Error::State {
             message: format!("cannot {what} {}: {e}", self.shown(path)),
         }
     }
 
     /// An object's bytes; `None` if it does not exist.
-    async fn read(&self, path: &Path) -> Result<Option<Bytes>> {
+    pub(super) async fn read(&self, path: &Path) -> Result<Option<Bytes>> {
         if let Some(local) = &self.local {
             return self.map_local(local, path).await;
         }
@@ -370,7 +372,7 @@ impl StateStore {
         mapped.map_err(|e| self.io(path, "read", e))
     }
 
-    async fn write(&self, path: &Path, bytes: impl Into<PutPayload>) -> Result<()> {
+    pub(super) async fn write(&self, path: &Path, bytes: impl Into<PutPayload>) -> Result<()> {
         if let Some(local) = &self.local {
             let file = local
                 .path_to_filesystem(path)
@@ -388,8 +390,34 @@ impl StateStore {
         Ok(())
     }
 
+    /// The object store itself (for the change log's uploads and deletes).
+    pub(super) fn store(&self) -> &Arc<dyn ObjectStore> {
+        &self.store
+    }
+
+    /// Where `path` is on the local file system, if the state is local.
+    pub(super) fn local_file(&self, path: &Path) -> Option<std::path::PathBuf> {
+        self.local.as_ref()?.path_to_filesystem(path).ok()
+    }
+
+    /// Writes one batch as a sealed Arrow file.
+    pub(super) async fn put_arrow(&self, path: &Path, batch: &RecordBatch) -> Result<()> {
+        self.write(path, ipc_file(batch)?).await
+    }
+
+    /// A sealed Arrow file's batches; `None` if it does not exist.
+    pub(super) async fn get_arrow(&self, path: &Path) -> Result<Option<Vec<RecordBatch>>> {
+        let Some(bytes) = self.read(path).await? else {
+            return Ok(None);
+        };
+        let batches = unseal(bytes, true)
+            .and_then(|body| read_ipc(body).map_err(|e| e.to_string()))
+            .map_err(|e| self.io(path, "read", e))?;
+        Ok(Some(batches.1))
+    }
+
     /// Every object under `prefix`.
-    async fn list(&self, prefix: &Path) -> Result<Vec<object_store::ObjectMeta>> {
+    pub(super) async fn list(&self, prefix: &Path) -> Result<Vec<object_store::ObjectMeta>> {
         self.store
             .list(Some(prefix))
             .try_collect()

@@ -152,6 +152,32 @@ async fn partial_failures_are_rejects_kept_and_retried_when_fixed() {
     assert_eq!(fake.records("contacts").len(), 150);
     let left = query(&engine, "SELECT count(*) AS n FROM sluice.rejects WHERE run_id = (SELECT max(run_id) FROM sluice.runs)").await;
     assert!(left.contains("| 0 "), "{left}");
+
+    // sluice.changes: every record each run sent, with HubSpot's answer and its record id.
+    let log = query(
+        &engine,
+        "SELECT outcome, error_code, count(*) AS n, count(record_id) AS ids FROM sluice.changes
+         GROUP BY outcome, error_code ORDER BY outcome, error_code",
+    )
+    .await;
+    let rows: String = log.chars().filter(|c| *c != ' ').collect();
+    assert!(
+        rows.contains("|accepted||150|150|")
+            && rows.contains("|rejected|INVALID_EMAIL|1|0|")
+            && rows.contains("|rejected|INVALID_OPTION|1|0|"),
+        "{log}"
+    );
+    let (id, _) = fake
+        .records("contacts")
+        .into_iter()
+        .find(|(_, p)| p["email"] == json!("user5@example.com"))
+        .unwrap();
+    let logged = query(
+        &engine,
+        "SELECT record_id FROM sluice.changes WHERE key = 'user5@example.com'",
+    )
+    .await;
+    assert!(logged.contains(&format!("| {id} ")), "{id}: {logged}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@
 //! (set by `.ci/run`), where they fail.
 
 use super::fakes::webhook::{FakeWebhook, Script};
-use super::support::query;
+use super::support::{query, write};
 
 const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
@@ -1863,5 +1863,77 @@ async fn statements_and_pool_waits_end_at_their_timeouts() {
     assert!(
         waited < std::time::Duration::from_millis(1_000),
         "{waited:?}"
+    );
+}
+
+/// Issue 19: the change log covers a streaming first run into Postgres and a warehouse diff, and
+/// copies into a warehouse table with plain SQL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_change_log_covers_both_diffs_and_copies_into_a_table() {
+    let Some(pg) = PgSchema::new("sluice_changes").await else {
+        return;
+    };
+    pg.sql(
+        "CREATE TABLE $S.src (id bigint PRIMARY KEY, email text);
+         INSERT INTO $S.src SELECT i, 'u' || i || '@x.io' FROM generate_series(1, 1000) AS i;
+         CREATE TABLE $S.dst (id bigint PRIMARY KEY, email text);
+         CREATE TABLE $S.dst_wh (LIKE $S.dst INCLUDING ALL);
+         CREATE TABLE $S.audit (sync text, run_id text, target text, key text, operation text,
+           fields text, record_id text, outcome text, error_code text, error_message text,
+           sent_at timestamptz);",
+    )
+    .await;
+    let engine = engine(&pg).await;
+    let suffix = &pg.name[pg.name.len() - 8..];
+    let (local, remote) = (format!("local_{suffix}"), format!("remote_{suffix}"));
+    engine
+        .run_sql(&format!(
+            "CREATE SYNC {local} AS INSERT INTO wh.dst SELECT id, email FROM wh.src;
+             CREATE SYNC {remote} OPTIONS (diff 'warehouse') AS INSERT INTO wh.dst_wh SELECT id, email FROM wh.src;"
+        ))
+        .await
+        .unwrap();
+    let run = async || {
+        engine
+            .run_sql(&format!("RUN SYNC {local}; RUN SYNC {remote}"))
+            .await
+            .unwrap();
+    };
+    run().await;
+    pg.sql("UPDATE $S.src SET email = 'changed' WHERE id <= 10")
+        .await;
+    run().await;
+    let text = query(
+        &engine,
+        "SELECT sync, operation, outcome, count(*) AS n FROM sluice.changes
+         GROUP BY sync, operation, outcome ORDER BY sync, operation",
+    )
+    .await;
+    let rows: String = text.chars().filter(|c| *c != ' ').collect();
+    for sync in [&local, &remote] {
+        assert!(
+            rows.contains(&format!("|{sync}|insert|accepted|1000|"))
+                && rows.contains(&format!("|{sync}|update|accepted|10|")),
+            "{text}"
+        );
+    }
+    // Copied into the warehouse with plain SQL.
+    let copied = write(
+        &engine,
+        &format!(
+            "INSERT INTO wh.audit SELECT * FROM sluice.changes WHERE sync IN ('{local}', '{remote}')"
+        ),
+    )
+    .await;
+    assert_eq!(copied.rows_written, 2020);
+    assert_eq!(
+        pg.rows("SELECT operation, count(*) FROM $S.audit GROUP BY 1 ORDER BY 1")
+            .await,
+        ["insert|2000", "update|20"]
+    );
+    assert_eq!(
+        pg.rows("SELECT DISTINCT fields FROM $S.audit WHERE key = '3' AND operation = 'update'")
+            .await,
+        [r#"{"id":3,"email":"changed"}"#]
     );
 }

@@ -1,6 +1,7 @@
 //! The sqllogictest harness: runs every `tests/slt/*.slt` file against a fresh engine.
 //!
-//! `__TMP__` in a statement is replaced by a scratch directory of the file's own, and statements
+//! `__TMP__` in a statement is replaced by a scratch directory of the file's own (and that
+//! directory by `__TMP__` in a dry run's report), and statements
 //! run with the repository root as the working directory (so `sql_examples/data/...` resolves).
 
 use std::path::PathBuf;
@@ -170,6 +171,7 @@ impl sqllogictest::AsyncDB for SluiceDb {
                 types: vec![DefaultColumnType::Text],
                 rows: report
                     .to_string()
+                    .replace(&self.tmp.path().display().to_string(), "__TMP__")
                     .lines()
                     .map(|l| vec![l.trim().to_string()])
                     .collect(),

@@ -399,8 +399,11 @@ async fn handle(
     {
         let mut s = shared.script.lock().unwrap();
         for (i, record) in envelope.records.iter().enumerate() {
-            if let Some(field) = &s.reject_invalid {
-                let value = record.get(field).and_then(|v| v.as_str()).unwrap_or("");
+            // (A value given is checked: a delete, or an update that leaves it, carries none.)
+            if let Some(field) = &s.reject_invalid
+                && let Some(value) = record.get(field)
+            {
+                let value = value.as_str().unwrap_or("");
                 if !value.contains('@') {
                     errors.push(serde_json::json!({"index": i, "code": "invalid_email",
                         "message": format!("'{value}' is not an email address")}));
