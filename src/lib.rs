@@ -14,6 +14,9 @@ pub mod error;
 pub mod object_stores;
 pub mod options;
 pub mod parser;
+pub mod project;
+pub mod schedule;
+pub mod serve;
 pub mod sql_text;
 pub mod sync;
 

@@ -58,12 +58,12 @@ pub struct CreateConnection {
     pub options: Vec<(String, OptionValue)>,
 }
 
-/// When a named sync should run (stored and shown; a scheduler fires it later).
+/// When a named sync should run (`sluice serve` runs it; see [`crate::schedule`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Schedule {
     /// `SCHEDULE EVERY '15 minutes'`
     Every(String),
-    /// `SCHEDULE CRON '0 * * * *'` (UTC)
+    /// `SCHEDULE CRON '0 * * * *'` (UTC; 5 fields, or 6 with seconds first)
     Cron(String),
 }
 
@@ -406,10 +406,10 @@ impl SluiceParser<'_> {
                     Schedule::Every(value)
                 }
                 Token::Word(w) if w.value.eq_ignore_ascii_case("CRON") => {
-                    if value.split_whitespace().count() != 5 {
+                    if !(5..=6).contains(&value.split_whitespace().count()) {
                         return Err(located(
                             format!(
-                                "SCHEDULE CRON '{value}' needs 5 fields (minute hour day month weekday), e.g. CRON '0 * * * *'"
+                                "SCHEDULE CRON '{value}' needs 5 fields (minute hour day month weekday), or 6 with seconds first, e.g. CRON '0 * * * *'"
                             ),
                             kind.span.start,
                         ));

@@ -1,7 +1,7 @@
 //! Running statements from files, `-c` and the REPL, and reporting errors at `file:line:col`.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use rustyline::error::ReadlineError;
@@ -16,7 +16,8 @@ use super::print_format::Output;
 use super::print_format::PrintOptions;
 use crate::engine::{Engine, Mode, Outcome};
 use crate::error::{Error, Result};
-use crate::parser::{ParsedStatement, locate_token, parse_sql_recovering};
+use crate::parser::{ParsedStatement, parse_sql_recovering};
+use crate::project::error_position;
 
 /// Runs one statement, cancelled by Ctrl-C.
 async fn execute_cancellable(
@@ -28,27 +29,6 @@ async fn execute_cancellable(
         result = engine.execute(statement, mode) => result,
         _ = tokio::signal::ctrl_c() => Err(Error::Cancelled),
     }
-}
-
-/// Where an error points: the location the error carries, else its token inside the statement,
-/// else the statement's start.
-pub fn error_position(statement: Option<&ParsedStatement>, error: &Error) -> (u64, u64) {
-    if let Some(at) = error.location() {
-        return at;
-    }
-    let Some(statement) = statement else {
-        return (1, 1);
-    };
-    if let Some(token) = error.token()
-        && let Some((line, column)) = locate_token(&statement.text, &token)
-    {
-        return if line == 1 {
-            (statement.line, statement.column + column - 1)
-        } else {
-            (statement.line + line - 1, column)
-        };
-    }
-    (statement.line, statement.column)
 }
 
 /// Reports an error at `file:line:col` on stderr, and with `--output json` as a JSON line
@@ -141,40 +121,6 @@ async fn run_statements(
 }
 
 /// Expands directories into their `*.sql` files in name order.
-fn expand(paths: &[PathBuf]) -> std::result::Result<Vec<PathBuf>, String> {
-    let mut files = vec![];
-    for path in paths {
-        if path.is_dir() {
-            let mut in_dir: Vec<PathBuf> = std::fs::read_dir(path)
-                .map_err(|e| format!("{}: cannot read directory: {e}", path.display()))?
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.is_file() && p.extension().is_some_and(|x| x == "sql"))
-                .collect();
-            in_dir.sort();
-            if in_dir.is_empty() {
-                return Err(format!(
-                    "{}: no .sql files in this directory",
-                    path.display()
-                ));
-            }
-            files.extend(in_dir);
-        } else if path.is_file() {
-            files.push(path.clone());
-        } else {
-            return Err(format!(
-                "{}: no such file or directory; pass a .sql file or a directory of them",
-                path.display()
-            ));
-        }
-    }
-    Ok(files)
-}
-
-fn read(path: &Path) -> std::result::Result<String, String> {
-    std::fs::read_to_string(path).map_err(|e| format!("{}: cannot read: {e}", path.display()))
-}
-
 /// `sluice run`: parses every file first (a syntax error anywhere runs nothing), then runs them
 /// in order and stops at the first error.
 pub async fn run_paths(
@@ -183,7 +129,7 @@ pub async fn run_paths(
     print: &PrintOptions,
     mode: Mode,
 ) -> Status {
-    let files = match expand(paths) {
+    let files = match crate::project::sql_files(paths) {
         Ok(files) => files,
         Err(e) => {
             eprintln!("{e}");
@@ -193,7 +139,7 @@ pub async fn run_paths(
     let mut parsed = vec![];
     let mut failed = false;
     for file in &files {
-        let sql = match read(file) {
+        let sql = match crate::project::read_sql(file) {
             Ok(sql) => sql,
             Err(e) => {
                 eprintln!("{e}");
@@ -225,7 +171,7 @@ pub async fn run_paths(
 
 /// `sluice check`: parses and plans every statement, reporting every problem.
 pub async fn check_paths(engine: &Engine, paths: &[PathBuf], output: Output) -> Status {
-    let files = match expand(paths) {
+    let files = match crate::project::sql_files(paths) {
         Ok(files) => files,
         Err(e) => {
             eprintln!("{e}");
@@ -236,7 +182,7 @@ pub async fn check_paths(engine: &Engine, paths: &[PathBuf], output: Output) -> 
     let mut checked = 0;
     for file in &files {
         let source = file.display().to_string();
-        let sql = match read(file) {
+        let sql = match crate::project::read_sql(file) {
             Ok(sql) => sql,
             Err(e) => {
                 eprintln!("{e}");

@@ -65,6 +65,26 @@ pub enum Command {
         #[arg(long, value_name = "N", conflicts_with = "dry_run", value_parser = clap::value_parser!(u64).range(1..))]
         sample: Option<u64>,
     },
+    /// Run the project's named syncs on their SCHEDULE, with an HTTP API to run them now and
+    /// read their runs (loads connections, tables, views and syncs; skips writes and queries).
+    /// Stops on SIGTERM or Ctrl-C, letting running syncs finish within --shutdown-grace.
+    Serve {
+        #[arg(required = true, value_name = "PATH")]
+        paths: Vec<PathBuf>,
+        /// Address of the HTTP API (port 0: any free port, printed at start).
+        #[arg(long, default_value = "127.0.0.1:8686")]
+        listen: std::net::SocketAddr,
+        /// Syncs running at once, at most (default: the number of cores).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        max_concurrent_syncs: Option<u64>,
+        /// A file holding the bearer token that POST /api/… calls need (or SLUICE_API_TOKEN).
+        /// Without one, the API is read-only and listens on loopback only.
+        #[arg(long, value_name = "FILE")]
+        api_token_file: Option<PathBuf>,
+        /// How long running syncs may take to finish once asked to stop.
+        #[arg(long, value_name = "DURATION", default_value = "30s")]
+        shutdown_grace: String,
+    },
     /// Parse and plan every statement without executing any query or write; report every
     /// problem as file:line:col: message.
     Check {
@@ -172,7 +192,11 @@ async fn run(args: Args) -> Status {
     };
     let state = args.state.clone().unwrap_or_else(|| {
         let paths = match &args.command {
-            Some(Command::Run { paths, .. } | Command::Check { paths }) => paths.as_slice(),
+            Some(
+                Command::Run { paths, .. }
+                | Command::Check { paths }
+                | Command::Serve { paths, .. },
+            ) => paths.as_slice(),
             _ => &[],
         };
         let dir = match paths.first() {
@@ -230,6 +254,33 @@ async fn run(args: Args) -> Status {
             status,
             exec::check_paths(&engine, &paths, args.output).await,
         ),
+        Some(Command::Serve {
+            paths,
+            listen,
+            max_concurrent_syncs,
+            api_token_file,
+            shutdown_grace,
+        }) => {
+            let config = match serve_config(
+                listen,
+                max_concurrent_syncs,
+                api_token_file,
+                &shutdown_grace,
+            ) {
+                Ok(config) => config,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return Status::Error;
+                }
+            };
+            match crate::serve::serve(engine, &paths, config).await {
+                Ok(()) => status,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    Status::Error
+                }
+            }
+        }
         None if args.commands.is_empty() => match exec::repl(&engine, &mut print).await {
             Ok(()) => Status::Ok,
             Err(e) => {
@@ -241,6 +292,33 @@ async fn run(args: Args) -> Status {
             status
         }
     }
+}
+
+/// `sluice serve`'s settings from its arguments and the environment.
+fn serve_config(
+    listen: std::net::SocketAddr,
+    max_concurrent_syncs: Option<u64>,
+    api_token_file: Option<PathBuf>,
+    shutdown_grace: &str,
+) -> std::result::Result<crate::serve::ServeConfig, String> {
+    let api_token = match api_token_file {
+        Some(file) => Some(
+            std::fs::read_to_string(&file)
+                .map_err(|e| format!("--api-token-file {}: cannot read: {e}", file.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => std::env::var("SLUICE_API_TOKEN").ok(),
+    }
+    .filter(|t| !t.is_empty());
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    Ok(crate::serve::ServeConfig {
+        listen,
+        max_concurrent_syncs: max_concurrent_syncs.map_or(cores, |n| n as usize),
+        api_token,
+        shutdown_grace: crate::options::parse_duration(shutdown_grace)
+            .map_err(|e| format!("--shutdown-grace '{shutdown_grace}': {e}"))?,
+    })
 }
 
 fn worst(a: Status, b: Status) -> Status {

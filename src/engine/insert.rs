@@ -268,7 +268,8 @@ impl Engine {
                     self.state.clone(),
                     sync.dry_run,
                 )
-                .with_sample(sync.sample.clone()),
+                .with_sample(sync.sample.clone())
+                .with_run_id(sync.run_id.clone()),
             ))
         } else {
             if write.statement != "insert" {

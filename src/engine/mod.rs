@@ -211,19 +211,7 @@ impl Engine {
             }
             Statement::CreateSync(create) => self.create_sync(create).await,
             Statement::RunSync { name, sample } => {
-                let def = self.sync_def(name)?;
-                let context = SyncContext {
-                    name: Some(name.clone()),
-                    options: def.options.clone(),
-                    dry_run: mode == Mode::DryRun,
-                    sample: sample.clone().or_else(|| self.sample.clone()),
-                };
-                if mode == Mode::Check {
-                    self.plan_sync_body(name, &def.body, &context).await?;
-                    return Ok(Outcome::Checked);
-                }
-                let planned = self.plan_sync_body(name, &def.body, &context).await?;
-                self.execute_planned(planned, mode).await
+                self.run_sync(name, sample.clone(), None, mode).await
             }
             Statement::ExplainSync { name } => {
                 let def = self.sync_def(name)?;
@@ -232,6 +220,7 @@ impl Engine {
                     options: def.options.clone(),
                     dry_run: true,
                     sample: None,
+                    run_id: None,
                 };
                 let planned = self.plan_sync_body(name, &def.body, &context).await?;
                 if mode == Mode::Check {
@@ -257,6 +246,52 @@ impl Engine {
                 self.execute_planned(planned, mode).await
             }
         }
+    }
+
+    /// `RUN SYNC name`, as run `run_id` when given.
+    pub async fn run_sync(
+        &self,
+        name: &str,
+        sample: Option<crate::contract::Sample>,
+        run_id: Option<String>,
+        mode: Mode,
+    ) -> Result<Outcome> {
+        let def = self.sync_def(name)?;
+        let context = SyncContext {
+            name: Some(name.to_string()),
+            options: def.options.clone(),
+            dry_run: mode == Mode::DryRun,
+            sample: sample.or_else(|| self.sample.clone()),
+            run_id,
+        };
+        let planned = self.plan_sync_body(name, &def.body, &context).await?;
+        if mode == Mode::Check {
+            return Ok(Outcome::Checked);
+        }
+        self.execute_planned(planned, mode).await
+    }
+
+    /// When the named sync's last recorded run started, if it ever ran.
+    pub async fn last_run_started(
+        &self,
+        name: &str,
+    ) -> Result<Option<chrono::DateTime<chrono::Utc>>> {
+        Ok(self
+            .state
+            .last_run(name)
+            .await?
+            .and_then(|r| chrono::DateTime::parse_from_rfc3339(&r.started_at).ok())
+            .map(|t| t.with_timezone(&chrono::Utc)))
+    }
+
+    /// The session's named syncs and their schedules, by name.
+    pub fn schedules(&self) -> Vec<(String, Option<crate::parser::Schedule>)> {
+        self.syncs
+            .lock()
+            .expect("syncs lock")
+            .iter()
+            .map(|(name, def)| (name.clone(), def.schedule.clone()))
+            .collect()
     }
 
     async fn create_connection(&self, create: &CreateConnection, mode: Mode) -> Result<Outcome> {

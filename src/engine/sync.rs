@@ -29,6 +29,8 @@ pub struct SyncContext {
     pub dry_run: bool,
     /// A sample run: only these records are sent (`RUN SYNC … SAMPLE`).
     pub sample: Option<crate::contract::Sample>,
+    /// The run's id, when its caller chose it (`sluice serve` answers it before the run ends).
+    pub run_id: Option<String>,
 }
 
 /// A named sync, as defined in this session.
@@ -478,6 +480,11 @@ impl Engine {
         let name = &create.name;
         let options = Options::new("sync", crate::sync::OPTIONS, create.options.clone())?;
         let parsed = SyncOptions::from_options(&options)?;
+        if let Some(schedule) = &create.schedule
+            && let Err(e) = crate::schedule::Timing::of(schedule)
+        {
+            return Err(Error::plan(e, "SCHEDULE"));
+        }
         if self.syncs.lock().expect("syncs").contains_key(name) {
             if create.if_not_exists {
                 return Ok(Outcome::Done(format!(
@@ -499,6 +506,7 @@ impl Engine {
             options: parsed.clone(),
             dry_run: true,
             sample: None,
+            run_id: None,
         };
         let planned = self.plan_sync_body(name, &create.body, &context).await?;
         let target = planned
@@ -655,6 +663,7 @@ mod tests {
             options: SyncOptions::default(),
             dry_run: false,
             sample: None,
+            run_id: None,
         };
         let planned = engine.plan(statement, &context).await?;
         Ok(planned.sync.expect("a sync").spec.diff.clone())

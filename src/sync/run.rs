@@ -208,6 +208,14 @@ impl SyncRun {
         }
     }
 
+    /// The run's id chosen by its caller, when it did (else a new one).
+    pub fn with_run_id(mut self, run_id: Option<String>) -> Self {
+        if let Some(id) = run_id {
+            self.run_id = id;
+        }
+        self
+    }
+
     /// A sample run of `sample` (see [`Sample`]).
     pub fn with_sample(mut self, sample: Option<Sample>) -> Self {
         self.sample = sample;
@@ -1226,7 +1234,8 @@ fn remote_commit<'a>(
     commit
 }
 
-fn new_run_id() -> String {
+/// A new run id: 16 hex digits.
+pub fn new_run_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()[..16].to_string()
 }
 

@@ -10,6 +10,7 @@ mod hubspot;
 mod postgres;
 mod repl;
 mod salesforce;
+mod serve;
 mod slt;
 mod sources;
 mod sql_examples;
