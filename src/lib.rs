@@ -15,6 +15,7 @@ pub mod object_stores;
 pub mod options;
 pub mod parser;
 pub mod project;
+pub mod scan;
 pub mod schedule;
 pub mod serve;
 pub mod sql_text;

@@ -15,8 +15,7 @@ use datafusion::physical_plan::ExecutionPlan;
 
 use super::{Destination, ObjectSpec, WriteReport};
 use crate::sync::SyncRun;
-use crate::sync::changelog::ChangeLogExec;
-use crate::sync::exec::DiffExec;
+use crate::sync::exec::{ChangeLogExec, DiffExec};
 
 /// A destination object. As looked up by name it describes the object (and reads it, where the
 /// destination can be read); [`DestinationTable::mapped`] gives the write-side table the engine

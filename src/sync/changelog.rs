@@ -1,7 +1,7 @@
 //! The change log: per record a run sent, what it sent and what the destination answered,
 //! queryable as `sluice.changes`.
 //!
-//! - While a run delivers, [`ChangeLogExec`] (between the diff and the sink) appends each change
+//! - While a run delivers, `ChangeLogExec` (between the diff and the sink, in [`super::exec`]) appends each change
 //!   batch as the sink takes it to `changes/<sync>/<run>.arrow` in the state store: an Arrow IPC
 //!   stream of the batches as the diff emitted them (the mapped fields, `__op`, `__changed`,
 //!   `__change`) and when the sink took them. Nothing is rendered while the run delivers: the
@@ -32,28 +32,20 @@ use datafusion::arrow::ipc::writer::StreamWriter;
 use datafusion::arrow::util::display::{ArrayFormatter, FormatOptions};
 use datafusion::catalog::{Session, TableProvider};
 use datafusion::common::DFSchema;
-use datafusion::common::tree_node::TreeNodeRecursion;
 use datafusion::datasource::TableType;
 use datafusion::error::{DataFusionError, Result};
 use datafusion::execution::TaskContext;
 use datafusion::logical_expr::{Expr, TableProviderFilterPushDown};
 use datafusion::physical_expr::PhysicalExpr;
-use datafusion::physical_plan::metrics::{ExecutionPlanMetricsSet, MetricsSet};
-use datafusion::physical_plan::stream::RecordBatchStreamAdapter;
-use datafusion::physical_plan::{
-    ChildrenPropertiesMode, DisplayAs, DisplayFormatType, Distribution, ExecutionPlan,
-    PlanProperties, ReplaceChildrenOptions, SendableRecordBatchStream,
-};
-use futures::TryStreamExt;
+use datafusion::physical_plan::ExecutionPlan;
 use object_store::ObjectStoreExt;
 use object_store::path::Path;
 
 use super::diff::Changes;
-use super::run::{SyncRun, SyncSpec};
 use super::state::StateStore;
-use crate::connectors::paged::{PagedScanExec, Pages};
 use crate::contract::{Ack, CHANGE_COLUMNS, ChangeBatch, Op, Rejected};
 use crate::delivery::encode::encode_changes;
+use crate::scan::{PagedScanExec, Pages};
 
 /// The column a logged batch carries after the change columns: when the sink took it.
 const SENT_AT: &str = "__sent_at";
@@ -119,16 +111,29 @@ fn outcomes_path(state: &StateStore, sync: &str, run_id: &str) -> Path {
     state.path(&["changes", sync, &format!("{run_id}.outcomes.arrow")])
 }
 
+/// What a log says of its sync.
+#[derive(Debug, Clone, Copy)]
+pub struct LogSpec<'a> {
+    /// The sync's state id (its folder).
+    pub sync: &'a str,
+    /// The sync's name as tables show it.
+    pub label: &'a str,
+    pub target: &'a str,
+    pub key: Option<&'a str>,
+    /// `null_policy 'skip'`: null fields were not sent.
+    pub skip_nulls: bool,
+}
+
 impl ChangeLogWriter {
     /// Opens run `run_id`'s log for change batches of schema `changes`.
     pub fn create(
         state: &StateStore,
-        spec: &SyncSpec,
+        spec: LogSpec<'_>,
         run_id: &str,
         changes: &SchemaRef,
     ) -> crate::error::Result<Self> {
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
-        let path = log_path(state, &spec.id, run_id);
+        let path = log_path(state, spec.sync, run_id);
         let (file, upload) = match state.local_file(&path) {
             Some(file) => (file, false),
             None => (
@@ -158,14 +163,11 @@ impl ChangeLogWriter {
             .collect();
         fields.push(Field::new(SENT_AT, utc_micros(), false));
         let mut metadata = HashMap::from([
-            (META_SYNC.to_string(), spec.label().to_string()),
-            (META_TARGET.to_string(), spec.target.clone()),
-            (
-                META_SKIP_NULLS.to_string(),
-                (spec.options.null_policy == super::NullPolicy::Skip).to_string(),
-            ),
+            (META_SYNC.to_string(), spec.label.to_string()),
+            (META_TARGET.to_string(), spec.target.to_string()),
+            (META_SKIP_NULLS.to_string(), spec.skip_nulls.to_string()),
         ]);
-        if let Some(key) = spec.key_name() {
+        if let Some(key) = spec.key {
             metadata.insert(META_KEY.to_string(), key.to_string());
         }
         let schema = Arc::new(Schema::new_with_metadata(fields, metadata));
@@ -371,117 +373,6 @@ pub fn shown_retention(d: std::time::Duration) -> String {
         _ if s >= 3600 && s.is_multiple_of(3600) => format!("{}h", s / 3600),
         _ if s >= 60 && s.is_multiple_of(60) => format!("{}m", s / 60),
         _ => format!("{s}s"),
-    }
-}
-
-/// Passes a sync's change batches to its sink and logs each as the sink takes it (see the module
-/// documentation). A dry run logs nothing.
-#[derive(Debug)]
-pub struct ChangeLogExec {
-    input: Arc<dyn ExecutionPlan>,
-    run: Arc<SyncRun>,
-    metrics: ExecutionPlanMetricsSet,
-}
-
-impl ChangeLogExec {
-    pub fn new(input: Arc<dyn ExecutionPlan>, run: Arc<SyncRun>) -> Self {
-        Self {
-            input,
-            run,
-            metrics: ExecutionPlanMetricsSet::new(),
-        }
-    }
-}
-
-impl DisplayAs for ChangeLogExec {
-    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kept = self
-            .run
-            .spec
-            .options
-            .changes_retention
-            .map(shown_retention)
-            .unwrap_or_default();
-        write!(
-            f,
-            "ChangeLogExec: each record sent, to {} (sluice.changes), kept {kept}",
-            self.run.changes_location()
-        )
-    }
-}
-
-impl ExecutionPlan for ChangeLogExec {
-    fn name(&self) -> &'static str {
-        "ChangeLogExec"
-    }
-
-    fn properties(&self) -> &Arc<PlanProperties> {
-        self.input.properties()
-    }
-
-    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
-        vec![&self.input]
-    }
-
-    fn maintains_input_order(&self) -> Vec<bool> {
-        vec![true]
-    }
-
-    /// The diff's one partition, as it is: a repartition here would reorder what the sink
-    /// receives and delay its errors.
-    fn required_input_distribution(&self) -> Vec<Distribution> {
-        vec![Distribution::SinglePartition]
-    }
-
-    fn benefits_from_input_partitioning(&self) -> Vec<bool> {
-        vec![false]
-    }
-
-    fn apply_expressions(
-        &self,
-        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
-    ) -> Result<TreeNodeRecursion> {
-        Ok(TreeNodeRecursion::Continue)
-    }
-
-    fn replace_children(
-        self: Arc<Self>,
-        mut children: Vec<Arc<dyn ExecutionPlan>>,
-        _options: ReplaceChildrenOptions,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        Ok(Arc::new(ChangeLogExec::new(
-            children.swap_remove(0),
-            Arc::clone(&self.run),
-        )))
-    }
-
-    #[allow(deprecated)]
-    fn with_new_children(
-        self: Arc<Self>,
-        children: Vec<Arc<dyn ExecutionPlan>>,
-    ) -> Result<Arc<dyn ExecutionPlan>> {
-        self.replace_children(
-            children,
-            ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
-        )
-    }
-
-    fn metrics(&self) -> Option<MetricsSet> {
-        Some(self.metrics.clone_inner())
-    }
-
-    fn execute(
-        &self,
-        partition: usize,
-        context: Arc<TaskContext>,
-    ) -> Result<SendableRecordBatchStream> {
-        let input = self.input.execute(partition, context)?;
-        let run = Arc::clone(&self.run);
-        let logged = input.inspect_ok(move |batch| run.log_changes(batch));
-        Ok(Box::pin(RecordBatchStreamAdapter::new(
-            self.input.schema(),
-            logged,
-        )))
     }
 }
 
@@ -1008,21 +899,12 @@ mod tests {
             Path::from("state"),
             "memory://state".into(),
         );
-        let spec = SyncSpec {
-            id: "people".into(),
-            name: Some("people".into()),
-            target: "hooks.people".into(),
-            diff: crate::sync::diff::DiffSpec {
-                key: Some(0),
-                fields: vec!["id".into(), "plan".into()],
-                mode: crate::contract::SyncMode::Upsert,
-                keep_last: false,
-                key_parts: vec![],
-                clauses: Default::default(),
-            },
-            options: crate::sync::SyncOptions::default(),
-            pacing: (None, None),
-            remote: None,
+        let spec = LogSpec {
+            sync: "people",
+            label: "people",
+            target: "hooks.people",
+            key: Some("id"),
+            skip_nulls: false,
         };
         let model = Arc::new(Schema::new(vec![
             Field::new("id", DataType::Int64, false),
@@ -1041,7 +923,7 @@ mod tests {
         )
         .unwrap();
         let run_id = uuid::Uuid::new_v4().simple().to_string();
-        let mut writer = ChangeLogWriter::create(&state, &spec, &run_id, &schema).unwrap();
+        let mut writer = ChangeLogWriter::create(&state, spec, &run_id, &schema).unwrap();
         assert!(writer.upload);
         let spool = writer.file.clone();
         writer.append(&batch).unwrap();

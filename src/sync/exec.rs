@@ -261,6 +261,117 @@ impl ExecutionPlan for DiffExec {
     }
 }
 
+/// Passes a sync's change batches to its sink and logs each as the sink takes it (see
+/// [`super::changelog`]). A dry run logs nothing.
+#[derive(Debug)]
+pub struct ChangeLogExec {
+    input: Arc<dyn ExecutionPlan>,
+    run: Arc<SyncRun>,
+    metrics: ExecutionPlanMetricsSet,
+}
+
+impl ChangeLogExec {
+    pub fn new(input: Arc<dyn ExecutionPlan>, run: Arc<SyncRun>) -> Self {
+        Self {
+            input,
+            run,
+            metrics: ExecutionPlanMetricsSet::new(),
+        }
+    }
+}
+
+impl DisplayAs for ChangeLogExec {
+    fn fmt_as(&self, _t: DisplayFormatType, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kept = self
+            .run
+            .spec
+            .options
+            .changes_retention
+            .map(super::changelog::shown_retention)
+            .unwrap_or_default();
+        write!(
+            f,
+            "ChangeLogExec: each record sent, to {} (sluice.changes), kept {kept}",
+            self.run.changes_location()
+        )
+    }
+}
+
+impl ExecutionPlan for ChangeLogExec {
+    fn name(&self) -> &'static str {
+        "ChangeLogExec"
+    }
+
+    fn properties(&self) -> &Arc<PlanProperties> {
+        self.input.properties()
+    }
+
+    fn children(&self) -> Vec<&Arc<dyn ExecutionPlan>> {
+        vec![&self.input]
+    }
+
+    fn maintains_input_order(&self) -> Vec<bool> {
+        vec![true]
+    }
+
+    /// The diff's one partition, as it is: a repartition here would reorder what the sink
+    /// receives and delay its errors.
+    fn required_input_distribution(&self) -> Vec<Distribution> {
+        vec![Distribution::SinglePartition]
+    }
+
+    fn benefits_from_input_partitioning(&self) -> Vec<bool> {
+        vec![false]
+    }
+
+    fn apply_expressions(
+        &self,
+        _f: &mut dyn FnMut(&Arc<dyn PhysicalExpr>) -> Result<TreeNodeRecursion>,
+    ) -> Result<TreeNodeRecursion> {
+        Ok(TreeNodeRecursion::Continue)
+    }
+
+    fn replace_children(
+        self: Arc<Self>,
+        mut children: Vec<Arc<dyn ExecutionPlan>>,
+        _options: ReplaceChildrenOptions,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        Ok(Arc::new(ChangeLogExec::new(
+            children.swap_remove(0),
+            Arc::clone(&self.run),
+        )))
+    }
+
+    #[allow(deprecated)]
+    fn with_new_children(
+        self: Arc<Self>,
+        children: Vec<Arc<dyn ExecutionPlan>>,
+    ) -> Result<Arc<dyn ExecutionPlan>> {
+        self.replace_children(
+            children,
+            ReplaceChildrenOptions::new(ChildrenPropertiesMode::Recompute),
+        )
+    }
+
+    fn metrics(&self) -> Option<MetricsSet> {
+        Some(self.metrics.clone_inner())
+    }
+
+    fn execute(
+        &self,
+        partition: usize,
+        context: Arc<TaskContext>,
+    ) -> Result<SendableRecordBatchStream> {
+        let input = self.input.execute(partition, context)?;
+        let run = Arc::clone(&self.run);
+        let logged = input.inspect_ok(move |batch| run.log_changes(batch));
+        Ok(Box::pin(RecordBatchStreamAdapter::new(
+            self.input.schema(),
+            logged,
+        )))
+    }
+}
+
 /// Change batches a streaming diff sends ahead of the sink: enough for the sink's next
 /// transaction-sized batch to be ready by the time its current one is written (32 batches of
 /// 8,192 rows), so that reading the model and the destination's ingest overlap.

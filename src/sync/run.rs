@@ -11,7 +11,7 @@ use datafusion::arrow::compute::{cast, concat, take};
 use datafusion::arrow::datatypes::UInt64Type;
 
 use super::SyncOptions;
-use super::changelog::{self, ChangeLogWriter};
+use super::changelog::{self, ChangeLogWriter, LogSpec};
 use super::diff::{Change, Changes, DiffCounts, DiffSpec};
 use super::hash::{HASH_VERSION, Key, RowHashes, UNSENT_HASH};
 use super::remote::{RemoteCommit, RemoteState, RemoteUpsert};
@@ -285,7 +285,14 @@ impl SyncRun {
             ChangeLog::Failed => return,
             ChangeLog::Open(writer) => writer.append(batch),
             ChangeLog::Closed => {
-                ChangeLogWriter::create(&self.state, &self.spec, &self.run_id, batch.schema_ref())
+                let spec = LogSpec {
+                    sync: &self.spec.id,
+                    label: self.spec.label(),
+                    target: &self.spec.target,
+                    key: self.spec.key_name(),
+                    skip_nulls: self.spec.options.null_policy == super::NullPolicy::Skip,
+                };
+                ChangeLogWriter::create(&self.state, spec, &self.run_id, batch.schema_ref())
                     .and_then(|mut writer| {
                         writer.append(batch)?;
                         Ok(writer)
