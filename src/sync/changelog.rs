@@ -515,6 +515,7 @@ impl TableProvider for ChangesTable {
             limit.map(|l| format!(", limit {l}")).unwrap_or_default()
         );
         let (state, table) = (self.state.clone(), Arc::clone(&self.schema));
+        let loose = nullable(&table);
         Ok(Arc::new(PagedScanExec::new(
             "ChangesScanExec",
             shown,
@@ -523,6 +524,7 @@ impl TableProvider for ChangesTable {
                 Box::new(ChangePages {
                     state: state.clone(),
                     table: Arc::clone(&table),
+                    loose: Arc::clone(&loose),
                     logs: logs.iter().cloned().collect(),
                     open: None,
                     filters: pushed.clone(),
@@ -573,7 +575,7 @@ impl ChangesTable {
         let mut kept = vec![];
         for log in logs.into_values() {
             if !by_name.is_empty() {
-                let named = file_row(&self.schema, &log.sync, &log.run_id, None)?;
+                let named = file_row(&nullable(&self.schema), &log.sync, &log.run_id, None)?;
                 if !holds(&by_name, &named)?.is_some_and(|m| m.is_valid(0) && m.value(0)) {
                     continue;
                 }
@@ -585,14 +587,27 @@ impl ChangesTable {
     }
 }
 
-/// A one-row batch of the table with only a run's own columns set (for filters on them).
+/// The table's schema with every column nullable: the batches filters are evaluated on before
+/// every column is set.
+fn nullable(schema: &SchemaRef) -> SchemaRef {
+    Arc::new(Schema::new(
+        schema
+            .fields()
+            .iter()
+            .map(|f| f.as_ref().clone().with_nullable(true))
+            .collect::<Vec<_>>(),
+    ))
+}
+
+/// A one-row batch of the table (`loose`: [`nullable`]) with only a run's own columns set (for
+/// filters on them).
 fn file_row(
-    schema: &SchemaRef,
+    loose: &SchemaRef,
     sync: &str,
     run_id: &str,
     target: Option<&str>,
 ) -> Result<RecordBatch> {
-    let columns = schema
+    let columns = loose
         .fields()
         .iter()
         .enumerate()
@@ -605,15 +620,7 @@ fn file_row(
             }
         })
         .collect();
-    // (Nulls in non-nullable columns: this batch only feeds filters on the set columns.)
-    let loose = Arc::new(Schema::new(
-        schema
-            .fields()
-            .iter()
-            .map(|f| f.as_ref().clone().with_nullable(true))
-            .collect::<Vec<_>>(),
-    ));
-    Ok(RecordBatch::try_new(loose, columns)?)
+    Ok(RecordBatch::try_new(Arc::clone(loose), columns)?)
 }
 
 /// A run's outcomes by change id.
@@ -677,6 +684,8 @@ struct OpenLog {
 struct ChangePages {
     state: StateStore,
     table: SchemaRef,
+    /// `table`, [`nullable`].
+    loose: SchemaRef,
     logs: VecDeque<RunLog>,
     open: Option<OpenLog>,
     filters: Vec<Pushed>,
@@ -747,7 +756,7 @@ impl ChangePages {
             .filter(|p| p.within(&[SYNC, RUN_ID, TARGET]))
             .collect();
         if !by_run.is_empty() {
-            let row = file_row(&self.table, &log.sync, &log.run_id, Some(&target))?;
+            let row = file_row(&self.loose, &log.sync, &log.run_id, Some(&target))?;
             if !holds(&by_run, &row)?.is_some_and(|m| m.is_valid(0) && m.value(0)) {
                 return Ok(None);
             }
@@ -794,7 +803,7 @@ impl ChangePages {
         };
         let fixed =
             |s: &str| -> ArrayRef { Arc::new(StringArray::from_iter_values((0..n).map(|_| s))) };
-        let mut columns: Vec<ArrayRef> = vec![
+        let columns: Vec<ArrayRef> = vec![
             fixed(&open.log.sync),
             fixed(&open.log.run_id),
             fixed(&open.target),
@@ -815,19 +824,13 @@ impl ChangePages {
             text(&|r| open.outcomes.text(5, found[r]).map(str::to_string)),
             Arc::clone(sent_at),
         ];
-        let loose = Arc::new(Schema::new(
-            self.table
-                .fields()
-                .iter()
-                .map(|f| f.as_ref().clone().with_nullable(true))
-                .collect::<Vec<_>>(),
-        ));
+        let loose = &self.loose;
         let early: Vec<&Pushed> = self
             .filters
             .iter()
             .filter(|p| !p.columns.contains(&FIELDS))
             .collect();
-        let mut rows = RecordBatch::try_new(Arc::clone(&loose), columns.clone())?;
+        let mut rows = RecordBatch::try_new(Arc::clone(loose), columns)?;
         let mut sent = changes.clone();
         if let Some(mask) = holds(&early, &rows)? {
             rows = filter_record_batch(&rows, &mask)?;
@@ -835,10 +838,10 @@ impl ChangePages {
         }
         let wants_fields = self.projection.as_ref().is_none_or(|p| p.contains(&FIELDS))
             || self.filters.iter().any(|p| p.columns.contains(&FIELDS));
-        if wants_fields && rows.num_rows() > 0 {
-            columns = rows.columns().to_vec();
+        let mut columns = rows.columns().to_vec();
+        if wants_fields {
             columns[FIELDS] = Arc::new(rendered(&sent, open.key, open.skip_nulls)?);
-            rows = RecordBatch::try_new(loose, columns)?;
+            rows = RecordBatch::try_new(Arc::clone(loose), columns.clone())?;
             let late: Vec<&Pushed> = self
                 .filters
                 .iter()
@@ -847,19 +850,14 @@ impl ChangePages {
             if let Some(mask) = holds(&late, &rows)? {
                 rows = filter_record_batch(&rows, &mask)?;
             }
+            columns = rows.columns().to_vec();
+        } else {
+            // `fields` is not read: an empty object stands for it.
+            columns[FIELDS] = Arc::new(StringArray::from_iter_values(
+                (0..rows.num_rows()).map(|_| "{}"),
+            ));
         }
-        // Back to the table's schema (the columns are set wherever it says they are not null).
-        let columns =
-            rows.columns()
-                .iter()
-                .enumerate()
-                .map(|(i, c)| match i == FIELDS && c.null_count() > 0 {
-                    // `fields` not read: an empty object stands for it.
-                    true => Arc::new(StringArray::from_iter_values((0..c.len()).map(|_| "{}")))
-                        as ArrayRef,
-                    false => Arc::clone(c),
-                })
-                .collect();
+        // Back to the table's schema (every column is now set).
         Ok(RecordBatch::try_new(Arc::clone(&self.table), columns)?)
     }
 }
