@@ -20,6 +20,7 @@ pub mod schedule;
 pub mod serve;
 pub mod sql_text;
 pub mod sync;
+pub mod watch;
 
 pub use engine::{Engine, Mode, Outcome, WriteSummary};
 pub use error::{Error, Result};

@@ -63,15 +63,42 @@ pub struct CreateConnection {
 pub enum Schedule {
     /// `SCHEDULE EVERY '15 minutes'`
     Every(String),
-    /// `SCHEDULE CRON '0 * * * *'` (UTC; 5 fields, or 6 with seconds first)
-    Cron(String),
+    /// `SCHEDULE CRON '0 * * * *' [TIMEZONE 'Europe/Paris']` (5 fields, or 6 with seconds
+    /// first; UTC unless a timezone is given)
+    Cron {
+        expression: String,
+        timezone: Option<String>,
+    },
+    /// `SCHEDULE AFTER a [, b …]`: a sequence; runs when the named syncs have succeeded.
+    After(Vec<String>),
+    /// `SCHEDULE AFTER DBT 'path/to/target'`: runs after dbt's successful runs there.
+    AfterDbt(String),
+    /// `SCHEDULE ON CHANGE [EVERY '10 seconds']`: runs when the model's inputs change.
+    OnChange { every: Option<String> },
+    /// `SCHEDULE ON NOTIFY 'channel'`: runs on a Postgres NOTIFY on that channel.
+    OnNotify(String),
 }
 
 impl std::fmt::Display for Schedule {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let quoted = |s: &str| format!("'{}'", s.replace('\'', "''"));
         match self {
-            Schedule::Every(e) => write!(f, "EVERY '{e}'"),
-            Schedule::Cron(c) => write!(f, "CRON '{c}'"),
+            Schedule::Every(e) => write!(f, "EVERY {}", quoted(e)),
+            Schedule::Cron {
+                expression,
+                timezone,
+            } => {
+                write!(f, "CRON {}", quoted(expression))?;
+                match timezone {
+                    Some(tz) => write!(f, " TIMEZONE {}", quoted(tz)),
+                    None => Ok(()),
+                }
+            }
+            Schedule::After(names) => write!(f, "AFTER {}", names.join(", ")),
+            Schedule::AfterDbt(path) => write!(f, "AFTER DBT {}", quoted(path)),
+            Schedule::OnChange { every: None } => write!(f, "ON CHANGE"),
+            Schedule::OnChange { every: Some(e) } => write!(f, "ON CHANGE EVERY {}", quoted(e)),
+            Schedule::OnNotify(channel) => write!(f, "ON NOTIFY {}", quoted(channel)),
         }
     }
 }
@@ -390,40 +417,12 @@ impl SluiceParser<'_> {
                 .parser
                 .parse_keywords(&[Keyword::IF, Keyword::NOT, Keyword::EXISTS]);
         let name = normalize(self.df.parser.parse_identifier()?);
-        let mut schedule = None;
-        if self.word(0, "SCHEDULE") {
+        let schedule = if self.word(0, "SCHEDULE") {
             self.df.parser.next_token();
-            let kind = self.df.parser.next_token();
-            let value = self.df.parser.parse_literal_string()?;
-            schedule = Some(match &kind.token {
-                Token::Word(w) if w.value.eq_ignore_ascii_case("EVERY") => {
-                    crate::options::parse_duration(&value).map_err(|e| {
-                        located(
-                            format!("SCHEDULE EVERY '{value}' is not a duration ({e}); e.g. EVERY '15 minutes'"),
-                            kind.span.start,
-                        )
-                    })?;
-                    Schedule::Every(value)
-                }
-                Token::Word(w) if w.value.eq_ignore_ascii_case("CRON") => {
-                    if !(5..=6).contains(&value.split_whitespace().count()) {
-                        return Err(located(
-                            format!(
-                                "SCHEDULE CRON '{value}' needs 5 fields (minute hour day month weekday), or 6 with seconds first, e.g. CRON '0 * * * *'"
-                            ),
-                            kind.span.start,
-                        ));
-                    }
-                    Schedule::Cron(value)
-                }
-                other => {
-                    return Err(located(
-                        format!("expected EVERY or CRON after SCHEDULE, found {other}"),
-                        kind.span.start,
-                    ));
-                }
-            });
-        }
+            Some(self.parse_schedule()?)
+        } else {
+            None
+        };
         let options = if self.df.parser.parse_keyword(Keyword::OPTIONS) {
             self.parse_options()?
         } else {
@@ -460,6 +459,85 @@ impl SluiceParser<'_> {
             body: Box::new(body),
             body_text,
         }))
+    }
+
+    /// What follows `SCHEDULE`: `EVERY '…'`, `CRON '…' [TIMEZONE '…']`, `AFTER a [, b …]`,
+    /// `AFTER DBT '…'`, `ON CHANGE [EVERY '…']` or `ON NOTIFY '…'`.
+    fn parse_schedule(&mut self) -> Result<Schedule> {
+        let every = |value: String, at| -> Result<String> {
+            crate::options::parse_duration(&value).map_err(|e| {
+                located(
+                    format!(
+                        "SCHEDULE EVERY '{value}' is not a duration ({e}); e.g. EVERY '15 minutes'"
+                    ),
+                    at,
+                )
+            })?;
+            Ok(value)
+        };
+        let kind = self.df.parser.peek_token();
+        let at = kind.span.start;
+        if self.words(&["EVERY"]) {
+            let value = self.df.parser.parse_literal_string()?;
+            return Ok(Schedule::Every(every(value, at)?));
+        }
+        if self.words(&["CRON"]) {
+            let expression = self.df.parser.parse_literal_string()?;
+            if !(5..=6).contains(&expression.split_whitespace().count()) {
+                return Err(located(
+                    format!(
+                        "SCHEDULE CRON '{expression}' needs 5 fields (minute hour day month weekday), or 6 with seconds first, e.g. CRON '0 * * * *'"
+                    ),
+                    at,
+                ));
+            }
+            let timezone = if self.words(&["TIMEZONE"]) {
+                Some(self.df.parser.parse_literal_string()?)
+            } else {
+                None
+            };
+            return Ok(Schedule::Cron {
+                expression,
+                timezone,
+            });
+        }
+        if self.words(&["ON", "CHANGE"]) {
+            let every = if self.word(0, "EVERY") {
+                let at = self.df.parser.next_token().span.start;
+                let value = self.df.parser.parse_literal_string()?;
+                Some(every(value, at)?)
+            } else {
+                None
+            };
+            return Ok(Schedule::OnChange { every });
+        }
+        if self.words(&["ON", "NOTIFY"]) {
+            let channel = self.df.parser.parse_literal_string()?;
+            return Ok(Schedule::OnNotify(channel));
+        }
+        if self.words(&["AFTER"]) {
+            if self.word(0, "DBT")
+                && matches!(
+                    self.df.parser.peek_nth_token(1).token,
+                    Token::SingleQuotedString(_)
+                )
+            {
+                self.df.parser.next_token();
+                return Ok(Schedule::AfterDbt(self.df.parser.parse_literal_string()?));
+            }
+            let mut names = vec![normalize(self.df.parser.parse_identifier()?)];
+            while self.df.parser.consume_token(&Token::Comma) {
+                names.push(normalize(self.df.parser.parse_identifier()?));
+            }
+            return Ok(Schedule::After(names));
+        }
+        Err(located(
+            format!(
+                "expected EVERY '…', CRON '…', AFTER sync, AFTER DBT '…', ON CHANGE or ON NOTIFY '…' after SCHEDULE, found {}",
+                kind.token
+            ),
+            at,
+        ))
     }
 
     /// `( key value [, key value ...] )` where a value is a literal, `env('VAR')` or `file('path')`,

@@ -12,6 +12,7 @@ mod print_format;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 
@@ -44,6 +45,11 @@ pub struct Args {
     /// being run, or in the working directory.
     #[arg(long, value_name = "URL", env = "SLUICE_STATE", global = true)]
     pub state: Option<String>,
+
+    /// Logs (on stderr): `text`, or `json` for one JSON object per line (a run's lines carry
+    /// its sync and run id); the filter is SLUICE_LOG (e.g. `info`, `debug`).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "SLUICE_LOG_FORMAT", global = true)]
+    pub log_format: LogFormat,
 
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -127,6 +133,13 @@ pub enum DocsCommand {
     },
 }
 
+/// How logs are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 /// Exit status of a finished invocation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Status {
@@ -149,7 +162,7 @@ impl From<Status> for ExitCode {
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging();
+    init_logging(args.log_format);
     match &args.command {
         Some(Command::Completions { shell }) => {
             let mut command = <Args as clap::CommandFactory>::command();
@@ -273,7 +286,14 @@ async fn run(args: Args) -> Status {
                     return Status::Error;
                 }
             };
-            match crate::serve::serve(engine, &paths, config).await {
+            // A reload makes a new session configured as this one.
+            drop(engine);
+            let new_engine: crate::serve::NewEngine = Arc::new(move || {
+                let mut engine = crate::Engine::new()?;
+                engine.set_state_location(&state)?;
+                Ok(engine)
+            });
+            match crate::serve::serve(new_engine, &paths, config).await {
                 Ok(()) => status,
                 Err(e) => {
                     eprintln!("error: {e}");
@@ -331,16 +351,26 @@ fn worst(a: Status, b: Status) -> Status {
 
 /// Logs go to stderr; `SLUICE_LOG` sets the filter (e.g. `SLUICE_LOG=debug`). By default:
 /// warnings, and sluice's own progress lines (long deliveries when stderr is not a terminal).
-fn init_logging() {
+fn init_logging(format: LogFormat) {
     use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,sluice=info"))
         // tokio-postgres logs every statement's parameters (record values) at debug.
         .add_directive("tokio_postgres=info".parse().expect("a valid directive"));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_target(false)
-        .try_init();
+        .with_target(false);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .try_init(),
+        // Each line: timestamp, level, message, fields, and the run's span (sync, run_id).
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(true)
+            .with_span_list(false)
+            .try_init(),
+    };
 }

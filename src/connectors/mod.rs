@@ -102,6 +102,132 @@ pub fn warehouse_diff(model: &LogicalPlan) -> Result<Arc<dyn WarehouseDiff>> {
     })
 }
 
+/// The tables `model` reads (scans in it and its subqueries), by name as the model names them.
+pub fn model_inputs(model: &LogicalPlan) -> Vec<(String, Arc<dyn TableProvider>)> {
+    let mut inputs: Vec<(String, Arc<dyn TableProvider>)> = vec![];
+    let _ = model.apply_with_subqueries(|node| {
+        if let LogicalPlan::TableScan(scan) = node
+            && let Ok(provider) = source_as_provider(&scan.source)
+        {
+            let name = scan.table_name.to_string();
+            if !inputs.iter().any(|(n, _)| *n == name) {
+                inputs.push((name, provider));
+            }
+        }
+        Ok(TreeNodeRecursion::Continue)
+    });
+    inputs
+}
+
+/// The one Postgres connection `inputs` read (`ON NOTIFY` listens there and `change_query`
+/// runs there); `what` names the feature in the error.
+fn postgres_of(
+    inputs: &[(String, Arc<dyn TableProvider>)],
+    what: &str,
+) -> Result<Arc<postgres::PgConnection>> {
+    let mut found: Vec<Arc<postgres::PgConnection>> = vec![];
+    for (_, provider) in inputs {
+        let reader = match provider.downcast_ref::<DestinationTable>() {
+            Some(table) => table.reader().cloned(),
+            None => Some(Arc::clone(provider)),
+        };
+        if let Some((connection, _)) = reader.as_deref().and_then(postgres::source_of)
+            && !found.iter().any(|c| c.name == connection.name)
+        {
+            found.push(connection);
+        }
+    }
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(Error::plan(
+            format!("{what} needs a model that reads a Postgres connection; this one reads none"),
+            what.to_string(),
+        )),
+        _ => Err(Error::plan(
+            format!(
+                "{what}: the model reads several Postgres connections ({}); it works with one",
+                found
+                    .iter()
+                    .map(|c| c.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+            what.to_string(),
+        )),
+    }
+}
+
+/// What `SCHEDULE ON CHANGE` checks for `model`: its `change_query` on its Postgres
+/// connection, or each input's own probe (Postgres counters, a file folder's listing).
+pub fn change_probe(
+    model: &LogicalPlan,
+    ctx: &datafusion::prelude::SessionContext,
+    change_query: Option<&str>,
+) -> Result<Arc<dyn crate::watch::ChangeProbe>> {
+    let inputs = model_inputs(model);
+    if let Some(query) = change_query {
+        let connection = postgres_of(&inputs, "change_query")?;
+        return Ok(Arc::new(postgres::watch::QueryProbe {
+            connection,
+            query: query.to_string(),
+        }));
+    }
+    if inputs.is_empty() {
+        return Err(Error::plan(
+            "SCHEDULE ON CHANGE: the model reads no table, so nothing can change; use SCHEDULE EVERY",
+            "ON CHANGE",
+        ));
+    }
+    let mut probes: Vec<Arc<dyn crate::watch::ChangeProbe>> = vec![];
+    for (name, provider) in inputs {
+        let reader = match provider.downcast_ref::<DestinationTable>() {
+            Some(table) => table.reader().cloned(),
+            None => Some(Arc::clone(&provider)),
+        };
+        let reader = reader.as_deref();
+        if let Some((connection, relation)) = reader.and_then(postgres::source_of) {
+            if !matches!(relation.kind, 'r' | 'p' | 'm') {
+                return Err(Error::plan(
+                    format!(
+                        "SCHEDULE ON CHANGE cannot watch {name}: it is a view, and Postgres counts changes of tables only; set the sync's change_query option (e.g. 'SELECT max(updated_at) FROM …')"
+                    ),
+                    name,
+                ));
+            }
+            probes.push(Arc::new(postgres::watch::CountersProbe {
+                connection,
+                relation: relation.qualified(),
+                table: name,
+            }));
+        } else if let Some(listing) =
+            reader.and_then(|r| r.downcast_ref::<datafusion::datasource::listing::ListingTable>())
+        {
+            probes.push(Arc::new(crate::watch::FilesProbe {
+                table: name,
+                urls: listing.table_paths().clone(),
+                ctx: ctx.clone(),
+            }));
+        } else {
+            return Err(Error::plan(
+                format!(
+                    "SCHEDULE ON CHANGE cannot watch {name}: only Postgres tables and files are watched; use SCHEDULE EVERY, or a change_query on the model's Postgres connection"
+                ),
+                name,
+            ));
+        }
+    }
+    Ok(Arc::new(crate::watch::AllOf(probes)))
+}
+
+/// The payloads of NOTIFY on `channel` in the Postgres database `model` reads.
+pub async fn listen(
+    model: &LogicalPlan,
+    channel: &str,
+) -> Result<futures::stream::BoxStream<'static, String>> {
+    let connection = postgres_of(&model_inputs(model), "SCHEDULE ON NOTIFY")?;
+    postgres::watch::listen(&connection, channel).await
+}
+
 /// Field metadata a destination's declared fields may carry: planning refuses read-only
 /// fields, and DESCRIBE shows them all.
 pub mod field_meta {

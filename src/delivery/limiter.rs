@@ -30,6 +30,8 @@ const RESET_MARGIN: Duration = Duration::from_millis(10);
 #[derive(Debug)]
 pub struct AdaptiveLimiter {
     configured: Option<f64>,
+    /// The connection it paces, for metrics (`None`: not reported).
+    connection: Option<String>,
     state: Mutex<State>,
     /// Wakes waiters when a response changes what they wait for (a window report, a finished
     /// probe), so nobody sleeps out a wait that no longer applies.
@@ -69,6 +71,7 @@ impl AdaptiveLimiter {
     pub fn new(rate: Option<f64>) -> Self {
         Self {
             configured: rate,
+            connection: None,
             state: Mutex::new(State {
                 rate,
                 next_slot: Instant::now(),
@@ -83,6 +86,12 @@ impl AdaptiveLimiter {
         }
     }
 
+    /// Reports its waits under the connection's name (`sluice_limiter_wait_seconds`).
+    pub fn for_connection(mut self, name: &str) -> Self {
+        self.connection = Some(name.to_string());
+        self
+    }
+
     /// The rate currently paced at (requests/s), `None` when unpaced.
     pub fn current_rate(&self) -> Option<f64> {
         self.lock().rate
@@ -94,6 +103,19 @@ impl AdaptiveLimiter {
 
     /// Waits until a request may go. Pair every call with [`AdaptiveLimiter::finish`].
     pub async fn acquire(&self) -> Ticket {
+        let begun = Instant::now();
+        let ticket = self.grant().await;
+        if let Some(connection) = &self.connection {
+            let waited = begun.elapsed();
+            if waited >= Duration::from_millis(1) {
+                metrics::histogram!("sluice_limiter_wait_seconds", "connection" => connection.clone())
+                    .record(waited.as_secs_f64());
+            }
+        }
+        ticket
+    }
+
+    async fn grant(&self) -> Ticket {
         loop {
             let wait = {
                 let mut s = self.lock();

@@ -5,6 +5,7 @@
 mod discover;
 mod insert;
 mod outcome;
+mod service;
 mod sync;
 
 use std::sync::Arc;

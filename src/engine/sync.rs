@@ -481,7 +481,7 @@ impl Engine {
         let options = Options::new("sync", crate::sync::OPTIONS, create.options.clone())?;
         let parsed = SyncOptions::from_options(&options)?;
         if let Some(schedule) = &create.schedule
-            && let Err(e) = crate::schedule::Timing::of(schedule)
+            && let Err(e) = crate::schedule::Trigger::of(schedule)
         {
             return Err(Error::plan(e, "SCHEDULE"));
         }

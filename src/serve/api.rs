@@ -2,7 +2,9 @@
 //!
 //! ```text
 //! GET  /healthz                        the process is up
-//! GET  /readyz                         the project is loaded and the state is reachable
+//! GET  /readyz                         the project is loaded and the state is reachable (JSON,
+//!                                      with the files that did not reload)
+//! GET  /metrics                        Prometheus text
 //! GET  /api/syncs                      every named sync: schedule, next run, running run, last run
 //! GET  /api/syncs/{name}/runs          its runs, newest first (rows of sluice.runs)
 //! POST /api/syncs/{name}/runs          run it now: 202 {"run_id"}; ?wait=true: 200 with the run's row
@@ -32,6 +34,7 @@ use super::runner::{Runner, Started};
 pub struct Api {
     pub runner: Arc<Runner>,
     pub token: Option<String>,
+    pub loading: Arc<std::sync::Mutex<super::Loading>>,
 }
 
 /// Requests carry no body worth more than this.
@@ -44,6 +47,7 @@ pub fn router(api: Api) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
+        .route("/metrics", get(prometheus))
         .route("/api/syncs", get(syncs))
         .route("/api/syncs/{name}/runs", get(runs).post(run_now))
         .route("/api/syncs/{name}/rejects", get(rejects))
@@ -91,22 +95,67 @@ fn refused(api: &Api, headers: &HeaderMap) -> Option<Response> {
 }
 
 async fn ready(State(api): State<Api>) -> Response {
-    match api
-        .runner
-        .engine()
-        .context()
-        .table("sluice.runs")
-        .await
-        .map(|t| t.limit(0, Some(1)))
+    let (errors, reloads) = {
+        let l = api.loading.lock().expect("loading");
+        (l.errors.clone(), l.reloads)
+    };
+    let reachable = match with_engine(&api, |engine| {
+        let ctx = engine.context().clone();
+        async move {
+            ctx.table("sluice.runs")
+                .await?
+                .limit(0, Some(1))?
+                .collect()
+                .await
+        }
+    })
+    .await
     {
-        Ok(Ok(frame)) => match frame.collect().await {
-            Ok(_) => (StatusCode::OK, "ready\n").into_response(),
-            Err(e) => error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                &format!("the state is not reachable: {e}"),
-            ),
-        },
-        Ok(Err(e)) | Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e.to_string()),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(format!("the state is not reachable: {e}")),
+        Err(_) => Err("no session".to_string()),
+    };
+    let status = if reachable.is_ok() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (
+        status,
+        Json(json!({
+            "ready": reachable.is_ok(),
+            "state": reachable.err(),
+            "reloads": reloads,
+            "reload_errors": errors,
+        })),
+    )
+        .into_response()
+}
+
+async fn prometheus() -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        super::metrics::render(),
+    )
+        .into_response()
+}
+
+/// Runs `f` on the loaded session.
+async fn with_engine<F, Fut, T>(api: &Api, f: F) -> Result<T, Response>
+where
+    F: FnOnce(&crate::engine::Engine) -> Fut,
+    Fut: Future<Output = T>,
+{
+    let project = api.runner.project();
+    match project.engine() {
+        Some(engine) => Ok(f(engine).await),
+        None => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no session is loaded",
+        )),
     }
 }
 
@@ -123,24 +172,23 @@ async fn rows(
     value: &str,
     order: Option<&str>,
 ) -> Result<Vec<Value>, Response> {
-    let ctx = api.runner.engine().context();
-    let mut frame = ctx
-        .table(table)
-        .await
-        .map_err(internal)?
-        .filter(col(column).eq(lit(value)))
-        .map_err(internal)?;
-    if let Some(order) = order {
-        frame = frame
-            .sort(vec![col(order).sort(false, true)])
-            .map_err(internal)?;
-    }
-    let batches = frame
-        .limit(0, Some(MAX_ROWS))
-        .map_err(internal)?
-        .collect()
-        .await
-        .map_err(internal)?;
+    let (table, column, value) = (table.to_string(), column.to_string(), value.to_string());
+    let order = order.map(str::to_string);
+    let batches = with_engine(api, |engine| {
+        let ctx = engine.context().clone();
+        async move {
+            let mut frame = ctx
+                .table(table.as_str())
+                .await?
+                .filter(col(column.as_str()).eq(lit(value)))?;
+            if let Some(order) = order {
+                frame = frame.sort(vec![col(order.as_str()).sort(false, true)])?;
+            }
+            frame.limit(0, Some(MAX_ROWS))?.collect().await
+        }
+    })
+    .await?
+    .map_err(internal)?;
     json_rows(&batches).map_err(internal)
 }
 
@@ -212,7 +260,7 @@ async fn run_now(
     if let Some(refusal) = refused(&api, &headers) {
         return refusal;
     }
-    match api.runner.start(&name, "api") {
+    match api.runner.start(&name, super::Cause::Api) {
         None => unknown_sync(&api, &name),
         Some(Started::Stopping) => error(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -90,6 +90,24 @@ pub const OPTIONS: &[OptionSpec] = &[
         "how long sluice.changes keeps what each run sent and what the destination answered, per record ('30 days', '12h'); '0' keeps no log (and removes this sync's logs at its next run)",
     ),
     OptionSpec::new(
+        "max_reject_pct",
+        "number 0-100",
+        "",
+        "under sluice serve, a run that rejects more than this percentage of the records it sends counts as failed for the syncs SCHEDULEd AFTER it: the chain stops there",
+    ),
+    OptionSpec::new(
+        "jitter",
+        "duration",
+        "0",
+        "under sluice serve, start each scheduled run this much later at most (a fixed offset per sync), so that many syncs on the same minute do not start at once",
+    ),
+    OptionSpec::new(
+        "change_query",
+        "SQL text",
+        "",
+        "SCHEDULE ON CHANGE: a query run in the Postgres database the model reads (e.g. 'SELECT max(updated_at) FROM accounts'); the sync runs when its answer changes (unset: the tables' pg_stat_user_tables counters, or files' size and modification time)",
+    ),
+    OptionSpec::new(
         "diff",
         "local | warehouse",
         "local",
@@ -113,6 +131,12 @@ pub struct SyncOptions {
     pub checkpoint_records: Option<u64>,
     /// How long the change log of each run is kept (`None`: no log).
     pub changes_retention: Option<std::time::Duration>,
+    /// `sluice serve`: rejects above this percentage of the records sent stop a sequence.
+    pub max_reject_pct: Option<f64>,
+    /// `sluice serve`: a scheduled run starts up to this much after its tick.
+    pub jitter: std::time::Duration,
+    /// `SCHEDULE ON CHANGE`: the query whose answer changing means the inputs changed.
+    pub change_query: Option<String>,
 }
 
 /// How long a run's change log is kept unless `changes_retention` says otherwise.
@@ -134,6 +158,9 @@ impl Default for SyncOptions {
             checkpoint_every: Some(DEFAULT_CHECKPOINT_EVERY),
             checkpoint_records: None,
             changes_retention: Some(DEFAULT_CHANGES_RETENTION),
+            max_reject_pct: None,
+            jitter: std::time::Duration::ZERO,
+            change_query: None,
         }
     }
 }
@@ -157,15 +184,17 @@ impl SyncOptions {
                 }),
             }
         };
-        let max_delete_pct: Option<f64> = options.parse("max_delete_pct")?;
-        if let Some(p) = max_delete_pct
-            && !(0.0..=100.0).contains(&p)
-        {
-            return Err(crate::error::Error::Option {
-                key: "max_delete_pct".into(),
-                message: format!("option 'max_delete_pct' = '{p}' must be between 0 and 100"),
-            });
-        }
+        let pct = |key: &str| -> Result<Option<f64>> {
+            let value: Option<f64> = options.parse(key)?;
+            match value {
+                Some(p) if !(0.0..=100.0).contains(&p) => Err(crate::error::Error::Option {
+                    key: key.into(),
+                    message: format!("option '{key}' = '{p}' must be between 0 and 100"),
+                }),
+                v => Ok(v),
+            }
+        };
+        let max_delete_pct = pct("max_delete_pct")?;
         Ok(Self {
             max_deletes: options.parse("max_deletes")?,
             max_delete_pct,
@@ -216,6 +245,11 @@ impl SyncOptions {
                     }
                 }
             },
+            max_reject_pct: pct("max_reject_pct")?,
+            jitter: crate::delivery::settings::duration(options, "jitter")?.unwrap_or_default(),
+            change_query: options
+                .string("change_query")?
+                .filter(|q| !q.trim().is_empty()),
         })
     }
 }

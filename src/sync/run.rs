@@ -733,6 +733,7 @@ impl SyncRun {
             if let Some(d) = delivery {
                 record.requests = d.requests;
                 record.retries = d.retries;
+                record.throttled = d.throttled;
             }
             let commit = (snapshot.is_some() && !self.dry_run).then(|| {
                 let mut acked = acked;

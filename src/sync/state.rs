@@ -170,7 +170,8 @@ pub struct RunRecord {
     pub target: String,
     pub started_at: String,
     pub finished_at: Option<String>,
-    /// running | succeeded | partial (some records rejected) | failed | interrupted | dry_run
+    /// running | succeeded | partial (some records rejected) | failed | interrupted | dry_run |
+    /// skipped (`sluice serve`: a sequence stopped before it)
     pub status: String,
     pub rows_read: u64,
     pub inserted: u64,
@@ -180,6 +181,9 @@ pub struct RunRecord {
     pub rejected: u64,
     pub requests: u64,
     pub retries: u64,
+    /// Requests answered 429 (waited out and retried).
+    #[serde(default)]
+    pub throttled: u64,
     pub duration_ms: u64,
     pub error: Option<String>,
     /// What the sync may do (`upsert`, `mirror`, …; empty in records of earlier versions).

@@ -67,6 +67,7 @@ impl StateTable {
                 count("rejected"),
                 count("requests"),
                 count("retries"),
+                count("throttled"),
                 count("duration_ms"),
                 text("error", true),
                 text("mode", false),
@@ -145,6 +146,7 @@ impl StateTable {
                     n(|r| r.rejected),
                     n(|r| r.requests),
                     n(|r| r.retries),
+                    n(|r| r.throttled),
                     n(|r| r.duration_ms),
                     Arc::new(StringArray::from(
                         runs.iter().map(|r| r.error.as_deref()).collect::<Vec<_>>(),

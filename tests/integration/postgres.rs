@@ -10,14 +10,14 @@ use super::support::{query, write};
 const URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 /// A schema of its own on the local server, dropped when the test ends.
-struct PgSchema {
+pub(super) struct PgSchema {
     client: tokio_postgres::Client,
-    name: String,
+    pub(super) name: String,
 }
 
 impl PgSchema {
     /// `None` (test skipped) when the server cannot be reached and services are not required.
-    async fn new(name: &str) -> Option<Self> {
+    pub(super) async fn new(name: &str) -> Option<Self> {
         let url = std::env::var("SLUICE_TEST_PG_URL").unwrap_or_else(|_| URL.to_string());
         let client = match tokio_postgres::connect(&url, tokio_postgres::NoTls).await {
             Ok((client, connection)) => {
@@ -49,7 +49,7 @@ impl PgSchema {
         format!("\"{}\"", self.name.replace('"', "\"\""))
     }
 
-    async fn sql(&self, sql: &str) {
+    pub(super) async fn sql(&self, sql: &str) {
         self.client
             .batch_execute(&sql.replace("$S", &self.quoted()))
             .await

@@ -34,6 +34,15 @@ impl Drop for Serve {
 }
 
 fn start(dir: &std::path::Path, fake: &FakeWebhook, token: Option<&str>) -> Serve {
+    start_with(dir, fake, token, &[])
+}
+
+fn start_with(
+    dir: &std::path::Path,
+    fake: &FakeWebhook,
+    token: Option<&str>,
+    args: &[&str],
+) -> Serve {
     let mut cmd = super::support::sluice(dir);
     cmd.args([
         "serve",
@@ -43,6 +52,7 @@ fn start(dir: &std::path::Path, fake: &FakeWebhook, token: Option<&str>) -> Serv
         "--shutdown-grace",
         "5s",
     ])
+    .args(args)
     .env("SLUICE_TEST_SERVE_URL", &fake.url)
     .env("SLUICE_LOG", "info")
     .stdout(Stdio::piped())
@@ -64,16 +74,35 @@ fn start(dir: &std::path::Path, fake: &FakeWebhook, token: Option<&str>) -> Serv
     });
     let mut line = String::new();
     stdout.read_line(&mut line).unwrap();
-    let base = line
-        .trim()
-        .strip_prefix("sluice serve: listening on ")
-        .unwrap_or_else(|| panic!("first line: {line:?}"))
-        .to_string();
+    let Some(base) = line.trim().strip_prefix("sluice serve: listening on ") else {
+        let _ = child.kill();
+        panic!("first line: {line:?}; stderr:\n{}", stderr.join().unwrap());
+    };
+    let base = base.to_string();
     Serve {
         child,
         base,
         stderr,
     }
+}
+
+/// Sends SIGTERM and waits for the process to end; answers its stderr.
+fn stop(serve: &mut Serve) -> String {
+    // SAFETY: a signal to the child this test started.
+    unsafe { libc::kill(serve.child.id() as i32, libc::SIGTERM) };
+    let until = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = serve.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < until, "sluice serve did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let stderr = std::mem::replace(&mut serve.stderr, std::thread::spawn(String::new))
+        .join()
+        .unwrap();
+    assert!(status.success(), "{status:?}\n{stderr}");
+    stderr
 }
 
 async fn get(serve: &Serve, path: &str) -> (u16, Value) {
@@ -210,20 +239,7 @@ async fn serve_runs_schedules_and_answers_the_api_then_stops_cleanly() {
     assert_eq!(get(&serve, "/nope").await.0, 404);
 
     // SIGTERM: the process stops, cleanly.
-    // SAFETY: a signal to the child this test started.
-    unsafe { libc::kill(serve.child.id() as i32, libc::SIGTERM) };
-    let until = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = serve.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < until, "sluice serve did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let stderr = std::mem::replace(&mut serve.stderr, std::thread::spawn(String::new))
-        .join()
-        .unwrap();
-    assert!(status.success(), "{status:?}\n{stderr}");
+    let stderr = stop(&mut serve);
     assert!(stderr.contains("Stopping"), "{stderr}");
     assert!(!stderr.contains(TOKEN), "{stderr}");
     // No run was left recorded as running.
@@ -274,4 +290,157 @@ async fn serve_without_a_token_is_read_only_and_a_bad_schedule_stops_the_load() 
         stderr.contains("project.sql:3:") && stderr.contains("not a cron expression"),
         "{stderr}"
     );
+}
+
+/// Records the fake received for `object`.
+fn sent_to(fake: &FakeWebhook, object: &str) -> usize {
+    fake.observed(|o| {
+        o.requests
+            .iter()
+            .filter(|r| r.object.as_deref() == Some(object) && r.status < 300)
+            .map(|r| r.records)
+            .sum()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_watches_postgres_runs_sequences_reloads_and_reports_metrics() {
+    let Some(pg) = super::postgres::PgSchema::new("serve").await else {
+        return;
+    };
+    pg.sql("CREATE TABLE $S.accounts (id int PRIMARY KEY, email text); INSERT INTO $S.accounts VALUES (1, 'a@x.io'), (2, 'b@x.io')")
+        .await;
+    let fake = FakeWebhook::start(Script::default()).await;
+    let dir = super::support::scratch();
+    let schema = &pg.name;
+    let project = format!(
+        "CREATE CONNECTION wh TYPE postgres OPTIONS (url 'postgres://postgres:pg-s3cret-pw@127.0.0.1:5432/test');
+CREATE CONNECTION hooks TYPE webhook OPTIONS (url env('SLUICE_TEST_SERVE_URL'), key 'id');
+CREATE SYNC live SCHEDULE ON CHANGE EVERY '1 second'
+  AS INSERT INTO hooks.live SELECT id, email FROM wh.{schema}.accounts;
+CREATE SYNC notified SCHEDULE ON NOTIFY '{schema}'
+  AS INSERT INTO hooks.notified SELECT id, email FROM wh.{schema}.accounts;
+CREATE SYNC first SCHEDULE EVERY '2 seconds'
+  AS INSERT INTO hooks.first SELECT id, email FROM wh.{schema}.accounts;
+CREATE SYNC second SCHEDULE AFTER first
+  AS INSERT INTO hooks.second SELECT id, email FROM wh.{schema}.accounts;
+"
+    );
+    std::fs::write(dir.path().join("project.sql"), &project).unwrap();
+    let mut serve = start_with(dir.path(), &fake, Some(TOKEN), &["--log-format", "json"]);
+
+    // Each runs once: ON CHANGE and ON NOTIFY at start, first on its tick, second after it.
+    eventually(
+        Duration::from_secs(20),
+        "every sync's first run",
+        async || {
+            ["live", "notified", "first", "second"]
+                .iter()
+                .all(|o| sent_to(&fake, o) == 2)
+        },
+    )
+    .await;
+    let (_, syncs) = get(&serve, "/api/syncs").await;
+    let second = syncs["syncs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "second")
+        .unwrap()
+        .clone();
+    assert_eq!(second["schedule"], "AFTER first", "{syncs}");
+
+    // A change: ON CHANGE sends it; ON NOTIFY waits for a NOTIFY.
+    pg.sql("UPDATE $S.accounts SET email = 'c@x.io' WHERE id = 1")
+        .await;
+    eventually(
+        Duration::from_secs(20),
+        "the change, by ON CHANGE",
+        async || sent_to(&fake, "live") == 3,
+    )
+    .await;
+    assert_eq!(sent_to(&fake, "notified"), 2);
+    pg.sql(&format!("SELECT pg_notify('{schema}', 'accounts')"))
+        .await;
+    eventually(
+        Duration::from_secs(10),
+        "the change, by ON NOTIFY",
+        async || sent_to(&fake, "notified") == 3,
+    )
+    .await;
+
+    // Metrics: per sync and status, records, durations; no secret.
+    let metrics = reqwest::get(format!("{}/metrics", serve.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for expected in [
+        "sluice_runs_total{sync=\"first\",status=\"succeeded\"}",
+        "sluice_records_total{sync=\"live\",operation=\"updated\"} 1",
+        "sluice_run_duration_seconds_bucket{sync=\"second\"",
+        "sluice_last_success_timestamp_seconds{sync=\"notified\"}",
+        "sluice_seconds_since_last_success{sync=\"first\"}",
+        "sluice_next_run_timestamp_seconds{sync=\"first\"}",
+    ] {
+        assert!(metrics.contains(expected), "{expected} not in\n{metrics}");
+    }
+    assert!(!metrics.contains("pg-s3cret-pw"), "{metrics}");
+
+    // A broken new file: reported, and the rest keeps running.
+    std::fs::write(
+        dir.path().join("zz_more.sql"),
+        format!("\nCREATE SYNC extra SCHEDULE EVERY '1 second' AS INSERT INTO hooks.extra SELECT id, nope FROM wh.{schema}.accounts;"),
+    )
+    .unwrap();
+    eventually(Duration::from_secs(15), "the reload error", async || {
+        let (_, ready) = get(&serve, "/readyz").await;
+        ready["reload_errors"].as_array().is_some_and(|e| {
+            e.iter()
+                .any(|e| e.as_str().unwrap_or("").contains("zz_more.sql:2:"))
+        })
+    })
+    .await;
+    let (status, ready) = get(&serve, "/readyz").await;
+    assert_eq!(status, 200, "{ready}");
+    assert!(ready.to_string().contains("nope"), "{ready}");
+    pg.sql("UPDATE $S.accounts SET email = 'd@x.io' WHERE id = 2")
+        .await;
+    eventually(
+        Duration::from_secs(20),
+        "a change after the failed reload",
+        async || sent_to(&fake, "live") == 4,
+    )
+    .await;
+    // Fixed: the new sync runs.
+    std::fs::write(
+        dir.path().join("zz_more.sql"),
+        format!("CREATE SYNC extra SCHEDULE EVERY '1 second' AS INSERT INTO hooks.extra SELECT id, email FROM wh.{schema}.accounts;"),
+    )
+    .unwrap();
+    eventually(
+        Duration::from_secs(20),
+        "the new sync, after a reload",
+        async || sent_to(&fake, "extra") == 2,
+    )
+    .await;
+    let (_, ready) = get(&serve, "/readyz").await;
+    assert_eq!(ready["reload_errors"], serde_json::json!([]), "{ready}");
+
+    let stderr = stop(&mut serve);
+    assert!(!stderr.contains("pg-s3cret-pw"), "{stderr}");
+    // JSON logs: a run's lines carry its sync and run id.
+    let finished: Vec<Value> = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| l["message"] == "Run finished.")
+        .collect();
+    assert!(!finished.is_empty(), "{stderr}");
+    for line in &finished {
+        assert!(
+            line["span"]["sync"].is_string() && line["span"]["run_id"].is_string(),
+            "{line}"
+        );
+    }
 }

@@ -115,7 +115,7 @@ impl HubspotConnection {
     pub fn new(name: &str, config: HubspotConfig, client: reqwest::Client) -> Self {
         Self {
             name: name.to_string(),
-            limiter: Arc::new(AdaptiveLimiter::new(config.http.rate_limit)),
+            limiter: Arc::new(AdaptiveLimiter::new(config.http.rate_limit).for_connection(name)),
             config: Arc::new(config),
             client,
             schemas: Mutex::default(),

@@ -220,7 +220,7 @@ impl PgConfig {
             })
     }
 
-    fn tls_connector(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
+    pub(super) fn tls_connector(&self) -> Result<tokio_postgres_rustls::MakeRustlsConnect> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
             .with_safe_default_protocol_versions()

@@ -25,6 +25,7 @@ mod source;
 mod transaction;
 pub mod types;
 pub mod warehouse;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -350,4 +351,10 @@ impl Destination for PgDestination {
         let sink = sink::PgSink::new(Arc::clone(&self.connection), relation, schema, report, sync)?;
         Ok(Arc::new(sink))
     }
+}
+
+/// The connection and relation a source table reads, if it is a Postgres table.
+pub fn source_of(reader: &dyn TableProvider) -> Option<(Arc<PgConnection>, Arc<Relation>)> {
+    let table = reader.downcast_ref::<source::PgTable>()?;
+    Some((Arc::clone(table.connection()), Arc::clone(table.relation())))
 }

@@ -182,7 +182,7 @@ impl SalesforceConnection {
     pub fn new(name: &str, config: SalesforceConfig, client: reqwest::Client) -> Self {
         Self {
             name: name.to_string(),
-            limiter: Arc::new(AdaptiveLimiter::new(config.http.rate_limit)),
+            limiter: Arc::new(AdaptiveLimiter::new(config.http.rate_limit).for_connection(name)),
             config: Arc::new(config),
             client,
             login: tokio::sync::Mutex::default(),
@@ -242,6 +242,10 @@ impl SalesforceConnection {
     /// Records the quota an answer reports.
     pub fn observe(&self, headers: &http::HeaderMap) {
         if let Some(usage) = retry::api_usage(headers) {
+            if usage.1 > 0 {
+                metrics::gauge!("sluice_api_quota_used_ratio", "connection" => self.name.clone())
+                    .set(usage.0 as f64 / usage.1 as f64);
+            }
             *self.usage.lock().expect("usage lock") = Some(usage);
         }
     }

@@ -64,7 +64,7 @@ impl ConnectorKind for WebhookConnector {
         let client = config.http.client("url", config.redirects)?;
         let destination = WebhookDestination(Arc::new(WebhookConnection {
             name: name.to_string(),
-            limiter: Arc::new(AdaptiveLimiter::new(config.http.rate_limit)),
+            limiter: Arc::new(AdaptiveLimiter::new(config.http.rate_limit).for_connection(name)),
             config: Arc::new(config),
             client,
         }));
