@@ -44,6 +44,13 @@ pub enum Statement {
     DropSync { name: String, if_exists: bool },
     /// `SHOW SYNCS`
     ShowSyncs,
+    /// `CREATE [OR REPLACE] ALERT [IF NOT EXISTS] name ON SYNC pattern WHEN predicate NOTIFY
+    /// connection [OPTIONS (…)]`
+    CreateAlert(CreateAlert),
+    /// `DROP ALERT [IF EXISTS] name`
+    DropAlert { name: String, if_exists: bool },
+    /// `SHOW ALERTS`
+    ShowAlerts,
     /// Anything DataFusion parses.
     Sql(Box<DFStatement>),
 }
@@ -101,6 +108,21 @@ impl std::fmt::Display for Schedule {
             Schedule::OnNotify(channel) => write!(f, "ON NOTIFY {}", quoted(channel)),
         }
     }
+}
+
+/// `CREATE ALERT`.
+#[derive(Debug, Clone)]
+pub struct CreateAlert {
+    pub name: String,
+    pub or_replace: bool,
+    pub if_not_exists: bool,
+    /// The syncs it watches: a name, or a pattern with `*` and `?` (`'accounts_*'`, `'*'`).
+    pub pattern: String,
+    /// A predicate over the columns of the run's `sluice.runs` row, as written.
+    pub predicate: String,
+    /// The connection notified (a webhook or slack connection).
+    pub notify: String,
+    pub options: Vec<(String, OptionValue)>,
 }
 
 /// `CREATE SYNC`.
@@ -270,6 +292,12 @@ impl SluiceParser<'_> {
                 }
                 return self.parse_create_sync(or_replace);
             }
+            if self.word(n, "ALERT") {
+                for _ in 0..=n {
+                    self.df.parser.next_token();
+                }
+                return self.parse_create_alert(or_replace);
+            }
         }
         if self.words(&["RUN", "SYNC"]) {
             let name = normalize(self.df.parser.parse_identifier()?);
@@ -297,6 +325,13 @@ impl SluiceParser<'_> {
         }
         if self.words(&["SHOW", "SYNCS"]) {
             return Ok(Statement::ShowSyncs);
+        }
+        if self.words(&["DROP", "ALERT"]) {
+            let (name, if_exists) = self.parse_drop_target()?;
+            return Ok(Statement::DropAlert { name, if_exists });
+        }
+        if self.words(&["SHOW", "ALERTS"]) {
+            return Ok(Statement::ShowAlerts);
         }
         if self.words(&["DROP", "CONNECTION"]) {
             let (name, if_exists) = self.parse_drop_target()?;
@@ -458,6 +493,58 @@ impl SluiceParser<'_> {
             options,
             body: Box::new(body),
             body_text,
+        }))
+    }
+
+    fn parse_create_alert(&mut self, or_replace: bool) -> Result<Statement> {
+        let if_not_exists =
+            self.df
+                .parser
+                .parse_keywords(&[Keyword::IF, Keyword::NOT, Keyword::EXISTS]);
+        let name = normalize(self.df.parser.parse_identifier()?);
+        let usage = format!(
+            "write CREATE ALERT {name} ON SYNC <name or 'pattern*'> WHEN <condition on sluice.runs columns> NOTIFY <connection>"
+        );
+        let expect = |parser: &mut Self, words: &[&str]| -> Result<()> {
+            if parser.words(words) {
+                return Ok(());
+            }
+            let found = parser.df.parser.peek_token();
+            Err(located(
+                format!(
+                    "expected {} ({usage}), found {}",
+                    words.join(" "),
+                    found.token
+                ),
+                found.span.start,
+            ))
+        };
+        expect(self, &["ON", "SYNC"])?;
+        let pattern = match self.df.parser.peek_token().token {
+            Token::SingleQuotedString(_) => self.df.parser.parse_literal_string()?,
+            Token::Mul => {
+                self.df.parser.next_token();
+                "*".to_string()
+            }
+            _ => normalize(self.df.parser.parse_identifier()?),
+        };
+        expect(self, &["WHEN"])?;
+        let predicate = self.df.parser.parse_expr()?;
+        expect(self, &["NOTIFY"])?;
+        let notify = normalize(self.df.parser.parse_identifier()?);
+        let options = if self.df.parser.parse_keyword(Keyword::OPTIONS) {
+            self.parse_options()?
+        } else {
+            vec![]
+        };
+        Ok(Statement::CreateAlert(CreateAlert {
+            name,
+            or_replace,
+            if_not_exists,
+            pattern,
+            predicate: predicate.to_string(),
+            notify,
+            options,
         }))
     }
 

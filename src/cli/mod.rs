@@ -90,6 +90,10 @@ pub enum Command {
         /// How long running syncs may take to finish once asked to stop.
         #[arg(long, value_name = "DURATION", default_value = "30s")]
         shutdown_grace: String,
+        /// The status page's address as people reach it (behind a proxy, say), for the links in
+        /// alert notices; default: http://<listen address>/.
+        #[arg(long, value_name = "URL")]
+        public_url: Option<String>,
     },
     /// Parse and plan every statement without executing any query or write; report every
     /// problem as file:line:col: message.
@@ -273,12 +277,14 @@ async fn run(args: Args) -> Status {
             max_concurrent_syncs,
             api_token_file,
             shutdown_grace,
+            public_url,
         }) => {
             let config = match serve_config(
                 listen,
                 max_concurrent_syncs,
                 api_token_file,
                 &shutdown_grace,
+                public_url,
             ) {
                 Ok(config) => config,
                 Err(e) => {
@@ -320,6 +326,7 @@ fn serve_config(
     max_concurrent_syncs: Option<u64>,
     api_token_file: Option<PathBuf>,
     shutdown_grace: &str,
+    public_url: Option<String>,
 ) -> std::result::Result<crate::serve::ServeConfig, String> {
     let api_token = match api_token_file {
         Some(file) => Some(
@@ -338,6 +345,7 @@ fn serve_config(
         api_token,
         shutdown_grace: crate::options::parse_duration(shutdown_grace)
             .map_err(|e| format!("--shutdown-grace '{shutdown_grace}': {e}"))?,
+        public_url,
     })
 }
 

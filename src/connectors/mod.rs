@@ -28,10 +28,12 @@
 
 pub mod file;
 pub mod hubspot;
+pub mod notice;
 pub mod paged;
 pub mod postgres;
 pub mod salesforce;
 mod schema;
+pub mod slack;
 mod table;
 pub mod typed;
 pub mod webhook;
@@ -67,6 +69,7 @@ pub fn kinds() -> Vec<Arc<dyn ConnectorKind>> {
         Arc::new(hubspot::HubspotConnector),
         Arc::new(salesforce::SalesforceConnector),
         Arc::new(postgres::PostgresConnector),
+        Arc::new(slack::SlackConnector),
     ]
 }
 
@@ -228,6 +231,36 @@ pub async fn listen(
     postgres::watch::listen(&connection, channel).await
 }
 
+/// An alert's notice: what happened, for people (`text`) and for programs (`details`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Notice {
+    pub alert: String,
+    pub sync: String,
+    /// fired | repeated | resolved
+    pub event: String,
+    /// One line for people (Slack's message, a webhook's `text`).
+    pub text: String,
+    /// The run's `sluice.runs` row, the top reject codes and the status page's link.
+    pub details: serde_json::Value,
+}
+
+/// Delivers alert notices (see [`Destination::notifier`]).
+#[async_trait]
+pub trait Notifier: Debug + Send + Sync {
+    /// Sends `notice`; an error says why it was not delivered (retried within the call).
+    async fn notify(&self, notice: &Notice) -> Result<()>;
+}
+
+/// The destination behind connection `name`'s schema, if it is one.
+pub fn destination_of(
+    catalog: &dyn datafusion::catalog::CatalogProvider,
+    name: &str,
+) -> Option<Arc<dyn Destination>> {
+    let schema = catalog.schema(name)?;
+    let schema = schema.downcast_ref::<DestinationSchema>()?;
+    Some(Arc::clone(schema.destination()))
+}
+
 /// Field metadata a destination's declared fields may carry: planning refuses read-only
 /// fields, and DESCRIBE shows them all.
 pub mod field_meta {
@@ -331,6 +364,11 @@ pub trait Destination: Debug + Send + Sync + 'static {
     /// The diff in the warehouse this connection's tables are read from (`diff 'warehouse'`),
     /// if the connection is a source that can run one.
     fn warehouse_diff(&self) -> Option<Arc<dyn WarehouseDiff>> {
+        None
+    }
+
+    /// How an alert notifies through this connection, if it can (webhook, slack).
+    fn notifier(&self) -> Option<Arc<dyn Notifier>> {
         None
     }
 

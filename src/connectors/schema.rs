@@ -28,6 +28,11 @@ impl DestinationSchema {
         }
     }
 
+    /// The destination this schema resolves objects through.
+    pub fn destination(&self) -> &Arc<dyn Destination> {
+        &self.destination
+    }
+
     /// The fields of `object` as the destination already knows them (see
     /// [`super::Destination::known_fields`]).
     pub fn known_fields(&self, object: &str) -> Option<SchemaRef> {

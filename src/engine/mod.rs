@@ -2,6 +2,7 @@
 //!
 //! The same engine serves the REPL, `sluice run`, `sluice check` and the library API.
 
+mod alerts;
 mod discover;
 mod insert;
 mod outcome;
@@ -25,6 +26,7 @@ use datafusion::prelude::{SessionConfig, SessionContext};
 use datafusion::sql::parser::Statement as DFStatement;
 use datafusion::sql::sqlparser::ast::Statement as SqlStatement;
 
+pub use alerts::{ALERT_OPTIONS, glob_match};
 pub use discover::{OPTION_COLUMNS, option_row};
 pub use outcome::{DryRunReport, Outcome, WriteSummary, format_duration};
 pub use sync::SyncContext;
@@ -69,6 +71,26 @@ pub struct Engine {
     on_drop: std::sync::Mutex<std::collections::HashMap<String, Box<dyn FnOnce() + Send + Sync>>>,
     /// `sluice run --sample n`: every sync this session runs sends only a sample.
     sample: Option<crate::contract::Sample>,
+    alerts: alerts::Alerts,
+}
+
+/// The row a failed run would have had in `sluice.runs` when it failed before recording one
+/// (its plan failed: a source that cannot be reached, a table gone), for its alerts.
+fn unrecorded_failure(
+    name: &str,
+    run_id: Option<String>,
+    e: &Error,
+) -> crate::sync::state::RunRecord {
+    let now = crate::sync::state::now();
+    crate::sync::state::RunRecord {
+        run_id: run_id.unwrap_or_else(crate::sync::run::new_run_id),
+        sync: name.to_string(),
+        started_at: now.clone(),
+        finished_at: Some(now),
+        status: "failed".into(),
+        error: Some(e.to_string()),
+        ..Default::default()
+    }
 }
 
 /// A statement planned and ready to execute.
@@ -125,6 +147,7 @@ impl Engine {
             syncs: Default::default(),
             on_drop: Default::default(),
             sample: None,
+            alerts: Default::default(),
         };
         engine.set_state(engine.state.clone())?;
         Ok(engine)
@@ -141,6 +164,7 @@ impl Engine {
         for (name, kind) in [
             ("runs", StateTableKind::Runs),
             ("rejects", StateTableKind::Rejects),
+            ("alerts", StateTableKind::Alerts),
         ] {
             self.sluice_schema.deregister_table(name)?;
             self.sluice_schema.register_table(
@@ -237,6 +261,9 @@ impl Engine {
             }
             Statement::DropSync { name, if_exists } => self.drop_sync(name, *if_exists),
             Statement::ShowSyncs => self.show_syncs().await,
+            Statement::CreateAlert(create) => self.create_alert(create),
+            Statement::DropAlert { name, if_exists } => self.drop_alert(name, *if_exists),
+            Statement::ShowAlerts => self.show_alerts().await,
             Statement::Sql(sql) => {
                 let context = SyncContext {
                     dry_run: mode == Mode::DryRun,
@@ -265,11 +292,38 @@ impl Engine {
             sample: sample.or_else(|| self.sample.clone()),
             run_id,
         };
-        let planned = self.plan_sync_body(name, &def.body, &context).await?;
+        // Alerts follow real runs of the whole sync (not dry, checked or sample runs).
+        let alerting = mode == Mode::Run && context.sample.is_none();
+        let planned = match self.plan_sync_body(name, &def.body, &context).await {
+            Ok(planned) => planned,
+            Err(e) => {
+                if alerting {
+                    self.evaluate_alerts(&unrecorded_failure(name, context.run_id, &e))
+                        .await;
+                }
+                return Err(e);
+            }
+        };
         if mode == Mode::Check {
             return Ok(Outcome::Checked);
         }
-        self.execute_planned(planned, mode).await
+        let run_id = planned.sync.as_ref().map(|r| r.run_id.clone());
+        let result = self.execute_planned(planned, mode).await;
+        if alerting && !matches!(result, Err(Error::Cancelled)) {
+            let recorded = match &run_id {
+                Some(id) => self.run_record(name, id).await.ok().flatten(),
+                None => None,
+            };
+            let record = match (recorded, &result) {
+                (Some(r), _) => Some(r),
+                (None, Err(e)) => Some(unrecorded_failure(name, run_id, e)),
+                (None, Ok(_)) => None,
+            };
+            if let Some(record) = record {
+                self.evaluate_alerts(&record).await;
+            }
+        }
+        result
     }
 
     /// When the named sync's last recorded run started, if it ever ran.

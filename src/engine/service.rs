@@ -89,6 +89,7 @@ impl Engine {
             ..Default::default()
         };
         self.state.put_run(&record).await?;
+        self.evaluate_alerts(&record).await;
         Ok(record)
     }
 }

@@ -42,7 +42,9 @@ fn is_definition(statement: &ParsedStatement) -> bool {
         Statement::CreateConnection(_)
         | Statement::DropConnection { .. }
         | Statement::CreateSync(_)
-        | Statement::DropSync { .. } => true,
+        | Statement::DropSync { .. }
+        | Statement::CreateAlert(_)
+        | Statement::DropAlert { .. } => true,
         Statement::Sql(sql) => match sql.as_ref() {
             DFStatement::CreateExternalTable(_) => true,
             DFStatement::Statement(s) => matches!(

@@ -34,6 +34,9 @@ pub struct ServeConfig {
     /// The bearer token mutating API calls need (`None`: the mutating API is off).
     pub api_token: Option<String>,
     pub shutdown_grace: Duration,
+    /// Where people reach the status page, for links in alert notices (default: the listen
+    /// address).
+    pub public_url: Option<String>,
 }
 
 /// Makes a new session, configured as the first (its state, its settings).
@@ -69,6 +72,25 @@ pub async fn serve(
             config.listen
         ));
     }
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    let address = listener
+        .local_addr()
+        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+    // Alert notices link to the status page.
+    let status_url = config
+        .public_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{address}/"));
+    let new_engine: NewEngine = {
+        let make = new_engine;
+        Arc::new(move || {
+            let engine = make()?;
+            engine.set_status_url(Some(status_url.clone()));
+            Ok(engine)
+        })
+    };
     let texts = load::read(paths)?;
     let engine = new_engine().map_err(|e| e.to_string())?;
     let loaded = load::load(&engine, &texts).await.map_err(|e| e.message)?;
@@ -86,13 +108,7 @@ pub async fn serve(
         good: texts,
         ..Default::default()
     }));
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    let address = listener
-        .local_addr()
-        .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
-    // (The one line a supervisor or a test reads to find the service.)
+    // (The one line a supervisor or a test reads to find the service, once it is loaded.)
     println!("sluice serve: listening on http://{address}");
     tracing::info!(
         files = loaded.files,

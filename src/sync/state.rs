@@ -194,6 +194,28 @@ pub struct RunRecord {
     pub failure: Option<crate::error::Failure>,
 }
 
+/// Something an alert did, as shown in `sluice.alerts`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct AlertEvent {
+    pub event_id: String,
+    pub alert: String,
+    pub sync: String,
+    /// fired | repeated | resolved
+    pub event: String,
+    /// The run it was evaluated after.
+    pub run_id: String,
+    /// That run's status.
+    pub status: String,
+    pub at: String,
+    /// The connection notified.
+    pub notified: String,
+    pub delivered: bool,
+    /// Why the notice was not delivered.
+    pub error: Option<String>,
+    /// The notice's text.
+    pub message: String,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct LockFile {
     pid: u32,
@@ -875,6 +897,41 @@ impl StateStore {
             .filter(|c| c.is_ascii_alphanumeric())
             .collect();
         self.path(&["runs", &run.sync, &format!("{stamp}-{}.json", run.run_id)])
+    }
+
+    /// Records an alert's event (`sluice.alerts`).
+    pub async fn put_alert_event(&self, event: &AlertEvent) -> Result<()> {
+        let stamp: String = event
+            .at
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric())
+            .collect();
+        let path = self.path(&[
+            "alerts",
+            &event.alert,
+            &format!("{stamp}-{}.json", event.event_id),
+        ]);
+        let body = serde_json::to_vec(event).expect("serializing to memory");
+        self.write(&path, body).await
+    }
+
+    /// Every alert event, oldest first.
+    pub async fn alert_events(&self) -> Result<Vec<AlertEvent>> {
+        let objects = self.list(&self.path(&["alerts"])).await?;
+        let mut events = Vec::with_capacity(objects.len());
+        for o in objects {
+            let Some(bytes) = self.read(&o.location).await? else {
+                continue;
+            };
+            match serde_json::from_slice::<AlertEvent>(&bytes) {
+                Ok(e) => events.push(e),
+                Err(e) => {
+                    tracing::warn!(file = %self.shown(&o.location), error = %e, "Skipping an unreadable alert event.")
+                }
+            }
+        }
+        events.sort_by(|a, b| a.at.cmp(&b.at));
+        Ok(events)
     }
 
     /// Every run record of every sync.

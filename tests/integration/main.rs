@@ -1,5 +1,6 @@
 //! The one integration test binary: every integration test module compiles into it.
 
+mod alerts;
 mod change_log;
 mod cli;
 mod fakes;

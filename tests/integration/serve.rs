@@ -34,7 +34,7 @@ impl Drop for Serve {
 }
 
 fn start(dir: &std::path::Path, fake: &FakeWebhook, token: Option<&str>) -> Serve {
-    start_with(dir, fake, token, &[])
+    start_with(dir, fake, token, &[], &[])
 }
 
 fn start_with(
@@ -42,6 +42,7 @@ fn start_with(
     fake: &FakeWebhook,
     token: Option<&str>,
     args: &[&str],
+    envs: &[(&str, &str)],
 ) -> Serve {
     let mut cmd = super::support::sluice(dir);
     cmd.args([
@@ -53,6 +54,7 @@ fn start_with(
         "5s",
     ])
     .args(args)
+    .envs(envs.iter().copied())
     .env("SLUICE_TEST_SERVE_URL", &fake.url)
     .env("SLUICE_LOG", "info")
     .stdout(Stdio::piped())
@@ -327,7 +329,13 @@ CREATE SYNC second SCHEDULE AFTER first
 "
     );
     std::fs::write(dir.path().join("project.sql"), &project).unwrap();
-    let mut serve = start_with(dir.path(), &fake, Some(TOKEN), &["--log-format", "json"]);
+    let mut serve = start_with(
+        dir.path(),
+        &fake,
+        Some(TOKEN),
+        &["--log-format", "json"],
+        &[],
+    );
 
     // Each runs once: ON CHANGE and ON NOTIFY at start, first on its tick, second after it.
     eventually(
@@ -443,4 +451,69 @@ CREATE SYNC second SCHEDULE AFTER first
             "{line}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_alerts_once_into_slack_and_resolves_once() {
+    use super::fakes::slack::{FakeSlack, WEBHOOK_PATH};
+    let slack = FakeSlack::start().await;
+    let fake = FakeWebhook::start(Script {
+        unauthorized: true,
+        ..Default::default()
+    })
+    .await;
+    let dir = super::support::scratch();
+    std::fs::write(
+        dir.path().join("project.sql"),
+        "CREATE CONNECTION hooks TYPE webhook OPTIONS (url env('SLUICE_TEST_SERVE_URL'), key 'id');
+CREATE CONNECTION ops TYPE slack OPTIONS (webhook_url env('SLUICE_TEST_SLACK_URL'));
+CREATE TABLE people AS SELECT * FROM (VALUES (1, 'a@x.io'), (2, 'b@x.io')) AS v(id, email);
+CREATE SYNC people_every SCHEDULE EVERY '1 second'
+  AS INSERT INTO hooks.people SELECT id, email FROM people;
+CREATE ALERT failing ON SYNC 'people*' WHEN status = 'failed' NOTIFY ops;
+",
+    )
+    .unwrap();
+    let mut serve = start_with(
+        dir.path(),
+        &fake,
+        Some(TOKEN),
+        &[],
+        &[("SLUICE_TEST_SLACK_URL", &slack.webhook_url)],
+    );
+    let runs_with = async |status: &str| {
+        let (_, runs) = get(&serve, "/api/syncs/people_every/runs").await;
+        runs["runs"]
+            .as_array()
+            .map_or(0, |r| r.iter().filter(|r| r["status"] == status).count())
+    };
+    eventually(Duration::from_secs(20), "three failed runs", async || {
+        runs_with("failed").await >= 3
+    })
+    .await;
+    let texts = slack.texts();
+    assert_eq!(texts.len(), 1, "{texts:?}");
+    assert!(
+        texts[0].starts_with("[FIRING] failing: sync people_every")
+            && texts[0].contains(&format!("Status: {}/", serve.base)),
+        "{texts:?}"
+    );
+    fake.script(|s| s.unauthorized = false);
+    eventually(Duration::from_secs(20), "the recovery notice", async || {
+        slack.texts().len() == 2
+    })
+    .await;
+    assert!(
+        slack.texts()[1].starts_with("[RESOLVED] failing"),
+        "{:?}",
+        slack.texts()
+    );
+    let succeeded = runs_with("succeeded").await;
+    eventually(Duration::from_secs(20), "two more runs", async || {
+        runs_with("succeeded").await >= succeeded + 2
+    })
+    .await;
+    assert_eq!(slack.texts().len(), 2, "{:?}", slack.texts());
+    let stderr = stop(&mut serve);
+    assert!(!stderr.contains(WEBHOOK_PATH), "{stderr}");
 }

@@ -105,18 +105,29 @@ pub fn signature(secret: &str, timestamp: u64, body: &[u8]) -> String {
     )
 }
 
-/// The full request for `batch`.
-pub fn build(
+/// A request carrying `body` (an alert notice) with the connection's headers and signature.
+pub fn notice_request(
     client: &reqwest::Client,
     config: &WebhookConfig,
-    envelope: &Envelope,
-    batch: &Batch,
+    idempotency_key: &str,
+    body: Vec<u8>,
 ) -> reqwest::RequestBuilder {
-    let body = encode_body(envelope, batch);
-    let mut request = client
-        .request(config.method.clone(), config.url.clone())
-        .header(http::header::CONTENT_TYPE, "application/json")
-        .header(IDEMPOTENCY_HEADER, batch.idempotency_key());
+    signed(
+        client
+            .request(config.method.clone(), config.url.clone())
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .header(IDEMPOTENCY_HEADER, idempotency_key),
+        config,
+        body,
+    )
+}
+
+/// Adds the configured headers and, with a signing secret, the signature of `body`.
+fn signed(
+    mut request: reqwest::RequestBuilder,
+    config: &WebhookConfig,
+    body: Vec<u8>,
+) -> reqwest::RequestBuilder {
     for (name, value) in &config.headers {
         request = request.header(name, value.0.clone());
     }
@@ -128,6 +139,21 @@ pub fn build(
         request = request.header(SIGNATURE_HEADER, signature(secret.expose(), now, &body));
     }
     request.body(body)
+}
+
+/// The full request for `batch`.
+pub fn build(
+    client: &reqwest::Client,
+    config: &WebhookConfig,
+    envelope: &Envelope,
+    batch: &Batch,
+) -> reqwest::RequestBuilder {
+    let body = encode_body(envelope, batch);
+    let request = client
+        .request(config.method.clone(), config.url.clone())
+        .header(http::header::CONTENT_TYPE, "application/json")
+        .header(IDEMPOTENCY_HEADER, batch.idempotency_key());
+    signed(request, config, body)
 }
 
 #[cfg(test)]

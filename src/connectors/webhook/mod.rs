@@ -96,6 +96,10 @@ impl Destination for WebhookDestination {
         Some(self.0.config.http.concurrency)
     }
 
+    fn notifier(&self) -> Option<Arc<dyn crate::connectors::Notifier>> {
+        Some(Arc::new(WebhookNotifier(Arc::clone(&self.0))))
+    }
+
     async fn object(&self, name: &str) -> Result<Option<ObjectSpec>> {
         // Any object name is valid: it travels in the body.
         Ok(Some(ObjectSpec {
@@ -129,5 +133,27 @@ impl Destination for WebhookDestination {
             report,
             sync,
         )))
+    }
+}
+
+/// Alert notices to a webhook: `POST` (or the configured method) of
+/// `{"alert", "sync", "event", "text", "details"}`, with the connection's headers and signature.
+#[derive(Debug)]
+struct WebhookNotifier(Arc<WebhookConnection>);
+
+#[async_trait]
+impl crate::connectors::Notifier for WebhookNotifier {
+    async fn notify(&self, notice: &crate::connectors::Notice) -> Result<()> {
+        let connection = &self.0;
+        let config = &connection.config;
+        let body = serde_json::to_vec(notice).expect("serializing to memory");
+        let key = uuid::Uuid::new_v4().simple().to_string();
+        crate::connectors::notice::send(
+            &format!("webhook {} ({})", connection.name, config.shown_url),
+            config.http.timeout,
+            || api::notice_request(&connection.client, config, &key, body.clone()),
+            crate::connectors::notice::by_status,
+        )
+        .await
     }
 }

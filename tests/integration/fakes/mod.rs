@@ -2,4 +2,5 @@
 
 pub mod hubspot;
 pub mod salesforce;
+pub mod slack;
 pub mod webhook;
