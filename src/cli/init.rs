@@ -73,6 +73,15 @@ const STARTERS: &[Starter] = &[
         )],
         sync: None,
     },
+    Starter {
+        kind: "slack",
+        connection: "-- Alert notices (CREATE ALERT … NOTIFY ops), and ops.messages: one message per new row.\nCREATE OR REPLACE CONNECTION ops TYPE slack OPTIONS (webhook_url env('SLACK_WEBHOOK_URL'));\nCREATE OR REPLACE ALERT failing ON SYNC '*' WHEN status = 'failed' NOTIFY ops;",
+        env: &[(
+            "SLACK_WEBHOOK_URL",
+            "an incoming webhook URL (https://hooks.slack.com/services/…)",
+        )],
+        sync: None,
+    },
 ];
 
 /// The bundled sample model: a few customers, so the example sync has rows on day one.

@@ -1,6 +1,8 @@
 //! The HTTP API of `sluice serve`: JSON, no secret in any answer.
 //!
 //! ```text
+//! GET  /                               the status page (HTML)
+//! GET  /openapi.json                   this API, described (docs/api/openapi.json)
 //! GET  /healthz                        the process is up
 //! GET  /readyz                         the project is loaded and the state is reachable (JSON,
 //!                                      with the files that did not reload)
@@ -37,6 +39,9 @@ pub struct Api {
     pub loading: Arc<std::sync::Mutex<super::Loading>>,
 }
 
+/// The API's description, served at `/openapi.json`; the tests check the server against it.
+pub const OPENAPI: &str = include_str!("../../docs/api/openapi.json");
+
 /// Requests carry no body worth more than this.
 const BODY_LIMIT: usize = 16 * 1024;
 
@@ -45,6 +50,16 @@ const MAX_ROWS: usize = 100;
 
 pub fn router(api: Api) -> Router {
     Router::new()
+        .route("/", get(status_page))
+        .route(
+            "/openapi.json",
+            get(|| async {
+                (
+                    [(axum::http::header::CONTENT_TYPE, "application/json")],
+                    OPENAPI,
+                )
+            }),
+        )
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(prometheus))
@@ -192,6 +207,42 @@ async fn rows(
     json_rows(&batches).map_err(internal)
 }
 
+/// Every row of `table` (a `sluice.*` table), newest first by `order`.
+async fn all_rows(api: &Api, table: &str, order: &str) -> Result<Vec<Value>, Response> {
+    let (table, order) = (table.to_string(), order.to_string());
+    let batches = with_engine(api, |engine| {
+        let ctx = engine.context().clone();
+        async move {
+            ctx.table(table.as_str())
+                .await?
+                .sort(vec![col(order.as_str()).sort(false, true)])?
+                .collect()
+                .await
+        }
+    })
+    .await?
+    .map_err(internal)?;
+    json_rows(&batches).map_err(internal)
+}
+
+async fn status_page(State(api): State<Api>) -> Response {
+    let runs = match all_rows(&api, "sluice.runs", "started_at").await {
+        Ok(r) => r,
+        Err(r) => return r,
+    };
+    let rejects = all_rows(&api, "sluice.rejects", "last_seen")
+        .await
+        .unwrap_or_default();
+    let errors = api.loading.lock().expect("loading").errors.clone();
+    axum::response::Html(super::page::render(
+        &api.runner.statuses(),
+        &runs,
+        &rejects,
+        &errors,
+    ))
+    .into_response()
+}
+
 fn json_rows(batches: &[RecordBatch]) -> Result<Vec<Value>, String> {
     let mut buf = Vec::new();
     let mut writer = datafusion::arrow::json::ArrayWriter::new(&mut buf);
@@ -278,7 +329,17 @@ async fn run_now(
             let _ = done.await;
             match rows(&api, "sluice.runs", "run_id", &id, None).await {
                 Ok(mut rows) if !rows.is_empty() => Json(rows.swap_remove(0)).into_response(),
-                Ok(_) => Json(json!({ "run_id": id, "status": api.runner.status(&name).and_then(|s| s.last_status) })).into_response(),
+                // It failed before it recorded itself (its plan failed).
+                Ok(_) => {
+                    let status = api.runner.status(&name);
+                    Json(json!({
+                        "run_id": id,
+                        "status": status.as_ref().and_then(|s| s.last_status.clone()),
+                        "error": status.and_then(|s| s.last_error),
+                        "unrecorded": true,
+                    }))
+                    .into_response()
+                }
                 Err(r) => r,
             }
         }

@@ -6,7 +6,8 @@
 //!   a reload keeps a broken file's previous text.
 //! - [`runner`]: starts runs (never two of one sync at once, at most `max_concurrent` in all),
 //!   the schedule and trigger loops, and sequences.
-//! - [`api`]: the HTTP routes; [`metrics`]: `/metrics`.
+//! - [`api`]: the HTTP routes (described by `docs/api/openapi.json`); [`metrics`]: `/metrics`;
+//!   [`page`]: the status page at `/`.
 //!
 //! SIGTERM or SIGINT stop new runs; running ones get `shutdown_grace` to finish and commit, then
 //! are cancelled (their runs are recorded as interrupted and their state stays consistent).
@@ -15,6 +16,7 @@
 mod api;
 mod load;
 pub mod metrics;
+mod page;
 mod runner;
 
 use std::net::SocketAddr;

@@ -517,3 +517,365 @@ CREATE ALERT failing ON SYNC 'people*' WHEN status = 'failed' NOTIFY ops;
     let stderr = stop(&mut serve);
     assert!(!stderr.contains(WEBHOOK_PATH), "{stderr}");
 }
+
+/// The answer's schema in the OpenAPI file for `path` (as written there), `method` and `status`,
+/// as a validator.
+fn openapi_validator(spec: &Value, path: &str, method: &str, status: u16) -> jsonschema::Validator {
+    // A JSON pointer in a URI fragment: `~` and `/` escaped, then braces percent-encoded.
+    let escape = |s: &str| {
+        s.replace('~', "~0")
+            .replace('/', "~1")
+            .replace('{', "%7B")
+            .replace('}', "%7D")
+    };
+    let pointer = format!(
+        "#/paths/{}/{method}/responses/{status}/content/application~1json/schema",
+        escape(path)
+    );
+    let at = pointer
+        .trim_start_matches('#')
+        .replace("%7B", "{")
+        .replace("%7D", "}");
+    assert!(
+        spec.pointer(&at).is_some(),
+        "the OpenAPI file does not describe {method} {path} answering {status}"
+    );
+    let mut document = spec.clone();
+    document["$ref"] = Value::String(pointer);
+    jsonschema::options()
+        .with_draft(jsonschema::Draft::Draft202012)
+        .build(&document)
+        .expect("the OpenAPI file's schemas compile")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_answers_as_its_openapi_file_says() {
+    let fake = FakeWebhook::start(Script {
+        latency: Duration::from_millis(1500),
+        reject_invalid: Some("email".into()),
+        ..Default::default()
+    })
+    .await;
+    let dir = super::support::scratch();
+    std::fs::write(
+        dir.path().join("project.sql"),
+        "CREATE CONNECTION hooks TYPE webhook OPTIONS (url env('SLUICE_TEST_SERVE_URL'), key 'id');
+CREATE TABLE people AS SELECT * FROM (VALUES (1, 'a@x.io'), (2, 'not-an-email')) AS v(id, email);
+CREATE SYNC slow AS INSERT INTO hooks.people SELECT id, email FROM people;
+CREATE SYNC timed SCHEDULE EVERY '1 hour' AS INSERT INTO hooks.timed SELECT id FROM people;
+",
+    )
+    .unwrap();
+    let serve = start(dir.path(), &fake, Some(TOKEN));
+    let spec: Value = serde_json::from_str(
+        &reqwest::get(format!("{}/openapi.json", serve.base))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap(),
+    )
+    .unwrap();
+    let on_disk: Value = serde_json::from_str(
+        &std::fs::read_to_string(super::support::repo_root().join("docs/api/openapi.json"))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(spec, on_disk, "/openapi.json serves docs/api/openapi.json");
+    let mut covered = std::collections::BTreeSet::new();
+    let mut check = |path: &str, method: &str, status: u16, expected: u16, body: &Value| {
+        assert_eq!(status, expected, "{method} {path}: {body}");
+        let validator = openapi_validator(&spec, path, method, status);
+        let errors: Vec<String> = validator
+            .iter_errors(body)
+            .map(|e| format!("{e} at {}", e.instance_path()))
+            .collect();
+        assert!(
+            errors.is_empty(),
+            "{method} {path} {status}: {body}\n{errors:#?}"
+        );
+        covered.insert((path.to_string(), method.to_string()));
+    };
+
+    let (status, body) = get(&serve, "/readyz").await;
+    check("/readyz", "get", status, 200, &body);
+    let (status, body) = get(&serve, "/api/syncs").await;
+    check("/api/syncs", "get", status, 200, &body);
+    // Start a run, then ask again while it runs: 409 with its id.
+    let (status, started) = post(&serve, "/api/syncs/slow/runs", Some(TOKEN)).await;
+    check("/api/syncs/{name}/runs", "post", status, 202, &started);
+    let (status, body) = post(&serve, "/api/syncs/slow/runs", Some(TOKEN)).await;
+    check("/api/syncs/{name}/runs", "post", status, 409, &body);
+    assert_eq!(body["run_id"], started["run_id"]);
+    let (status, body) = post(&serve, "/api/syncs/slow/runs", None).await;
+    check("/api/syncs/{name}/runs", "post", status, 401, &body);
+    let (status, body) = post(&serve, "/api/syncs/nope/runs", Some(TOKEN)).await;
+    check("/api/syncs/{name}/runs", "post", status, 404, &body);
+    let (status, body) = post(&serve, "/api/syncs/timed/runs?wait=true", Some(TOKEN)).await;
+    check("/api/syncs/{name}/runs", "post", status, 200, &body);
+    let id = started["run_id"].as_str().unwrap().to_string();
+    eventually(Duration::from_secs(20), "the first run", async || {
+        let (_, run) = get(&serve, &format!("/api/runs/{id}")).await;
+        run["status"] == "partial"
+    })
+    .await;
+    let (status, body) = get(&serve, &format!("/api/runs/{id}")).await;
+    check("/api/runs/{id}", "get", status, 200, &body);
+    let (status, body) = get(&serve, "/api/runs/nope").await;
+    check("/api/runs/{id}", "get", status, 404, &body);
+    let (status, body) = get(&serve, "/api/syncs/slow/runs").await;
+    check("/api/syncs/{name}/runs", "get", status, 200, &body);
+    let (status, body) = get(&serve, "/api/syncs/nope/runs").await;
+    check("/api/syncs/{name}/runs", "get", status, 404, &body);
+    let (status, body) = get(&serve, "/api/syncs/slow/rejects").await;
+    check("/api/syncs/{name}/rejects", "get", status, 200, &body);
+    assert_eq!(body["rejects"][0]["error_code"], "invalid_email", "{body}");
+    let (status, body) = get(&serve, "/api/syncs/nope/rejects").await;
+    check("/api/syncs/{name}/rejects", "get", status, 404, &body);
+    // Every JSON route of the file was exercised.
+    for (path, item) in spec["paths"].as_object().unwrap() {
+        for method in ["get", "post"] {
+            let json = item[method]["responses"].as_object().is_some_and(|r| {
+                r.values()
+                    .any(|r| r["content"]["application/json"].is_object())
+            });
+            if json {
+                assert!(
+                    covered.contains(&(path.clone(), method.to_string())),
+                    "{method} {path} is not checked"
+                );
+            }
+        }
+    }
+}
+
+/// A WebDriver session on headless Chromium (Debian's chromium and chromium-driver).
+struct Browser {
+    driver: Child,
+    base: String,
+    session: String,
+    client: reqwest::Client,
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.driver.kill();
+    }
+}
+
+/// The key under which WebDriver answers an element's id.
+const ELEMENT: &str = "element-6066-11e4-a52e-4f735466cecf";
+
+impl Browser {
+    /// `None` (test skipped) when chromedriver is not installed and services are not required.
+    async fn start() -> Option<Self> {
+        let driver_bin = "/usr/bin/chromedriver";
+        if !std::path::Path::new(driver_bin).exists() {
+            if std::env::var("SLUICE_REQUIRE_SERVICES").as_deref() == Ok("1") {
+                panic!(
+                    "{driver_bin} is required (SLUICE_REQUIRE_SERVICES=1): install Debian's chromium and chromium-driver"
+                );
+            }
+            eprintln!("skipping: {driver_bin} is not installed");
+            return None;
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let driver = std::process::Command::new(driver_bin)
+            .arg(format!("--port={port}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("chromedriver");
+        let base = format!("http://127.0.0.1:{port}");
+        let client = reqwest::Client::new();
+        let mut browser = Self {
+            driver,
+            base,
+            session: String::new(),
+            client,
+        };
+        let capabilities = serde_json::json!({"capabilities": {"alwaysMatch": {
+            "browserName": "chrome",
+            "goog:chromeOptions": {
+                "binary": "/usr/bin/chromium",
+                "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1280,900"]
+            }
+        }}});
+        let until = Instant::now() + Duration::from_secs(20);
+        let answer = loop {
+            match browser.call("POST", "/session", capabilities.clone()).await {
+                Some(answer) => break answer,
+                None => {
+                    assert!(Instant::now() < until, "chromedriver did not start");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        };
+        browser.session = answer["value"]["sessionId"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no session: {answer}"))
+            .to_string();
+        Some(browser)
+    }
+
+    /// A WebDriver call; `None` when the driver is not listening yet.
+    async fn call(&self, method: &str, path: &str, body: Value) -> Option<Value> {
+        let url = format!("{}{path}", self.base);
+        let request = match method {
+            "GET" => self.client.get(url),
+            "DELETE" => self.client.delete(url),
+            // (A command without parameters still sends an empty object.)
+            _ => self
+                .client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(if body.is_null() {
+                    "{}".to_string()
+                } else {
+                    body.to_string()
+                }),
+        };
+        let response = request.send().await.ok()?;
+        Some(serde_json::from_str(&response.text().await.unwrap()).unwrap())
+    }
+
+    async fn session(&self, method: &str, path: &str, body: Value) -> Value {
+        let answer = self
+            .call(method, &format!("/session/{}{path}", self.session), body)
+            .await
+            .expect("chromedriver answers");
+        assert!(answer["value"]["error"].is_null(), "{path}: {answer}");
+        answer["value"].clone()
+    }
+
+    async fn find(&self, css: &str) -> String {
+        let found = self
+            .session(
+                "POST",
+                "/element",
+                serde_json::json!({"using": "css selector", "value": css}),
+            )
+            .await;
+        found[ELEMENT]
+            .as_str()
+            .unwrap_or_else(|| panic!("{css}: {found}"))
+            .to_string()
+    }
+
+    async fn script(&self, script: &str) -> Value {
+        self.session(
+            "POST",
+            "/execute/sync",
+            serde_json::json!({"script": script, "args": []}),
+        )
+        .await
+    }
+
+    async fn screenshot(&self, name: &str) -> std::path::PathBuf {
+        use base64::Engine as _;
+        let png = self.session("GET", "/screenshot", Value::Null).await;
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(png.as_str().unwrap())
+            .unwrap();
+        let path = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join(name);
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_page_runs_a_sync_in_a_real_browser() {
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let fake = FakeWebhook::start(Script::default()).await;
+    let dir = super::support::scratch();
+    std::fs::write(dir.path().join("project.sql"), PROJECT).unwrap();
+    let serve = start(dir.path(), &fake, Some(TOKEN));
+    eventually(Duration::from_secs(15), "a scheduled run", async || {
+        let (_, runs) = get(&serve, "/api/syncs/every_second/runs").await;
+        runs["runs"].as_array().is_some_and(|r| r.len() >= 2)
+    })
+    .await;
+    browser
+        .session(
+            "POST",
+            "/url",
+            serde_json::json!({"url": format!("{}/", serve.base)}),
+        )
+        .await;
+    let title = browser.session("GET", "/title", Value::Null).await;
+    assert_eq!(title, "sluice serve");
+    // Both syncs are on the page; the manual one has no runs yet.
+    let text = browser.script("return document.body.innerText").await;
+    let text = text.as_str().unwrap();
+    assert!(
+        text.contains("every_second") && text.contains("EVERY '1 second'"),
+        "{text}"
+    );
+    assert!(
+        text.contains("on_demand") && text.contains("No runs yet."),
+        "{text}"
+    );
+    // Type the token, click "Run now" on the manual sync, see its run appear.
+    let token = browser.find("#token").await;
+    browser
+        .session(
+            "POST",
+            &format!("/element/{token}/value"),
+            serde_json::json!({"text": TOKEN}),
+        )
+        .await;
+    let button = browser.find("button[data-sync='on_demand']").await;
+    browser
+        .session("POST", &format!("/element/{button}/click"), Value::Null)
+        .await;
+    let until = Instant::now() + Duration::from_secs(20);
+    loop {
+        // The page reloads itself after starting the run; its table then lists it.
+        let rows = browser
+            .script("const s=document.getElementById('sync-on_demand');return s?s.querySelectorAll('table.runs tr').length:0")
+            .await;
+        if rows.as_u64().unwrap_or(0) >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the new run did not appear on the page"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let (_, runs) = get(&serve, "/api/syncs/on_demand/runs").await;
+    let id = runs["runs"][0]["run_id"].as_str().unwrap().to_string();
+    let text = browser
+        .script("return document.getElementById('sync-on_demand').innerText")
+        .await;
+    assert!(text.as_str().unwrap().contains(&id), "{text}");
+    let shot = browser.screenshot("serve-status-page.png").await;
+    eprintln!("screenshot: {}", shot.display());
+    // A phone's width: nothing wider than the screen.
+    browser
+        .session(
+            "POST",
+            "/window/rect",
+            serde_json::json!({"width": 390, "height": 844}),
+        )
+        .await;
+    let fits = browser
+        .script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
+        .await;
+    assert_eq!(fits, Value::Bool(true));
+    browser.screenshot("serve-status-page-phone.png").await;
+    let html = reqwest::get(format!("{}/", serve.base))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!html.contains(TOKEN) && !html.contains(&fake.url), "{html}");
+    browser.session("DELETE", "", Value::Null).await;
+}
