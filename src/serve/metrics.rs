@@ -18,6 +18,9 @@ const DURATION_BUCKETS: &[f64] = &[
     0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
 ];
 
+/// How late a schedule's tick fired, in seconds: the histogram's buckets.
+const LATENESS_BUCKETS: &[f64] = &[0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0];
+
 fn handle() -> &'static OnceLock<PrometheusHandle> {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     &HANDLE
@@ -38,6 +41,11 @@ pub fn install() -> Result<(), String> {
         .set_buckets_for_metric(
             Matcher::Full("sluice_run_duration_seconds".into()),
             DURATION_BUCKETS,
+        )
+        .map_err(|e| e.to_string())?
+        .set_buckets_for_metric(
+            Matcher::Full("sluice_tick_lateness_seconds".into()),
+            LATENESS_BUCKETS,
         )
         .map_err(|e| e.to_string())?
         .build_recorder();
@@ -82,6 +90,11 @@ fn describe() {
         "sluice_seconds_since_last_success",
         Unit::Seconds,
         "Seconds since the sync last succeeded in this process."
+    );
+    describe_histogram!(
+        "sluice_tick_lateness_seconds",
+        Unit::Seconds,
+        "How long after its time each schedule tick fired (runs then wait for a free slot of --max-concurrent-syncs)."
     );
     describe_gauge!(
         "sluice_next_run_timestamp_seconds",

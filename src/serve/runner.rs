@@ -711,6 +711,8 @@ impl Runner {
                 _ = self.clock.sleep_until(fire) => {}
                 _ = stop.wait_for(|s| *s) => break,
             }
+            let late = (self.clock.now() - fire).to_std().unwrap_or_default();
+            metrics::histogram!("sluice_tick_lateness_seconds").record(late.as_secs_f64());
             self.start(name, Cause::Schedule);
         }
         self.set_next(name, None);

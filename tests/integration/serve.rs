@@ -879,3 +879,135 @@ async fn the_status_page_runs_a_sync_in_a_real_browser() {
     assert!(!html.contains(TOKEN) && !html.contains(&fake.url), "{html}");
     browser.session("DELETE", "", Value::Null).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_run_then_a_restart_loses_nothing() {
+    // Slow enough that a run outlives the 5 s grace: 4,000 records in 80 requests of 50, each
+    // answered after 400 ms, 4 at a time: about 8 s.
+    let fake = FakeWebhook::start(Script {
+        latency: Duration::from_millis(400),
+        ..Default::default()
+    })
+    .await;
+    let dir = super::support::scratch();
+    std::fs::write(
+        dir.path().join("project.sql"),
+        "CREATE CONNECTION hooks TYPE webhook OPTIONS (url env('SLUICE_TEST_SERVE_URL'), key 'id', batch_size '50');
+CREATE TABLE people AS SELECT value AS id, concat('p', value, '@x.io') AS email FROM generate_series(1, 4000);
+CREATE SYNC big OPTIONS (checkpoint_every '1s') AS INSERT INTO hooks.people SELECT id, email FROM people;
+",
+    )
+    .unwrap();
+    let stored = |fake: &FakeWebhook| {
+        fake.observed(|o| {
+            o.state
+                .keys()
+                .filter(|(object, _)| object == "people")
+                .count()
+        })
+    };
+    let mut serve = start(dir.path(), &fake, Some(TOKEN));
+    let (status, started) = post(&serve, "/api/syncs/big/runs", Some(TOKEN)).await;
+    assert_eq!(status, 202, "{started}");
+    eventually(Duration::from_secs(20), "the run under way", async || {
+        stored(&fake) >= 500
+    })
+    .await;
+    let stderr = stop(&mut serve);
+    assert!(stderr.contains("cancelled"), "{stderr}");
+    let delivered = stored(&fake);
+    assert!(
+        delivered < 4000,
+        "the run finished before it was stopped: {delivered}"
+    );
+    let id = started["run_id"].as_str().unwrap();
+    let run: Value = serde_json::from_str(
+        &std::fs::read_dir(dir.path().join(".sluice/runs/big"))
+            .unwrap()
+            .map(|f| std::fs::read_to_string(f.unwrap().path()).unwrap())
+            .find(|t| t.contains(id))
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(run["status"], "interrupted", "{run}");
+
+    // Restarted: the next run sends the rest, and the destination holds every record once.
+    let serve = start(dir.path(), &fake, Some(TOKEN));
+    let (status, run) = post(&serve, "/api/syncs/big/runs?wait=true", Some(TOKEN)).await;
+    assert_eq!(
+        (status, run["status"].as_str()),
+        (200, Some("succeeded")),
+        "{run}"
+    );
+    assert_eq!(stored(&fake), 4000);
+    let resent = run["inserted"].as_u64().unwrap() + run["updated"].as_u64().unwrap();
+    assert!(
+        resent >= 4000 - delivered as u64 && resent < 4000,
+        "the rerun sent {resent} records; {delivered} had arrived before the stop"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_state_fails_runs_and_alerts_and_the_service_carries_on() {
+    use super::fakes::slack::FakeSlack;
+    let slack = FakeSlack::start().await;
+    let fake = FakeWebhook::start(Script::default()).await;
+    let dir = super::support::scratch();
+    std::fs::write(
+        dir.path().join("project.sql"),
+        "CREATE CONNECTION hooks TYPE webhook OPTIONS (url env('SLUICE_TEST_SERVE_URL'), key 'id');
+CREATE CONNECTION ops TYPE slack OPTIONS (webhook_url env('SLUICE_TEST_SLACK_URL'));
+CREATE TABLE people AS SELECT * FROM (VALUES (1, 'a@x.io'), (2, 'b@x.io')) AS v(id, email);
+CREATE SYNC people_every SCHEDULE EVERY '1 second'
+  AS INSERT INTO hooks.people SELECT id, email FROM people;
+CREATE ALERT failing ON SYNC '*' WHEN status = 'failed' NOTIFY ops;
+",
+    )
+    .unwrap();
+    let mut serve = start_with(
+        dir.path(),
+        &fake,
+        Some(TOKEN),
+        &[],
+        &[("SLUICE_TEST_SLACK_URL", &slack.webhook_url)],
+    );
+    eventually(Duration::from_secs(15), "a first run", async || {
+        fake.observed(|o| o.records.len()) == 2
+    })
+    .await;
+    // The sync state's folder becomes a file: no run can take its lock or read its state.
+    let syncs = dir.path().join(".sluice/syncs");
+    let aside = dir.path().join("syncs-aside");
+    std::fs::rename(&syncs, &aside).unwrap();
+    std::fs::write(&syncs, "not a folder").unwrap();
+    eventually(Duration::from_secs(15), "the failure notice", async || {
+        slack.texts().len() == 1
+    })
+    .await;
+    let text = &slack.texts()[0];
+    assert!(
+        text.starts_with("[FIRING] failing: sync people_every"),
+        "{text}"
+    );
+    // Still serving, and still trying on each tick.
+    assert_eq!(get(&serve, "/healthz").await.0, 200);
+    let (_, syncs_now) = get(&serve, "/api/syncs").await;
+    assert_eq!(
+        syncs_now["syncs"][0]["last_status"], "failed",
+        "{syncs_now}"
+    );
+    std::fs::remove_file(&syncs).unwrap();
+    std::fs::rename(&aside, &syncs).unwrap();
+    eventually(Duration::from_secs(15), "the recovery notice", async || {
+        slack.texts().len() == 2
+    })
+    .await;
+    assert!(
+        slack.texts()[1].starts_with("[RESOLVED]"),
+        "{:?}",
+        slack.texts()
+    );
+    // Nothing was sent twice: the state came back as it was.
+    assert_eq!(fake.observed(|o| o.records.len()), 2);
+    stop(&mut serve);
+}
