@@ -2,7 +2,7 @@
 //! process) and the local Postgres.
 //!
 //!   cargo bench --bench serve              # full sizes (about 6 minutes)
-//!   cargo bench --bench serve -- latency   # only part 1 (also: overhead)
+//!   cargo bench --bench serve -- latency   # only part 1 (also: overhead, seed)
 //!   cargo test --bench serve -- --quick    # small sizes, proves the bench runs (CI)
 //!
 //! 1. Change-to-destination latency: a row updated in Postgres (a 50,000-row table) until the
@@ -15,11 +15,22 @@
 //!    fired (`sluice_tick_lateness_seconds`), and how late each run started (runs wait for a free
 //!    slot of `--max-concurrent-syncs`, default the number of cores).
 //!    Targets: idle CPU <= 2% of a core, peak RSS <= 200 MB, every tick within 1 s of its time.
+//! 3. The seed scenario: 50,000 account scores to the Salesforce fake (sObject Collections,
+//!    Bulk API 2.0 above 2,000 records), the HubSpot fake (limited like a Professional account:
+//!    190 requests / 10 s) and the webhook fake, each a sync on the same schedule, with 2% of the
+//!    scores changed before each tick. Per tick after the first syncs: each run's duration and
+//!    what it sent. The schedule is `EVERY '30 seconds'` rather than 5 minutes (the work per tick
+//!    is the same; the bench takes 3 minutes instead of 25). Targets: each tick's runs finish
+//!    within 10 s, sending only the changed records.
 
 #[path = "common/mod.rs"]
 mod common;
 #[path = "../tests/integration/fakes/webhook.rs"]
 mod fake;
+#[path = "../tests/integration/fakes/hubspot.rs"]
+mod hubspot_fake;
+#[path = "../tests/integration/fakes/salesforce.rs"]
+mod salesforce_fake;
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -32,7 +43,7 @@ fn main() {
     let quick = common::quick();
     let only: Vec<String> = std::env::args()
         .skip(1)
-        .filter(|a| ["latency", "overhead"].contains(&a.as_str()))
+        .filter(|a| ["latency", "overhead", "seed"].contains(&a.as_str()))
         .collect();
     let run = |part: &str| only.is_empty() || only.iter().any(|o| o == part);
     let runtime = tokio::runtime::Runtime::new().expect("runtime");
@@ -42,6 +53,9 @@ fn main() {
         }
         if run("overhead") {
             overhead(quick).await;
+        }
+        if run("seed") {
+            seed(quick).await;
         }
     });
 }
@@ -172,10 +186,10 @@ async fn latency(quick: bool) {
         .unwrap();
         // PostgreSQL publishes an idle session's counters about 10 s after its write, so that
         // variant gets fewer changes (each waits that long).
-        let changes = if what.ends_with("pg_stat_user_tables") && !quick {
-            20
-        } else {
-            changes
+        let changes = match (what.ends_with("pg_stat_user_tables"), quick) {
+            (true, true) => 2,
+            (true, false) => 20,
+            _ => changes,
         };
         let serve = Serve::start(dir.path(), &[]);
         // The first run (at start) sends every row.
@@ -343,4 +357,172 @@ async fn overhead(quick: bool) {
         late.len(),
         syncs * 3,
     );
+}
+
+/// Writes the model for `tick`: `rows` accounts, of which 2% more have a changed score at each
+/// tick (at tick t, those with `id % 50 == t - 1`; earlier changes stay). Replaced atomically
+/// (written aside, then renamed).
+fn write_scores(dir: &Path, rows: u64, tick: u64) {
+    let copy = format!(
+        "COPY (SELECT value AS id, 'Account ' || value AS name, 'acct' || value || '@example.com' AS email,
+                      value % 997 + CASE WHEN value % 50 < {tick} THEN (value % 50 + 1) * 1000 ELSE 0 END AS score
+               FROM range(1, {end}))
+         TO 'scores.next.parquet' STORED AS PARQUET",
+        end = rows + 1
+    );
+    common::run_sluice(dir, &["-q", "-c", &copy]);
+    std::fs::rename(dir.join("scores.next.parquet"), dir.join("scores.parquet")).unwrap();
+}
+
+/// Part 3.
+async fn seed(quick: bool) {
+    let (rows, period, ticks) = if quick {
+        (2_000u64, 10.0, 2)
+    } else {
+        (50_000u64, 30.0, 4)
+    };
+    let sf = salesforce_fake::FakeSalesforce::start(salesforce_fake::Script {
+        bulk_base: Duration::from_millis(500),
+        bulk_per_row: Duration::from_micros(20),
+        ..salesforce_fake::Script::default()
+    })
+    .await;
+    let hs = hubspot_fake::FakeHubspot::start(hubspot_fake::Script {
+        limit: Some((190, Duration::from_secs(10))),
+        ..hubspot_fake::Script::default()
+    })
+    .await;
+    let hook = FakeWebhook::start(Script {
+        count_only: true,
+        latency: Duration::from_millis(20),
+        ..Script::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    tokio::task::spawn_blocking(move || write_scores(&d, rows, 0))
+        .await
+        .unwrap();
+    let every = format!("{} seconds", period as u64);
+    std::fs::write(
+        dir.path().join("project.sql"),
+        format!(
+            "CREATE EXTERNAL TABLE scores STORED AS PARQUET LOCATION 'scores.parquet';
+             CREATE CONNECTION sf TYPE salesforce OPTIONS (login_url '{}', client_id '{}', client_secret '{}');
+             CREATE CONNECTION crm TYPE hubspot OPTIONS (token '{}', base_url '{}', tier 'pro');
+             CREATE CONNECTION hooks TYPE webhook OPTIONS (url '{}', key 'id');
+             CREATE SYNC to_salesforce SCHEDULE EVERY '{every}'
+               AS INSERT INTO sf.contact SELECT 'A-' || id AS External_Id__c, name AS LastName, email AS Email, score AS Lead_Score__c FROM scores;
+             CREATE SYNC to_hubspot SCHEDULE EVERY '{every}'
+               AS INSERT INTO crm.contacts SELECT email, name AS firstname, score AS churn_score FROM scores;
+             CREATE SYNC to_webhook SCHEDULE EVERY '{every}'
+               AS INSERT INTO hooks.scores SELECT id, score FROM scores;",
+            sf.url,
+            salesforce_fake::CLIENT_ID,
+            salesforce_fake::CLIENT_SECRET,
+            hubspot_fake::Script::default().token,
+            hs.url,
+            hook.url
+        ),
+    )
+    .unwrap();
+    let serve = Serve::start(dir.path(), &[]);
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64()
+    };
+    // The first syncs (every record new) run on the first tick; HubSpot's limit makes theirs
+    // the longest. Wait until all three have finished a run.
+    let until = Instant::now() + Duration::from_secs(600);
+    loop {
+        let (_, body) = get_json(&serve, "/api/syncs").await;
+        let done = body["syncs"].as_array().is_some_and(|s| {
+            s.iter()
+                .all(|s| s["last_status"] == "succeeded" && s["running"].is_null())
+        });
+        if done {
+            break;
+        }
+        assert!(
+            Instant::now() < until,
+            "the first syncs did not finish: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Then, before each tick, 2% of the scores change.
+    let mut measured = vec![];
+    for tick in 1..=ticks {
+        let d = dir.path().to_path_buf();
+        tokio::task::spawn_blocking(move || write_scores(&d, rows, tick))
+            .await
+            .unwrap();
+        // The first tick after the new scores are in place sends them.
+        let at = ((now() / period).floor() + 1.0) * period;
+        measured.push(at);
+        // The tick's runs have 10 s (the target); then the next scores.
+        let wait = (at + (period / 2.0).min(12.0) - now()).max(0.0);
+        tokio::time::sleep(Duration::from_secs_f64(wait)).await;
+    }
+    drop(serve);
+    let out = Command::new(common::sluice_bin())
+        .current_dir(dir.path())
+        .args([
+            "--state",
+            ".sluice",
+            "--format",
+            "csv",
+            "-q",
+            "-c",
+            "SELECT sync, status, CAST(date_part('epoch', started_at) AS DOUBLE) AS t, duration_ms, inserted + updated AS sent, requests FROM sluice.runs ORDER BY started_at",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let changed = rows / 50;
+    for (i, at) in measured.iter().enumerate() {
+        let mut line = vec![];
+        let mut slowest: f64 = 0.0;
+        let mut ok = true;
+        for row in text.lines().skip(1) {
+            let f: Vec<&str> = row.split(',').collect();
+            let t: f64 = f[2].parse().unwrap_or(0.0);
+            if (t - at).abs() > period / 2.0 {
+                continue;
+            }
+            let (duration_ms, sent, requests): (f64, u64, u64) = (
+                f[3].parse().unwrap_or(0.0),
+                f[4].parse().unwrap_or(0),
+                f[5].parse().unwrap_or(0),
+            );
+            let finished = t - at + duration_ms / 1000.0;
+            slowest = slowest.max(finished);
+            ok &= f[1] == "succeeded" && sent == changed;
+            line.push(format!(
+                "{} {} sent {sent} in {requests} requests, done {finished:.2} s after the tick",
+                f[0], f[1]
+            ));
+        }
+        println!(
+            "serve 3: tick {} ({changed} of {rows} scores changed): {}; all done {slowest:.2} s after the tick (target <= 10 s: {}), only the changed records sent: {}",
+            i + 1,
+            line.join("; "),
+            if slowest <= 10.0 && line.len() == 3 {
+                "met"
+            } else {
+                "NOT met"
+            },
+            if ok && line.len() == 3 { "yes" } else { "NO" }
+        );
+    }
+}
+
+async fn get_json(serve: &Serve, path: &str) -> (u16, serde_json::Value) {
+    let r = reqwest::get(format!("{}{path}", serve.base)).await.unwrap();
+    let status = r.status().as_u16();
+    (
+        status,
+        serde_json::from_str(&r.text().await.unwrap()).unwrap_or_default(),
+    )
 }

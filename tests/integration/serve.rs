@@ -975,11 +975,16 @@ CREATE ALERT failing ON SYNC '*' WHEN status = 'failed' NOTIFY ops;
         fake.observed(|o| o.records.len()) == 2
     })
     .await;
-    // The sync state's folder becomes a file: no run can take its lock or read its state.
-    let syncs = dir.path().join(".sluice/syncs");
-    let aside = dir.path().join("syncs-aside");
-    std::fs::rename(&syncs, &aside).unwrap();
-    std::fs::write(&syncs, "not a folder").unwrap();
+    // The state stops taking writes where every run starts, its lock: a folder stands where
+    // the lock file goes. (Renaming the state away would look like a state that was deleted,
+    // which sluice rightly answers with a first sync.)
+    let lock = dir.path().join(".sluice/syncs/people_every/lock");
+    // (Between two runs: while one runs, its lock file is there.)
+    let until = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = std::fs::create_dir_all(lock.join("in-the-way")) {
+        assert!(Instant::now() < until, "the lock was never free: {e}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
     eventually(Duration::from_secs(15), "the failure notice", async || {
         slack.texts().len() == 1
     })
@@ -996,8 +1001,7 @@ CREATE ALERT failing ON SYNC '*' WHEN status = 'failed' NOTIFY ops;
         syncs_now["syncs"][0]["last_status"], "failed",
         "{syncs_now}"
     );
-    std::fs::remove_file(&syncs).unwrap();
-    std::fs::rename(&aside, &syncs).unwrap();
+    std::fs::remove_dir_all(&lock).unwrap();
     eventually(Duration::from_secs(15), "the recovery notice", async || {
         slack.texts().len() == 2
     })
@@ -1010,4 +1014,55 @@ CREATE ALERT failing ON SYNC '*' WHEN status = 'failed' NOTIFY ops;
     // Nothing was sent twice: the state came back as it was.
     assert_eq!(fake.observed(|o| o.records.len()), 2);
     stop(&mut serve);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_dbt_runs_when_dbt_built_the_models_it_reads() {
+    let fake = FakeWebhook::start(Script::default()).await;
+    let dir = super::support::scratch();
+    std::fs::create_dir(dir.path().join("target")).unwrap();
+    std::fs::write(
+        dir.path().join("project.sql"),
+        "CREATE CONNECTION hooks TYPE webhook OPTIONS (url env('SLUICE_TEST_SERVE_URL'), key 'id');
+CREATE TABLE user_scores AS SELECT * FROM (VALUES (1, 0.5), (2, 0.9)) AS v(id, score);
+CREATE SYNC scores SCHEDULE AFTER DBT 'target'
+  AS INSERT INTO hooks.scores SELECT id, score FROM user_scores;
+",
+    )
+    .unwrap();
+    let results = |status: &str| {
+        serde_json::json!({
+            "metadata": {"generated_at": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)},
+            "results": [
+                {"unique_id": "model.shop.user_scores", "status": status},
+                {"unique_id": "model.shop.orders", "status": "success"},
+                {"unique_id": "test.shop.not_null_user_scores_id", "status": "pass"}
+            ]
+        })
+        .to_string()
+    };
+    let serve = start(dir.path(), &fake, Some(TOKEN));
+    let runs = async || {
+        let (_, body) = get(&serve, "/api/syncs/scores/runs").await;
+        body["runs"].as_array().map_or(0, Vec::len)
+    };
+    // No dbt run yet: nothing runs.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(runs().await, 0);
+    // dbt failed to build the model it reads: still nothing.
+    std::fs::write(dir.path().join("target/run_results.json"), results("error")).unwrap();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(runs().await, 0);
+    // dbt built it: the sync runs, once.
+    std::fs::write(
+        dir.path().join("target/run_results.json"),
+        results("success"),
+    )
+    .unwrap();
+    eventually(Duration::from_secs(15), "the run after dbt", async || {
+        fake.observed(|o| o.records.len()) == 2
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(runs().await, 1);
 }
