@@ -11,7 +11,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
-use super::runner::Ended;
+use crate::sync::state::RunRecord;
 
 /// Run durations, in seconds: the histogram's buckets.
 const DURATION_BUCKETS: &[f64] = &[
@@ -125,14 +125,14 @@ pub fn render() -> String {
     h.render()
 }
 
-/// What a run did.
-pub fn record_run(sync: &str, ended: &Ended, took: Duration) {
+/// What a run did: how it ended (`status`), and its `sluice.runs` row if it has one.
+pub fn record_run(sync: &str, status: &str, record: Option<&RunRecord>, took: Duration) {
     let sync = sync.to_string();
-    metrics::counter!("sluice_runs_total", "sync" => sync.clone(), "status" => ended.status.clone())
+    metrics::counter!("sluice_runs_total", "sync" => sync.clone(), "status" => status.to_string())
         .increment(1);
     metrics::histogram!("sluice_run_duration_seconds", "sync" => sync.clone())
         .record(took.as_secs_f64());
-    if let Some(r) = &ended.record {
+    if let Some(r) = record {
         for (operation, n) in [
             ("inserted", r.inserted),
             ("updated", r.updated),

@@ -524,7 +524,7 @@ impl Runner {
                         "Run finished."
                     ),
                 }
-                super::metrics::record_run(&name, &ended, elapsed);
+                super::metrics::record_run(&name, &ended.status, ended.record.as_ref(), elapsed);
                 runner.finished(&name, &id, ended).await;
                 let _ = done.send(());
             }

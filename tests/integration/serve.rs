@@ -453,6 +453,36 @@ CREATE SYNC second SCHEDULE AFTER first
     }
 }
 
+/// `sluice serve` of a sync into `fake` every second, and an alert on syncs matching `pattern`
+/// when a run fails, notifying `slack`.
+fn start_alerting(
+    dir: &std::path::Path,
+    fake: &FakeWebhook,
+    slack: &super::fakes::slack::FakeSlack,
+    pattern: &str,
+) -> Serve {
+    std::fs::write(
+        dir.join("project.sql"),
+        format!(
+            "CREATE CONNECTION hooks TYPE webhook OPTIONS (url env('SLUICE_TEST_SERVE_URL'), key 'id');
+CREATE CONNECTION ops TYPE slack OPTIONS (webhook_url env('SLUICE_TEST_SLACK_URL'));
+CREATE TABLE people AS SELECT * FROM (VALUES (1, 'a@x.io'), (2, 'b@x.io')) AS v(id, email);
+CREATE SYNC people_every SCHEDULE EVERY '1 second'
+  AS INSERT INTO hooks.people SELECT id, email FROM people;
+CREATE ALERT failing ON SYNC '{pattern}' WHEN status = 'failed' NOTIFY ops;
+"
+        ),
+    )
+    .unwrap();
+    start_with(
+        dir,
+        fake,
+        Some(TOKEN),
+        &[],
+        &[("SLUICE_TEST_SLACK_URL", &slack.webhook_url)],
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_alerts_once_into_slack_and_resolves_once() {
     use super::fakes::slack::{FakeSlack, WEBHOOK_PATH};
@@ -463,24 +493,7 @@ async fn serve_alerts_once_into_slack_and_resolves_once() {
     })
     .await;
     let dir = super::support::scratch();
-    std::fs::write(
-        dir.path().join("project.sql"),
-        "CREATE CONNECTION hooks TYPE webhook OPTIONS (url env('SLUICE_TEST_SERVE_URL'), key 'id');
-CREATE CONNECTION ops TYPE slack OPTIONS (webhook_url env('SLUICE_TEST_SLACK_URL'));
-CREATE TABLE people AS SELECT * FROM (VALUES (1, 'a@x.io'), (2, 'b@x.io')) AS v(id, email);
-CREATE SYNC people_every SCHEDULE EVERY '1 second'
-  AS INSERT INTO hooks.people SELECT id, email FROM people;
-CREATE ALERT failing ON SYNC 'people*' WHEN status = 'failed' NOTIFY ops;
-",
-    )
-    .unwrap();
-    let mut serve = start_with(
-        dir.path(),
-        &fake,
-        Some(TOKEN),
-        &[],
-        &[("SLUICE_TEST_SLACK_URL", &slack.webhook_url)],
-    );
+    let mut serve = start_alerting(dir.path(), &fake, &slack, "people*");
     let runs_with = async |status: &str| {
         let (_, runs) = get(&serve, "/api/syncs/people_every/runs").await;
         runs["runs"]
@@ -953,24 +966,7 @@ async fn an_unreachable_state_fails_runs_and_alerts_and_the_service_carries_on()
     let slack = FakeSlack::start().await;
     let fake = FakeWebhook::start(Script::default()).await;
     let dir = super::support::scratch();
-    std::fs::write(
-        dir.path().join("project.sql"),
-        "CREATE CONNECTION hooks TYPE webhook OPTIONS (url env('SLUICE_TEST_SERVE_URL'), key 'id');
-CREATE CONNECTION ops TYPE slack OPTIONS (webhook_url env('SLUICE_TEST_SLACK_URL'));
-CREATE TABLE people AS SELECT * FROM (VALUES (1, 'a@x.io'), (2, 'b@x.io')) AS v(id, email);
-CREATE SYNC people_every SCHEDULE EVERY '1 second'
-  AS INSERT INTO hooks.people SELECT id, email FROM people;
-CREATE ALERT failing ON SYNC '*' WHEN status = 'failed' NOTIFY ops;
-",
-    )
-    .unwrap();
-    let mut serve = start_with(
-        dir.path(),
-        &fake,
-        Some(TOKEN),
-        &[],
-        &[("SLUICE_TEST_SLACK_URL", &slack.webhook_url)],
-    );
+    let mut serve = start_alerting(dir.path(), &fake, &slack, "*");
     eventually(Duration::from_secs(15), "a first run", async || {
         fake.observed(|o| o.records.len()) == 2
     })
