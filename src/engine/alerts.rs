@@ -258,6 +258,16 @@ impl Engine {
         Ok(firing.clone().unwrap_or_default())
     }
 
+    /// Whether an alert watches sync `name` (so its runs' rows are worth reading).
+    pub(super) fn alerts_watch(&self, name: &str) -> bool {
+        self.alerts
+            .defs
+            .lock()
+            .expect("alerts")
+            .values()
+            .any(|d| glob_match(&d.pattern, name))
+    }
+
     /// Evaluates every alert on `record` (a run of a named sync that just ended) and sends the
     /// notices that are due. Never fails the run: problems are logged and kept in
     /// `sluice.alerts`.

@@ -292,8 +292,9 @@ impl Engine {
             sample: sample.or_else(|| self.sample.clone()),
             run_id,
         };
-        // Alerts follow real runs of the whole sync (not dry, checked or sample runs).
-        let alerting = mode == Mode::Run && context.sample.is_none();
+        // Alerts follow real runs of the whole sync (not dry, checked or sample runs) that an
+        // alert watches.
+        let alerting = mode == Mode::Run && context.sample.is_none() && self.alerts_watch(name);
         let planned = match self.plan_sync_body(name, &def.body, &context).await {
             Ok(planned) => planned,
             Err(e) => {
