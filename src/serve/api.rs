@@ -178,8 +178,38 @@ async fn syncs(State(api): State<Api>) -> Response {
     Json(json!({ "syncs": api.runner.statuses() })).into_response()
 }
 
-/// Rows of `table` (a `sluice.*` table) where `column` = `value`, ordered by `order`
-/// descending, as JSON objects. The value is a literal expression, never SQL text.
+/// Rows of `table` (a `sluice.*` table), where `column` = `value` if given, newest first by
+/// `order` if given, at most `limit`, as JSON objects. The value is a literal expression, never
+/// SQL text.
+async fn query(
+    api: &Api,
+    table: &str,
+    filter: Option<(&str, &str)>,
+    order: Option<&str>,
+    limit: Option<usize>,
+) -> Result<Vec<Value>, Response> {
+    let table = table.to_string();
+    let filter = filter.map(|(c, v)| (c.to_string(), v.to_string()));
+    let order = order.map(str::to_string);
+    let batches = with_engine(api, |engine| {
+        let ctx = engine.context().clone();
+        async move {
+            let mut frame = ctx.table(table.as_str()).await?;
+            if let Some((column, value)) = filter {
+                frame = frame.filter(col(column.as_str()).eq(lit(value)))?;
+            }
+            if let Some(order) = order {
+                frame = frame.sort(vec![col(order.as_str()).sort(false, true)])?;
+            }
+            frame.limit(0, limit)?.collect().await
+        }
+    })
+    .await?
+    .map_err(internal)?;
+    json_rows(&batches).map_err(internal)
+}
+
+/// At most [`MAX_ROWS`] rows of `table` where `column` = `value`, newest first by `order`.
 async fn rows(
     api: &Api,
     table: &str,
@@ -187,50 +217,15 @@ async fn rows(
     value: &str,
     order: Option<&str>,
 ) -> Result<Vec<Value>, Response> {
-    let (table, column, value) = (table.to_string(), column.to_string(), value.to_string());
-    let order = order.map(str::to_string);
-    let batches = with_engine(api, |engine| {
-        let ctx = engine.context().clone();
-        async move {
-            let mut frame = ctx
-                .table(table.as_str())
-                .await?
-                .filter(col(column.as_str()).eq(lit(value)))?;
-            if let Some(order) = order {
-                frame = frame.sort(vec![col(order.as_str()).sort(false, true)])?;
-            }
-            frame.limit(0, Some(MAX_ROWS))?.collect().await
-        }
-    })
-    .await?
-    .map_err(internal)?;
-    json_rows(&batches).map_err(internal)
-}
-
-/// Every row of `table` (a `sluice.*` table), newest first by `order`.
-async fn all_rows(api: &Api, table: &str, order: &str) -> Result<Vec<Value>, Response> {
-    let (table, order) = (table.to_string(), order.to_string());
-    let batches = with_engine(api, |engine| {
-        let ctx = engine.context().clone();
-        async move {
-            ctx.table(table.as_str())
-                .await?
-                .sort(vec![col(order.as_str()).sort(false, true)])?
-                .collect()
-                .await
-        }
-    })
-    .await?
-    .map_err(internal)?;
-    json_rows(&batches).map_err(internal)
+    query(api, table, Some((column, value)), order, Some(MAX_ROWS)).await
 }
 
 async fn status_page(State(api): State<Api>) -> Response {
-    let runs = match all_rows(&api, "sluice.runs", "started_at").await {
+    let runs = match query(&api, "sluice.runs", None, Some("started_at"), None).await {
         Ok(r) => r,
         Err(r) => return r,
     };
-    let rejects = all_rows(&api, "sluice.rejects", "last_seen")
+    let rejects = query(&api, "sluice.rejects", None, Some("last_seen"), None)
         .await
         .unwrap_or_default();
     let errors = api.loading.lock().expect("loading").errors.clone();
